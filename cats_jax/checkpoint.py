@@ -1,0 +1,150 @@
+"""The converted-checkpoint layout, written by the converters and read by everything else.
+
+    DIR/config.json       ModelConfig (ours, not HF's)
+    DIR/params/           orbax checkpoint of the model's nnx.Param state as a nested dict
+    DIR/tokenizer*.json   HF tokenizer files (tokenizer.json, tokenizer_config.json, ...)
+    DIR/thresholds.json   sparsity thresholds, added by calibration (cats_jax.thresholds)
+
+A checkpoint is written into a temporary sibling directory and renamed into place at the end,
+so a failure midway never leaves a DIR that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from cats_jax.config import ModelConfig
+from cats_jax.model import Transformer
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.bfloat16) -> dict:
+    """Nested dict of jax.ShapeDtypeStruct: the exact tree a checkpoint's params must have."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return _plain_keys(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+
+
+def _plain_keys(tree):
+    # nnx.List children have int keys; orbax stores str keys. Use str everywhere on disk.
+    if isinstance(tree, dict):
+        return {str(k): _plain_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _model_keys(tree, like):
+    if isinstance(like, dict):
+        return {k: _model_keys(tree[str(k)], v) for k, v in like.items()}
+    return tree
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | Path, force: bool = False):
+    """Yield a temporary directory next to out_dir; on success it replaces out_dir atomically."""
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_params(params: dict, cfg: ModelConfig) -> None:
+    """Every expected tensor present with the expected shape, nothing extra."""
+    expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(_plain_keys(params))[0])
+    for path, spec in expected:
+        name = jax.tree_util.keystr(path)
+        if path not in got:
+            raise ValueError(f"checkpoint is missing tensor {name}")
+        if tuple(got[path].shape) != tuple(spec.shape):
+            raise ValueError(f"tensor {name} has shape {tuple(got[path].shape)}, config says {tuple(spec.shape)}")
+    extra = set(got) - {p for p, _ in expected}
+    if extra:
+        raise ValueError(f"unexpected tensors: {sorted(jax.tree_util.keystr(p) for p in extra)[:5]}")
+
+
+def write_params(directory: Path, params: dict) -> None:
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(Path(directory).absolute() / "params", _plain_keys(params))
+
+
+def save(out_dir, cfg: ModelConfig, params: dict, tokenizer_dir: str | Path | None = None, force=False):
+    """Write a whole checkpoint (small models, training exports). Converters stream instead."""
+    check_params(params, cfg)
+    with staged_dir(out_dir, force) as tmp:
+        (tmp / "config.json").write_text(cfg.to_json())
+        write_params(tmp, params)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+    return Path(out_dir)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "generation_config.json", "chat_template.jinja",
+)
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None) -> dict:
+    """Params as a nested dict with the model's keys, cast to dtype if given."""
+    path = Path(ckpt_dir).absolute() / "params"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no params/ directory (is {ckpt_dir} a converted checkpoint?)")
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        stored = jax.tree.leaves(meta.item_metadata if hasattr(meta, "item_metadata") else meta)[0].dtype
+        target = param_shapes(cfg, stored)
+        params = ckptr.restore(path, target)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return params
+
+
+def load_model(ckpt_dir: str | Path, dtype=None) -> Transformer:
+    """Build the model of a converted checkpoint (thresholds, if any, are loaded by the caller)."""
+    cfg = ModelConfig.load(ckpt_dir)
+    params = load_params(ckpt_dir, cfg, dtype)
+    param_dtype = jax.tree.leaves(params)[0].dtype
+    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=param_dtype, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    param_state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(param_state, _model_keys(params, nnx.to_pure_dict(param_state)))
+    nnx.update(model, param_state)
+    # Non-param state (thresholds) starts at its initial values: threshold 0 is dense.
+    other = nnx.state(model, nnx.Not(nnx.Param))
+    nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), other))
+    del state
+    return model
+
+
+def model_params(model: Transformer) -> dict:
+    """The nested dict of a model's weights, in the on-disk key form."""
+    return _plain_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def numpy_params(model: Transformer) -> dict:
+    return jax.tree.map(np.asarray, model_params(model))
