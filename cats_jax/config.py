@@ -93,6 +93,42 @@ class ModelConfig:
             name=name or hf.get("_name_or_path", ""),
         )
 
+    # ---- GGUF metadata (llama.cpp key names) ----------------------------------------
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], tied: bool) -> "ModelConfig":
+        """meta: the GGUF key/value metadata as plain values; tied: the file has no output.weight."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":  # llama.cpp files Mistral-7B under 'llama' too (without its sliding window)
+            raise ConfigError(f"GGUF: general.architecture={arch!r} is not supported (supported: 'llama')")
+        scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+        if scaling != "none":
+            raise ConfigError(f"GGUF: {arch}.rope.scaling.type={scaling!r} is not supported")
+
+        def need(key):
+            if f"{arch}.{key}" not in meta:
+                raise ConfigError(f"GGUF: metadata key {arch}.{key} is missing")
+            return meta[f"{arch}.{key}"]
+
+        hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            vocab_size=int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
+            tie_word_embeddings=tied,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
+            model_type="llama",
+            name=str(meta.get("general.name", "")),
+        )
+
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json of this model (used to build golden models in tests and to export)."""
         d = {

@@ -20,6 +20,7 @@ from flax import nnx
 
 from cats_jax import sparsity
 from cats_jax.config import ModelConfig
+from pallas_kernels import cats_mlp
 
 f32 = jnp.float32
 Cache = list  # per layer: (k [B, S, K, D], v [B, S, K, D])
@@ -27,6 +28,13 @@ Cache = list  # per layer: (k [B, S, K, D], v [B, S, K, D])
 
 class Threshold(nnx.Variable):
     """A calibrated sparsity threshold: model state that is saved and loaded, never trained."""
+
+
+class Activation(nnx.Variable):
+    """What a sparse site tests, whole: a CATS MLP's activation a (fp32 [B, T, I], "act") or a
+    TEAL projection's input ("<proj>_input"), sown only under nnx.capture(fn, Activation):
+    calibration takes its |.| quantiles (cats_jax.calibrate, cats_jax.teal).
+    Its own type, so that capturing nnx.Intermediate (generation statistics) never collects it."""
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
@@ -76,6 +84,56 @@ def _linear(n_in, n_out, dtype, rngs):
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+def _input_thresholds(projs) -> nnx.Dict:
+    return nnx.Dict({p: Threshold(jnp.zeros((), f32)) for p in projs})
+
+
+def _sparse_input(module, proj: str, x):
+    """The input of module.<proj>: TEAL's rule with its threshold if proj is one of the module's
+    `sparse_inputs` (static), else x untouched. Under nnx.capture it sows x (Activation, for
+    calibration) and the per-token fraction of kept inputs [B, T] (nnx.Intermediate)."""
+    if proj not in module.sparse_inputs:
+        return x
+    module.sow(Activation, f"{proj}_input", x, capture_noop=True)
+    x = sparsity.teal_input(x, module.input_threshold[proj][...])
+    module.sow(nnx.Intermediate, f"{proj}_active_fraction", sparsity.active_fraction(x, axis=-1), capture_noop=True)
+    return x
+
+
+# What each site sows under nnx.capture, per kind: (the CATS MLP's name, a TEAL site's suffix).
+_SOWN = {"active_fraction": ("active_fraction", "_active_fraction"), "input": ("act", "_input")}
+
+
+def sown_by_site(sown: dict, kind: str) -> dict:
+    """Site -> the values every layer sowed for it, stacked [L, ...], from nnx.to_pure_dict of what
+    nnx.capture collected. kind "active_fraction" (nnx.Intermediate: per-token fraction of kept
+    values [B, T]) or "input" (Activation: what the site tests). The CATS MLP sows mlp/active_fraction
+    and mlp/act (site "mlp.act"); a TEAL site <module>/<proj>_active_fraction and <module>/<proj>_input."""
+    cats_name, suffix = _SOWN[kind]
+    per_site: dict = {}
+    for _, layer in sorted(sown.get("layers", {}).items()):
+        for module, values in layer.items():
+            for name, (value,) in values.items():
+                if module == "mlp" and name == cats_name:
+                    site = sparsity.CATS_SITE
+                elif name.endswith(suffix):
+                    site = f"{module}.{name.removesuffix(suffix)}"
+                else:
+                    continue
+                per_site.setdefault(site, []).append(value)
+    return {site: jnp.stack(v) for site, v in per_site.items()}
+
+
+def site_threshold(layer: Block, site: str) -> Threshold:
+    """The Threshold of `site` (sparsity.CATS_SITE or one of sparsity.TEAL_SITES) in a layer."""
+    if site == sparsity.CATS_SITE:
+        return layer.mlp.threshold
+    if site not in sparsity.TEAL_SITES:
+        raise ValueError(f"unknown sparsity site {site!r} (known: {sparsity.CATS_SITE}, {', '.join(sparsity.TEAL_SITES)})")
+    module, proj = site.split(".")
+    return getattr(layer, module).input_threshold[proj]
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
@@ -85,14 +143,18 @@ class Attention(nnx.Module):
         self.o_proj = _linear(cfg.num_heads * d, h, dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.cfg = cfg  # static (hashable); RoPE frequencies are derived from it at trace time
+        # TEAL: the projections whose inputs are thresholded (static), each with its own threshold
+        self.sparse_inputs: tuple[str, ...] = ()
+        self.input_threshold = _input_thresholds(("q_proj", "k_proj", "v_proj", "o_proj"))
 
     def __call__(self, x, positions, kv=None):
         b, t, _ = x.shape
         n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
         inv_freq = rope_inv_freq(self.cfg)
-        q = apply_rope(self.q_proj(x).reshape(b, t, n, d), positions, inv_freq)
-        key = apply_rope(self.k_proj(x).reshape(b, t, k, d), positions, inv_freq)
-        val = self.v_proj(x).reshape(b, t, k, d)
+        xq, xk, xv = (_sparse_input(self, p, x) for p in ("q_proj", "k_proj", "v_proj"))
+        q = apply_rope(self.q_proj(xq).reshape(b, t, n, d), positions, inv_freq)
+        key = apply_rope(self.k_proj(xk).reshape(b, t, k, d), positions, inv_freq)
+        val = self.v_proj(xv).reshape(b, t, k, d)
         if kv is None:  # no cache: attend among this call's tokens
             keys, vals, key_pos = key, val, positions
         else:  # write this call's keys at their slots, then attend over the whole cache
@@ -111,12 +173,19 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, vals, preferred_element_type=f32)
-        return self.o_proj(out.reshape(b, t, n * d).astype(x.dtype)), kv
+        return self.o_proj(_sparse_input(self, "o_proj", out.reshape(b, t, n * d).astype(x.dtype))), kv
 
 
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)). `impl` (static, one of sparsity.MLP_IMPLS) picks
-    dense SiLU, the CATS activation in jnp, or the Pallas decode kernel."""
+    dense SiLU, the CATS activation in jnp, or the Pallas decode kernel ("cats-pallas": decode
+    steps of up to cats_mlp.MAX_KERNEL_BATCH rows on GPU; prefill and the CPU take the jnp path).
+    `sparse_inputs` (static): the projections whose inputs TEAL thresholds (jnp path).
+
+    `neuron_major` (static): gate_proj / up_proj kernels are held transposed, [I, H], so that each
+    neuron's weights are one contiguous row the kernel can skip. `prepare_for_kernel` flips it
+    once, in place (set_mlp_impl("cats-pallas") does); every path reads either layout.
+    Checkpoints hold the Flax layout [H, I]: do not save the params of a prepared model."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
@@ -124,14 +193,52 @@ class MLP(nnx.Module):
         self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
         self.threshold = Threshold(jnp.zeros((), f32))
         self.impl = "dense"
+        self.neuron_major = False
+        self.sparse_inputs: tuple[str, ...] = ()
+        self.input_threshold = _input_thresholds(("gate_proj", "up_proj", "down_proj"))
+
+    def prepare_for_kernel(self):
+        """Transpose gate and up kernels to [I, H], once. Each old matrix is dropped as soon as
+        its transpose exists, so only one matrix is ever held twice."""
+        if not self.neuron_major:
+            for lin in (self.gate_proj, self.up_proj):
+                lin.kernel.set_value(jnp.transpose(lin.kernel[...]))
+            self.neuron_major = True
+
+    def _in_proj(self, lin, x, **kw):
+        if self.neuron_major:
+            return jnp.einsum("...h,ih->...i", x, lin.kernel[...], **kw)
+        if not isinstance(lin, nnx.Linear):  # an adapter (train.lora.LoRALinear) computes its own output
+            return lin(x, **kw)
+        return jnp.dot(x, lin.kernel[...], **kw) if kw else lin(x)
 
     def __call__(self, x):
-        g = self.gate_proj(x)
+        b, t, _ = x.shape
+        if self.impl == "cats-pallas" and t == 1 and cats_mlp.kernel_pays(b):
+            return self._decode_kernel(x)
+        xg, xu = _sparse_input(self, "gate_proj", x), _sparse_input(self, "up_proj", x)
         if self.impl == "dense":
-            a = jax.nn.silu(g)
+            a = jax.nn.silu(self._in_proj(self.gate_proj, xg))
         else:
-            a = sparsity.cats_activation(g, self.threshold[...]).astype(x.dtype)
-        return self.down_proj(a * self.up_proj(x))
+            # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
+            # (the Pallas kernel and sparsity.gated_mlp test the fp32 value too)
+            g = self._in_proj(self.gate_proj, xg, preferred_element_type=f32)
+            a = sparsity.cats_activation(g, self.threshold[...])
+            # Measured sparsity: the per-token fraction of kept neurons [B, T], recorded only
+            # under nnx.capture(nnx.Intermediate) (generation uses it); a no-op otherwise.
+            self.sow(nnx.Intermediate, "active_fraction", sparsity.active_fraction(a, axis=-1), capture_noop=True)
+            self.sow(Activation, "act", a, capture_noop=True)
+            a = a.astype(x.dtype)
+        return self.down_proj(_sparse_input(self, "down_proj", a * self._in_proj(self.up_proj, xu)))
+
+    def _decode_kernel(self, x):
+        if not self.neuron_major:
+            raise ValueError("the cats-pallas kernel needs neuron-major weights: call Transformer.prepare_for_kernel()")
+        b, _, h = x.shape
+        hidden = cats_mlp.gate_up(x.reshape(b, h), self.gate_proj.kernel[...], self.up_proj.kernel[...], self.threshold[...])
+        # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
+        self.sow(nnx.Intermediate, "active_fraction", sparsity.active_fraction(hidden, axis=-1)[:, None], capture_noop=True)
+        return cats_mlp.sparse_gemv(hidden, self.down_proj.kernel[...]).reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -154,13 +261,15 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
+        self.remat = False  # training: recompute each block's activations in the backward pass
 
     def hidden(self, tokens, positions, cache: Cache | None = None):
         """Final-norm hidden states [B, T, H] and the updated cache (None without a cache)."""
         x = self.embed(tokens)
         new_cache = None if cache is None else []
+        call = nnx.remat(Block.__call__) if self.remat else Block.__call__
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, None if cache is None else cache[i])
+            x, kv = call(layer, x, positions, None if cache is None else cache[i])
             if cache is not None:
                 new_cache.append(kv)
         return self.norm(x), new_cache
@@ -177,20 +286,55 @@ class Transformer(nnx.Module):
         return self.logits(h), cache
 
     # ---- sparsity settings --------------------------------------------------------------
+    def set_mode(self, mode: str, impl: str = "jnp"):
+        """Threshold the sites of `mode` (sparsity.MODES: dense, cats, teal, cats+teal-attn) and
+        no others, computed by `impl`: "jnp" (the reference, any device) or "pallas" (GPU kernels
+        for decode steps; so far the CATS MLP only). The thresholds are set apart (set_thresholds)."""
+        if mode not in sparsity.MODES:
+            raise ValueError(f"unknown sparsity mode {mode!r} (choose from {', '.join(sparsity.MODES)})")
+        if impl not in ("jnp", "pallas"):
+            raise ValueError(f"unknown sparsity implementation {impl!r} (choose from jnp, pallas)")
+        sites = sparsity.MODES[mode]
+        if impl == "pallas" and set(sites) & set(sparsity.TEAL_SITES):
+            raise ValueError(f"mode {mode!r}: no Pallas kernel for TEAL sites yet; use impl='jnp'")
+        self.set_mlp_impl(f"cats-{impl}" if sparsity.CATS_SITE in sites else "dense")
+        for layer in self.layers:
+            for name in ("attn", "mlp"):
+                module = getattr(layer, name)
+                module.sparse_inputs = tuple(p for p in module.input_threshold if f"{name}.{p}" in sites)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sites this model thresholds now (see set_mode)."""
+        layer = self.layers[0]
+        cats = (sparsity.CATS_SITE,) if layer.mlp.impl != "dense" else ()
+        return cats + tuple(f"{m}.{p}" for m in ("attn", "mlp") for p in getattr(layer, m).sparse_inputs)
+
+    def set_thresholds(self, site: str, thresholds):
+        """One threshold per layer for `site` (sparsity.CATS_SITE or one of sparsity.TEAL_SITES)."""
+        thresholds = np.asarray(thresholds, np.float32)
+        if thresholds.shape != (len(self.layers),):
+            raise ValueError(
+                f"{site} thresholds have shape {thresholds.shape}, this model needs one per layer ({len(self.layers)},)"
+            )
+        for layer, t in zip(self.layers, thresholds):
+            site_threshold(layer, site)[...] = jnp.asarray(t)
+
     def set_mlp_impl(self, impl: str):
         if impl not in sparsity.MLP_IMPLS:
             raise ValueError(f"unknown MLP implementation {impl!r} (choose from {sparsity.MLP_IMPLS})")
         for layer in self.layers:
             layer.mlp.impl = impl
+        if impl == "cats-pallas":
+            self.prepare_for_kernel()
+
+    def prepare_for_kernel(self):
+        """Neuron-major gate/up weights for the Pallas MLP kernel (see MLP); in place, once."""
+        for layer in self.layers:
+            layer.mlp.prepare_for_kernel()
 
     def set_cats_thresholds(self, thresholds):
-        thresholds = np.asarray(thresholds, np.float32)
-        if thresholds.shape != (len(self.layers),):
-            raise ValueError(
-                f"CATS thresholds have shape {thresholds.shape}, this model needs one per layer ({len(self.layers)},)"
-            )
-        for layer, t in zip(self.layers, thresholds):
-            layer.mlp.threshold[...] = jnp.asarray(t)
+        self.set_thresholds(sparsity.CATS_SITE, thresholds)
 
 
 def forward(graphdef, state, tokens, positions, cache=None):

@@ -3,6 +3,14 @@ calibration, evaluation and training all use.
 
 CATS (arXiv 2404.08763): in the gated MLP, a = SiLU(x W_gate); a_i := 0 where |a_i| <= t.
 Then y = (a * (x W_up)) W_down, so rows of W_up / W_down of zeroed neurons need not be read.
+
+TEAL (arXiv 2408.14690): the input x of every linear layer, x_j := 0 where |x_j| <= t, so the rows
+of W (Flax layout [in, out]) of zeroed inputs need not be read. Seven sites per layer: q, k, v
+(one input, three thresholds), o (the attention output), gate, up (one input, two thresholds)
+and down (SiLU(gate) * up).
+
+A *site* is where a threshold applies, one threshold per (layer, site); a *mode* is the set of
+sites a model thresholds. How they are computed (jnp or a Pallas kernel) is chosen separately.
 """
 
 from __future__ import annotations
@@ -14,12 +22,46 @@ import jax.numpy as jnp
 # runs decode steps through the Pallas kernel (pallas_kernels.cats_mlp) and prefill through jnp.
 MLP_IMPLS = ("dense", "cats-jnp", "cats-pallas")
 
+CATS_SITE = "mlp.act"  # |SiLU(x W_gate)| in the gated MLP
+ATTN_SITES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj")  # TEAL: each projection's input
+MLP_SITES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TEAL_SITES = ATTN_SITES + MLP_SITES
+MODES = {
+    "dense": (),
+    "cats": (CATS_SITE,),
+    "teal": TEAL_SITES,
+    "cats+teal-attn": (CATS_SITE,) + ATTN_SITES,  # CATS on the MLP, TEAL on the attention inputs
+}
+
 
 def cats_activation(gate: jax.Array, threshold: jax.Array) -> jax.Array:
     """SiLU then zero |a| <= threshold; computed in fp32 (the threshold test must not depend on
     the storage dtype of the gate output). threshold 0 is exactly dense: it only zeroes zeros."""
     a = jax.nn.silu(gate.astype(jnp.float32))
     return jnp.where(jnp.abs(a) > threshold, a, 0.0)
+
+
+def teal_input(x: jax.Array, threshold: jax.Array) -> jax.Array:
+    """x_j := 0 where |x_j| <= threshold, in x's own dtype: the test reads the value that the
+    layer multiplies (bf16 models: the bf16 input, compared exactly in fp32). threshold 0 is
+    exactly dense: it only zeroes zeros."""
+    return jnp.where(jnp.abs(x) > threshold, x, jnp.zeros((), x.dtype))
+
+
+def site_weights(cfg) -> dict[str, float]:
+    """Weight rows a site lets skip, relative to q_proj's (TEAL's greedy weights): q, o 1; k, v
+    num_kv_heads / num_heads; gate, up, down intermediate / hidden. The CATS activation skips rows
+    of both up and down."""
+    kv, mlp = cfg.num_kv_heads / cfg.num_heads, cfg.intermediate_size / cfg.hidden_size
+    return {"attn.q_proj": 1.0, "attn.k_proj": kv, "attn.v_proj": kv, "attn.o_proj": 1.0,
+            "mlp.gate_proj": mlp, "mlp.up_proj": mlp, "mlp.down_proj": mlp, CATS_SITE: 2 * mlp}
+
+
+def weighted_mean(per_site: dict, cfg):
+    """sum_s w_s v_s / sum_s w_s over the sites given (site_weights). Of per-site sparsities: a
+    layer's effective sparsity, the fraction of its thresholded weight rows that are skipped."""
+    w = site_weights(cfg)
+    return sum(w[s] * v for s, v in per_site.items()) / sum(w[s] for s in per_site)
 
 
 def gated_mlp(x, w_gate, w_up, w_down, threshold=None):
@@ -34,6 +76,6 @@ def gated_mlp(x, w_gate, w_up, w_down, threshold=None):
     return jnp.dot(a * u, w_down.astype(f32))
 
 
-def active_fraction(a: jax.Array) -> jax.Array:
-    """Fraction of non-zero activations (1 - sparsity)."""
-    return jnp.mean((a != 0).astype(jnp.float32))
+def active_fraction(a: jax.Array, axis=None) -> jax.Array:
+    """Fraction of non-zero activations (1 - sparsity), over `axis` (default: all)."""
+    return jnp.mean((a != 0).astype(jnp.float32), axis=axis)

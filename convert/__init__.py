@@ -1,0 +1,29 @@
+"""Converters into the cats-jax checkpoint layout (cats_jax/checkpoint.py): one module per source
+format (hf.py: HF safetensors dirs or hub ids, gguf.py: llama.cpp files), both ending in
+checkpoint.save. Tensors are read and converted one at a time, so the only full copy of the
+model in host RAM is the converted params dict itself."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from cats_jax import checkpoint
+
+
+def target_dtype(name: str):
+    if name not in checkpoint.DTYPES:
+        raise ValueError(f"unsupported dtype {name!r} (choose from: {', '.join(checkpoint.DTYPES)})")
+    return checkpoint.DTYPES[name]
+
+
+def put(params: dict, path: tuple[str, ...], w: np.ndarray, dtype, transpose: bool) -> None:
+    """Store w at params[path[0]][path[1]]... as a jax array of dtype; transpose turns the
+    [out, in] of torch/GGUF into Flax's [in, out]. A jax array, because orbax copies numpy
+    leaves before writing them (a second copy of the model)."""
+    node = params
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    if path[-1] in node:
+        raise ValueError(f"tensor {'.'.join(path)} appears twice in the source checkpoint")
+    node[path[-1]] = jnp.asarray(w.T if transpose else w).astype(dtype)

@@ -1,0 +1,387 @@
+"""Text generation: one jitted prefill, one jitted decode loop, batches of prompts, streaming.
+
+    python -m cats_jax.generate --ckpt DIR --chat --prompt "What is the capital of France?"
+
+How it works (in the spirit of the flax gemma sampler and gpt-fast):
+- The model is split (nnx.split) and both jitted functions take (graphdef, state), so the MLP
+  implementation and thresholds chosen on the model (set_mlp_impl, set_cats_thresholds) are
+  simply part of what is traced: this file never looks at them.
+- `_prefill` runs the whole prompt as a lax.scan over chunks of `prefill_chunk` tokens (long
+  prompts never build attention scores larger than chunk x cache), fills the KV cache, and
+  samples the first token from the logits of each row's last prompt token only.
+- `_decode` is a lax.while_loop of one-token steps over the donated cache; it stops when every
+  row has hit an EOS id or the token budget. No Python runs per token.
+- Batches: prompts are right-padded to a common length P and each row keeps its own positions
+  (see model.py): row b's prompt fills cache slots 0..len_b-1 and its padding slots are
+  overwritten by its own decode steps before any of its queries can see them (causal mask);
+  the sliding window is a mask on positions too. So rows of any lengths need no extra mask.
+  P is rounded up (powers of two, then multiples of the chunk) so prompt lengths share compiles.
+- Streaming: `_decode` runs at most `n_steps` steps per call (a traced argument: one compile)
+  and the host decodes and prints the new text between calls. At 16-32 tokens per call the
+  dispatch cost is negligible and the text still streams. Stop strings are checked there too,
+  since they need the tokenizer; EOS ids stop rows inside the loop.
+- Sampling settings are static (sampling.Sampling); the key of step i is fold_in(seed, i), so a
+  seed gives the same tokens however the steps are split into calls.
+- Measured MLP sparsity: in CATS modes each MLP sows its per-token fraction of kept neurons
+  (model.MLP, collected with nnx.capture); the decode loop sums it over the rows still
+  running. Dense MLPs sow nothing and the sparsity is reported as None.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cats_jax.model import Transformer, init_cache
+from cats_jax.sampling import Sampling, sample
+
+PAD_ID = 0  # fills prompt padding and the steps after a row is done; never read as a real token
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries; donated to each `_decode` call."""
+
+    cache: list  # model.py KV cache, P + max_new_tokens slots
+    tokens: jax.Array  # [B, N] int32 generated ids, PAD_ID once a row is done
+    lengths: jax.Array  # [B] int32 ids generated per row, its EOS included
+    positions: jax.Array  # [B] int32 position of each row's last generated id
+    done: jax.Array  # [B] bool
+    step: jax.Array  # int32 columns of `tokens` filled so far
+    key: jax.Array  # the seed's key; step i samples with fold_in(key, i)
+    seen: jax.Array | None  # [B, V] bool ids in prompt or output, for the repetition penalty
+    kept: jax.Array  # f32 sum over decode steps, layers and running rows of the kept-neuron fraction
+    kept_count: jax.Array  # f32 number of terms in `kept`
+
+
+def _advance(ds: DecodeState, logits, sampling: Sampling, eos_ids: tuple[int, ...]) -> DecodeState:
+    """Sample column `step` of every row from logits [B, V]; update the stop state."""
+    nxt = sample(logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen)
+    nxt = jnp.where(ds.done, PAD_ID, nxt)
+    is_eos = jnp.any(nxt[:, None] == jnp.asarray(eos_ids, jnp.int32).reshape(1, -1), axis=-1)
+    seen = None if ds.seen is None else ds.seen.at[jnp.arange(nxt.shape[0]), nxt].set(True)
+    return ds._replace(
+        tokens=jax.lax.dynamic_update_slice(ds.tokens, nxt[:, None], (0, ds.step)),
+        lengths=ds.lengths + (~ds.done).astype(jnp.int32),
+        done=ds.done | is_eos,
+        step=ds.step + 1,
+        seen=seen,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk", "sampling", "eos_ids"))
+def _prefill(state, prompts, lengths, key, *, graphdef, max_new, chunk, sampling, eos_ids) -> DecodeState:
+    """prompts [B, P] right-padded, lengths [B] >= 1; P a multiple of chunk."""
+    b, p = prompts.shape
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    cache = init_cache(cfg, b, p + max_new, model.embed.embedding[...].dtype)
+    rows = jnp.arange(b)
+
+    def one_chunk(cache, start):
+        model = nnx.merge(graphdef, state)
+        toks = jax.lax.dynamic_slice_in_dim(prompts, start, chunk, axis=1)
+        pos = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        h, cache = model.hidden(toks, pos, cache)
+        # The hidden state at each row's last prompt token, valid in the chunk that holds it.
+        return cache, h[rows, jnp.clip(lengths - 1 - start, 0, chunk - 1)]
+
+    cache, h_last = jax.lax.scan(one_chunk, cache, jnp.arange(0, p, chunk, dtype=jnp.int32))
+    logits = model.logits(h_last[(lengths - 1) // chunk, rows])
+    seen = None
+    if sampling.uses_history:
+        in_prompt = jnp.arange(p)[None, :] < lengths[:, None]
+        seen = jnp.zeros((b, cfg.vocab_size), bool).at[rows[:, None], prompts].max(in_prompt)
+    ds = DecodeState(
+        cache=cache,
+        tokens=jnp.full((b, max_new), PAD_ID, jnp.int32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        positions=lengths,  # the first generated id sits right after the prompt
+        done=jnp.zeros((b,), bool),
+        step=jnp.zeros((), jnp.int32),
+        key=key,
+        seen=seen,
+        kept=jnp.zeros((), jnp.float32),
+        kept_count=jnp.zeros((), jnp.float32),
+    )
+    return _advance(ds, logits, sampling, eos_ids)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("ds",)
+)
+def _decode(state, ds: DecodeState, n_steps, *, graphdef, sampling, eos_ids) -> DecodeState:
+    """Up to n_steps one-token steps (fewer if every row is done or the budget is spent)."""
+    stop = jnp.minimum(ds.step + n_steps, ds.tokens.shape[1])
+
+    def cond(ds):
+        return (ds.step < stop) & ~jnp.all(ds.done)
+
+    def body(ds):
+        model = nnx.merge(graphdef, state)
+        last = jax.lax.dynamic_slice_in_dim(ds.tokens, ds.step - 1, 1, axis=1)  # [B, 1]
+        (h, cache), sown = nnx.capture(Transformer.hidden, nnx.Intermediate)(
+            model, last, ds.positions[:, None], ds.cache
+        )
+        running = (~ds.done).astype(jnp.float32)
+        kept = [jnp.sum(f[:, 0] * running) for f in jax.tree.leaves(sown)]  # one [B, 1] per CATS layer
+        ds = ds._replace(
+            cache=cache,
+            positions=ds.positions + 1,
+            kept=ds.kept + sum(kept, jnp.zeros((), jnp.float32)),
+            kept_count=ds.kept_count + len(kept) * jnp.sum(running),
+        )
+        return _advance(ds, model.logits(h[:, 0]), sampling, eos_ids)
+
+    return jax.lax.while_loop(cond, body, ds)
+
+
+# ---- host side ---------------------------------------------------------------------------------
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, *args, **static):
+    """AOT-compiled `fn` for these argument shapes, cached, and the seconds spent compiling it
+    (0 when cached): timings of prefill and decode never include compilation."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (fn, treedef, tuple((x.shape, x.dtype) for x in leaves), tuple(sorted(static.items())))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    _COMPILED[key] = fn.lower(*args, **static).compile()
+    return _COMPILED[key], time.perf_counter() - t0
+
+
+def padded_length(n: int, chunk: int) -> int:
+    """Bucketed prompt length: a power of two (at least 16) up to `chunk`, then multiples of it.
+    Prefill runs it as one chunk of that length, or as chunks of `chunk` tokens."""
+    bucket = max(16, 1 << (n - 1).bit_length())
+    return bucket if bucket <= chunk else -(-n // chunk) * chunk
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt, the EOS id included when one was hit
+    hit_eos: list[bool]
+    prefill_s: float
+    decode_s: float
+    compile_s: float  # compilation, kept out of prefill_s and decode_s
+    decode_steps: int  # one-token forward passes of the decode loop (the first id comes from prefill)
+    mlp_sparsity: float | None  # fraction of zeroed MLP activations over decode steps; None if dense
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Ids produced by the decode loop per second, all rows together."""
+        produced = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return produced / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    seed: int = 0,
+    eos_ids: Sequence[int] | None = None,
+    prefill_chunk: int = 512,
+    stream_every: int | None = None,
+    on_chunk: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray | None] | None = None,
+) -> Generation:
+    """Generate up to max_new_tokens ids after each prompt (lists of ids, any lengths).
+
+    eos_ids: ids that end a row (default: the config's); () never stops early (benchmarks).
+    stream_every: decode steps per jitted call (default: all in one call). After each call
+    on_chunk(tokens [B, n], lengths [B], done [B]) sees the ids so far (row b's are
+    tokens[b, :lengths[b]]) and may return a [B] bool mask of rows to stop (stop strings).
+    """
+    cfg = model.cfg
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {cfg.max_position_embeddings} positions"
+        )
+    eos_ids = tuple(sorted(set(cfg.eos_token_ids if eos_ids is None else eos_ids)))
+    p = padded_length(longest, prefill_chunk)
+    tokens = np.full((len(prompts), p), PAD_ID, np.int32)
+    for i, ids in enumerate(prompts):
+        tokens[i, : len(ids)] = ids
+    lengths = np.array([len(ids) for ids in prompts], np.int32)
+    graphdef, state = nnx.split(model)
+    statics = dict(sampling=sampling, eos_ids=eos_ids)
+
+    args = (state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
+    prefill, compile_s = _compiled(
+        _prefill, *args, graphdef=graphdef, max_new=max_new_tokens, chunk=min(prefill_chunk, p), **statics
+    )
+    t0 = time.perf_counter()
+    ds = jax.block_until_ready(prefill(*args))
+    prefill_s = time.perf_counter() - t0
+
+    n_steps = jnp.asarray(stream_every or max_new_tokens, jnp.int32)
+    decode, dt = _compiled(_decode, state, ds, n_steps, graphdef=graphdef, **statics)
+    compile_s += dt
+    decode_s = 0.0
+    while True:
+        step, done = jax.device_get((ds.step, ds.done))
+        if on_chunk is not None:
+            tokens, lens = jax.device_get((ds.tokens, ds.lengths))  # whole: slicing on device would compile per size
+            stop = on_chunk(tokens[:, :step], lens, done)
+            if stop is not None and np.any(stop & ~done):
+                done = done | stop
+                ds = ds._replace(done=jnp.asarray(done))
+        if step >= max_new_tokens or done.all():
+            break
+        t0 = time.perf_counter()
+        ds = jax.block_until_ready(decode(state, ds, n_steps))
+        decode_s += time.perf_counter() - t0
+
+    out, lens = np.asarray(ds.tokens), np.asarray(ds.lengths)
+    rows = [out[i, : lens[i]].tolist() for i in range(len(prompts))]
+    count = float(ds.kept_count)
+    return Generation(
+        tokens=rows,
+        hit_eos=[bool(r) and r[-1] in eos_ids for r in rows],
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        compile_s=compile_s,
+        decode_steps=int(ds.step) - 1,
+        mlp_sparsity=1.0 - float(ds.kept) / count if count else None,
+    )
+
+
+# ---- text: tokenizer, chat template, stop strings, streaming ------------------------------------
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of a prompt; with chat=True, wrapped in the tokenizer's chat template as a user
+    turn (after an optional system turn), ending with the assistant's generation prompt."""
+    if not chat:
+        return tokenizer(prompt).input_ids
+    if not tokenizer.chat_template:
+        raise ValueError("--chat: this checkpoint's tokenizer has no chat template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids  # the template already has them
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate_text(
+    model: Transformer,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 256,
+    sampling: Sampling = Sampling(),
+    *,
+    chat: bool = False,
+    system: str | None = None,
+    stop: Sequence[str] = (),
+    seed: int = 0,
+    stream: Callable[[str], None] | None = None,
+    stream_every: int = 16,
+    prefill_chunk: int = 512,
+) -> tuple[list[str], Generation]:
+    """Completions of text prompts, cut before the first stop string. With `stream`, the first
+    prompt's text is passed to it piece by piece as it is generated."""
+    ids = [encode_prompt(tokenizer, p, chat, system) for p in prompts]
+    eos = set(model.cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    # Hold back what could be the start of a stop string, or a multi-byte character cut in two.
+    hold = max((len(s) for s in stop), default=1) - 1
+    shown = 0
+
+    def on_chunk(tokens, lengths, done):
+        nonlocal shown
+        texts = [_cut_at_stop(decode(tokens[b, : lengths[b]]), stop) for b in range(len(prompts))]
+        if stream is not None:
+            text, hit = texts[0]
+            end = len(text) if hit or done[0] else max(len(text.rstrip("\ufffd")) - hold, shown)
+            if end > shown:
+                stream(text[shown:end])
+                shown = end
+        return np.array([hit for _, hit in texts]) if stop else None
+
+    use_chunks = stream is not None or bool(stop)
+    gen = generate(
+        model, ids, max_new_tokens, sampling, seed=seed, eos_ids=sorted(eos), prefill_chunk=prefill_chunk,
+        stream_every=stream_every if use_chunks else None, on_chunk=on_chunk if use_chunks else None,
+    )
+    texts = [_cut_at_stop(decode(t), stop)[0] for t in gen.tokens]
+    if stream is not None and len(texts[0]) > shown:
+        stream(texts[0][shown:])
+    return texts, gen
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m cats_jax.generate",
+        description="Generate text from a converted cats-jax checkpoint, dense or with CATS sparsity. "
+        "The first prompt's text is streamed to stdout; timings go to stderr.",
+    )
+    ap.add_argument("--ckpt", required=True, help="converted checkpoint directory (config.json, params/, tokenizer)")
+    ap.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    ap.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    ap.add_argument("--system", help="system message for --chat")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="0 (default) is off")
+    ap.add_argument("--top-p", type=float, default=1.0, help="1 (default) is off")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1 (default) is off")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--sparsity", type=float, help="CATS target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
+    mode.add_argument("--dense", action="store_true", help="dense MLPs (the default)")
+    ap.add_argument("--mlp", choices=("cats-jnp", "cats-pallas"), default="cats-jnp", help="CATS MLP implementation")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and KV cache dtype")
+    ap.add_argument("--stream-every", type=int, default=16, help="decode steps per jitted call between prints")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    args = ap.parse_args(argv)
+
+    # orbax and transformers: needed by the CLI only, not by the library functions above
+    from cats_jax import checkpoint, data, thresholds
+
+    model = checkpoint.load_model(args.ckpt, dtype=checkpoint.DTYPES[args.dtype])
+    if args.sparsity is not None:
+        thresholds.load_into(model, args.ckpt, args.sparsity, args.mlp)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    stream = functools.partial(print, end="", flush=True)
+    texts, gen = generate_text(
+        model, data.load_tokenizer(args.ckpt), args.prompt, args.max_new_tokens, sampling, chat=args.chat,
+        system=args.system, stop=args.stop, seed=args.seed, stream=stream, stream_every=args.stream_every,
+        prefill_chunk=args.prefill_chunk,
+    )
+    print()
+    for i, text in enumerate(texts[1:], 1):
+        print(f"--- prompt {i + 1}\n{text}")
+    err = functools.partial(print, file=sys.stderr)
+    err(f"compile {gen.compile_s:.2f} s | prefill {gen.prefill_s * 1e3:.1f} ms | "
+        f"decode {gen.decode_tokens_per_s:.1f} tokens/s ({gen.decode_steps} steps, batch {len(texts)})")
+    if gen.mlp_sparsity is not None:
+        err(f"measured MLP sparsity (decode): {gen.mlp_sparsity:.3f}")
+
+
+if __name__ == "__main__":
+    main()

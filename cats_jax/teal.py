@@ -1,0 +1,330 @@
+"""TEAL calibration (arXiv 2408.14690): a threshold per (layer, linear input) at each target
+sparsity, allocated uniformly or by TEAL's block-wise greedy search.
+
+    python -m cats_jax.calibrate --method teal --sparsity 0.25,0.4,0.5,0.65 [--allocation greedy|uniform]
+
+1. Quantiles. The dense model runs over calibration text with every site active at threshold 0
+   (exactly dense; each site then sows what it tests, see model._sparse_input). A reservoir per
+   layer and distinct input (k_proj and v_proj read q_proj's input, up_proj reads gate_proj's),
+   and one for CATS's |SiLU(x W_gate)|, keeps the |values|; a site at sparsity s gets the exact
+   s-quantile of its sample (calibrate.quantile_threshold), exact over all the data while they fit
+   the reservoir (calibrate.Reservoir). No symmetry is assumed: these are quantiles of |x| itself
+   (TEAL's 10k-bin histograms of x assumed a distribution symmetric about zero).
+2. Allocation: per layer, the per-site sparsities ("levels") at which the layer's effective
+   sparsity (sparsity.weighted_mean: each site counts as the weight rows it lets skip) is the
+   target. uniform: every site at the target. greedy (TEAL's): from 0 everywhere, try raising
+   each site by its step, base_step / weight (so any step adds base_step / sum(weights) to the
+   effective sparsity), keep the one that moves the layer's output least from the dense output
+   (L2 norm over the last quarter of each calibration row; the layer's input is the dense model's
+   hidden state), and repeat up to the largest target. One path serves every target: between the
+   two steps that bracket a target the levels are interpolated to hit it exactly.
+3. Realised sparsity per site: on the calibration data (the fraction of the dense inputs at or
+   below the threshold) and, running the TEAL model, on held-apart text.
+
+The file also holds CATS's "mlp.act" thresholds from the same pass, so that the modes cats and
+(with uniform allocation) cats+teal-attn apply from it as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from cats_jax import checkpoint, data, thresholds
+from cats_jax.calibrate import Reservoir, _batches, _rounded, quantile_threshold
+from cats_jax.model import Activation, Transformer, site_threshold, sown_by_site
+from cats_jax.sparsity import CATS_SITE, TEAL_SITES, site_weights, weighted_mean
+
+f32 = jnp.float32
+ALLOCATIONS = ("greedy", "uniform")
+# Sites that read another site's input: they share its sample (their own thresholds still differ).
+SAME_INPUT = {"attn.k_proj": "attn.q_proj", "attn.v_proj": "attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
+SAMPLED = tuple(s for s in TEAL_SITES if s not in SAME_INPUT) + (CATS_SITE,)
+
+
+# ---- 1. quantiles --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Sample:
+    """Sorted |values| per sampled site and layer: every site's threshold at any sparsity."""
+
+    sorted: dict[str, list[np.ndarray]]  # site in SAMPLED -> per layer, ascending
+    tokens: int
+    values_per_layer: dict[str, int]  # site in SAMPLED -> values seen per layer
+    exact: bool  # every sample holds all the values seen
+
+    def threshold(self, site: str, layer: int, level: float) -> tuple[float, float]:
+        """(t, fraction of the sample <= t) for `site` of `layer` at sparsity `level`."""
+        return quantile_threshold(self.sorted[SAME_INPUT.get(site, site)][layer], level)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _abs_inputs(graphdef, state, tokens):
+    """|what each sampled site tests|: {site: fp32 [L, B * T, n]}."""
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    _, acts = nnx.capture(model.hidden, Activation)(tokens, positions)
+    values = sown_by_site(nnx.to_pure_dict(acts), "input")
+    return {s: jnp.abs(values[s].astype(f32)).reshape(values[s].shape[0], -1, values[s].shape[-1]) for s in SAMPLED}
+
+
+def set_dense_sites(model: Transformer) -> None:
+    """Every TEAL site and CATS's activation active at threshold 0: exactly the dense model in fp32
+    (in bf16 the CATS path reads the gate unrounded), with every site sowing what it tests."""
+    model.set_mode("teal")
+    model.set_mlp_impl("cats-jnp")
+    for site in TEAL_SITES + (CATS_SITE,):
+        model.set_thresholds(site, np.zeros(model.cfg.num_layers))
+
+
+def sample_inputs(model: Transformer, rows, *, batch_size: int = 2, reservoir: int = 1_000_000, seed: int = 0,
+                  progress: bool = True) -> Sample:
+    """Samples of |x| of every distinct site input (and |a| of CATS) of the dense model over rows."""
+    set_dense_sites(model)
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(seed)
+    samples = {s: [Reservoir(reservoir, rng) for _ in range(model.cfg.num_layers)] for s in SAMPLED}
+    tokens = 0
+    for batch in tqdm(_batches(rows, batch_size), desc="sampling inputs", unit="batch", disable=not progress):
+        for site, values in _abs_inputs(graphdef, state, jnp.asarray(batch)).items():
+            for res, v in zip(samples[site], np.asarray(values)):
+                res.add(v)
+        tokens += batch.size
+    if tokens == 0:
+        raise data.DataError("the calibration data produced no rows of tokens")
+    return Sample({s: [np.sort(r.values) for r in rs] for s, rs in samples.items()}, tokens,
+                  {s: rs[0].seen for s, rs in samples.items()}, all(r.exact for rs in samples.values() for r in rs))
+
+
+# ---- 2. allocation -------------------------------------------------------------------------------
+def effective(levels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Effective sparsity of per-site levels [..., sites] (sparsity.weighted_mean, as arrays)."""
+    return levels @ weights / weights.sum()
+
+
+def greedy_path(evaluate: Callable[[np.ndarray], np.ndarray], weights: np.ndarray, base_step: float,
+                until: float) -> tuple[np.ndarray, np.ndarray]:
+    """TEAL's greedy search for one layer. evaluate(levels [C, sites]) -> output error [C].
+    Returns the levels after each step [steps + 1, sites] (row 0: all 0) and each step's error."""
+    steps = base_step / weights
+    levels = np.zeros(len(weights))
+    path, errors = [levels], [0.0]
+    while effective(levels, weights) < until - 1e-9:
+        candidates = np.minimum(levels + np.diag(steps), 1.0)  # row i: site i one step up
+        err = np.asarray(evaluate(candidates), np.float64)
+        err[levels >= 1.0] = np.inf  # a site at sparsity 1 has nothing left to zero
+        best = int(np.argmin(err))
+        levels = candidates[best]
+        path.append(levels)
+        errors.append(err[best])
+    return np.stack(path), np.asarray(errors)
+
+
+def levels_at(path: np.ndarray, weights: np.ndarray, target: float) -> np.ndarray:
+    """The levels at which the path's effective sparsity is exactly `target`, interpolated between
+    the two steps that bracket it (they differ in one site)."""
+    eff = effective(path, weights)
+    if target > eff[-1] + 1e-9:
+        raise ValueError(f"the greedy path stops at effective sparsity {eff[-1]:.4f} < target {target}")
+    k = int(np.searchsorted(eff, target))  # first step at or past the target
+    if k == 0:
+        return path[0]
+    frac = (target - eff[k - 1]) / (eff[k] - eff[k - 1])
+    return path[k - 1] + frac * (path[k] - path[k - 1])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_out(graphdef, state, x):
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    return nnx.merge(graphdef, state)(x, positions)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _block_errors(graphdef, state, x, y_dense, th, start):
+    """th [C, sites]: TEAL_SITES' thresholds of C candidates. Per candidate, the L2 norm of the
+    block's output minus y_dense over tokens start.. of every row [C]."""
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
+    def error(state, t):  # state passed in (unbatched) so that the merged block is of vmap's trace
+        block = nnx.merge(graphdef, state)
+        for i, site in enumerate(TEAL_SITES):
+            site_threshold(block, site)[...] = t[i]
+        y = block(x, positions)[0]
+        return jnp.sqrt(jnp.sum(jnp.square((y[:, start:] - y_dense[:, start:]).astype(f32))))
+
+    return jax.vmap(error, in_axes=(None, 0))(state, th)
+
+
+@dataclasses.dataclass
+class Greedy:
+    levels: np.ndarray  # [targets, layers, sites]
+    error: np.ndarray  # [targets, layers]: the layer output's relative L2 error at those levels
+    uniform_error: np.ndarray  # [targets, layers]: the same with every site at the target
+    steps: int  # greedy steps per layer
+
+
+def greedy(model: Transformer, sample: Sample, rows: np.ndarray, targets: list[float], *, base_step: float = 0.05,
+           last_fraction: float = 0.25, progress: bool = True) -> Greedy:
+    """TEAL's greedy allocation of every layer, on the dense hidden states of rows [R, T]."""
+    if not 0 < base_step <= 1 or not 0 < last_fraction <= 1:
+        raise ValueError(f"base_step {base_step} and last_fraction {last_fraction} must be in (0, 1]")
+    num_layers = model.cfg.num_layers
+    weights = np.array([site_weights(model.cfg)[s] for s in TEAL_SITES])
+    model.set_mode("teal")
+    for site in TEAL_SITES:
+        model.set_thresholds(site, np.zeros(num_layers))
+    x = model.embed(jnp.asarray(rows))
+    start = int(rows.shape[1] * (1 - last_fraction))
+    targets = np.asarray(targets, np.float64)
+    levels = np.zeros((len(targets), num_layers, len(TEAL_SITES)))
+    error, uniform_error = np.zeros((len(targets), num_layers)), np.zeros((len(targets), num_layers))
+    steps = 0
+    for layer in tqdm(range(num_layers), desc="greedy allocation", unit="layer", disable=not progress):
+        graphdef, state = nnx.split(model.layers[layer])
+        y = _block_out(graphdef, state, x)  # thresholds 0: the dense output
+        scale = float(jnp.sqrt(jnp.sum(jnp.square(y[:, start:].astype(f32)))))
+
+        def evaluate(cand):
+            th = [[sample.threshold(s, layer, lv)[0] for s, lv in zip(TEAL_SITES, row)] for row in cand]
+            return np.asarray(_block_errors(graphdef, state, x, y, jnp.asarray(th, f32), start)) / scale
+
+        path, _ = greedy_path(evaluate, weights, base_step, float(targets.max()))
+        levels[:, layer] = [levels_at(path, weights, p) for p in targets]
+        err = evaluate(np.concatenate([levels[:, layer], np.repeat(targets[:, None], len(TEAL_SITES), axis=1)]))
+        error[:, layer], uniform_error[:, layer] = err[:len(targets)], err[len(targets):]
+        steps = max(steps, len(path) - 1)
+        x = y
+    return Greedy(levels, error, uniform_error, steps)
+
+
+# ---- 3. realised sparsity --------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _kept_per_site(graphdef, state, tokens):
+    """{site: kept values per layer, summed over tokens [L]} of the model's active sites."""
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    _, inter = nnx.capture(model.hidden, nnx.Intermediate)(tokens, positions)
+    return {s: jnp.sum(v, axis=(1, 2)) for s, v in sown_by_site(nnx.to_pure_dict(inter), "active_fraction").items()}
+
+
+def measure_site_sparsity(model: Transformer, rows, batch_size: int = 2, desc: str = "measuring",
+                          progress: bool = True) -> dict[str, np.ndarray]:
+    """Per site the model thresholds now (model.sites), its fraction of zeroed values per layer over rows."""
+    graphdef, state = nnx.split(model)
+    kept, count = {}, 0
+    for batch in tqdm(_batches(rows, batch_size), desc=desc, unit="batch", disable=not progress):
+        for site, k in _kept_per_site(graphdef, state, jnp.asarray(batch)).items():
+            kept[site] = kept.get(site, 0.0) + np.asarray(k, np.float64)
+        count += batch.size
+    if count == 0:
+        raise data.DataError("no rows of tokens to measure sparsity on")
+    return {site: 1.0 - k / count for site, k in kept.items()}
+
+
+# ---- the whole calibration -------------------------------------------------------------------------
+def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocation: str = "greedy",
+        tokens: int = 20_480, holdout_tokens: int = 16_384, seq_len: int = 1024, batch_size: int = 2,
+        reservoir: int = 1_000_000, greedy_tokens: int = 2048, base_step: float = 0.05, last_fraction: float = 0.25,
+        seed: int = 0, dtype: str | None = "float32", progress: bool = True) -> thresholds.Thresholds:
+    """Calibrate TEAL thresholds of a checkpoint on `tokens` tokens of `source` (the greedy search
+    on the first `greedy_tokens` of them), measure on the next `holdout_tokens`, save DIR/thresholds.json."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
+    for p in sparsities:
+        if not 0 < p < 1:
+            raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
+    model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
+    cfg = model.cfg
+    tokenizer = data.load_tokenizer(ckpt_dir)
+    docs = data.encode(tokenizer, data.iter_documents(source))  # one stream: held-apart text follows
+    sep = data.separator_id(tokenizer)
+    calib_rows = list(data.pack(docs, seq_len, sep, max_rows=math.ceil(tokens / seq_len)))
+    sample = sample_inputs(model, calib_rows, batch_size=batch_size, reservoir=reservoir, seed=seed, progress=progress)
+    held_rows = list(data.pack(docs, seq_len, sep, max_rows=math.ceil(holdout_tokens / seq_len)))
+    if not held_rows:
+        raise data.DataError(f"{source.name}: no text left after the {sample.tokens} calibration tokens to hold apart; "
+                             "use more data or fewer --tokens")
+
+    meta_greedy = None
+    if allocation == "greedy":
+        rows = np.stack(calib_rows[:math.ceil(greedy_tokens / seq_len)])
+        g = greedy(model, sample, rows, sparsities, base_step=base_step, last_fraction=last_fraction, progress=progress)
+        site_levels = g.levels
+        meta_greedy = {"rows": len(rows), "tokens": int(rows.size), "base_step": base_step,
+                       "last_fraction": last_fraction, "steps_per_layer": g.steps,
+                       "weights": {s: round(w, 6) for s, w in site_weights(cfg).items() if s in TEAL_SITES},
+                       # relative L2 error of each layer's output on the greedy rows, greedy vs uniform levels
+                       "layer_error": {f"{p:g}": {"greedy": _rounded(g.error[i]), "uniform": _rounded(g.uniform_error[i])}
+                                       for i, p in enumerate(sparsities)}}
+    else:
+        site_levels = np.broadcast_to(np.asarray(sparsities)[:, None, None],
+                                      (len(sparsities), cfg.num_layers, len(TEAL_SITES)))
+
+    levels = []
+    for i, p in enumerate(sparsities):
+        th, realised, site_sparsity = {}, {}, {}
+        for j, site in enumerate(TEAL_SITES + (CATS_SITE,)):
+            lv = site_levels[i, :, j] if site != CATS_SITE else np.full(cfg.num_layers, p)
+            got = [sample.threshold(site, layer, lv[layer]) for layer in range(cfg.num_layers)]
+            th[site] = [t for t, _ in got]
+            realised[site] = {"calibration": _rounded([r for _, r in got])}
+            if site != CATS_SITE:
+                site_sparsity[site] = _rounded(lv)
+                model.set_thresholds(site, th[site])
+        model.set_mode("teal")
+        held = measure_site_sparsity(model, held_rows, batch_size, desc=f"held-apart @ {p:g}", progress=progress)
+        for site in TEAL_SITES:
+            realised[site]["held_out"] = _rounded(held[site])
+        realised["effective"] = {
+            key: _rounded(weighted_mean({s: np.asarray(realised[s][key]) for s in TEAL_SITES}, cfg))
+            for key in ("calibration", "held_out")}
+        levels.append(thresholds.Level(p, th, realised, site_sparsity))
+
+    worst = max(math.sqrt(p * (1 - p)) for p in sparsities)
+    smallest = min(min(len(a) for a in arrays) for arrays in sample.sorted.values())
+    meta = {
+        "source": source.describe(),
+        "tokens": sample.tokens,
+        "held_out_tokens": sum(r.size for r in held_rows),
+        "seq_len": seq_len,
+        "dtype": dtype or "as stored",
+        "allocation": allocation,
+        "activation": "|input| of each linear layer, and |SiLU(x W_gate)| for mlp.act; fp32, dense model",
+        "values_per_layer": sample.values_per_layer,
+        "sample_per_layer": {s: len(a[0]) for s, a in sample.sorted.items()},
+        "exact_quantile": sample.exact,
+        # std of the realised fraction on the whole calibration data around the target, in points
+        "quantile_std_points": 0.0 if sample.exact else round(100 * worst / math.sqrt(smallest), 4),
+        "seed": seed,
+        "greedy": meta_greedy,
+    }
+    result = thresholds.Thresholds(thresholds.model_identity(model), "teal", levels, meta)
+    result.save(ckpt_dir)
+    return result
+
+
+def summary(th: thresholds.Thresholds) -> str:
+    """Per level: effective sparsity realised per layer (mean / min / max) on calibration and
+    held-apart text, the mean held-apart sparsity of each site, and the greedy's layer errors."""
+    short = [s.split(".")[1].removesuffix("_proj") for s in TEAL_SITES]
+    errors = (th.calibration.get("greedy") or {}).get("layer_error", {})
+    head = "target   effective calib (mean/min/max)   held-apart (mean/min/max)   " + " ".join(f"{s:>5}" for s in short)
+    lines = [head + ("   layer error greedy / uniform" if errors else "")]
+    for lv in th.levels:
+        eff = lv.realised["effective"]
+        cells = [f"{100 * np.mean(v):5.1f} {100 * np.min(v):5.1f} {100 * np.max(v):5.1f}"
+                 for v in (eff["calibration"], eff["held_out"])]
+        sites = " ".join(f"{100 * np.mean(lv.realised[s]['held_out']):5.1f}" for s in TEAL_SITES)
+        line = f"{100 * lv.sparsity:5.1f}%   {cells[0]:>30}   {cells[1]:>25}   {sites}"
+        if errors:
+            e = errors[f"{lv.sparsity:g}"]
+            line += f"   {np.mean(e['greedy']):.4f} / {np.mean(e['uniform']):.4f}"
+        lines.append(line)
+    return "\n".join(lines)

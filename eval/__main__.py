@@ -1,0 +1,102 @@
+"""python -m eval: zero-shot accuracy, perplexity and measured sparsity, dense vs CATS levels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cats_jax import checkpoint, data, thresholds
+from eval import harness, tasks as task_lib
+
+WIKITEXT = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", "page")  # lm-eval's wikitext
+
+
+def _settings(text: str | None, ckpt: str) -> list:
+    if text is None:  # dense and every calibrated level
+        th = thresholds.load(ckpt)
+        return [harness.DENSE] + (th.sparsities if th else [])
+    out = []
+    for s in text.split(","):
+        s = s.strip()
+        try:
+            out.append(s if s == harness.DENSE else float(s))
+        except ValueError:
+            sys.exit(f"error: --sparsity {text!r}: expected 'dense' and/or fractions, e.g. dense,0.5")
+    return out
+
+
+def _task_files(tasks: str, data_files: list[str]) -> dict[str, str | None]:
+    names = list(task_lib.TASKS) if tasks == "all" else [] if tasks == "none" else [t.strip() for t in tasks.split(",")]
+    for t in names:
+        if t not in task_lib.TASKS:
+            sys.exit(f"error: unknown task {t!r} (known: {', '.join(task_lib.TASKS)})")
+    files = {t: None for t in names}
+    for spec in data_files:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in files:
+            sys.exit(f"error: --data-file {spec!r}: expected TASK=PATH with TASK one of --tasks ({', '.join(names)})")
+        files[name] = path
+    return files
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m eval",
+        description="Evaluate a checkpoint dense and at its calibrated CATS sparsities: zero-shot multiple choice "
+                    "(lm-eval-harness formats, acc / acc_norm), rolling-window perplexity, measured activation sparsity.",
+    )
+    ap.add_argument("--ckpt", required=True, help="converted checkpoint directory (with thresholds.json for CATS rows)")
+    ap.add_argument("--sparsity", help="settings, comma-separated: 'dense' and/or calibrated fractions "
+                                       "(default: dense + every level in thresholds.json)")
+    ap.add_argument("--tasks", default="all", help=f"comma-separated tasks, 'all' or 'none' (known: {', '.join(task_lib.TASKS)})")
+    ap.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
+                    help="a task's local data: its original release file (e.g. piqa=valid.jsonl) or a "
+                         "datasets.save_to_disk directory; repeat per task. Without it, the task loads from the hub")
+    ap.add_argument("--limit", type=int, help="only the first N examples of each task")
+    ppl = ap.add_argument_group("perplexity text (default: lm-eval's WikiText-2 raw test, from the hub)")
+    ppl.add_argument("--ppl", default=WIKITEXT[0], help="local .txt (one document) / .jsonl file, a `datasets` name, or 'none'")
+    ppl.add_argument("--ppl-config", help=f"dataset configuration (default for WikiText: {WIKITEXT[1]})")
+    ppl.add_argument("--ppl-split", help="dataset split (default: test for WikiText, else train)")
+    ppl.add_argument("--ppl-field", help="text field of .jsonl / dataset records (default: page for WikiText, else text)")
+    ppl.add_argument("--ppl-tokens", type=int, help="only the first N tokens of the text")
+    ap.add_argument("--context-length", type=int, default=1024, help="tokens the model reads per sequence (default 1024)")
+    ap.add_argument("--stride", type=int, help="perplexity: new tokens scored per window (default: context length)")
+    ap.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass (default 4096)")
+    ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
+    ap.add_argument("--out", default="runs/eval.json", help="results JSON; the markdown table goes next to it (.md)")
+    ap.add_argument("--plot", metavar="PNG", help="also plot accuracy and perplexity against sparsity")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+
+    ppl_source = None
+    if args.ppl != "none":
+        wiki = args.ppl == WIKITEXT[0]
+        ppl_source = data.TextSource(args.ppl, args.ppl_split or ("test" if wiki else "train"),
+                                     args.ppl_field or (WIKITEXT[3] if wiki else None),
+                                     args.ppl_config or (WIKITEXT[1] if wiki else None))
+    try:
+        result = harness.evaluate(
+            args.ckpt, settings=_settings(args.sparsity, args.ckpt), task_files=_task_files(args.tasks, args.data_file),
+            limit=args.limit, ppl_source=ppl_source, ppl_tokens=args.ppl_tokens, context_length=args.context_length,
+            stride=args.stride, batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress)
+    except (data.DataError, task_lib.TaskDataError, thresholds.ThresholdsError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    table = harness.markdown(result["results"])
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    for r in result["results"]:
+        speed = ", ".join(f"{t} {v['examples_per_s']:.1f}" for t, v in r["tasks"].items())
+        print(f"{r['setting']}: examples/s {speed or '-'}")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    if args.plot:
+        harness.plot(result["results"], args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Quality of a checkpoint, dense and at each calibrated CATS sparsity: multiple-choice accuracy,
+perplexity and the measured activation sparsity per layer, as one JSON record and one table.
+
+Deterministic: data in file order, the first --limit examples, no sampling anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cats_jax import checkpoint, data, thresholds
+from eval import scoring, tasks as task_lib
+
+DENSE = "dense"
+
+
+def _stderr(x: np.ndarray) -> float:
+    """lm-eval's standard error of a mean: sample std (n - 1) / sqrt(n)."""
+    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def mc_metrics(examples: list[task_lib.Example], ll: np.ndarray, metrics: tuple[str, ...]) -> dict:
+    """acc / acc_norm (and their standard errors) from the log-likelihood of every request, in order."""
+    acc, acc_norm, pos = [], [], 0
+    for ex in examples:
+        lls = ll[pos:pos + len(ex.requests)]
+        pos += len(ex.requests)
+        acc.append(float(np.argmax(lls) == ex.gold))
+        acc_norm.append(float(np.argmax(lls / np.array([len(c) for c in ex.choices], float)) == ex.gold))
+    out = {"examples": len(examples)}
+    for name, values in (("acc", acc), ("acc_norm", acc_norm)):
+        if name in metrics:
+            out[name], out[name + "_stderr"] = float(np.mean(values)), _stderr(np.array(values))
+    return out
+
+
+def ppl_documents(source: data.TextSource, tokenizer, max_tokens: int | None) -> list[list[int]]:
+    """Token ids of the source's documents, the last one cut so that the total is max_tokens."""
+    docs, total = [], 0
+    for ids in data.encode(tokenizer, data.iter_documents(source)):
+        if max_tokens is not None:
+            ids = ids[:max_tokens - total]
+        docs.append(ids)
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not docs:
+        raise data.DataError(f"{source.name}: no text for perplexity")
+    return docs
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("cats-jax", "jax", "flax", "numpy", "transformers", "tokenizers", "datasets"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    try:  # the exact code, when run from a git checkout
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                                           capture_output=True, timeout=10).stdout.strip() or None
+    except OSError:
+        out["git_commit"] = None
+    return out
+
+
+def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], limit: int | None = None,
+             ppl_source: data.TextSource | None = None, ppl_tokens: int | None = None, context_length: int = 1024,
+             stride: int | None = None, batch_tokens: int = 4096, dtype: str | None = "float32",
+             progress: bool = True) -> dict:
+    """settings: "dense" and/or target sparsities calibrated in DIR/thresholds.json.
+    task_files: task name -> release-format file / save_to_disk dir, or None for the hub."""
+    model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
+    tokenizer = data.load_tokenizer(ckpt_dir)
+    th = thresholds.load(ckpt_dir)
+    if any(s != DENSE for s in settings):
+        if th is None:
+            raise thresholds.ThresholdsError(f"{ckpt_dir}: no {thresholds.FILENAME}; calibrate first (python -m cats_jax.calibrate)")
+        th.check_model(model)
+        for s in settings:
+            if s != DENSE:
+                th.level(s)  # fail now, not after the dense run
+    stride = stride or context_length
+
+    # Data once, for every setting.
+    task_data = {}
+    for name, path in task_files.items():
+        examples, source = task_lib.load_examples(name, path, limit)
+        reqs = [r for ex in examples for r in ex.requests]
+        task_data[name] = (examples, scoring.loglikelihood_rows(tokenizer, reqs, context_length), source)
+    ppl_docs = ppl_documents(ppl_source, tokenizer, ppl_tokens) if ppl_source else None
+
+    scorer = scoring.Scorer(model, batch_tokens, progress)
+    rows = []
+    for setting in settings:
+        if setting == DENSE:
+            model.set_mlp_impl("dense")
+        else:
+            thresholds.apply(model, th, setting)
+        scorer.reset_stats()
+        row = {"setting": DENSE if setting == DENSE else f"cats-{setting:g}",
+               "target_sparsity": 0.0 if setting == DENSE else setting, "tasks": {}}
+        for name, (examples, task_rows, _) in task_data.items():
+            t0 = time.perf_counter()
+            ll, _ = scorer.score(task_rows, desc=f"{row['setting']} {name}")
+            seconds = time.perf_counter() - t0
+            res = mc_metrics(examples, ll, task_lib.TASKS[name].metrics)
+            res.update(seconds=round(seconds, 2), examples_per_s=round(len(examples) / seconds, 2))
+            row["tasks"][name] = res
+        if ppl_docs is not None:
+            t0 = time.perf_counter()
+            row["perplexity"] = scoring.perplexity(scorer, tokenizer, ppl_docs, context_length, stride)
+            row["perplexity"]["seconds"] = round(time.perf_counter() - t0, 2)
+        sp = scorer.layer_sparsity
+        row["sparsity"] = {"mean": float(sp.mean()), "min": float(sp.min()), "max": float(sp.max()),
+                           "per_layer": [round(float(v), 6) for v in sp], "tokens": scorer.tokens}
+        rows.append(row)
+        if progress:
+            print(markdown([row]).splitlines()[-1] if len(rows) > 1 else markdown([row]), flush=True)
+
+    return {
+        "model": {"ckpt": str(Path(ckpt_dir).absolute()), **thresholds.model_identity(model)},
+        "thresholds": None if th is None else {"file": str(Path(ckpt_dir, thresholds.FILENAME).absolute()),
+                                               "calibration": th.calibration},
+        "data": {name: source for name, (_, _, source) in task_data.items()}
+                | ({"perplexity": ppl_source.describe()} if ppl_source else {}),
+        "limit": limit,
+        "options": {"context_length": context_length, "stride": stride, "batch_tokens": batch_tokens,
+                    "dtype": dtype or "as stored", "ppl_tokens": ppl_tokens},
+        "versions": versions(),
+        "results": rows,
+    }
+
+
+def _metric_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    first = rows[0]
+    return [(t, m) for t in first["tasks"] for m in task_lib.TASKS[t].metrics]
+
+
+def markdown(rows: list[dict]) -> str:
+    """Rows = settings; columns = measured sparsity, perplexity, each task's metrics (percent)."""
+    cols = _metric_columns(rows)
+    has_ppl = "perplexity" in rows[0]
+    head = ["setting", "sparsity mean / min / max (%)"] + (["ppl"] if has_ppl else []) + [f"{t} {m}" for t, m in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sp = r["sparsity"]
+        cells = [r["setting"], f"{100 * sp['mean']:.1f} / {100 * sp['min']:.1f} / {100 * sp['max']:.1f}"]
+        if has_ppl:
+            cells.append(f"{r['perplexity']['perplexity']:.2f}")
+        cells += [f"{100 * r['tasks'][t][m]:.1f}" for t, m in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str | Path) -> None:
+    """Accuracy (acc_norm where the task has it) and perplexity against target sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * r["target_sparsity"] for r in rows]
+    has_ppl = "perplexity" in rows[0]
+    fig, axes = plt.subplots(1, 2 if has_ppl else 1, figsize=(11 if has_ppl else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    for t in rows[0]["tasks"]:
+        m = "acc_norm" if "acc_norm" in task_lib.TASKS[t].metrics else "acc"
+        ax.plot(x, [100 * r["tasks"][t][m] for r in rows], marker="o", label=f"{t} ({m})")
+    ax.set(xlabel="CATS target sparsity (%)", ylabel="accuracy (%)", title="zero-shot accuracy")
+    if rows[0]["tasks"]:
+        ax.legend(fontsize=8)
+    if has_ppl:
+        ax = axes[0, 1]
+        ax.plot(x, [r["perplexity"]["perplexity"] for r in rows], marker="o", color="black")
+        ax.set(xlabel="CATS target sparsity (%)", ylabel="token perplexity", title="perplexity")
+    for a in axes[0]:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,293 @@
+"""Benchmark the CATS MLP decode kernels against XLA's dense MLP, on random bf16 weights.
+
+    python -m pallas_kernels.bench                     # the table: shapes x sparsity x batch
+    python -m pallas_kernels.bench --tune              # first pick block sizes per batch size (timed)
+
+Per (shape, batch, sparsity): kernel time, XLA dense time (jnp, jitted), their ratio, the union
+sparsity (neurons no batch row keeps), and the ideal time: the bytes that must be read (all of
+W_gate, the union's rows of W_up and W_down) over the copy bandwidth measured in the same run.
+Thresholds for a target sparsity are the quantile of |SiLU(x W_gate)| over the batch.
+
+Timing: a jitted lax.fori_loop whose iterations depend on each other (each adds a vanishing
+multiple of the previous output's sum to x[0, 0], so nothing can be skipped or hoisted); the
+slope between two (static) trip counts cancels dispatch and synchronisation; median of repeats.
+Times include that dependency (a few us, the same for every column). The copy bandwidth runs
+first, which also brings the GPU clocks up. The weights (>= 90 MB each) do not fit in L2, so
+every call reads them from HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cats_jax.config import PRESETS
+from pallas_kernels import cats_mlp as K
+from pallas_kernels import sparse_gemv as G
+from pallas_kernels.common import next_pow2
+
+f32 = jnp.float32
+SPARSITY = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
+BATCH = (1, 2, 4, 8)
+MODELS = ("llama2-7b", "mistral-7b", "llama3-8b")
+
+
+def _slope_us(make, n, reps):
+    """us per iteration of loops make(k)() for the two trip counts in n: the slope cancels
+    dispatch and synchronisation; median of `reps`."""
+    loops = {k: make(k) for k in n}
+
+    def run(k):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loops[k]())
+        return time.perf_counter() - t0
+
+    run(n[0]), run(n[1])  # compile, warm up
+    return statistics.median((run(n[1]) - run(n[0])) / (n[1] - n[0]) for _ in range(reps)) * 1e6
+
+
+def loop_timer(f, n=(10, 40), reps=5):
+    """us per call of f(x, *args) -> array, see the module docstring. Trip counts are static: XLA
+    then runs the loop without asking the host after every iteration."""
+
+    def timed(x, *args):
+        def make(k):
+            @jax.jit
+            def loop(x, *args):
+                def body(_, x):
+                    y = f(x, *args)
+                    return x.at[0, 0].add((jnp.sum(y.astype(f32)) * 1e-30).astype(x.dtype))
+
+                return jax.lax.fori_loop(0, k, body, x)
+
+            return lambda: loop(x, *args)
+
+        return _slope_us(make, n, reps)
+
+    return timed
+
+
+def copy_bandwidth(gib=1.0) -> float:
+    """Bytes/s of x + 1 over a large bf16 array (read + write)."""
+    x = jnp.zeros((int(gib * 2**30) // 2,), jnp.bfloat16) + 1  # not zeros: never time on zeros
+    one = jnp.ones((), jnp.bfloat16)
+
+    def make(k):
+        loop = jax.jit(lambda x: jax.lax.fori_loop(0, k, lambda _, x: x + one, x))
+        return lambda: loop(x)
+
+    return 2 * x.nbytes / (_slope_us(make, (2, 10), 5) * 1e-6)
+
+
+def random_mlp(h, i, seed=0, dtype=jnp.bfloat16):
+    """Flax-layout weights [H, I], [H, I], [I, H] scaled like a trained layer; never zeros."""
+    k = jax.random.split(jax.random.key(seed), 3)
+    wg = (jax.random.normal(k[0], (h, i), f32) / np.sqrt(h)).astype(dtype)
+    wu = (jax.random.normal(k[1], (h, i), f32) / np.sqrt(h)).astype(dtype)
+    wd = (jax.random.normal(k[2], (i, h), f32) / np.sqrt(i)).astype(dtype)
+    return wg, wu, wd
+
+
+def dense_mlp(x, wg, wu, wd):
+    """What XLA makes of the dense bf16 MLP (the model's dense path)."""
+    return (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
+
+
+def threshold_for(values, sparsity: float) -> float:
+    """The threshold that drops `sparsity` of |values| (the quantile), placed halfway between two
+    of them so that no value sits on it (fp32 summation order then never flips a neuron)."""
+    v = np.sort(np.abs(np.asarray(values, np.float64)).ravel())
+    k = int(round(sparsity * v.size))
+    return 0.0 if k == 0 else float((v[k - 1] + v[min(k, v.size - 1)]) / 2)
+
+
+def thresholds_for(x, wg, sparsity):
+    """Per target sparsity: the threshold, and the union sparsity it gives over the batch."""
+    a = np.abs(np.asarray(jax.nn.silu(jnp.dot(x, wg, preferred_element_type=f32))))
+    out = []
+    for s in sparsity:
+        t = threshold_for(a, s)
+        out.append((jnp.asarray(t, f32), float(np.mean(np.all(a <= t, axis=0)))))
+    return out
+
+
+def shapes(models):
+    """(label, H, I) per distinct MLP shape among the models (mistral-7b and llama3-8b share one)."""
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for m in models:
+        cfg = PRESETS[m]
+        by_shape.setdefault((cfg.hidden_size, cfg.intermediate_size), []).append(m)
+    return [(" / ".join(ms), h, i) for (h, i), ms in by_shape.items()]
+
+
+def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH):
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    for label, h, i in shapes(models):
+        wg, wu, wd = random_mlp(h, i)
+        wg_t, wu_t = wg.T.copy(), wu.T.copy()  # neuron-major, as the model stores them for the kernel
+        dense_t = loop_timer(dense_mlp)
+        kern_t = loop_timer(lambda x, t, wg_t, wu_t, wd: K.cats_mlp(x, wg_t, wu_t, wd, t))
+        for b in batch:
+            x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
+            dense_us = dense_t(x, wg, wu, wd)
+            for s, (t, union) in zip(sparsity, thresholds_for(x, wg, sparsity)):
+                us = kern_t(x, t, wg_t, wu_t, wd)
+                ideal = h * i * 2 * (1 + 2 * (1 - union)) / bw * 1e6
+                rows.append(dict(
+                    shape=label, H=h, I=i, batch=b, sparsity=s, union_sparsity=union, kernel_us=us,
+                    dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal, pct_of_ideal=100 * ideal / us,
+                ))
+                print(_fmt_row(rows[-1]), flush=True)
+    return dict(meta=_meta(bw), rows=rows)
+
+
+def _meta(bw):
+    dev = jax.devices()[0]
+    import jaxlib
+
+    versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    try:
+        import triton
+
+        versions["triton (installed; Pallas lowers through jaxlib's own)"] = triton.__version__
+    except ImportError:
+        pass
+    return dict(
+        device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        versions=versions, python=platform.python_version(),
+        copy_bandwidth_TBps=bw / 1e12,
+        tables={"gate_up": {k: dataclasses.asdict(v) for k, v in K.TABLE.items()},
+                "sparse_gemv": {k: dataclasses.asdict(v) for k, v in G.TABLE.items()}},
+    )
+
+
+HEADER = "| shape (H x I) | B | sparsity | union sparsity | kernel us | XLA dense us | speedup | ideal us | % of ideal |"
+
+
+def _fmt_row(r):
+    return (
+        f"| {r['shape']} ({r['H']}x{r['I']}) | {r['batch']} | {r['sparsity']:.0%} | {r['union_sparsity']:.1%} | "
+        f"{r['kernel_us']:.1f} | {r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['ideal_us']:.1f} | {r['pct_of_ideal']:.0f}% |"
+    )
+
+
+def markdown(result) -> str:
+    m = result["meta"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    lines = [
+        f"Device: {m['device']}; date: {m['date']}; {versions}, Python {m['python']}.",
+        f"Copy bandwidth measured in the same run: {m['copy_bandwidth_TBps']:.2f} TB/s (read + write); "
+        "bf16 weights, random; batch rows x ~ N(0, 1); "
+        "ideal = (W_gate + the union's rows of W_up and W_down) / copy bandwidth.",
+        "",
+        HEADER,
+        "|" + "---|" * HEADER.count(" |"),
+        *(_fmt_row(r) for r in result["rows"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- block-size tuning ------------------------------------------------------------------------
+GATE_UP_CANDIDATES = {
+    1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [
+        (16, 256, 4, 4), (16, 256, 4, 3), (16, 512, 4, 4), (8, 512, 4, 4), (16, 256, 4, 5), (32, 256, 4, 4),
+        (16, 128, 4, 4), (8, 256, 4, 4)]],
+    **{b: [K.GateUpBlocks(r, c, w, s, dot=True) for r, c, w, s in [
+        (32, 128, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3), (32, 64, 4, 3)]] for b in (2, 4, 8)},
+}
+GEMV_CANDIDATES = {
+    1: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [
+        (32, 128, 32, 4, 3), (32, 256, 32, 4, 3), (64, 128, 16, 4, 3), (32, 128, 64, 4, 3), (64, 128, 32, 4, 3),
+        (64, 256, 32, 8, 3), (128, 128, 16, 8, 3), (32, 512, 64, 4, 3), (16, 256, 64, 4, 3), (64, 128, 32, 4, 4),
+        (32, 128, 32, 4, 4), (64, 256, 16, 8, 3)]],
+    **{b: [G.GemvBlocks(r, c, sp, w, s, dot=True) for r, c, sp, w, s in [
+        (32, 256, 16, 4, 3), (64, 128, 16, 4, 3), (32, 128, 32, 4, 3), (64, 128, 32, 4, 3), (32, 256, 32, 4, 3),
+        (16, 128, 64, 4, 3)]] for b in (2, 4, 8)},
+}
+
+
+def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
+    """Time every candidate of each kernel alone at `sparsity`; print them and the best."""
+    bw = copy_bandwidth()  # also warms the GPU up
+    out = []
+    for label, h, i in shapes(models):
+        wg, wu, wd = random_mlp(h, i)
+        wg_t, wu_t = wg.T.copy(), wu.T.copy()
+        for b in batch:
+            x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
+            ((t, union),) = thresholds_for(x, wg, [sparsity])
+            hidden = K.gate_up(x, wg_t, wu_t, t)
+            for kind, cands in (("gate_up", GATE_UP_CANDIDATES[b]), ("sparse_gemv", GEMV_CANDIDATES[b])):
+                for blk in cands:
+                    if kind == "gate_up":
+                        f = lambda x, t, wg_t, wu_t, blk=blk: K.gate_up(x, wg_t, wu_t, t, blocks=blk)
+                        args = (x, t, wg_t, wu_t)
+                    else:
+                        f = lambda hh, wd, blk=blk: G.sparse_gemv(hh, wd, blocks=blk)
+                        args = (hidden, wd)
+                    try:
+                        us = loop_timer(f)(*args)
+                    except Exception as e:  # a candidate that does not compile (registers, shared memory)
+                        print(f"{label} B={b} {kind} {blk}: failed: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    out.append(dict(shape=label, batch=b, kernel=kind, blocks=dataclasses.asdict(blk), us=us,
+                                    union_sparsity=union))
+                    print(f"{label} B={b} {kind} {blk}: {us:.1f} us", flush=True)
+    print("\nbest per (shape, batch, kernel):")
+    best = {}
+    for r in out:
+        key = (r["shape"], r["batch"], r["kernel"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    for key, r in best.items():
+        print(f"  {key}: {r['us']:.1f} us  {r['blocks']}")
+    tables = {"gate_up": K.TABLE, "sparse_gemv": G.TABLE}
+    for (_, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
+        tables[kind][next_pow2(b)] = type(tables[kind][next_pow2(b)])(**r["blocks"])
+    return dict(meta=_meta(bw), tune=out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="presets whose MLP shapes to time (comma-separated)")
+    p.add_argument("--sparsity", default=",".join(map(str, SPARSITY)), help="target per-row sparsities")
+    p.add_argument("--batch", default=",".join(map(str, BATCH)), help="decode batch sizes")
+    p.add_argument("--json", type=Path, help="write all numbers here")
+    p.add_argument("--markdown", type=Path, help="write the table (with device, date, versions) here")
+    p.add_argument("--tune", action="store_true",
+                   help="first time block-size candidates per batch size (first model's shape, 50%% sparsity), "
+                        "then benchmark with the winners")
+    a = p.parse_args(argv)
+    models = a.models.split(",")
+    for m in models:
+        if m not in PRESETS:
+            p.error(f"unknown model {m!r} (choose from {', '.join(PRESETS)})")
+    batch = [int(b) for b in a.batch.split(",")]
+    if jax.default_backend() != "gpu":
+        p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
+    tuned = tune(models[:1], batch) if a.tune else None
+    result = bench(models, [float(s) for s in a.sparsity.split(",")], batch)
+    if tuned:
+        result["tune"] = tuned["tune"]
+    print("\n" + markdown(result))
+    if a.markdown:
+        a.markdown.write_text(markdown(result))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The CATS gated MLP for decode steps, as two Pallas (Triton) kernels.
+
+Math (cats_jax.sparsity.gated_mlp with a threshold): a = cats_activation(x W_gate, t), i.e. SiLU
+with |a| <= t zeroed; y = (a * (x W_up)) W_down. W_gate must be read in full; the win is in not
+reading the rows of W_up and W_down of the zeroed neurons.
+
+Weights are neuron-major, so that a neuron's weights are contiguous rows: wg_t = W_gate^T and
+wu_t = W_up^T [I, H], and w_down [I, H] (the Flax layout already). The model transposes gate and
+up once when it is prepared for the kernel (Transformer.prepare_for_kernel), not per call.
+
+1. gate_up: a program owns `rows` neurons. It reads their W_gate^T rows in full (fp32
+   accumulation), applies the CATS rule, then reads the W_up^T rows of only the neurons that some
+   batch row keeps (masked loads: predicated-off rows move no bytes), and writes
+   h = a * u [B, I] in the activation dtype (zeros for dropped neurons): a few KB.
+2. sparse_gemv(h, w_down): skips the W_down rows where h is zero for every batch row.
+
+For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
+activations. Batches beyond `MAX_KERNEL_BATCH` take the dense path: their union is nearly dense and
+the kernel has nothing left to skip (see docs/benchmarks.md for the crossover).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from cats_jax.sparsity import cats_activation
+from pallas_kernels.common import block_along, call, iota, load, kernels_enabled, mask_and, next_pow2, padded_batch
+from pallas_kernels.sparse_gemv import GemvBlocks, sparse_gemv
+
+f32 = jnp.float32
+
+# Decode batches up to this size use the kernels; larger ones fall back to the dense path.
+MAX_KERNEL_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GateUpBlocks:
+    rows: int  # neurons per program
+    cols: int  # hidden columns per loop step
+    num_warps: int = 4
+    num_stages: int = 3
+    dot: bool = False  # tensor-core dot on batch rows padded to 16, instead of multiply-add
+
+
+# Per padded batch size; measured on H100 with H = 4096, I = 14336 / 11008 (pallas_kernels.bench --tune).
+TABLE = {
+    1: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3),
+    2: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3, dot=True),
+    4: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3, dot=True),
+    8: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3, dot=True),
+}
+
+
+def blocks_for(batch: int, n_hidden: int, n_neurons: int) -> GateUpBlocks:
+    """The table's blocks for this batch, fitted to the shape (no block longer than its axis)."""
+    b = TABLE[min(next_pow2(batch), max(TABLE))]
+    low = 16 if b.dot else 1
+    return dataclasses.replace(
+        b, rows=max(min(b.rows, next_pow2(n_neurons)), low), cols=max(block_along(n_hidden, b.cols), low)
+    )
+
+
+def kernel_pays(batch: int) -> bool:
+    """Whether the model should route a decode step of `batch` rows through the kernels."""
+    return kernels_enabled() and batch <= MAX_KERNEL_BATCH
+
+
+def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_neurons):
+    rows, cols = blk.rows, blk.cols
+    i0 = pl.program_id(0) * rows
+    row_ok = iota(rows, i0) < n_neurons if n_neurons % rows else None
+    batch_ok = iota(bp) < batch if bp != batch else None
+
+    def matvec(w_ref, row_mask):
+        """[bp, rows] = x @ w_ref[rows of this program]^T, loading only the rows in row_mask."""
+
+        def step(k, acc):
+            c0 = pl.multiple_of(k * cols, cols)
+            col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
+            cm = None if col_ok is None else col_ok[None, :]
+            w = load(
+                w_ref.at[pl.ds(i0, rows), pl.ds(c0, cols)],
+                mask=mask_and(None if row_mask is None else row_mask[:, None], cm),
+            )
+            if blk.dot:
+                bm = None if batch_ok is None else batch_ok[:, None]
+                x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask_and(bm, cm))
+                return acc + plgpu.dot(x, w, trans_b=True)
+            # Batch 1: multiply-add into a [rows, cols] accumulator, reduced once after the loop.
+            x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=cm)
+            return acc + w.astype(f32) * x.astype(f32)
+
+        init = jnp.zeros((bp, rows) if blk.dot else (rows, cols), f32)
+        acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
+        return acc if blk.dot else jnp.sum(acc, axis=1)[None, :]
+
+    a = cats_activation(matvec(wg_ref, row_ok), t_ref[0])  # [bp, rows]; padding rows and neurons give 0
+    live = jnp.max(jnp.abs(a), axis=0) > 0  # neurons kept by some batch row (implies row_ok)
+    h = a * matvec(wu_ref, live)
+    plgpu.store(
+        h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)],
+        h.astype(h_ref.dtype),
+        mask=mask_and(None if batch_ok is None else batch_ok[:, None], None if row_ok is None else row_ok[None, :]),
+    )
+
+
+def gate_up(x, wg_t, wu_t, threshold, *, blocks: GateUpBlocks | None = None):
+    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from neuron-major weights."""
+    if x.ndim != 2 or wg_t.ndim != 2 or wg_t.shape != wu_t.shape or wg_t.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"gate_up: x {x.shape}, wg_t {wg_t.shape}, wu_t {wu_t.shape}; expected [B, H], [I, H], [I, H]"
+        )
+    batch, n_hidden = x.shape
+    blk = blocks or blocks_for(batch, n_hidden, wg_t.shape[0])
+    if batch > 1 and not blk.dot:
+        raise ValueError(f"gate_up: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
+    n_neurons = wg_t.shape[0]
+    kernel = functools.partial(
+        _gate_up_kernel, batch=batch, bp=padded_batch(batch, blk.dot), blk=blk,
+        n_hidden=n_hidden, n_neurons=n_neurons,
+    )
+    return call(
+        kernel,
+        jax.ShapeDtypeStruct((batch, n_neurons), x.dtype),
+        grid=(pl.cdiv(n_neurons, blk.rows),),
+        num_warps=blk.num_warps,
+        num_stages=blk.num_stages,
+        name="cats_gate_up",
+    )(x.astype(wg_t.dtype), wg_t, wu_t, jnp.asarray(threshold, f32).reshape(1))
+
+
+def cats_mlp(x, wg_t, wu_t, w_down, threshold, *, blocks: GateUpBlocks | None = None, down_blocks: GemvBlocks | None = None):
+    """The CATS MLP of decode rows x [B, H] with neuron-major weights: y [B, H] in x.dtype."""
+    if w_down.shape != wg_t.shape:
+        raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] like wg_t {wg_t.shape}")
+    h = gate_up(x, wg_t, wu_t, threshold, blocks=blocks)
+    return sparse_gemv(h, w_down, blocks=down_blocks)
+

@@ -1,0 +1,112 @@
+"""What the Pallas (Triton) kernels share: when they run, interpret mode, small shape helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Pallas' Triton backend warns that it is deprecated on every lowering; it is the backend we target.
+warnings.filterwarnings("ignore", message=".*Triton backend is deprecated.*")
+
+_interpret_on_cpu = False
+_poison_outputs = False
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def kernels_enabled() -> bool:
+    """Whether the model routes decode steps through the kernels: on GPU, or on the CPU inside
+    `interpret_on_cpu()` (tests). Interpret mode is far too slow for real use."""
+    return on_gpu() or _interpret_on_cpu
+
+
+@contextlib.contextmanager
+def interpret_on_cpu():
+    """Run the kernels in Pallas interpret mode on the CPU (tests). Decided at trace time, so
+    functions jitted outside this context keep what they traced."""
+    global _interpret_on_cpu
+    old, _interpret_on_cpu = _interpret_on_cpu, True
+    try:
+        yield
+    finally:
+        _interpret_on_cpu = old
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Kernels traced inside this context start from NaN-filled output buffers (tests: an element
+    a kernel fails to write stays NaN instead of inheriting a stale buffer's plausible value)."""
+    global _poison_outputs
+    old, _poison_outputs = _poison_outputs, True
+    try:
+        yield
+    finally:
+        _poison_outputs = old
+
+
+def call(kernel, out_shape: jax.ShapeDtypeStruct, grid, num_warps: int, num_stages: int, name: str):
+    """pl.pallas_call on whole-array refs (the kernels index global memory themselves), one output."""
+    params = dict(
+        grid=grid,
+        interpret=not on_gpu(),
+        name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    )
+    if not _poison_outputs:
+        return pl.pallas_call(kernel, out_shape=out_shape, **params)
+
+    def poisoned(*args):
+        nan = jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)
+        # the NaN buffer is aliased to the output; the kernel never sees its input ref
+        body = lambda *refs: kernel(*refs[:-2], refs[-1])
+        return pl.pallas_call(body, out_shape=out_shape, input_output_aliases={len(args): 0}, **params)(*args, nan)
+
+    return poisoned
+
+
+def load(ref, mask=None):
+    """Triton load; masked-off elements read as 0 and move no bytes."""
+    return plgpu.load(ref, mask=mask, other=None if mask is None else 0)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def block_along(n: int, preferred: int, smallest: int = 16) -> int:
+    """A power-of-two block for an axis of length n: `preferred`, halved down to `smallest` if that
+    divides n (no tail to mask), and never much longer than n itself."""
+    b = preferred
+    while b > smallest and n % b:
+        b //= 2
+    if n % b:
+        b = preferred
+    return max(min(b, next_pow2(n)), 1)
+
+
+def padded_batch(batch: int, use_dot: bool) -> int:
+    """Rows a kernel's tiles hold for `batch` decode rows: a power of two, and at least 16 when
+    they feed tensor-core dots (Triton's smallest M). Padding rows are masked loads of zeros."""
+    return max(next_pow2(batch), 16 if use_dot else 1)
+
+
+def mask_and(*masks):
+    """AND of the masks that are not None (None: that axis needs no mask)."""
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out & m
+    return out
+
+
+def iota(n: int, start=0):
+    return start + jnp.arange(n, dtype=jnp.int32)

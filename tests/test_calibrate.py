@@ -1,0 +1,256 @@
+"""CATS thresholds: calibration precision, the thresholds file, text sources (tiny model, local data)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cats_jax import calibrate, checkpoint, data, thresholds
+from cats_jax import model as M
+from cats_jax.config import ModelConfig
+
+TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                   num_kv_heads=2, head_dim=16, name="tiny-test")
+WORDS = ("the a cat dog sat on mat and ran far away home tree river blue red green quick slow over under "
+         "it was he she they saw".split())
+LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
+
+
+def texts(n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(20, 80))).capitalize() + "." for _ in range(n)]
+
+
+def make_tokenizer(out_dir):
+    """A small byte-level BPE tokenizer saved as HF tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(200, 0), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out_dir)
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """(checkpoint dir with tokenizer, calibration .jsonl) of a random fp32 tiny model."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_tokenizer(root / "tok")
+    m = M.init_random(TINY, seed=0, dtype=jnp.float32)
+    ckpt = checkpoint.save(root / "ckpt", TINY, checkpoint.model_params(m), root / "tok")
+    return ckpt, write_jsonl(root / "calib.jsonl", texts(150, 1))
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_ckpt):
+    """The tiny checkpoint calibrated at LEVELS on 4096 tokens (exact quantiles)."""
+    ckpt, text = tiny_ckpt
+    th = calibrate.run(ckpt, LEVELS, data.TextSource(str(text)), tokens=4096, holdout_tokens=1024, seq_len=128,
+                       batch_size=8, progress=False)
+    return ckpt, text, th
+
+
+def dense_abs_activations(model, rows):
+    """|SiLU(gate)| of every MLP over rows, all values: [layers, n] (independent of the reservoir)."""
+    model.set_mlp_impl("cats-jnp")
+    model.set_cats_thresholds(np.zeros(TINY.num_layers))
+    graphdef, state = nnx.split(model)
+    return np.concatenate([np.asarray(calibrate._abs_activations(graphdef, state, jnp.asarray(np.stack(rows[i:i + 8]))))
+                           for i in range(0, len(rows), 8)], axis=1).reshape(TINY.num_layers, -1)
+
+
+def logits(model, tokens):
+    """The model's logits, jitted (eager dispatch of every op is slow)."""
+    graphdef, state = nnx.split(model)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return jax.jit(M.forward, static_argnums=0)(graphdef, state, tokens, positions)[0]
+
+
+def calibration_rows(ckpt, text, tokens, seq_len=128):
+    tok = data.load_tokenizer(ckpt)
+    docs = data.encode(tok, data.iter_documents(data.TextSource(str(text))))
+    return list(data.pack(docs, seq_len, data.separator_id(tok), max_rows=tokens // seq_len))
+
+
+# ---- acceptance: realised sparsity within 0.5 points of target for every layer ----------------
+def test_realised_sparsity_on_calibration_data_within_half_point(calibrated):
+    ckpt, text, th = calibrated
+    assert th.calibration["exact_quantile"] and th.calibration["tokens"] == 4096
+    acts = dense_abs_activations(checkpoint.load_model(ckpt), calibration_rows(ckpt, text, 4096))
+    for level in th.levels:
+        t = np.asarray(level.thresholds[thresholds.CATS_SITE], np.float32)
+        realised = np.mean(acts <= t[:, None], axis=1)
+        np.testing.assert_allclose(realised, level.sparsity, atol=0.005)
+        np.testing.assert_allclose(level.realised[thresholds.CATS_SITE]["calibration"], realised, atol=1e-6)
+
+
+def test_sampled_reservoir_within_half_point(tiny_ckpt):
+    ckpt, text = tiny_ckpt
+    rows = calibration_rows(ckpt, text, 8192)
+    model = checkpoint.load_model(ckpt)
+    cal = calibrate.calibrate(model, rows, LEVELS, batch_size=8, reservoir=200_000, progress=False)
+    assert not cal.exact and cal.values_per_layer == 8192 * TINY.intermediate_size
+    acts = dense_abs_activations(model, rows)
+    for p, t in zip(LEVELS, cal.thresholds):
+        np.testing.assert_allclose(np.mean(acts <= t[:, None], axis=1), p, atol=0.005)
+
+
+def test_held_out_sparsity_is_measured_on_the_cats_model(calibrated):
+    ckpt, text, th = calibrated
+    for level in th.levels:
+        held = level.realised[thresholds.CATS_SITE]["held_out"]
+        assert len(held) == TINY.num_layers
+        np.testing.assert_allclose(held, level.sparsity, atol=0.05)  # other text, cascaded layers: near, not exact
+    assert th.calibration["held_out_tokens"] == 1024
+
+
+# ---- acceptance: threshold 0 is the dense model; CATS touches only the MLP activation -----------
+def test_cats_at_threshold_zero_equals_dense_exactly():
+    # fp32: in bf16 the CATS path reads the gate unrounded (fp32 accumulator) and dense does not
+    model = M.init_random(TINY, seed=1, dtype=jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 24)))
+    dense = logits(model, tokens)
+    model.set_mlp_impl("cats-jnp")
+    model.set_cats_thresholds(np.zeros(TINY.num_layers))
+    np.testing.assert_array_equal(logits(model, tokens), dense)
+
+
+def test_cats_changes_only_the_mlp_activation():
+    """With every activation zeroed, each MLP outputs 0; the rest of the model (attention, norms,
+    embeddings, head) must be bit-identical to the dense model whose down_proj is zero."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 16)))
+    cats = M.init_random(TINY, seed=2, dtype=jnp.float32)
+    cats.set_mlp_impl("cats-jnp")
+    cats.set_cats_thresholds(np.full(TINY.num_layers, np.inf))
+    no_mlp = M.init_random(TINY, seed=2, dtype=jnp.float32)
+    for layer in no_mlp.layers:
+        layer.mlp.down_proj.kernel[...] = jnp.zeros_like(layer.mlp.down_proj.kernel[...])
+    np.testing.assert_array_equal(logits(cats, tokens), logits(no_mlp, tokens))
+    dense = M.init_random(TINY, seed=2, dtype=jnp.float32)
+    assert not np.allclose(logits(cats, tokens), logits(dense, tokens))
+
+
+def test_zeroed_activations_are_exactly_those_at_or_below_threshold():
+    model = M.init_random(TINY, seed=3, dtype=jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (1, 16)))
+    dense_acts = dense_abs_activations(model, [np.asarray(tokens[0])])
+    t = np.array([0.05, 0.1, 0.2], np.float32)
+    model.set_cats_thresholds(t)
+    graphdef, state = nnx.split(model)
+    cats_acts = np.asarray(calibrate._abs_activations(graphdef, state, tokens)).reshape(TINY.num_layers, -1)
+    # layer 0 sees the same input as the dense model; later layers' inputs change with the sparsity
+    np.testing.assert_array_equal(cats_acts[0] == 0, dense_acts[0] <= t[0])
+    np.testing.assert_array_equal(cats_acts[0][cats_acts[0] != 0], dense_acts[0][dense_acts[0] > t[0]])
+    for layer in range(TINY.num_layers):
+        nonzero = cats_acts[layer][cats_acts[layer] != 0]
+        assert nonzero.size and nonzero.min() > t[layer]
+
+
+# ---- quantiles and the reservoir ------------------------------------------------------------
+def test_quantile_threshold_picks_the_nearer_side_of_ties():
+    s = np.sort(np.array([0.1] * 10 + [0.2] * 80 + [0.3] * 10, np.float32))
+    assert calibrate.quantile_threshold(s, 0.45) == (pytest.approx(0.1), 0.1)  # 10% is nearer to 45% than 90%
+    assert calibrate.quantile_threshold(s, 0.6) == (pytest.approx(0.2), 0.9)
+    v = np.sort(np.random.default_rng(0).random(1000).astype(np.float32))
+    t, frac = calibrate.quantile_threshold(v, 0.37)
+    assert frac == 0.37 and np.mean(v <= t) == 0.37
+
+
+def test_reservoir_is_exact_then_a_uniform_sample():
+    r = calibrate.Reservoir(1000, np.random.default_rng(0))
+    r.add(np.arange(600, dtype=np.float32))
+    assert r.exact and sorted(r.values) == list(range(600))
+    for start in range(600, 100_000, 7000):
+        r.add(np.arange(start, min(start + 7000, 100_000), dtype=np.float32))
+    assert not r.exact and r.seen == 100_000 and len(r.values) == 1000 and len(set(r.values)) == 1000
+    assert abs(np.mean(r.values) / 100_000 - 0.5) < 0.03  # uniform over the whole stream
+    assert abs(np.mean(r.values < 50_000) - 0.5) < 0.05
+
+
+# ---- the thresholds file --------------------------------------------------------------------
+def test_thresholds_file_roundtrip_and_autoload(calibrated):
+    ckpt, _, th = calibrated
+    loaded = thresholds.load(ckpt)
+    assert loaded.sparsities == LEVELS and loaded.method == "cats"
+    assert loaded.levels[2].thresholds == th.levels[2].thresholds
+    model = checkpoint.load_model(ckpt)
+    level = thresholds.load_into(model, ckpt, 0.5)
+    assert model.layers[0].mlp.impl == "cats-jnp"
+    np.testing.assert_array_equal([float(l.mlp.threshold[...]) for l in model.layers], level.thresholds["mlp.act"])
+    with pytest.raises(thresholds.ThresholdsError, match="no thresholds for sparsity 0.55.*0.3, 0.4, 0.5"):
+        loaded.level(0.55)
+
+
+def test_thresholds_of_another_model_are_refused(calibrated, tmp_path):
+    ckpt, _, th = calibrated
+    other_weights = M.init_random(TINY, seed=9, dtype=jnp.float32)
+    with pytest.raises(thresholds.ThresholdsError, match="another model.*embedding_sha256"):
+        thresholds.apply(other_weights, th, 0.5)
+    deeper = M.init_random(ModelConfig(**{**TINY.__dict__, "num_layers": 4}), seed=0, dtype=jnp.float32)
+    with pytest.raises(thresholds.ThresholdsError, match="num_layers: thresholds 3, model 4"):
+        thresholds.apply(deeper, th, 0.5)
+    (tmp_path / "thresholds.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(thresholds.ThresholdsError, match="not a cats-jax-thresholds"):
+        thresholds.load(tmp_path)
+    assert thresholds.load(tmp_path / "missing") is None
+
+
+def test_same_weights_in_another_dtype_match(calibrated):
+    ckpt, _, th = calibrated
+    thresholds.apply(checkpoint.load_model(ckpt, jnp.bfloat16), th, 0.3)
+
+
+# ---- text sources ---------------------------------------------------------------------------
+def test_local_text_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("First paragraph.\n\nSecond paragraph.\n")
+    assert list(data.iter_documents(data.TextSource(str(tmp_path / "a.txt")))) == ["First paragraph.\n\nSecond paragraph.\n"]
+    write_jsonl(tmp_path / "b.jsonl", ["one", "", "two"])
+    assert list(data.iter_documents(data.TextSource(str(tmp_path / "b.jsonl")))) == ["one", "two"]
+    with pytest.raises(data.DataError, match=r"b.jsonl:1: no text field 'content'"):
+        list(data.iter_documents(data.TextSource(str(tmp_path / "b.jsonl"), field="content")))
+    with pytest.raises(data.DataError, match="no such file"):
+        list(data.iter_documents(data.TextSource(str(tmp_path / "missing.jsonl"))))
+
+
+def test_pack_rows_and_cut_at_a_document_boundary():
+    docs = iter([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]])
+    rows = list(data.pack(docs, 4, sep_id=0, max_rows=2))
+    assert [r.tolist() for r in rows] == [[1, 2, 3, 0], [4, 5, 0, 6]]
+    assert next(docs) == [10, 11]  # the rest of document [6..9] is dropped; the next starts fresh
+
+
+def test_offline_hub_is_a_clear_error(monkeypatch, tiny_ckpt, capsys):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(data.DataError, match="falcon-refinedweb.*--data-file"):
+        next(data.iter_documents(data.TextSource(data.REFINEDWEB)))
+    with pytest.raises(SystemExit, match="error: cannot stream dataset 'tiiuae/falcon-refinedweb'"):
+        calibrate.main(["--ckpt", str(tiny_ckpt[0]), "--sparsity", "0.5"])
+
+
+def test_cli_calibrates_several_levels_in_one_pass(tiny_ckpt, tmp_path, capsys):
+    src, text = tiny_ckpt
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(ckpt, TINY, checkpoint.model_params(checkpoint.load_model(src)), src)
+    calibrate.main(["--ckpt", str(ckpt), "--data-file", str(text), "--sparsity", "0.6,0.2", "--tokens", "1024",
+                    "--holdout-tokens", "256", "--seq-len", "64", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "calibrated on 1024 tokens (exact quantiles), held apart 256 tokens" in out
+    assert thresholds.load(ckpt).sparsities == [0.2, 0.6]
+    with pytest.raises(SystemExit):
+        calibrate.main(["--ckpt", str(ckpt), "--sparsity", "1.5"])
