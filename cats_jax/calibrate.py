@@ -120,9 +120,11 @@ class Calibration:
 
 
 def calibrate(model: Transformer, rows: Iterable[np.ndarray], sparsities: list[float], *, batch_size: int = 2,
-              reservoir: int = 1_000_000, seed: int = 0, progress: bool = True) -> Calibration:
-    """Thresholds at each sparsity from the activations of the model over rows (int32 [seq_len] each).
-    The model is left dense-equivalent (impl cats-jnp, thresholds 0)."""
+              reservoir: int = 1_000_000, seed: int = 0, progress: bool = True,
+              total_tokens: int | None = None) -> Calibration:
+    """Thresholds at each sparsity from the activations of the model over rows (int32 [seq_len] each;
+    total_tokens, if known, sizes the progress bar). The model is left dense-equivalent (impl
+    cats-jnp, thresholds 0)."""
     for p in sparsities:
         if not 0 < p < 1:
             raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
@@ -132,11 +134,14 @@ def calibrate(model: Transformer, rows: Iterable[np.ndarray], sparsities: list[f
     rng = np.random.default_rng(seed)
     samples = [Reservoir(reservoir, rng) for _ in range(model.cfg.num_layers)]
     tokens = 0
-    for batch in tqdm(_batches(rows, batch_size), desc="calibrating", unit="batch", disable=not progress):
+    bar = tqdm(total=total_tokens, desc="calibrating", unit="tok", unit_scale=True, disable=not progress)
+    for batch in _batches(rows, batch_size):
         acts = np.asarray(_abs_activations(graphdef, state, jnp.asarray(batch)))
         for sample, a in zip(samples, acts):
             sample.add(a)
         tokens += batch.size
+        bar.update(batch.size)
+    bar.close()
     if tokens == 0:
         raise data.DataError("the calibration data produced no rows of tokens")
     th = np.zeros((len(sparsities), len(samples)), np.float32)
@@ -175,7 +180,7 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
     sep = data.separator_id(tokenizer)
     calib_rows = data.pack(docs, seq_len, sep, max_rows=math.ceil(tokens / seq_len))
     cal = calibrate(model, calib_rows, sparsities, batch_size=batch_size, reservoir=reservoir, seed=seed,
-                    progress=progress)
+                    progress=progress, total_tokens=math.ceil(tokens / seq_len) * seq_len)
     held_rows = list(data.pack(docs, seq_len, sep, max_rows=math.ceil(holdout_tokens / seq_len)))
     if not held_rows:
         raise data.DataError(f"{source.name}: no text left after the {cal.tokens} calibration tokens to hold apart; "
@@ -236,8 +241,10 @@ def parse_sparsities(text: str) -> list[float]:
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m cats_jax.calibrate",
-        description="Calibrate per-layer CATS thresholds of a checkpoint and store them in DIR/thresholds.json.",
+        description="Calibrate sparsity thresholds of a checkpoint and store them in DIR/thresholds.json: CATS (one "
+                    "per layer) or TEAL (one per layer and linear input; see cats_jax.teal).",
     )
+    ap.add_argument("--method", choices=("cats", "teal"), default="cats", help="sparsity method (default cats)")
     ap.add_argument("--ckpt", required=True, help="converted checkpoint directory")
     ap.add_argument("--sparsity", type=parse_sparsities, default=[0.5],
                     help="target sparsities, comma-separated fractions (default 0.5), e.g. 0.3,0.4,0.5,0.6,0.7")
@@ -247,25 +254,42 @@ def main(argv=None):
     src.add_argument("--split", default="train", help="dataset split (default train)")
     src.add_argument("--config", default=None, help="dataset configuration name")
     src.add_argument("--field", default=None, help="text field of .jsonl / dataset records (default: content for RefinedWeb, else text)")
-    ap.add_argument("--tokens", type=int, default=102_400, help="calibration tokens (default 102400 = 100 x 1024, as CATS)")
+    ap.add_argument("--tokens", type=int, help="calibration tokens (default: 102400 = 100 x 1024 for CATS, as CATS; "
+                                               "20480 for TEAL, as TEAL)")
     ap.add_argument("--holdout-tokens", type=int, default=16_384, help="held-apart tokens to measure realised sparsity on")
     ap.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default 1024)")
     ap.add_argument("--batch-size", type=int, default=2, help="rows per forward pass (default 2)")
     ap.add_argument("--reservoir", type=int, default=1_000_000, help="sampled |a| values kept per layer (default 10^6)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the reservoir sample")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
+    tg = ap.add_argument_group("TEAL")
+    tg.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
+                    help="per-site sparsities: TEAL's block-wise greedy search (default) or every site at the target")
+    tg.add_argument("--greedy-tokens", type=int, default=2048,
+                    help="calibration tokens (the first rows) the greedy search runs the layers on (default 2048)")
+    tg.add_argument("--greedy-step", type=float, default=0.05,
+                    help="greedy base step: a site of weight w rises by step / w (default 0.05, as TEAL)")
+    tg.add_argument("--last-fraction", type=float, default=0.25,
+                    help="greedy: fraction of each row (its end) on which layer output errors are measured (default 0.25)")
     args = ap.parse_args(argv)
     source = data.TextSource(args.data_file or args.data, args.split, args.field, args.config)
+    common = dict(holdout_tokens=args.holdout_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                  reservoir=args.reservoir, seed=args.seed, dtype=args.dtype)
     try:
-        result = run(args.ckpt, args.sparsity, source, tokens=args.tokens, holdout_tokens=args.holdout_tokens,
-                     seq_len=args.seq_len, batch_size=args.batch_size, reservoir=args.reservoir, seed=args.seed,
-                     dtype=args.dtype)
+        if args.method == "teal":
+            from cats_jax import teal  # imports this module
+
+            result = teal.run(args.ckpt, args.sparsity, source, allocation=args.allocation, tokens=args.tokens or 20_480,
+                              greedy_tokens=args.greedy_tokens, base_step=args.greedy_step,
+                              last_fraction=args.last_fraction, **common)
+        else:
+            result = run(args.ckpt, args.sparsity, source, tokens=args.tokens or 102_400, **common)
     except (data.DataError, thresholds.ThresholdsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     cal = result.calibration
     exact = "exact" if cal["exact_quantile"] else f"sampled, std {cal['quantile_std_points']} points"
     print(f"calibrated on {cal['tokens']} tokens ({exact} quantiles), held apart {cal['held_out_tokens']} tokens")
-    print(summary(result))
+    print(teal.summary(result) if args.method == "teal" else summary(result))
     print(f"wrote {args.ckpt}/{thresholds.FILENAME}")
 
 

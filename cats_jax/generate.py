@@ -359,20 +359,24 @@ def main(argv=None) -> None:
     ap.add_argument("--stream-every", type=int, default=16, help="decode steps per jitted call between prints")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
     args = ap.parse_args(argv)
-
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except ValueError as e:
+        ap.error(str(e))
     # orbax and transformers: needed by the CLI only, not by the library functions above
     from cats_jax import checkpoint, data, thresholds
 
-    model = checkpoint.load_model(args.ckpt, dtype=checkpoint.DTYPES[args.dtype])
-    if args.sparsity is not None:
-        thresholds.load_into(model, args.ckpt, args.sparsity, args.mlp)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    stream = functools.partial(print, end="", flush=True)
-    texts, gen = generate_text(
-        model, data.load_tokenizer(args.ckpt), args.prompt, args.max_new_tokens, sampling, chat=args.chat,
-        system=args.system, stop=args.stop, seed=args.seed, stream=stream, stream_every=args.stream_every,
-        prefill_chunk=args.prefill_chunk,
-    )
+    try:
+        model = checkpoint.load_model(args.ckpt, dtype=checkpoint.DTYPES[args.dtype])
+        if args.sparsity is not None:
+            thresholds.load_into(model, args.ckpt, args.sparsity, args.mlp)
+        texts, gen = generate_text(
+            model, data.load_tokenizer(args.ckpt), args.prompt, args.max_new_tokens, sampling, chat=args.chat,
+            system=args.system, stop=args.stop, seed=args.seed, stream=functools.partial(print, end="", flush=True),
+            stream_every=args.stream_every, prefill_chunk=args.prefill_chunk,
+        )
+    except (ValueError, FileNotFoundError) as e:  # bad checkpoint, thresholds, prompt or settings
+        sys.exit(f"error: {e}")
     print()
     for i, text in enumerate(texts[1:], 1):
         print(f"--- prompt {i + 1}\n{text}")
@@ -381,7 +385,6 @@ def main(argv=None) -> None:
         f"decode {gen.decode_tokens_per_s:.1f} tokens/s ({gen.decode_steps} steps, batch {len(texts)})")
     if gen.mlp_sparsity is not None:
         err(f"measured MLP sparsity (decode): {gen.mlp_sparsity:.3f}")
-
 
 if __name__ == "__main__":
     main()

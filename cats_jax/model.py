@@ -147,14 +147,18 @@ class Attention(nnx.Module):
         self.sparse_inputs: tuple[str, ...] = ()
         self.input_threshold = _input_thresholds(("q_proj", "k_proj", "v_proj", "o_proj"))
 
+    def keys_values(self, x, positions):
+        """Keys (RoPE applied) and values [B, T, K, D] of the (normed) input x."""
+        b, t, _ = x.shape
+        k, d = self.num_kv_heads, self.head_dim
+        key = apply_rope(self.k_proj(_sparse_input(self, "k_proj", x)).reshape(b, t, k, d), positions, rope_inv_freq(self.cfg))
+        return key, self.v_proj(_sparse_input(self, "v_proj", x)).reshape(b, t, k, d)
+
     def __call__(self, x, positions, kv=None):
         b, t, _ = x.shape
         n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
-        inv_freq = rope_inv_freq(self.cfg)
-        xq, xk, xv = (_sparse_input(self, p, x) for p in ("q_proj", "k_proj", "v_proj"))
-        q = apply_rope(self.q_proj(xq).reshape(b, t, n, d), positions, inv_freq)
-        key = apply_rope(self.k_proj(xk).reshape(b, t, k, d), positions, inv_freq)
-        val = self.v_proj(xv).reshape(b, t, k, d)
+        q = apply_rope(self.q_proj(_sparse_input(self, "q_proj", x)).reshape(b, t, n, d), positions, rope_inv_freq(self.cfg))
+        key, val = self.keys_values(x, positions)
         if kv is None:  # no cache: attend among this call's tokens
             keys, vals, key_pos = key, val, positions
         else:  # write this call's keys at their slots, then attend over the whole cache
@@ -214,7 +218,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         b, t, _ = x.shape
-        if self.impl == "cats-pallas" and t == 1 and cats_mlp.kernel_pays(b):
+        # the kernel applies the CATS rule only: TEAL input thresholds on this MLP take the jnp path
+        if self.impl == "cats-pallas" and t == 1 and not self.sparse_inputs and cats_mlp.kernel_pays(b):
             return self._decode_kernel(x)
         xg, xu = _sparse_input(self, "gate_proj", x), _sparse_input(self, "up_proj", x)
         if self.impl == "dense":
@@ -300,8 +305,8 @@ class Transformer(nnx.Module):
         self.set_mlp_impl(f"cats-{impl}" if sparsity.CATS_SITE in sites else "dense")
         for layer in self.layers:
             for name in ("attn", "mlp"):
-                module = getattr(layer, name)
-                module.sparse_inputs = tuple(p for p in module.input_threshold if f"{name}.{p}" in sites)
+                teal = (s for s in sites if s in sparsity.TEAL_SITES and s.startswith(name + "."))
+                getattr(layer, name).sparse_inputs = tuple(s.split(".")[1] for s in teal)
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -6,10 +6,12 @@ sparsity, allocated uniformly or by TEAL's block-wise greedy search.
 1. Quantiles. The dense model runs over calibration text with every site active at threshold 0
    (exactly dense; each site then sows what it tests, see model._sparse_input). A reservoir per
    layer and distinct input (k_proj and v_proj read q_proj's input, up_proj reads gate_proj's),
-   and one for CATS's |SiLU(x W_gate)|, keeps the |values|; a site at sparsity s gets the exact
-   s-quantile of its sample (calibrate.quantile_threshold), exact over all the data while they fit
-   the reservoir (calibrate.Reservoir). No symmetry is assumed: these are quantiles of |x| itself
-   (TEAL's 10k-bin histograms of x assumed a distribution symmetric about zero).
+   and one for CATS's |SiLU(x W_gate)|, keeps a uniform sample of the |values| (all of them while
+   they fit, calibrate.Reservoir); the greedy search reads its quantiles. The stored thresholds
+   are exact quantiles over all the calibration values: where the sample is not all of them, a
+   second pass reads each one inside the bracket the sample gives it (exact_thresholds). No
+   symmetry is assumed: these are quantiles of |x| itself (TEAL's 10k-bin histograms of x
+   assumed a distribution symmetric about zero).
 2. Allocation: per layer, the per-site sparsities ("levels") at which the layer's effective
    sparsity (sparsity.weighted_mean: each site counts as the weight rows it lets skip) is the
    target. uniform: every site at the target. greedy (TEAL's): from 0 everywhere, try raising
@@ -103,6 +105,55 @@ def sample_inputs(model: Transformer, rows, *, batch_size: int = 2, reservoir: i
                   {s: rs[0].seen for s, rs in samples.items()}, all(r.exact for rs in samples.values() for r in rs))
 
 
+def exact_thresholds(model: Transformer, rows, sample: Sample, wanted, *, batch_size: int = 2,
+                     progress: bool = True) -> dict:
+    """{(site, layer, level): (t, realised)}: exact quantiles over every value of rows, not only
+    the sample's. The sample brackets each quantile (6 standard deviations of its rank either
+    side); a second pass over the rows counts the values under the bracket and keeps those in it,
+    where the quantile is read (with calibrate.quantile_threshold's choice between tied values)."""
+    keys = sorted({(SAME_INPUT.get(site, site), layer, float(level)) for site, layer, level in wanted})
+    bounds = {}
+    for site, layer, level in keys:
+        s = sample.sorted[site][layer]
+        rank, spread = level * len(s), 6 * math.sqrt(level * (1 - level) * len(s)) + 2
+        lo = s[int(rank - spread)] if rank - spread >= 0 and level > 0 else 0.0  # |x| >= 0: 0 takes all
+        hi = s[int(rank + spread)] if rank + spread < len(s) and level > 0 else (np.inf if level > 0 else 0.0)
+        bounds[site, layer, level] = lo, hi
+    below = dict.fromkeys(keys, 0)
+    inside = {k: [] for k in keys}
+    set_dense_sites(model)
+    graphdef, state = nnx.split(model)
+    for batch in tqdm(_batches(rows, batch_size), desc="exact quantiles", unit="batch", disable=not progress):
+        values = {s: np.asarray(v) for s, v in _abs_inputs(graphdef, state, jnp.asarray(batch)).items()}
+        for key, (lo, hi) in bounds.items():
+            v = values[key[0]][key[1]]
+            below[key] += int(np.count_nonzero(v < lo))
+            inside[key].append(v[(v >= lo) & (v <= hi)])
+    out = {}
+    for key in keys:
+        w, n = np.sort(np.concatenate(inside[key])), sample.values_per_layer[key[0]]
+        out[key] = _bracketed_quantile(w, below[key], n, key[2], key)
+    return {(site, layer, float(level)): out[SAME_INPUT.get(site, site), layer, float(level)]
+            for site, layer, level in wanted}
+
+
+def _bracketed_quantile(w: np.ndarray, below: int, n: int, p: float, where) -> tuple[float, float]:
+    """calibrate.quantile_threshold of n sorted values of which `below` lie under the window w."""
+    k = int(round(p * n))
+    if k == 0:
+        return 0.0, (below + int(np.searchsorted(w, 0.0, "right"))) / n
+    i = k - 1 - below
+    if not 0 <= i < len(w):
+        raise RuntimeError(f"{where}: the sample's bracket missed the exact quantile; use a larger --reservoir")
+    t = w[i]
+    first, last = np.searchsorted(w, t, "left"), np.searchsorted(w, t, "right")  # t's tie group in w
+    if below + first > 0 and k - (below + first) < (below + last) - k:  # the previous value is nearer to p
+        if first == 0:
+            raise RuntimeError(f"{where}: a tie group fills the sample's bracket; use a larger --reservoir")
+        t, last = w[first - 1], first
+    return float(t), (below + last) / n
+
+
 # ---- 2. allocation -------------------------------------------------------------------------------
 def effective(levels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Effective sparsity of per-site levels [..., sites] (sparsity.weighted_mean, as arrays)."""
@@ -140,24 +191,33 @@ def levels_at(path: np.ndarray, weights: np.ndarray, target: float) -> np.ndarra
     return path[k - 1] + frac * (path[k] - path[k - 1])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block_out(graphdef, state, x):
+def _tail(block, x, start: int):
+    """The block's output for tokens start.. of each row [R, T - start, H]. Those tokens attend over
+    the keys and values of every token (handed in as a KV cache); nothing else of the earlier
+    tokens reaches them, so only their queries, o_proj and MLP are computed."""
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return nnx.merge(graphdef, state)(x, positions)[0]
+    kv = block.attn.keys_values(block.input_norm(x), positions)
+    return block(x[:, start:], positions[:, start:], kv)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _dense_block(graphdef, state, x, start):
+    """(the whole output, the output of tokens start..) of a block at thresholds 0: dense."""
+    block = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    return block(x, positions)[0], _tail(block, x, start)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _block_errors(graphdef, state, x, y_dense, th, start):
+def _block_errors(graphdef, state, x, y_tail, th, start):
     """th [C, sites]: TEAL_SITES' thresholds of C candidates. Per candidate, the L2 norm of the
-    block's output minus y_dense over tokens start.. of every row [C]."""
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    block's output minus the dense y_tail over tokens start.. of every row [C]."""
 
     def error(state, t):  # state passed in (unbatched) so that the merged block is of vmap's trace
         block = nnx.merge(graphdef, state)
         for i, site in enumerate(TEAL_SITES):
             site_threshold(block, site)[...] = t[i]
-        y = block(x, positions)[0]
-        return jnp.sqrt(jnp.sum(jnp.square((y[:, start:] - y_dense[:, start:]).astype(f32))))
+        return jnp.sqrt(jnp.sum(jnp.square((_tail(block, x, start) - y_tail).astype(f32))))
 
     return jax.vmap(error, in_axes=(None, 0))(state, th)
 
@@ -188,12 +248,12 @@ def greedy(model: Transformer, sample: Sample, rows: np.ndarray, targets: list[f
     steps = 0
     for layer in tqdm(range(num_layers), desc="greedy allocation", unit="layer", disable=not progress):
         graphdef, state = nnx.split(model.layers[layer])
-        y = _block_out(graphdef, state, x)  # thresholds 0: the dense output
-        scale = float(jnp.sqrt(jnp.sum(jnp.square(y[:, start:].astype(f32)))))
+        y, y_tail = _dense_block(graphdef, state, x, start)
+        scale = float(jnp.sqrt(jnp.sum(jnp.square(y_tail.astype(f32)))))
 
         def evaluate(cand):
             th = [[sample.threshold(s, layer, lv)[0] for s, lv in zip(TEAL_SITES, row)] for row in cand]
-            return np.asarray(_block_errors(graphdef, state, x, y, jnp.asarray(th, f32), start)) / scale
+            return np.asarray(_block_errors(graphdef, state, x, y_tail, jnp.asarray(th, f32), start)) / scale
 
         path, _ = greedy_path(evaluate, weights, base_step, float(targets.max()))
         levels[:, layer] = [levels_at(path, weights, p) for p in targets]
@@ -267,12 +327,20 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocatio
         site_levels = np.broadcast_to(np.asarray(sparsities)[:, None, None],
                                       (len(sparsities), cfg.num_layers, len(TEAL_SITES)))
 
+    def site_level(i, j, site):  # [layers]: level i's sparsity of a site in each layer (CATS: uniform)
+        return site_levels[i, :, j] if site != CATS_SITE else np.full(cfg.num_layers, sparsities[i])
+
+    wanted = [(site, layer, float(site_level(i, j, site)[layer])) for i in range(len(sparsities))
+              for j, site in enumerate(TEAL_SITES + (CATS_SITE,)) for layer in range(cfg.num_layers)]
+    quantile = ({key: sample.threshold(*key) for key in wanted} if sample.exact else
+                exact_thresholds(model, calib_rows, sample, wanted, batch_size=batch_size, progress=progress))
+
     levels = []
     for i, p in enumerate(sparsities):
         th, realised, site_sparsity = {}, {}, {}
         for j, site in enumerate(TEAL_SITES + (CATS_SITE,)):
-            lv = site_levels[i, :, j] if site != CATS_SITE else np.full(cfg.num_layers, p)
-            got = [sample.threshold(site, layer, lv[layer]) for layer in range(cfg.num_layers)]
+            lv = site_level(i, j, site)
+            got = [quantile[site, layer, float(lv[layer])] for layer in range(cfg.num_layers)]
             th[site] = [t for t, _ in got]
             realised[site] = {"calibration": _rounded([r for _, r in got])}
             if site != CATS_SITE:
@@ -298,10 +366,10 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocatio
         "allocation": allocation,
         "activation": "|input| of each linear layer, and |SiLU(x W_gate)| for mlp.act; fp32, dense model",
         "values_per_layer": sample.values_per_layer,
+        "exact_quantile": True,  # over all values_per_layer (a second pass where the sample is not all)
         "sample_per_layer": {s: len(a[0]) for s, a in sample.sorted.items()},
-        "exact_quantile": sample.exact,
-        # std of the realised fraction on the whole calibration data around the target, in points
-        "quantile_std_points": 0.0 if sample.exact else round(100 * worst / math.sqrt(smallest), 4),
+        # the greedy search reads the sample's quantiles: their realised fraction's std, in points
+        "sample_quantile_std_points": 0.0 if sample.exact else round(100 * worst / math.sqrt(smallest), 4),
         "seed": seed,
         "greedy": meta_greedy,
     }

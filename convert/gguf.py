@@ -67,8 +67,15 @@ def save_tokenizer(meta: dict, out_dir: Path) -> None:
     """HF tokenizer files (tokenizer.json, tokenizer_config.json with the chat template, ...) built
     as transformers builds them from a GGUF. transformers' own gguf_file= loader imports torch,
     so we feed its builders the metadata read by the gguf package instead."""
-    from transformers import TokenizersBackend
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    try:  # internal to transformers, so it may move: say so instead of a bare ImportError
+        from transformers import TokenizersBackend
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError as e:
+        raise RuntimeError(f"building a tokenizer from GGUF metadata needs transformers' GGUF tokenizer builders "
+                           f"(written against transformers 5.23): {e}") from e
 
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError("GGUF file has no tokenizer (metadata tokenizer.ggml.tokens is missing)")
@@ -99,15 +106,15 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16", for
     meta = read_metadata(reader)
     names = [t.name for t in reader.tensors]
     cfg = ModelConfig.from_gguf(meta, tied="output.weight" not in names)
-    params: dict = {}
-    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):
-        target = target_path(t.name)
-        w = dequantize(t.data, t.tensor_type)
-        if target[-2] == "q_proj":
-            w = unpermute_rows(w, cfg.num_heads)
-        elif target[-2] == "k_proj":
-            w = unpermute_rows(w, cfg.num_kv_heads)
-        put(params, target, w, dt, transpose=target[-1] == "kernel")
     with tempfile.TemporaryDirectory() as tok_dir:
-        save_tokenizer(meta, Path(tok_dir))
+        save_tokenizer(meta, Path(tok_dir))  # first: it is quick, and a vocabulary we cannot build fails early
+        params: dict = {}
+        for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):
+            target = target_path(t.name)
+            w = dequantize(t.data, t.tensor_type)
+            if target[-2] == "q_proj":
+                w = unpermute_rows(w, cfg.num_heads)
+            elif target[-2] == "k_proj":
+                w = unpermute_rows(w, cfg.num_kv_heads)
+            put(params, target, w, dt, transpose=target[-1] == "kernel")
         return checkpoint.save(out, cfg, params, tokenizer_dir=tok_dir, force=force)

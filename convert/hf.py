@@ -33,8 +33,9 @@ IN_LAYER = {
 }
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
-# What snapshot_download fetches of a hub repo: no .bin / .pth / .gguf duplicates of the weights.
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *checkpoint.TOKENIZER_FILES]
+# What snapshot_download fetches of a hub repo: not the .bin / .pth / .gguf / consolidated.safetensors
+# (Mistral's own format) copies of the weights that many repos also hold.
+HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", *checkpoint.TOKENIZER_FILES]
 
 
 def target_path(name: str, cfg: ModelConfig) -> tuple[str, ...] | None:

@@ -1,4 +1,4 @@
-"""python -m eval: zero-shot accuracy, perplexity and measured sparsity, dense vs CATS levels."""
+"""python -m eval: zero-shot accuracy, perplexity and measured sparsity, dense vs calibrated levels (CATS or TEAL)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cats_jax import checkpoint, data, thresholds
+from cats_jax.sparsity import MODES
 from eval import harness, tasks as task_lib
 
 WIKITEXT = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", "page")  # lm-eval's wikitext
@@ -44,12 +45,15 @@ def _task_files(tasks: str, data_files: list[str]) -> dict[str, str | None]:
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m eval",
-        description="Evaluate a checkpoint dense and at its calibrated CATS sparsities: zero-shot multiple choice "
+        description="Evaluate a checkpoint dense and at its calibrated sparsities (CATS or TEAL): zero-shot multiple choice "
                     "(lm-eval-harness formats, acc / acc_norm), rolling-window perplexity, measured activation sparsity.",
     )
-    ap.add_argument("--ckpt", required=True, help="converted checkpoint directory (with thresholds.json for CATS rows)")
+    ap.add_argument("--ckpt", required=True, help="converted checkpoint directory (with thresholds.json for sparse rows)")
     ap.add_argument("--sparsity", help="settings, comma-separated: 'dense' and/or calibrated fractions "
                                        "(default: dense + every level in thresholds.json)")
+    ap.add_argument("--mode", choices=[m for m in MODES if m != "dense"],
+                    help="which sites the calibrated levels threshold (default: the thresholds' method; TEAL "
+                         "thresholds also serve cats, and with uniform allocation cats+teal-attn)")
     ap.add_argument("--tasks", default="all", help=f"comma-separated tasks, 'all' or 'none' (known: {', '.join(task_lib.TASKS)})")
     ap.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
                     help="a task's local data: its original release file (e.g. piqa=valid.jsonl) or a "
@@ -80,7 +84,8 @@ def main(argv=None):
         result = harness.evaluate(
             args.ckpt, settings=_settings(args.sparsity, args.ckpt), task_files=_task_files(args.tasks, args.data_file),
             limit=args.limit, ppl_source=ppl_source, ppl_tokens=args.ppl_tokens, context_length=args.context_length,
-            stride=args.stride, batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress)
+            stride=args.stride, batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress,
+            mode=args.mode)
     except (data.DataError, task_lib.TaskDataError, thresholds.ThresholdsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out)

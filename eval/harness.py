@@ -1,5 +1,7 @@
-"""Quality of a checkpoint, dense and at each calibrated CATS sparsity: multiple-choice accuracy,
-perplexity and the measured activation sparsity per layer, as one JSON record and one table.
+"""Quality of a checkpoint, dense and at each calibrated sparsity of one mode (cats, teal,
+cats+teal-attn): multiple-choice accuracy, perplexity and the measured sparsity per layer (in mode
+cats the MLP activation sparsity; else the effective sparsity of the thresholded sites,
+sparsity.weighted_mean), as one JSON record and one table.
 
 Deterministic: data in file order, the first --limit examples, no sampling anywhere.
 """
@@ -73,8 +75,9 @@ def versions() -> dict:
 def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], limit: int | None = None,
              ppl_source: data.TextSource | None = None, ppl_tokens: int | None = None, context_length: int = 1024,
              stride: int | None = None, batch_tokens: int = 4096, dtype: str | None = "float32",
-             progress: bool = True) -> dict:
-    """settings: "dense" and/or target sparsities calibrated in DIR/thresholds.json.
+             progress: bool = True, mode: str | None = None) -> dict:
+    """settings: "dense" and/or target sparsities calibrated in DIR/thresholds.json, applied in
+    `mode` (sparsity.MODES; default: the file's method).
     task_files: task name -> release-format file / save_to_disk dir, or None for the hub."""
     model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
     tokenizer = data.load_tokenizer(ckpt_dir)
@@ -83,32 +86,33 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
         if th is None:
             raise thresholds.ThresholdsError(f"{ckpt_dir}: no {thresholds.FILENAME}; calibrate first (python -m cats_jax.calibrate)")
         th.check_model(model)
+        mode = mode or th.method
         for s in settings:
             if s != DENSE:
-                th.level(s)  # fail now, not after the dense run
+                thresholds.apply(model, th, s, mode=mode)  # fail now, not after the dense run
     stride = stride or context_length
 
     # Data once, for every setting.
     task_data = {}
     for name, path in task_files.items():
         examples, source = task_lib.load_examples(name, path, limit)
-        reqs = [r for ex in examples for r in ex.requests]
-        task_data[name] = (examples, scoring.loglikelihood_rows(tokenizer, reqs, context_length), source)
+        groups = [g for ex in examples for g in scoring.request_groups(tokenizer, ex.requests, context_length)]
+        task_data[name] = (examples, groups, source)
     ppl_docs = ppl_documents(ppl_source, tokenizer, ppl_tokens) if ppl_source else None
 
     scorer = scoring.Scorer(model, batch_tokens, progress)
     rows = []
     for setting in settings:
         if setting == DENSE:
-            model.set_mlp_impl("dense")
+            model.set_mode(DENSE)
         else:
-            thresholds.apply(model, th, setting)
+            thresholds.apply(model, th, setting, mode=mode)
         scorer.reset_stats()
-        row = {"setting": DENSE if setting == DENSE else f"cats-{setting:g}",
+        row = {"setting": DENSE if setting == DENSE else f"{mode}-{setting:g}",
                "target_sparsity": 0.0 if setting == DENSE else setting, "tasks": {}}
-        for name, (examples, task_rows, _) in task_data.items():
+        for name, (examples, groups, _) in task_data.items():
             t0 = time.perf_counter()
-            ll, _ = scorer.score(task_rows, desc=f"{row['setting']} {name}")
+            ll = np.concatenate([g_ll for g_ll, _ in scorer.score(groups, desc=f"{row['setting']} {name}")])
             seconds = time.perf_counter() - t0
             res = mc_metrics(examples, ll, task_lib.TASKS[name].metrics)
             res.update(seconds=round(seconds, 2), examples_per_s=round(len(examples) / seconds, 2))
@@ -119,7 +123,8 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
             row["perplexity"]["seconds"] = round(time.perf_counter() - t0, 2)
         sp = scorer.layer_sparsity
         row["sparsity"] = {"mean": float(sp.mean()), "min": float(sp.min()), "max": float(sp.max()),
-                           "per_layer": [round(float(v), 6) for v in sp], "tokens": scorer.tokens}
+                           "per_layer": [round(float(v), 6) for v in sp], "tokens": scorer.tokens,
+                           "per_site": {site: round(float(np.mean(v)), 6) for site, v in scorer.site_sparsity.items()}}
         rows.append(row)
         if progress:
             print(markdown([row]).splitlines()[-1] if len(rows) > 1 else markdown([row]), flush=True)
@@ -127,7 +132,7 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
     return {
         "model": {"ckpt": str(Path(ckpt_dir).absolute()), **thresholds.model_identity(model)},
         "thresholds": None if th is None else {"file": str(Path(ckpt_dir, thresholds.FILENAME).absolute()),
-                                               "calibration": th.calibration},
+                                               "method": th.method, "mode": mode, "calibration": th.calibration},
         "data": {name: source for name, (_, _, source) in task_data.items()}
                 | ({"perplexity": ppl_source.describe()} if ppl_source else {}),
         "limit": limit,
@@ -173,13 +178,13 @@ def plot(rows: list[dict], path: str | Path) -> None:
     for t in rows[0]["tasks"]:
         m = "acc_norm" if "acc_norm" in task_lib.TASKS[t].metrics else "acc"
         ax.plot(x, [100 * r["tasks"][t][m] for r in rows], marker="o", label=f"{t} ({m})")
-    ax.set(xlabel="CATS target sparsity (%)", ylabel="accuracy (%)", title="zero-shot accuracy")
+    ax.set(xlabel="target sparsity (%)", ylabel="accuracy (%)", title="zero-shot accuracy")
     if rows[0]["tasks"]:
         ax.legend(fontsize=8)
     if has_ppl:
         ax = axes[0, 1]
         ax.plot(x, [r["perplexity"]["perplexity"] for r in rows], marker="o", color="black")
-        ax.set(xlabel="CATS target sparsity (%)", ylabel="token perplexity", title="perplexity")
+        ax.set(xlabel="target sparsity (%)", ylabel="token perplexity", title="perplexity")
     for a in axes[0]:
         a.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,13 +1,16 @@
-"""Batched log-likelihood scoring of token sequences, and rolling-window perplexity.
+"""Batched log-likelihood scoring, and rolling-window perplexity.
 
-A scoring row is a token sequence `ids` and a count n: the model reads ids[:-1] and we sum the
-log-probabilities of the last n tokens of ids (and check whether each was the greedy choice).
-Rows are sorted by length, grouped into batches of about `batch_tokens` tokens, right-padded to a
-few bucketed shapes (so XLA compiles a handful of programs, not one per length), and only the
-scored positions go through the LM head.
+The unit of work is a group: one context (token ids, at least one) and K continuations. The log-
+likelihood of a continuation is the sum of the log-probabilities of its tokens, each given the
+context and the continuation's earlier tokens (and "greedy" says whether each was the argmax).
+The model reads the context once, into a KV cache, and then every continuation from a copy of
+that cache: a multiple-choice question costs one context plus its K answers, not K contexts.
 
-The MLPs' measured sparsity (the fraction of zeroed activations per layer, over every real token
-read) accumulates in `Scorer.stats` while scoring.
+Groups are sorted by size, batched to about `batch_tokens` tokens and right-padded to power-of-two
+shapes, so XLA compiles a handful of programs rather than one per length.
+
+The measured sparsity of every thresholded site (the fraction of zeroed values per layer, over
+every token the model reads) accumulates in `Scorer.site_sparsity`.
 """
 
 from __future__ import annotations
@@ -21,35 +24,50 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from cats_jax import sparsity
+from cats_jax.model import init_cache, sown_by_site
+
+Group = tuple[list[int], list[list[int]]]  # (context ids, [continuation ids, ...])
+
 
 def _bucket(n: int, minimum: int) -> int:
     """n rounded up to a power of two (at least `minimum`)."""
     return max(minimum, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _score(graphdef, width, state, inputs, targets, lengths, first):
-    """inputs, targets [B, L] (right-padded to L); row b reads lengths[b] tokens and scores the
-    positions first[b] .. lengths[b] - 1 (at most `width` of them). Returns (log-likelihood [B],
-    all-greedy [B], kept MLP activations per layer summed over real tokens [num_layers])."""
+def _kept(inter, real) -> dict:
+    """Site -> kept values per layer [L], summed over the `real` [B, T] tokens (no sites: dense)."""
+    fractions = sown_by_site(nnx.to_pure_dict(inter), "active_fraction")  # site -> [L, B, T]
+    return {site: jnp.sum(jnp.where(real, f, 0.0), axis=(1, 2)) for site, f in fractions.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, state, ctx, ctx_len, conts, cont_len):
+    """ctx [B, Lc] (row b: ctx_len[b] real tokens), conts [B, K, Lk] (cont_len[b, k] real tokens;
+    0 for padding). Returns log-likelihood [B, K], all-greedy [B, K], {site: kept values [layers]}."""
     model = nnx.merge(graphdef, state)
-    b, length = inputs.shape
-    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-    (h, _), inter = nnx.capture(model.hidden, nnx.Intermediate)(inputs, positions)
-    cols = first[:, None] + jnp.arange(width)  # [B, C]: only these positions reach the LM head
-    valid = cols < lengths[:, None]
-    cols = jnp.minimum(cols, length - 1)
-    hs = jnp.take_along_axis(h, cols[..., None], axis=1)
-    logp = jax.nn.log_softmax(model.logits(hs), axis=-1)  # [B, C, V] fp32
-    tgt = jnp.take_along_axis(targets, cols, axis=1)
+    (b, lc), (_, k, lk) = ctx.shape, conts.shape
+    hidden = nnx.capture(model.hidden, nnx.Intermediate)
+    cache = init_cache(model.cfg, b, lc + lk, model.embed.embedding.dtype)
+    (h, cache), inter_ctx = hidden(ctx, jnp.broadcast_to(jnp.arange(lc), (b, lc)), cache)
+    # the context's last state predicts each continuation's first token
+    last = jnp.take_along_axis(h, jnp.maximum(ctx_len - 1, 0)[:, None, None], axis=1)  # [B, 1, H]
+    # Continuations go at slots ctx_len.. of a copy of their row's cache; they overwrite the
+    # padding's slots, and causal masking hides everything after each query.
+    cache = [(jnp.repeat(ck, k, axis=0), jnp.repeat(cv, k, axis=0)) for ck, cv in cache]
+    positions = jnp.repeat(ctx_len, k)[:, None] + jnp.arange(lk)
+    (hc, _), inter_cont = hidden(conts.reshape(b * k, lk), positions, cache)
+    states = jnp.concatenate([jnp.repeat(last, k, axis=0), hc[:, :-1]], axis=1)  # [B*K, Lk, H]
+    logp = jax.nn.log_softmax(model.logits(states), axis=-1)
+    tgt = conts.reshape(b * k, lk)
     tok_lp = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-    ll = jnp.sum(jnp.where(valid, tok_lp, 0.0), axis=1)
-    greedy = jnp.all(jnp.where(valid, jnp.argmax(logp, axis=-1) == tgt, True), axis=1)
-    real = jnp.arange(length)[None, :] < lengths[:, None]
-    layers = sorted(nnx.to_pure_dict(inter).get("layers", {}).items())
-    kept = jnp.stack([jnp.sum(jnp.where(real, lay["mlp"]["active_fraction"][0], 0.0)) for _, lay in layers]) \
-        if layers else jnp.zeros((0,), jnp.float32)
-    return ll, greedy, kept
+    valid = jnp.arange(lk) < cont_len.reshape(b * k, 1)
+    ll = jnp.sum(jnp.where(valid, tok_lp, 0.0), axis=1).reshape(b, k)
+    greedy = jnp.all(jnp.where(valid, jnp.argmax(logp, axis=-1) == tgt, True), axis=1).reshape(b, k)
+    # tokens read: the context once, each continuation but its last token (which predicts nothing)
+    kept_ctx = _kept(inter_ctx, jnp.arange(lc) < ctx_len[:, None])
+    kept_cont = _kept(inter_cont, jnp.arange(lk) < cont_len.reshape(b * k, 1) - 1)
+    return ll, greedy, {site: kept_ctx[site] + kept_cont[site] for site in kept_ctx}
 
 
 class Scorer:
@@ -58,50 +76,59 @@ class Scorer:
         self.reset_stats()
 
     def reset_stats(self):
-        self.kept = np.zeros(self.model.cfg.num_layers)
+        self.kept: dict[str, np.ndarray] = {}  # site -> kept values per layer
         self.tokens = 0
 
     @property
-    def layer_sparsity(self) -> np.ndarray:
-        """Per-layer fraction of zeroed MLP activations over all tokens read since reset_stats()
-        (0 for a dense model, which zeroes nothing by rule)."""
-        if self.tokens == 0 or self.model.layers[0].mlp.impl == "dense":
-            return np.zeros(self.model.cfg.num_layers)
-        return 1.0 - self.kept / self.tokens
+    def site_sparsity(self) -> dict[str, np.ndarray]:
+        """Site -> per-layer fraction of zeroed values over all tokens read since reset_stats()
+        (no sites for a dense model, which zeroes nothing by rule)."""
+        return {site: 1.0 - kept / self.tokens for site, kept in self.kept.items()} if self.tokens else {}
 
-    def score(self, rows: list[tuple[list[int], int]], desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
-        """(log-likelihood, all-greedy) of each row (ids, n): see the module docstring."""
-        for ids, n in rows:
-            if not 1 <= n < len(ids):
-                raise ValueError(f"a scoring row of {len(ids)} tokens cannot score its last {n}")
+    @property
+    def layer_sparsity(self) -> np.ndarray:
+        """Per-layer sparsity: of the one site in mode cats, the MLP activation's; with several
+        sites, their weighted mean (sparsity.weighted_mean: the fraction of skippable weight rows)."""
+        per_site = self.site_sparsity
+        return sparsity.weighted_mean(per_site, self.model.cfg) if per_site else np.zeros(self.model.cfg.num_layers)
+
+    def score(self, groups: list[Group], desc: str = "scoring") -> list[tuple[np.ndarray, np.ndarray]]:
+        """(log-likelihoods [K], all-greedy [K]) of each group's continuations."""
+        for ctx, conts in groups:
+            if not ctx or not conts or not all(conts):
+                raise ValueError("a scoring group needs a non-empty context and non-empty continuations")
         graphdef, state = nnx.split(self.model)
-        ll, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first, as lm-eval
-        bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not self.progress, leave=False)
+        out: list = [None] * len(groups)
+        cost = [len(c) + sum(map(len, k)) for c, k in groups]
+        order = sorted(range(len(groups)), key=lambda i: -cost[i])  # largest first, as lm-eval
+        bar = tqdm(total=len(groups), desc=desc, unit="group", disable=not self.progress, leave=False)
         start = 0
         while start < len(order):
-            length = _bucket(len(rows[order[start]][0]) - 1, 16)
-            size = max(1, self.batch_tokens // length)
+            head_ctx, head_conts = groups[order[start]]
+            size = max(1, self.batch_tokens // (_bucket(len(head_ctx), 16) + len(head_conts) * _bucket(max(map(len, head_conts)), 8)))
             idx = order[start:start + size]
-            width = _bucket(max(rows[i][1] for i in idx), 8)
-            inputs = np.zeros((size, length), np.int32)
-            targets = np.zeros((size, length), np.int32)
-            lengths = np.zeros(size, np.int32)  # padding rows (a short last batch): nothing read or scored
-            first = np.zeros(size, np.int32)
+            lc = _bucket(max(len(groups[i][0]) for i in idx), 16)
+            k = max(len(groups[i][1]) for i in idx)
+            lk = _bucket(max(len(c) for i in idx for c in groups[i][1]), 8)
+            ctx, ctx_len = np.zeros((size, lc), np.int32), np.zeros(size, np.int32)  # padding rows stay empty
+            conts, cont_len = np.zeros((size, k, lk), np.int32), np.zeros((size, k), np.int32)
             for r, i in enumerate(idx):
-                ids, n = rows[i]
-                inputs[r, :len(ids) - 1], targets[r, :len(ids) - 1] = ids[:-1], ids[1:]
-                lengths[r], first[r] = len(ids) - 1, len(ids) - 1 - n
-            out = _score(graphdef, width, state, *map(jnp.asarray, (inputs, targets, lengths, first)))
-            b_ll, b_greedy, kept = map(np.asarray, out)
-            ll[idx], greedy[idx] = b_ll[:len(idx)], b_greedy[:len(idx)]
-            if kept.size:
-                self.kept += kept
-            self.tokens += int(lengths[:len(idx)].sum())
-            start += size
+                c, ks = groups[i]
+                ctx[r, :len(c)], ctx_len[r] = c, len(c)
+                for j, cont in enumerate(ks):
+                    conts[r, j, :len(cont)], cont_len[r, j] = cont, len(cont)
+            ll, greedy, kept = _score(graphdef, state, *map(jnp.asarray, (ctx, ctx_len, conts, cont_len)))
+            ll, greedy = np.asarray(ll), np.asarray(greedy)
+            for r, i in enumerate(idx):
+                n = len(groups[i][1])
+                out[i] = (ll[r, :n].astype(np.float64), greedy[r, :n])
+            for site, v in kept.items():
+                self.kept[site] = self.kept.get(site, 0.0) + np.asarray(v, np.float64)
+            self.tokens += int(ctx_len.sum() + np.maximum(cont_len - 1, 0).sum())
+            start += len(idx)
             bar.update(len(idx))
         bar.close()
-        return ll, greedy
+        return out
 
 
 # ---- multiple choice -------------------------------------------------------------------------
@@ -125,38 +152,44 @@ def prefix_token(tokenizer) -> int:
     return tok
 
 
-def loglikelihood_rows(tokenizer, requests, max_length: int) -> list[tuple[list[int], int]]:
-    """Scoring rows of (context, continuation) requests, left-truncated to max_length inputs."""
-    rows = []
+def request_groups(tokenizer, requests: list[tuple[str, str]], max_length: int) -> list[Group]:
+    """Scoring groups of (context, continuation) requests, in order: consecutive requests whose
+    context encodes to the same tokens share a group. A context is cut on the left so that it and
+    its group's longest continuation fit max_length + 1 tokens (lm-eval cuts each request alone)."""
+    groups: list[Group] = []
     for context, continuation in requests:
         ctx, cont = encode_pair(tokenizer, context, continuation)
-        if not ctx:
-            ctx = [prefix_token(tokenizer)]
-        ids = (ctx + cont)[-(max_length + 1):]
-        rows.append((ids, min(len(cont), len(ids) - 1)))
-    return rows
+        ctx = ctx or [prefix_token(tokenizer)]
+        if groups and groups[-1][0] == ctx:
+            groups[-1][1].append(cont)
+        else:
+            groups.append((ctx, [cont]))
+    out = []
+    for ctx, conts in groups:
+        conts = [c[-max_length:] for c in conts]
+        out.append((ctx[-max(1, max_length + 1 - max(map(len, conts))):], conts))
+    return out
 
 
 # ---- perplexity ------------------------------------------------------------------------------
-def rolling_windows(tokens: list[int], prefix: int, max_length: int, stride: int) -> list[tuple[list[int], int]]:
-    """Scoring rows that predict every token of a document exactly once (lm-eval's rolling
-    windows, generalised to a stride): the first window reads [prefix] + the first max_length - 1
-    tokens and scores max_length tokens; each next window scores the next `stride` tokens,
-    reading up to max_length tokens before each (stride = max_length: disjoint windows, lm-eval's
-    default; smaller strides give each token more context, as in HF's perplexity guide)."""
+def rolling_windows(tokens: list[int], prefix: int, max_length: int, stride: int) -> list[Group]:
+    """Groups that predict every token of a document exactly once (lm-eval's rolling windows,
+    generalised to a stride): the first window reads [prefix] + the first max_length - 1 tokens
+    and scores max_length tokens; each next window scores the next `stride` tokens, reading up to
+    max_length tokens before each (stride = max_length: disjoint windows, lm-eval's default;
+    smaller strides give each token more context, as in HF's perplexity guide)."""
     if not 1 <= stride <= max_length:
         raise ValueError(f"stride {stride} must be in 1..context length {max_length}")
     if not tokens:
         return []
     first = min(max_length, len(tokens))
-    rows = [([prefix] + tokens[:first], first)]
+    groups = [([prefix], [tokens[:first]])]
     done = first
     while done < len(tokens):
-        n = min(stride, len(tokens) - done)
-        end = done + n
-        rows.append((tokens[max(0, end - max_length - 1):end], n))
+        end = min(done + stride, len(tokens))
+        groups.append((tokens[max(0, end - max_length - 1):done], [tokens[done:end]]))
         done = end
-    return rows
+    return groups
 
 
 def perplexity(scorer: Scorer, tokenizer, token_docs: list[list[int]], max_length: int, stride: int) -> dict:
@@ -164,9 +197,8 @@ def perplexity(scorer: Scorer, tokenizer, token_docs: list[list[int]], max_lengt
     byte (words and bytes counted on the decoded text, which is the original text for byte-level
     tokenizers)."""
     prefix = prefix_token(tokenizer)
-    rows = [row for doc in token_docs for row in rolling_windows(doc, prefix, max_length, stride)]
-    ll, _ = scorer.score(rows, desc="perplexity")
-    total = float(ll.sum())
+    groups = [g for doc in token_docs for g in rolling_windows(doc, prefix, max_length, stride)]
+    total = float(sum(ll.sum() for ll, _ in scorer.score(groups, desc="perplexity")))
     texts = [tokenizer.decode(doc) for doc in token_docs]
     tokens = sum(len(doc) for doc in token_docs)
     words = sum(len(re.split(r"\s+", t)) for t in texts)

@@ -11,7 +11,8 @@ up once when it is prepared for the kernel (Transformer.prepare_for_kernel), not
 1. gate_up: a program owns `rows` neurons. It reads their W_gate^T rows in full (fp32
    accumulation), applies the CATS rule, then reads the W_up^T rows of only the neurons that some
    batch row keeps (masked loads: predicated-off rows move no bytes), and writes
-   h = a * u [B, I] in the activation dtype (zeros for dropped neurons): a few KB.
+   h = a * u [B, I] in the activation dtype (zeros for dropped neurons): a few KB. a, u and h
+   are rounded to that dtype where the model's jnp path rounds them.
 2. sparse_gemv(h, w_down): skips the W_down rows where h is zero for every batch row.
 
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
@@ -30,13 +31,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cats_jax.sparsity import cats_activation
-from pallas_kernels.common import block_along, call, iota, load, kernels_enabled, mask_and, next_pow2, padded_batch
+from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
 from pallas_kernels.sparse_gemv import GemvBlocks, sparse_gemv
 
 f32 = jnp.float32
 
-# Decode batches up to this size use the kernels; larger ones fall back to the dense path.
-MAX_KERNEL_BATCH = 8
+# Decode batches up to this size use the kernels; larger ones take the dense path. Measured on an
+# H100 (docs/benchmarks.md, random inputs): B = 4 was >= 1.00x of XLA's dense MLP at every
+# sparsity; at B = 8 the union of the rows' kept neurons stays nearly dense (0.3% sparse at 50%
+# per row) and the kernel was 0.99-1.02x up to 70% per-row sparsity, so it buys nothing there.
+MAX_KERNEL_BATCH = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +52,13 @@ class GateUpBlocks:
     dot: bool = False  # tensor-core dot on batch rows padded to 16, instead of multiply-add
 
 
-# Per padded batch size; measured on H100 with H = 4096, I = 14336 / 11008 (pallas_kernels.bench --tune).
+# Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` on an H100 at
+# H = 4096, I = 14336, 50% sparsity (docs/benchmarks.md); blocks_for fits them to other shapes.
 TABLE = {
-    1: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3),
-    2: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3, dot=True),
-    4: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3, dot=True),
-    8: GateUpBlocks(rows=32, cols=256, num_warps=4, num_stages=3, dot=True),
+    1: GateUpBlocks(rows=8, cols=1024, num_warps=4, num_stages=4),
+    2: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=4, dot=True),
+    4: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=3, dot=True),
+    8: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=3, dot=True),
 }
 
 
@@ -83,17 +88,12 @@ def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hi
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-            cm = None if col_ok is None else col_ok[None, :]
-            w = load(
-                w_ref.at[pl.ds(i0, rows), pl.ds(c0, cols)],
-                mask=mask_and(None if row_mask is None else row_mask[:, None], cm),
-            )
+            w = load(w_ref.at[pl.ds(i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
             if blk.dot:
-                bm = None if batch_ok is None else batch_ok[:, None]
-                x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask_and(bm, cm))
+                x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, w, trans_b=True)
             # Batch 1: multiply-add into a [rows, cols] accumulator, reduced once after the loop.
-            x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=cm)
+            x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
             return acc + w.astype(f32) * x.astype(f32)
 
         init = jnp.zeros((bp, rows) if blk.dot else (rows, cols), f32)
@@ -102,11 +102,15 @@ def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hi
 
     a = cats_activation(matvec(wg_ref, row_ok), t_ref[0])  # [bp, rows]; padding rows and neurons give 0
     live = jnp.max(jnp.abs(a), axis=0) > 0  # neurons kept by some batch row (implies row_ok)
-    h = a * matvec(wu_ref, live)
+    u = matvec(wu_ref, live)
+    # a and u are rounded to the activation dtype before their product, as in the model's jnp path
+    # (a.astype(x.dtype) * up_proj(x)): decoding through the kernel then gives the jnp path's tokens.
+    dt = h_ref.dtype
+    h = a.astype(dt).astype(f32) * u.astype(dt).astype(f32)
     plgpu.store(
         h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)],
-        h.astype(h_ref.dtype),
-        mask=mask_and(None if batch_ok is None else batch_ok[:, None], None if row_ok is None else row_ok[None, :]),
+        h.astype(dt),
+        mask=mask2d(batch_ok, row_ok),
     )
 
 

@@ -97,15 +97,12 @@ def padded_batch(batch: int, use_dot: bool) -> int:
     return max(next_pow2(batch), 16 if use_dot else 1)
 
 
-def mask_and(*masks):
-    """AND of the masks that are not None (None: that axis needs no mask)."""
-    masks = [m for m in masks if m is not None]
-    if not masks:
-        return None
-    out = masks[0]
-    for m in masks[1:]:
-        out = out & m
-    return out
+def mask2d(rows=None, cols=None):
+    """The [rows, cols] mask of a tile from per-row and per-column masks; None for an axis that
+    needs no mask (no tail, nothing skipped), None if neither does."""
+    if rows is None or cols is None:
+        return None if rows is None and cols is None else (rows[:, None] if cols is None else cols[None, :])
+    return rows[:, None] & cols[None, :]
 
 
 def iota(n: int, start=0):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import block_along, call, iota, load, mask_and, next_pow2, padded_batch
+from pallas_kernels.common import block_along, call, iota, load, mask2d, next_pow2, padded_batch
 
 f32 = jnp.float32
 
@@ -37,9 +37,10 @@ class GemvBlocks:
     dot: bool = False  # tensor-core dot on batch rows padded to 16, instead of multiply-add
 
 
-# Per padded batch size; measured on H100 with in = 14336 / 11008, out = 4096 (pallas_kernels.bench --tune).
+# Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` on an H100 for
+# the CATS down projection (in = 14336, out = 4096, 50% sparsity); blocks_for fits them to other shapes.
 TABLE = {
-    1: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3),
+    1: GemvBlocks(rows=32, cols=256, splits=32, num_warps=4, num_stages=3),
     2: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
     4: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
     8: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
@@ -67,22 +68,16 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
         r0 = pl.multiple_of(split * rows_per_split + k * rows, rows)
         row_ok = iota(rows, r0) < n_in if row_tail else None
         if blk.dot:
-            x = load(
-                x_ref.at[pl.ds(0, bp), pl.ds(r0, rows)],
-                mask=mask_and(None if batch_ok is None else batch_ok[:, None], None if row_ok is None else row_ok[None, :]),
-            )
+            x = load(x_ref.at[pl.ds(0, bp), pl.ds(r0, rows)], mask=mask2d(batch_ok, row_ok))
         else:
             # batch 1: x arrives as a column [in, 1], so a tile of it broadcasts over W's rows
-            x = load(x_ref.at[pl.ds(r0, rows), pl.ds(0, 1)], mask=None if row_ok is None else row_ok[:, None])
+            x = load(x_ref.at[pl.ds(r0, rows), pl.ds(0, 1)], mask=mask2d(row_ok, None))
         xf = x.astype(f32)
         if thresholded:
             xf = jnp.where(jnp.abs(xf) > t, xf, 0.0)
         # [rows, 1]: the weight row is needed by some batch row
         live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if blk.dot else xf != 0
-        w = load(
-            w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)],
-            mask=mask_and(live, None if col_ok is None else col_ok[None, :]),
-        )
+        w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=live if col_ok is None else live & col_ok[None, :])
         if blk.dot:
             return acc + plgpu.dot(xf.astype(w.dtype), w)  # [bp, cols]; x is exact in w's dtype
         # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
@@ -92,11 +87,7 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
     init = jnp.zeros((bp, cols) if blk.dot else (rows, cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
     if blk.dot:
-        plgpu.store(
-            o_ref.at[split, pl.ds(0, bp), pl.ds(c0, cols)],
-            acc,
-            mask=mask_and(None if batch_ok is None else batch_ok[:, None], None if col_ok is None else col_ok[None, :]),
-        )
+        plgpu.store(o_ref.at[split, pl.ds(0, bp), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
     else:
         plgpu.store(o_ref.at[split, pl.ds(c0, cols)], jnp.sum(acc, axis=0), mask=col_ok)
 

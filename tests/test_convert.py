@@ -4,7 +4,6 @@ Equality with transformers' logits is in test_model_vs_hf.py."""
 
 import json
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -72,12 +71,12 @@ def test_hf_sharded_roundtrip_in_bf16_with_tokenizer_files(tiny_model, tmp_path)
     (src / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     (src / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
     out = hf_conv.convert_hf(src, tmp_path / "ckpt")  # default dtype: bfloat16
-    got = checkpoint.load_params(out, checkpoint.ModelConfig.load(out))
+    got = checkpoint.load_params(out, ModelConfig.load(out))
     want = jax.tree.map(lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16)), params)
     assert flat(got).keys() == flat(want).keys()
     for k, v in flat(got).items():
         assert v.dtype == jnp.bfloat16 and np.array_equal(v, flat(want)[k]), k
-    loaded = checkpoint.ModelConfig.load(out)
+    loaded = ModelConfig.load(out)
     assert loaded.eos_token_ids == (2, 7)  # instruct models' end-of-turn ids from generation_config.json
     assert loaded.tie_word_embeddings and loaded.num_kv_heads == cfg.num_kv_heads
     assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
@@ -208,7 +207,9 @@ def _gguf_name_map(cfg):
     """HF name -> (GGUF name, our path), from the converters' own tables."""
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
-    out = {hf: (gg, gguf_conv.TOP_LEVEL[gg]) for hf, gg in top.items() if not (gg == "output.weight" and cfg.tie_word_embeddings)}
+    if cfg.tie_word_embeddings:
+        del top["lm_head.weight"]
+    out = {hf: (gg, gguf_conv.TOP_LEVEL[gg]) for hf, gg in top.items()}
     hf_of_path = {p: n for n, p in hf_conv.IN_LAYER.items()}
     for i in range(cfg.num_layers):
         for gg, path in gguf_conv.IN_BLOCK.items():

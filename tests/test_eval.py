@@ -101,40 +101,59 @@ def _reference(graphdef, state, x):
 
 
 def test_batched_scores_equal_a_direct_forward():
+    """Shared-context groups, batched, bucketed and padded, score exactly what one plain forward of
+    context + continuation gives, and count sparsity over the same tokens."""
     model = M.init_random(TINY, seed=4, dtype=jnp.float32)
     rng = np.random.default_rng(0)
-    rows = [(rng.integers(0, TINY.vocab_size, n).tolist(), k) for n, k in [(5, 1), (40, 7), (17, 16), (9, 3), (33, 20)]]
+    ids = lambda n: rng.integers(0, TINY.vocab_size, n).tolist()  # noqa: E731
+    groups = [(ids(4), [ids(1), ids(3)]), (ids(30), [ids(9)]), (ids(1), [ids(16)]),
+              (ids(8), [ids(2), ids(5), ids(1), ids(7)]), (ids(17), [ids(20), ids(2), ids(4)])]
     model.set_cats_thresholds(np.full(TINY.num_layers, 0.1))
     for impl in ("dense", "cats-jnp"):
         model.set_mlp_impl(impl)
-        scorer = scoring.Scorer(model, batch_tokens=64, progress=False)  # several batches, shapes, padding rows
-        ll, greedy = scorer.score(rows)
+        scorer = scoring.Scorer(model, batch_tokens=128, progress=False)  # several batches, shapes, padding rows
+        results = scorer.score(groups)
         graphdef, state = nnx.split(model)
-        kept = np.zeros(TINY.num_layers)
-        for (ids, n), got_ll, got_greedy in zip(rows, ll, greedy):
-            x = np.zeros((1, 40), np.int32)  # right padding cannot reach earlier positions
-            x[0, :len(ids) - 1] = ids[:-1]
-            logp, kept_t = map(np.asarray, _reference(graphdef, state, jnp.asarray(x)))
-            scored, tgt = logp[len(ids) - 1 - n:len(ids) - 1], np.asarray(ids[-n:])
-            np.testing.assert_allclose(got_ll, scored[np.arange(n), tgt].sum(), rtol=1e-5)
-            assert got_greedy == bool(np.all(scored.argmax(-1) == tgt))
-            if kept_t.size:
-                kept += kept_t[:, :len(ids) - 1].sum(1)
-        assert scorer.tokens == sum(len(ids) - 1 for ids, _ in rows)
-        expected = np.zeros(TINY.num_layers) if impl == "dense" else 1 - kept / scorer.tokens
+        kept, tokens = np.zeros(TINY.num_layers), 0
+        for (ctx, conts), (got_ll, got_greedy) in zip(groups, results):
+            for j, cont in enumerate(conts):
+                full = ctx + cont
+                x = np.zeros((1, 40), np.int32)  # right padding cannot reach earlier positions
+                x[0, :len(full) - 1] = full[:-1]
+                logp, kept_t = map(np.asarray, _reference(graphdef, state, jnp.asarray(x)))
+                n = len(cont)
+                scored, tgt = logp[len(full) - 1 - n:len(full) - 1], np.asarray(cont)
+                np.testing.assert_allclose(got_ll[j], scored[np.arange(n), tgt].sum(), rtol=1e-5)
+                assert got_greedy[j] == bool(np.all(scored.argmax(-1) == tgt))
+                if kept_t.size:  # the context is read once, each continuation but its last token
+                    first = 0 if j == 0 else len(ctx)
+                    kept += kept_t[:, first:len(full) - 1].sum(1)
+                tokens += len(full) - 1 - (0 if j == 0 else len(ctx))
+        assert scorer.tokens == tokens
+        expected = np.zeros(TINY.num_layers) if impl == "dense" else 1 - kept / tokens
         np.testing.assert_allclose(scorer.layer_sparsity, expected, rtol=1e-5)
         assert impl == "dense" or 0.05 < expected.mean() < 0.5
 
 
+def test_request_groups_share_contexts_and_truncate_on_the_left(tiny_ckpt):
+    from cats_jax import data
+
+    tok = data.load_tokenizer(tiny_ckpt[0])
+    groups = scoring.request_groups(tok, [("the cat", " sat"), ("the cat", " ran far"), ("a dog", " sat")], 100)
+    assert len(groups) == 2 and len(groups[0][1]) == 2 and groups[1][1] == [tok(" sat")["input_ids"]]
+    (ctx, conts), = scoring.request_groups(tok, [("the cat sat on the mat and ran", " home")], 3)
+    assert len(ctx) + len(conts[0]) == 4 and ctx[-1] == tok("the cat sat on the mat and ran")["input_ids"][-1]
+
+
 def test_rolling_windows_score_every_token_once():
     toks = list(range(100, 110))
-    # lm-eval's get_rolling_token_windows (max_seq_len 4, context_len 1): the last window reads a full context
+    # lm-eval's get_rolling_token_windows (max_seq_len 4, context_len 1) + make_disjoint_window
     assert scoring.rolling_windows(toks, 1, 4, 4) == [
-        ([1, 100, 101, 102, 103], 4), ([103, 104, 105, 106, 107], 4), ([105, 106, 107, 108, 109], 2)]
-    rows = scoring.rolling_windows(toks, 1, 4, 2)  # overlapping: 2 new tokens, up to 2 more of context
-    assert rows[1] == ([101, 102, 103, 104, 105], 2)
-    scored = [t for ids, n in rows for t in ids[-n:]]
-    assert scored == toks
+        ([1], [[100, 101, 102, 103]]), ([103], [[104, 105, 106, 107]]), ([105, 106, 107], [[108, 109]])]
+    groups = scoring.rolling_windows(toks, 1, 4, 2)  # overlapping: 2 new tokens after up to 2 more of context
+    assert groups[1] == ([101, 102, 103], [[104, 105]])
+    assert [t for _, (cont,) in groups for t in cont] == toks
+    assert all(len(ctx) + len(cont) <= 5 for ctx, (cont,) in groups)
     with pytest.raises(ValueError, match="stride 5"):
         scoring.rolling_windows(toks, 1, 4, 5)
 
@@ -165,14 +184,14 @@ def test_cli_table_json_and_plot(calibrated, tmp_path, capsys):
     args = ["--ckpt", str(ckpt), "--sparsity", "dense,0.5", "--ppl", str(text), "--ppl-tokens", "300",
             "--context-length", "64", "--stride", "32", "--batch-tokens", "512", "--out", str(out),
             "--plot", str(tmp_path / "res.png"), "--no-progress"]
-    for name, path in FILES.items():
-        args += ["--data-file", f"{name}={path}"]
+    few = ("piqa", "winogrande", "sciq")  # every task's format is tested above; each adds compiles here
+    args += ["--tasks", ",".join(few)] + [f"--data-file={t}={FILES[t]}" for t in few]
     cli.main(args)
     res = json.loads(out.read_text())
     assert [r["setting"] for r in res["results"]] == ["dense", "cats-0.5"]
     dense, cats = res["results"]
-    assert set(dense["tasks"]) == set(FILES) and dense["tasks"]["piqa"]["examples"] == 3
-    assert "acc_norm" not in dense["tasks"]["winogrande"] and "acc_norm" in dense["tasks"]["hellaswag"]
+    assert set(dense["tasks"]) == set(few) and dense["tasks"]["piqa"]["examples"] == 3
+    assert "acc_norm" not in dense["tasks"]["winogrande"] and "acc_norm" in dense["tasks"]["sciq"]
     assert dense["sparsity"]["mean"] == 0.0 and 0.3 < cats["sparsity"]["mean"] < 0.7
     assert len(cats["sparsity"]["per_layer"]) == TINY.num_layers
     assert dense["perplexity"]["tokens"] == 300 and dense["perplexity"]["stride"] == 32

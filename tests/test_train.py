@@ -22,7 +22,7 @@ from cats_jax.config import ModelConfig
 from cats_jax.model import init_random
 from train import data as train_data
 from train.lora import apply_lora, merge_lora
-from train.trainer import TrainConfig, Trainer
+from train.trainer import TrainConfig, Trainer, token_nll
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -60,17 +60,19 @@ def _tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
+TINY = ModelConfig(vocab_size=len(SPECIALS) + 256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_ids=(2,), name="tiny")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    """A tiny fp32 checkpoint with a tokenizer, and CATS thresholds at "sparsity 0.5" that are so
-    high that they zero every MLP activation."""
+    """A tiny fp32 checkpoint with a tokenizer and CATS thresholds for sparsity 0.5 (0.25 zeroes
+    about half of this random model's activations)."""
     tmp = tmp_path_factory.mktemp("ckpt")
-    vocab = _tokenizer(tmp / "tok")
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_ids=(2,), name="tiny")
-    model = init_random(cfg, seed=0, dtype=jnp.float32)
-    out = checkpoint.save(tmp / "model", cfg, checkpoint.model_params(model), tokenizer_dir=tmp / "tok")
-    level = thresholds.Level(0.5, {thresholds.CATS_SITE: [1e9, 1e9]})
+    assert _tokenizer(tmp / "tok") == TINY.vocab_size
+    model = init_random(TINY, seed=0, dtype=jnp.float32)
+    out = checkpoint.save(tmp / "model", TINY, checkpoint.model_params(model), tokenizer_dir=tmp / "tok")
+    level = thresholds.Level(0.5, {thresholds.CATS_SITE: [0.25, 0.25]})
     thresholds.Thresholds(thresholds.model_identity(model), "cats", [level], {"note": "test"}).save(out)
     return out
 
@@ -82,12 +84,24 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-BASE = dict(seq_len=32, batch_size=2, steps=4, lora_rank=4, lora_alpha=8.0, dtype="float32", lr=3e-2,
-            warmup_steps=2, eval_docs=2, eval_rows=4, log_every=2, eval_every=100, save_every=100)
+# One step program for most tests (a constant schedule keeps `steps` out of it), so that it is
+# compiled once and then loaded from the compilation cache.
+BASE = dict(seq_len=32, batch_size=2, grad_accum=2, steps=30, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
+            dtype="float32", lr=3e-2, schedule="constant", warmup_steps=2, sparsity=0.5, eval_docs=2, eval_rows=4,
+            log_every=5, eval_every=10, save_every=100)
 
 
 def _cfg(ckpt, run_dir, data, **kw) -> TrainConfig:
     return TrainConfig(ckpt=str(ckpt), run_dir=str(run_dir), data=str(data), **{**BASE, **kw})
+
+
+@pytest.fixture(scope="module")
+def full_run(ckpt, data_file, tmp_path_factory):
+    """A LoRA run of BASE (under CATS at 50%), uninterrupted; and its LoRA weights before training."""
+    t = Trainer(_cfg(ckpt, tmp_path_factory.mktemp("full"), data_file), quiet=True)
+    lora0 = _flat(t.master)
+    assert t.run() == "done"
+    return t, lora0
 
 
 def _flat(tree) -> dict:
@@ -129,16 +143,15 @@ def test_chat_encoder_trains_on_assistant_tokens_only(ckpt):
 
 # ---- LoRA and CATS math ---------------------------------------------------------------------------
 def test_lora_starts_at_base_and_merge_equals_unmerged():
-    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8)
-    model = init_random(cfg, dtype=jnp.float32)
-    logits = nnx.jit(lambda m: m(jnp.arange(12)[None] % 50)[0])
+    model = init_random(TINY, dtype=jnp.float32)
+    logits = nnx.jit(lambda m: m(jnp.arange(12)[None] * 7)[0])
     base = logits(model)
     apply_lora(model, rank=4, alpha=8.0, dropout=0.5)
     np.testing.assert_allclose(logits(nnx.view(model, deterministic=True)), base, atol=1e-5)  # B = 0 at first
+    rng = np.random.default_rng(0)
     for path, v in nnx.iter_graph(model):  # give B some values
         if isinstance(v, nnx.LoRAParam) and path[-1] == "lora_b":
-            v[...] = jax.random.normal(jax.random.key(len(path)), v.shape) * 0.1
+            v[...] = jnp.asarray(rng.normal(0, 0.1, v.shape), jnp.float32)
     unmerged = logits(nnx.view(model, deterministic=True))
     merged = logits(merge_lora(model))
     assert not np.allclose(unmerged, base, atol=1e-3)
@@ -156,11 +169,9 @@ def test_cats_gradient_flows_through_kept_activations_only():
 
 
 # ---- training -------------------------------------------------------------------------------------
-def test_lora_loss_falls_base_stays_and_export_matches(ckpt, data_file, tmp_path):
-    t = Trainer(_cfg(ckpt, tmp_path / "run", data_file, steps=30, eval_every=30, lora_dropout=0.0), quiet=True)
-    lora0 = _flat(t.master)
-    assert t.run() == "done"
-    log = _log(tmp_path / "run")
+def test_lora_under_cats_loss_falls_base_and_thresholds_stay_export_matches(full_run, ckpt, tmp_path):
+    t, lora0 = full_run
+    log = _log(t.run_dir)
     train = [r["loss"] for r in log if "loss" in r]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     assert train[-1] < 0.7 * train[0] and evals[-1] < 0.7 * evals[0], (train, evals)
@@ -174,24 +185,28 @@ def test_lora_loss_falls_base_stays_and_export_matches(ckpt, data_file, tmp_path
         np.testing.assert_array_equal(now[k], base[k], err_msg=k)
     assert all(not np.array_equal(v, lora0[k]) for k, v in _flat(t.master).items())
 
-    # The exported checkpoint (LoRA folded in) computes what the trained model does.
+    # CATS thresholds are state, not parameters: still the calibrated ones.
+    assert {layer.mlp.impl for layer in trained.layers} == {"cats-jnp"}
+    assert [float(layer.mlp.threshold[...]) for layer in trained.layers] == [0.25, 0.25]
+
+    # The exported checkpoint (LoRA folded in, thresholds along) computes what the trained model does.
     out = t.export(tmp_path / "merged")
+    merged = checkpoint.load_model(out)
+    thresholds.load_into(merged, out, 0.5)
     tokens = jnp.asarray(t.eval_batch[0][:2, :-1])
-    np.testing.assert_allclose(checkpoint.load_model(out)(tokens)[0], trained(tokens)[0], atol=1e-4, rtol=1e-4)
-    assert (out / "tokenizer.json").is_file() and thresholds.load(out).sparsities == [0.5]
+    np.testing.assert_allclose(merged(tokens)[0], trained(tokens)[0], atol=1e-4, rtol=1e-4)
+    assert (out / "tokenizer.json").is_file()
 
 
-def test_resume_equals_uninterrupted(ckpt, data_file, tmp_path):
-    kw = dict(steps=6, grad_accum=2, lora_dropout=0.1, eval_docs=0, save_every=100)
-    full = Trainer(_cfg(ckpt, tmp_path / "a", data_file, **kw), quiet=True)
-    full.run()
-    Trainer(_cfg(ckpt, tmp_path / "b", data_file, **kw), quiet=True).run(until=3)  # then "killed"
+def test_resume_equals_uninterrupted(full_run, ckpt, data_file, tmp_path):
+    full, _ = full_run
+    Trainer(_cfg(ckpt, tmp_path, data_file), quiet=True).run(until=13)  # then "killed"
     with pytest.raises(FileExistsError):  # a run dir is not reused by accident
-        Trainer(_cfg(ckpt, tmp_path / "b", data_file, **kw), quiet=True)
+        Trainer(_cfg(ckpt, tmp_path, data_file), quiet=True)
     with pytest.raises(ValueError, match="lr="):
-        Trainer(_cfg(ckpt, tmp_path / "b", data_file, **{**kw, "lr": 1.0}), resume=True, quiet=True)
-    resumed = Trainer(_cfg(ckpt, tmp_path / "b", data_file, **kw), resume=True, quiet=True)
-    assert resumed.step == 3
+        Trainer(_cfg(ckpt, tmp_path, data_file, lr=1.0), resume=True, quiet=True)
+    resumed = Trainer(_cfg(ckpt, tmp_path, data_file), resume=True, quiet=True)
+    assert resumed.step == 13
     resumed.run()
     for want, got in ((full.master, resumed.master), (full.opt_state, resumed.opt_state)):
         want, got = _flat(want), _flat(got)
@@ -199,38 +214,50 @@ def test_resume_equals_uninterrupted(ckpt, data_file, tmp_path):
             np.testing.assert_array_equal(want[k], got[k], err_msg=k)
 
 
-SIGTERM_ARGS = dict(sparsity=0.5, steps=10_000, eval_docs=0, log_every=1, save_every=10_000)
-
-
-def test_cats_thresholds_stay_fixed_and_zeroed_neurons_get_no_gradient(ckpt, data_file, tmp_path):
-    """At thresholds that zero every MLP activation, no gradient reaches the MLP's LoRA weights,
-    while attention's train; the thresholds are the calibrated ones before and after."""
-    t = Trainer(_cfg(ckpt, tmp_path / "run", data_file, **SIGTERM_ARGS), quiet=True)
+def test_full_finetune_keeps_fp32_masters_of_a_bf16_model_and_exports(ckpt, data_file, tmp_path):
+    t = Trainer(_cfg(ckpt, tmp_path / "run", data_file, method="full", dtype="bfloat16", steps=3, eval_docs=0),
+                quiet=True)
     before = _flat(t.master)
-    t.run(until=2)
+    assert {v.dtype for v in before.values()} == {np.dtype(np.float32)}
+    t.run()
     after = _flat(t.master)
-    for k in after:
-        assert np.array_equal(after[k], before[k]) == ("mlp" in k), k
-    model = t.trained_model()
-    assert {layer.mlp.impl for layer in model.layers} == {"cats-jnp"}
-    assert [float(layer.mlp.threshold[...]) for layer in model.layers] == [1e9, 1e9]
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+    out = t.export(tmp_path / "out")
+    exported = checkpoint.load_model(out)
+    thresholds.load_into(exported, out, 0.5)  # the thresholds now name the fine-tuned weights
+    want, got = _flat(checkpoint.model_params(t.trained_model())), _flat(checkpoint.model_params(exported))
+    for k in want:
+        assert got[k].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_sigterm_saves_a_restorable_checkpoint(ckpt, data_file, tmp_path, compilation_cache):
-    run = tmp_path / "run"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**BASE, **SIGTERM_ARGS}.items()]
-    cmd = [sys.executable, "-m", "train", f"--ckpt={ckpt}", f"--run={run}", f"--data={data_file}", "--quiet", *flags]
+    args = {**BASE, "steps": 100_000, "log_every": 1}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    cmd = [sys.executable, "-m", "train", f"--ckpt={ckpt}", f"--run={tmp_path}", f"--data={data_file}", "--quiet", *flags]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compilation_cache,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not ((run / "log.jsonl").is_file() and (run / "log.jsonl").read_text()):  # training has started
+    log, deadline = tmp_path / "log.jsonl", time.time() + 120
+    while not (log.is_file() and '"loss"' in log.read_text()):  # training has started
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 143, out
-    assert "checkpoint saved" in out
-    resumed = Trainer(_cfg(ckpt, run, data_file, **SIGTERM_ARGS), resume=True, quiet=True)
-    assert 1 <= resumed.step < 10_000
-    assert resumed.packer.docs > 0
+    assert proc.returncode == 143 and "checkpoint saved" in out, out
+    resumed = Trainer(_cfg(ckpt, tmp_path, data_file, **args), resume=True, quiet=True)
+    assert 1 <= resumed.step < args["steps"] and resumed.packer.docs > BASE["eval_docs"]
+
+
+def test_remat_gives_the_same_gradients():
+    model = init_random(TINY, dtype=jnp.float32)
+    ids, w = jnp.arange(34).reshape(2, 17) * 7, jnp.ones((2, 17))
+
+    def grads(remat):
+        model.remat = remat
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        rest = nnx.to_pure_dict(rest)
+        return jax.jit(jax.grad(lambda p: token_nll(nnx.merge(graphdef, p, rest), ids, w)[0]))(nnx.to_pure_dict(params))
+
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
+        np.testing.assert_allclose(a, b, atol=1e-5)

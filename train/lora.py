@@ -83,6 +83,3 @@ def merge_lora(model: Transformer) -> Transformer:
             setattr(parent, name, lora.base)
     return model
 
-
-def has_lora(model: Transformer) -> bool:
-    return any(isinstance(getattr(p, n), LoRALinear) for p, n in _sites(model, ATTN_TARGETS + MLP_TARGETS))

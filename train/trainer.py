@@ -157,7 +157,6 @@ class Trainer:
         model.remat = cfg.remat
         if cfg.method == "lora":
             apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed)
-        self.model = model
         trainable = nnx.LoRAParam if cfg.method == "lora" else nnx.Param
         self.graphdef, params, frozen = nnx.split(model, trainable, ...)
         # Pure dicts, so that each trace builds its own Variables (reseeding dropout mutates them).
@@ -325,8 +324,9 @@ class Trainer:
 
     def export(self, out_dir, force: bool = False) -> Path:
         """A plain checkpoint (LoRA folded into the weights; tokenizer and thresholds copied) that
-        loads like any converted one."""
-        model = merge_lora(self.trained_model())  # weights in cfg.dtype
+        loads like any converted one. Its weights are in the dtype trained in (cfg.dtype): folding
+        a small LoRA update into bf16 weights of an fp32 run would round much of it away."""
+        model = merge_lora(self.trained_model())
         out = checkpoint.save(out_dir, model.cfg, checkpoint.model_params(model), self.cfg.ckpt, force)
         th = thresholds.load(self.cfg.ckpt)
         if th is not None:
