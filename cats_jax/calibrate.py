@@ -287,8 +287,8 @@ def main(argv=None):
     except (data.DataError, thresholds.ThresholdsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     cal = result.calibration
-    exact = "exact" if cal["exact_quantile"] else f"sampled, std {cal['quantile_std_points']} points"
-    print(f"calibrated on {cal['tokens']} tokens ({exact} quantiles), held apart {cal['held_out_tokens']} tokens")
+    exact = "exact quantiles" if cal["exact_quantile"] else f"quantiles of a sample, std {cal['quantile_std_points']} points"
+    print(f"calibrated on {cal['tokens']} tokens ({exact}), held apart {cal['held_out_tokens']} tokens")
     print(teal.summary(result) if args.method == "teal" else summary(result))
     print(f"wrote {args.ckpt}/{thresholds.FILENAME}")
 

@@ -17,8 +17,11 @@
 Thresholds are keyed by *site*, one value per layer. CATS has one site, "mlp.act" (|SiLU(gate)|
 in each gated MLP). TEAL (magnitude thresholds on the input of every linear layer) adds the sites
 "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-"mlp.down_proj" (the input of that projection) and, per level, its greedy per-site targets under
-"site_sparsity" (same keys, one value per layer).
+"mlp.down_proj" (the input of that projection) and, per level, its per-site sparsities under
+"site_sparsity" (same keys, one value per layer; TEAL's greedy allocation or uniform) and each
+layer's effective sparsity under realised["effective"]. Its "calibration" holds "allocation" and,
+for greedy, the search's settings and per-layer output errors (cats_jax.teal). A TEAL file also
+holds "mlp.act", so it serves the modes cats and (uniform allocation) cats+teal-attn too.
 
 The "model" entry ties the file to one model: its shapes, its name, and a hash of its first
 embedding row (rounded to bf16, so the same weights loaded in any dtype match). Applying the file

@@ -67,7 +67,7 @@ def main(argv=None):
     ppl.add_argument("--ppl-tokens", type=int, help="only the first N tokens of the text")
     ap.add_argument("--context-length", type=int, default=1024, help="tokens the model reads per sequence (default 1024)")
     ap.add_argument("--stride", type=int, help="perplexity: new tokens scored per window (default: context length)")
-    ap.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass (default 4096)")
+    ap.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass (default 2048)")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
     ap.add_argument("--out", default="runs/eval.json", help="results JSON; the markdown table goes next to it (.md)")
     ap.add_argument("--plot", metavar="PNG", help="also plot accuracy and perplexity against sparsity")

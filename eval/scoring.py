@@ -6,8 +6,9 @@ context and the continuation's earlier tokens (and "greedy" says whether each wa
 The model reads the context once, into a KV cache, and then every continuation from a copy of
 that cache: a multiple-choice question costs one context plus its K answers, not K contexts.
 
-Groups are sorted by size, batched to about `batch_tokens` tokens and right-padded to power-of-two
-shapes, so XLA compiles a handful of programs rather than one per length.
+Groups are bucketed by their context and continuation lengths rounded up to powers of two, and
+each batch (about `batch_tokens` tokens) holds one bucket, so XLA compiles a handful of programs
+rather than one per length.
 
 The measured sparsity of every thresholded site (the fraction of zeroed values per layer, over
 every token the model reads) accumulates in `Scorer.site_sparsity`.
@@ -58,20 +59,31 @@ def _score(graphdef, state, ctx, ctx_len, conts, cont_len):
     positions = jnp.repeat(ctx_len, k)[:, None] + jnp.arange(lk)
     (hc, _), inter_cont = hidden(conts.reshape(b * k, lk), positions, cache)
     states = jnp.concatenate([jnp.repeat(last, k, axis=0), hc[:, :-1]], axis=1)  # [B*K, Lk, H]
-    logp = jax.nn.log_softmax(model.logits(states), axis=-1)
-    tgt = conts.reshape(b * k, lk)
-    tok_lp = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+
+    def head(args):  # one batch row at a time: fp32 logits [K * Lk, V] are the largest array here
+        s, t = args
+        logits = model.logits(s)
+        return jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1), \
+            jnp.argmax(logits, axis=-1) == t
+
+    tok_lp, hit = jax.lax.map(head, (states.reshape(b, k * lk, -1), conts.reshape(b, k * lk)))
     valid = jnp.arange(lk) < cont_len.reshape(b * k, 1)
-    ll = jnp.sum(jnp.where(valid, tok_lp, 0.0), axis=1).reshape(b, k)
-    greedy = jnp.all(jnp.where(valid, jnp.argmax(logp, axis=-1) == tgt, True), axis=1).reshape(b, k)
+    ll = jnp.sum(jnp.where(valid, tok_lp.reshape(b * k, lk), 0.0), axis=1).reshape(b, k)
+    greedy = jnp.all(jnp.where(valid, hit.reshape(b * k, lk), True), axis=1).reshape(b, k)
     # tokens read: the context once, each continuation but its last token (which predicts nothing)
     kept_ctx = _kept(inter_ctx, jnp.arange(lc) < ctx_len[:, None])
     kept_cont = _kept(inter_cont, jnp.arange(lk) < cont_len.reshape(b * k, 1) - 1)
     return ll, greedy, {site: kept_ctx[site] + kept_cont[site] for site in kept_ctx}
 
 
+def release_programs() -> None:
+    """Drop the compiled scoring programs (one per batch shape): XLA:CPU holds on to memory per
+    program (up to ~1 GB each for SmolLM2-135M), so a long run frees them between tasks."""
+    _score.clear_cache()
+
+
 class Scorer:
-    def __init__(self, model, batch_tokens: int = 4096, progress: bool = True):
+    def __init__(self, model, batch_tokens: int = 2048, progress: bool = True):
         self.model, self.batch_tokens, self.progress = model, batch_tokens, progress
         self.reset_stats()
 
@@ -99,19 +111,21 @@ class Scorer:
                 raise ValueError("a scoring group needs a non-empty context and non-empty continuations")
         graphdef, state = nnx.split(self.model)
         out: list = [None] * len(groups)
-        cost = [len(c) + sum(map(len, k)) for c, k in groups]
-        order = sorted(range(len(groups)), key=lambda i: -cost[i])  # largest first, as lm-eval
+        k = max(len(conts) for _, conts in groups)  # one K for all: fewer shapes (missing choices are empty)
+        # Batches of one padded shape each: groups by (context bucket, continuation bucket), largest first.
+        shape = [(_bucket(len(c), 16), _bucket(max(map(len, ks)), 8)) for c, ks in groups]
+        order = sorted(range(len(groups)), key=lambda i: (shape[i], len(groups[i][0])), reverse=True)
         bar = tqdm(total=len(groups), desc=desc, unit="group", disable=not self.progress, leave=False)
         start = 0
         while start < len(order):
-            head_ctx, head_conts = groups[order[start]]
-            size = max(1, self.batch_tokens // (_bucket(len(head_ctx), 16) + len(head_conts) * _bucket(max(map(len, head_conts)), 8)))
-            idx = order[start:start + size]
-            lc = _bucket(max(len(groups[i][0]) for i in idx), 16)
-            k = max(len(groups[i][1]) for i in idx)
-            lk = _bucket(max(len(c) for i in idx for c in groups[i][1]), 8)
-            ctx, ctx_len = np.zeros((size, lc), np.int32), np.zeros(size, np.int32)  # padding rows stay empty
-            conts, cont_len = np.zeros((size, k, lk), np.int32), np.zeros((size, k), np.int32)
+            lc, lk = shape[order[start]]
+            same = sum(1 for i in order[start:] if shape[i] == (lc, lk))
+            rows = max(1, self.batch_tokens // (lc + k * lk))
+            if same < rows:  # the bucket's last batch: fewer padding rows, at most one more shape
+                rows = _bucket(same, 1)
+            idx = order[start:start + min(rows, same)]
+            ctx, ctx_len = np.zeros((rows, lc), np.int32), np.zeros(rows, np.int32)  # padding rows stay empty
+            conts, cont_len = np.zeros((rows, k, lk), np.int32), np.zeros((rows, k), np.int32)
             for r, i in enumerate(idx):
                 c, ks = groups[i]
                 ctx[r, :len(c)], ctx_len[r] = c, len(c)
