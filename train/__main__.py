@@ -1,7 +1,7 @@
 """python -m train: fine-tune a converted checkpoint with LoRA (CATS recipe) or fully.
 
     python -m train --ckpt /work/ckpt/smollm2 --run runs/lora50 --sparsity 0.5 \\
-        --data wiki.txt --seq-len 512 --steps 200 --merge-lora /work/ckpt/smollm2-lora50
+        --data lambada.jsonl --seq-len 256 --steps 120 --lr 1e-3 --merge-lora /work/ckpt/smollm2-lora50
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import dataclasses
 import sys
 
 from train.lora import ATTN_TARGETS, MLP_TARGETS
+from cats_jax import checkpoint
+from cats_jax.data import DataError
 from train.trainer import TrainConfig, Trainer
+
 
 def _default(name):
     return TrainConfig.__dataclass_fields__[name].default
@@ -81,10 +84,15 @@ def main(argv=None) -> int:
     kw["lora_targets"] = tuple(t.strip() for t in a.lora_targets.split(",") if t.strip())
     try:
         cfg = TrainConfig(ckpt=a.ckpt, run_dir=a.run, **kw)
+        if a.export:
+            checkpoint.check_out_dir(a.export, a.force)  # before training, not after
         trainer = Trainer(cfg, resume=a.resume, quiet=a.quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         p.error(str(e))
-    status = trainer.run()
+    try:
+        status = trainer.run()
+    except DataError as e:  # a source that fails only once training reads it
+        p.exit(1, f"python -m train: error: {e}\n")
     if status != "done":
         print(f"stopped by {status} at step {trainer.step}; checkpoint saved. Continue with the same "
               f"command plus --resume.", file=sys.stderr)

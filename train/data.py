@@ -147,19 +147,21 @@ class Packer:
 
 def eval_rows(records: Callable[[], Iterator], encode, seq_len: int, sep_id: int, docs: int | None, max_rows: int,
               sep_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """The first max_rows packed rows of the first `docs` documents (None: as many as needed)."""
-    packer = Packer(lambda: itertools.islice(records(), docs), encode, seq_len, sep_id, sep_weight=sep_weight)
-    rows = []
-    try:
-        while len(rows) < max_rows and packer.epoch == 0:
-            rows.append(packer.next_row())
-    except DataError:  # fewer documents than one row
-        pass
-    if packer.epoch:  # the last row wrapped around to the first document again
-        rows.pop()
-    if not rows:
-        raise DataError(f"the eval documents hold fewer than {seq_len + 1} tokens (one row)")
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    """The first max_rows rows (packed as Packer packs them) of the first `docs` documents (None:
+    as many as needed); the partial row at the end is dropped."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for rec in itertools.islice(records(), docs):
+        i, w = encode(rec)
+        ids += list(i) + [sep_id]
+        weights += list(w) + [sep_weight]
+        if len(ids) > max_rows * seq_len:
+            break
+    rows = min(max_rows, (len(ids) - 1) // seq_len)
+    if rows < 1:
+        raise DataError(f"the eval documents hold {len(ids)} tokens, fewer than one row of {seq_len + 1}")
+    idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)
+    return np.asarray(ids, np.int32)[idx], np.asarray(weights, np.float32)[idx]
 
 
 def tokenizer_and_records(ckpt: str, src: TextSource, chat: bool):
