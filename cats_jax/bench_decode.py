@@ -1,7 +1,8 @@
 """Decode speed with random weights at real model shapes: no checkpoint needed.
 
     PYTHONPATH=. python3 -m cats_jax.bench_decode --config mistral-7b --random-weights --batch 1,4,8
-    python -m cats_jax.bench_decode --config mistral-7b --random-weights --mlp cats-pallas --sparsity 0.5
+    python -m cats_jax.bench_decode --config mistral-7b --random-weights --mode cats --sparsity 0.5
+    python -m cats_jax.bench_decode --config mistral-7b --random-weights --mode teal --sparsity 0.4,0.5
     python -m cats_jax.bench_decode --config smollm2-135m --random-weights --prompt-len 16 --new-tokens 8  # CPU smoke
 
 Each batch runs cats_jax.generate.generate (the same jitted prefill and while_loop decode as
@@ -19,9 +20,11 @@ not counted: for mistral-7b at 128 + 256 tokens it is 0.3% of the weights per ro
 Ceiling: y = x + 1 over a --copy-mib bf16 array, timed in the same run on the same device,
 counting the bytes read and written.
 
-Weights are created on the device in bf16 by one jitted init, never as fp32 host arrays. For
-CATS, thresholds come from a quick calibration (cats_jax.calibrate) of that random model on one
-row of random tokens: a per-layer quantile of |SiLU(x W_gate)| at --sparsity.
+Weights are created on the device in bf16 by one jitted init, never as fp32 host arrays, and
+q/k/v are fused (Transformer.prepare_for_decode), as generation runs them. For sparse modes the
+thresholds come from a quick calibration of that random model on one row of random tokens: per
+layer and site, the quantile of the dense model's |values| at --sparsity (uniform allocation;
+cats_jax.teal.sample_inputs). --impl pallas runs decode steps through the kernels.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from flax import nnx
 from cats_jax.config import PRESETS, ModelConfig
 from cats_jax.generate import generate
 from cats_jax.model import Transformer
+from cats_jax.sparsity import MODES
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
@@ -78,16 +82,21 @@ def bytes_per_step(cfg: ModelConfig, model: Transformer, batch: int, prompt_len:
     return weights + batch * kv_per_pos * float(ctx.mean())
 
 
-def calibrate_random(model: Transformer, sparsity: float, tokens: int, seed: int) -> np.ndarray:
-    """Per-layer thresholds at `sparsity` from one row of random tokens (leaves the model dense-equivalent)."""
-    from cats_jax import calibrate  # its data/checkpoint imports are only needed here
+def random_thresholds(model: Transformer, sparsity: list[float], tokens: int, seed: int) -> dict:
+    """{level: {site: per-layer thresholds}} for every site (TEAL's and CATS's) at each level, from
+    one row of random tokens: the quantile of the dense model's |values| (uniform allocation)."""
+    from cats_jax import teal  # its data/checkpoint imports are only needed here
 
     row = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, tokens, dtype=np.int32)
-    return calibrate.calibrate(model, [row], [sparsity], batch_size=1, seed=seed, progress=False).thresholds[0]
+    sample = teal.sample_inputs(model, [row], batch_size=1, seed=seed, progress=False)  # changes the mode
+    layers = range(model.cfg.num_layers)
+    return {p: {site: [sample.threshold(site, i, p)[0] for i in layers] for site in MODES["teal"] + MODES["cats"]}
+            for p in sparsity}
 
 
 def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
-    """Benchmark cfg's shapes with main()'s options; prints rows as they come, returns the markdown table."""
+    """Benchmark cfg's shapes with main()'s options (every mode x sparsity x batch); prints rows as
+    they come, returns the markdown table."""
     dev = jax.devices()[0]
     date = datetime.date.today().isoformat()
     print(f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}, flax {flax.__version__}; "
@@ -95,40 +104,45 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     ceiling = copy_bandwidth(args.copy_mib)
     print(f"copy ceiling: {ceiling / 1e9:.1f} GB/s", flush=True)
     model = random_model(cfg, args.seed)
-    if args.mlp != "dense":
-        model.set_cats_thresholds(calibrate_random(model, args.sparsity, args.calib_tokens, args.seed))
-        model.set_mlp_impl(args.mlp)
+    sparse = [m for m in args.mode if m != "dense"]
+    thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
+    model.prepare_for_decode()
 
     rows = []
-    for batch in args.batch:
-        rng = np.random.default_rng(args.seed + batch)
-        prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-        bench = functools.partial(generate, model, prompts, args.new_tokens, eos_ids=(),
-                                  prefill_chunk=args.prefill_chunk)
-        compile_s = bench().compile_s  # first run: compiles and warms up
-        runs = [bench() for _ in range(args.repeats)]
-        steps = runs[0].decode_steps
-        decode_s = statistics.median(r.decode_s for r in runs)
-        prefill_s = statistics.median(r.prefill_s for r in runs)
-        nbytes = bytes_per_step(cfg, model, batch, args.prompt_len, args.new_tokens)
-        gbs = nbytes * steps / decode_s
-        sparsity = runs[0].mlp_sparsity
-        rows.append(
-            f"| {args.mlp} | {'-' if sparsity is None else f'{args.sparsity:g} / {sparsity:.3f}'} | {batch} "
-            f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {decode_s / steps * 1e3:.3f} "
-            f"| {batch * steps / decode_s:.1f} | {nbytes / 1e9:.3f} | {gbs / 1e9:.1f} | {100 * gbs / ceiling:.1f}% "
-            f"| {compile_s:.1f} |"
-        )
-        print(rows[-1], flush=True)
+    settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
+    for mode, level in settings:
+        for site in MODES[mode]:
+            model.set_thresholds(site, thresholds[level][site])
+        model.set_mode(mode, args.impl)
+        label = mode if mode == "dense" else f"{mode} ({args.impl}) {level:g}"
+        for batch in args.batch:
+            rng = np.random.default_rng(args.seed + batch)
+            prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+            bench = functools.partial(generate, model, prompts, args.new_tokens, eos_ids=(),
+                                      prefill_chunk=args.prefill_chunk)
+            compile_s = bench().compile_s  # first run: compiles and warms up
+            runs = [bench() for _ in range(args.repeats)]
+            steps = runs[0].decode_steps
+            decode_s = statistics.median(r.decode_s for r in runs)
+            prefill_s = statistics.median(r.prefill_s for r in runs)
+            nbytes = bytes_per_step(cfg, model, batch, args.prompt_len, args.new_tokens)
+            gbs = nbytes * steps / decode_s
+            measured = runs[0].mlp_sparsity
+            rows.append(
+                f"| {label} | {'-' if measured is None else f'{measured:.3f}'} | {batch} "
+                f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {decode_s / steps * 1e3:.3f} "
+                f"| {batch * steps / decode_s:.1f} | {nbytes / 1e9:.3f} | {gbs / 1e9:.1f} | {100 * gbs / ceiling:.1f}% "
+                f"| {compile_s:.1f} |"
+            )
+            print(rows[-1], flush=True)
 
     return "\n".join([
-        f"### decode: {cfg.name}, random bf16 weights, {args.mlp}"
-        + (f" @ sparsity {args.sparsity:g}" if args.mlp != "dense" else ""),
+        f"### decode: {cfg.name}, random bf16 weights",
         "",
         f"{dev.device_kind} ({dev.platform}), {date}, jax {jax.__version__}, flax {flax.__version__}. "
         f"Copy ceiling {ceiling / 1e9:.1f} GB/s (y = x + 1, {args.copy_mib} MiB bf16, read + write).",
         "",
-        "| mlp | sparsity target / measured | batch | prompt | new | prefill ms | ms/step | tokens/s "
+        "| mode (impl) sparsity | measured sparsity | batch | prompt | new | prefill ms | ms/step | tokens/s "
         "| GB/step (dense) | GB/s | % of copy | compile s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
@@ -147,9 +161,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1], help="e.g. 1,4,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--mlp", choices=("dense", "cats-jnp", "cats-pallas"), default="dense")
-    ap.add_argument("--sparsity", type=float, default=0.5, help="CATS target sparsity (with --mlp cats-*)")
-    ap.add_argument("--calib-tokens", type=int, default=256, help="random tokens for the CATS calibration")
+    ap.add_argument("--mode", type=lambda s: s.split(","), default=["dense"],
+                    help=f"sparsity modes, comma-separated ({', '.join(MODES)}); e.g. dense,cats,teal")
+    ap.add_argument("--impl", choices=("pallas", "jnp"), default="pallas", help="sparse decode steps: kernels or jnp")
+    ap.add_argument("--sparsity", type=lambda s: [float(p) for p in s.split(",")], default=[0.5],
+                    help="target sparsities of every site of the sparse modes, e.g. 0.4,0.5")
+    ap.add_argument("--calib-tokens", type=int, default=256, help="random tokens for the calibration")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
     ap.add_argument("--copy-mib", type=int, default=None, help="copy-ceiling array size (default 1024 on GPU, 64 on CPU)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
@@ -158,8 +175,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (the first token comes from prefill)")
-    if args.mlp != "dense" and not 0 < args.sparsity < 1:
-        ap.error(f"--sparsity {args.sparsity} must be in (0, 1)")
+    for m in args.mode:
+        if m not in MODES:
+            ap.error(f"--mode: unknown mode {m!r} (choose from {', '.join(MODES)})")
+    for p in args.sparsity:
+        if not 0 < p < 1:
+            ap.error(f"--sparsity {p} must be in (0, 1)")
     if args.copy_mib is None:
         args.copy_mib = 64 if jax.default_backend() == "cpu" else 1024
     return args

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from cats_jax.model import Transformer, init_cache
+from cats_jax.sparsity import MODES
 from cats_jax.sampling import Sampling, sample
 
 PAD_ID = 0  # fills prompt padding and the steps after a row is done; never read as a real token
@@ -352,9 +353,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--sparsity", type=float, help="CATS target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
-    mode.add_argument("--dense", action="store_true", help="dense MLPs (the default)")
-    ap.add_argument("--mlp", choices=("cats-jnp", "cats-pallas"), default="cats-jnp", help="CATS MLP implementation")
+    mode.add_argument("--sparsity", type=float, help="target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
+    mode.add_argument("--dense", action="store_true", help="no sparsity (the default)")
+    ap.add_argument("--mode", choices=[m for m in MODES if m != "dense"],
+                    help="sparsity sites for --sparsity (default: the calibration's method, cats or teal)")
+    ap.add_argument("--impl", choices=("jnp", "pallas"), default="jnp",
+                    help="jnp (any device) or pallas (GPU kernels for decode steps)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and KV cache dtype")
     ap.add_argument("--stream-every", type=int, default=16, help="decode steps per jitted call between prints")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
@@ -369,7 +373,8 @@ def main(argv=None) -> None:
     try:
         model = checkpoint.load_model(args.ckpt, dtype=checkpoint.DTYPES[args.dtype])
         if args.sparsity is not None:
-            thresholds.load_into(model, args.ckpt, args.sparsity, args.mlp)
+            thresholds.load_into(model, args.ckpt, args.sparsity, args.impl, args.mode)
+        model.prepare_for_decode()
         texts, gen = generate_text(
             model, data.load_tokenizer(args.ckpt), args.prompt, args.max_new_tokens, sampling, chat=args.chat,
             system=args.system, stop=args.stop, seed=args.seed, stream=functools.partial(print, end="", flush=True),

@@ -20,7 +20,7 @@ from flax import nnx
 
 from cats_jax import sparsity
 from cats_jax.config import ModelConfig
-from pallas_kernels import cats_mlp
+from pallas_kernels import cats_mlp, sparse_gemv
 
 f32 = jnp.float32
 Cache = list  # per layer: (k [B, S, K, D], v [B, S, K, D])
@@ -134,6 +134,20 @@ def site_threshold(layer: Block, site: str) -> Threshold:
     return getattr(layer, module).input_threshold[proj]
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _kernel_threshold(module, proj: str):
+    """A TEAL site's threshold for the sparse GEMV kernel; -1 (keep every input) if proj is not sparse."""
+    return module.input_threshold[proj][...] if proj in module.sparse_inputs else jnp.full((), -1.0, f32)
+
+
+def _teal_kernel_step(module, x) -> bool:
+    """Whether this call runs the TEAL sparse GEMV kernels: a decode step (one token per row) of
+    a module set to use them, with few enough rows that their union still skips rows."""
+    return module.teal_kernels and x.shape[1] == 1 and sparse_gemv.kernel_pays(x.shape[0])
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
@@ -141,24 +155,55 @@ class Attention(nnx.Module):
         self.k_proj = _linear(h, cfg.num_kv_heads * d, dtype, rngs)
         self.v_proj = _linear(h, cfg.num_kv_heads * d, dtype, rngs)
         self.o_proj = _linear(cfg.num_heads * d, h, dtype, rngs)
+        self.qkv = nnx.data(None)  # fuse_qkv(): the q/k/v kernels as one [H, (N + 2K) D] Param
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.cfg = cfg  # static (hashable); RoPE frequencies are derived from it at trace time
         # TEAL: the projections whose inputs are thresholded (static), each with its own threshold
         self.sparse_inputs: tuple[str, ...] = ()
         self.input_threshold = _input_thresholds(("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.teal_kernels = False  # static: decode steps through pallas_kernels.sparse_gemv
+
+    def fuse_qkv(self):
+        """Hold q/k/v as one [H, (N + 2K) D] matrix, in place, once: one GEMV per step instead of
+        three. At batch 1 XLA also rewrites the narrow k and v GEMVs as a multiply that writes the
+        whole [H, K D] product, then a reduction (measured: ~25 us per layer on an H100, Mistral-7B
+        shapes); the fused GEMV stays one matmul. TEAL's kernel then reads x once for its three
+        thresholds. LoRA targets q/k/v by name: fine-tune an unfused model."""
+        if self.qkv is None:
+            self.qkv = nnx.Param(jnp.concatenate([p.kernel[...] for p in (self.q_proj, self.k_proj, self.v_proj)], 1))
+            self.q_proj = self.k_proj = self.v_proj = None
+
+    def _qkv(self, x):
+        """q [B, T, N D], k, v [B, T, K D] of the (normed) input x, each projection reading its TEAL input."""
+        if self.qkv is None:
+            return tuple(getattr(self, p)(_sparse_input(self, p, x)) for p in QKV)
+        w = self.qkv[...]
+        n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
+        sizes = (n * d, k * d, k * d)
+        cuts = (n * d, (n + k) * d)
+        b, t, h = x.shape
+        if _teal_kernel_step(self, x):
+            thr = jnp.stack([_kernel_threshold(self, p) for p in QKV])
+            y = sparse_gemv.sparse_gemv(x.reshape(b, h), w, thr, segments=sizes).reshape(b, t, -1)
+            return tuple(jnp.split(y, cuts, axis=-1))
+        if not set(QKV) & set(self.sparse_inputs):
+            return tuple(jnp.split(x @ w, cuts, axis=-1))
+        return tuple(_sparse_input(self, p, x) @ wp for p, wp in zip(QKV, jnp.split(w, cuts, axis=1)))
 
     def keys_values(self, x, positions):
         """Keys (RoPE applied) and values [B, T, K, D] of the (normed) input x."""
         b, t, _ = x.shape
         k, d = self.num_kv_heads, self.head_dim
-        key = apply_rope(self.k_proj(_sparse_input(self, "k_proj", x)).reshape(b, t, k, d), positions, rope_inv_freq(self.cfg))
-        return key, self.v_proj(_sparse_input(self, "v_proj", x)).reshape(b, t, k, d)
+        _, key, val = self._qkv(x)
+        return apply_rope(key.reshape(b, t, k, d), positions, rope_inv_freq(self.cfg)), val.reshape(b, t, k, d)
 
     def __call__(self, x, positions, kv=None):
         b, t, _ = x.shape
         n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q = apply_rope(self.q_proj(_sparse_input(self, "q_proj", x)).reshape(b, t, n, d), positions, rope_inv_freq(self.cfg))
-        key, val = self.keys_values(x, positions)
+        q, key, val = self._qkv(x)
+        q = apply_rope(q.reshape(b, t, n, d), positions, rope_inv_freq(self.cfg))
+        key = apply_rope(key.reshape(b, t, k, d), positions, rope_inv_freq(self.cfg))
+        val = val.reshape(b, t, k, d)
         if kv is None:  # no cache: attend among this call's tokens
             keys, vals, key_pos = key, val, positions
         else:  # write this call's keys at their slots, then attend over the whole cache
@@ -177,7 +222,11 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, vals, preferred_element_type=f32)
-        return self.o_proj(_sparse_input(self, "o_proj", out.reshape(b, t, n * d).astype(x.dtype))), kv
+        out = out.reshape(b, t, n * d).astype(x.dtype)
+        if _teal_kernel_step(self, out):
+            y = sparse_gemv.sparse_gemv(out.reshape(b, n * d), self.o_proj.kernel[...], _kernel_threshold(self, "o_proj"))
+            return y.reshape(b, t, -1), kv
+        return self.o_proj(_sparse_input(self, "o_proj", out)), kv
 
 
 class MLP(nnx.Module):
@@ -187,8 +236,9 @@ class MLP(nnx.Module):
     `sparse_inputs` (static): the projections whose inputs TEAL thresholds (jnp path).
 
     `neuron_major` (static): gate_proj / up_proj kernels are held transposed, [I, H], so that each
-    neuron's weights are one contiguous row the kernel can skip. `prepare_for_kernel` flips it
-    once, in place (set_mlp_impl("cats-pallas") does); every path reads either layout.
+    neuron's weights are one contiguous row the kernel can skip. `set_neuron_major` flips it in
+    place (set_mlp_impl("cats-pallas") does); every jnp path reads either layout.
+    `teal_kernels` (static, set_mode(..., "pallas")): TEAL decode steps run sparse GEMVs.
     Checkpoints hold the Flax layout [H, I]: do not save the params of a prepared model."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
@@ -200,14 +250,15 @@ class MLP(nnx.Module):
         self.neuron_major = False
         self.sparse_inputs: tuple[str, ...] = ()
         self.input_threshold = _input_thresholds(("gate_proj", "up_proj", "down_proj"))
+        self.teal_kernels = False  # static: TEAL decode steps through pallas_kernels.sparse_gemv
 
-    def prepare_for_kernel(self):
-        """Transpose gate and up kernels to [I, H], once. Each old matrix is dropped as soon as
-        its transpose exists, so only one matrix is ever held twice."""
-        if not self.neuron_major:
+    def set_neuron_major(self, neuron_major: bool):
+        """Transpose gate and up kernels to [I, H] (or back), in place, only if the layout changes.
+        Each old matrix is dropped as soon as its transpose exists: one matrix is held twice at most."""
+        if self.neuron_major != neuron_major:
             for lin in (self.gate_proj, self.up_proj):
                 lin.kernel.set_value(jnp.transpose(lin.kernel[...]))
-            self.neuron_major = True
+            self.neuron_major = neuron_major
 
     def _in_proj(self, lin, x, **kw):
         if self.neuron_major:
@@ -221,6 +272,8 @@ class MLP(nnx.Module):
         # the kernel applies the CATS rule only: TEAL input thresholds on this MLP take the jnp path
         if self.impl == "cats-pallas" and t == 1 and not self.sparse_inputs and cats_mlp.kernel_pays(b):
             return self._decode_kernel(x)
+        if self.impl == "dense" and _teal_kernel_step(self, x):
+            return self._teal_decode_kernel(x)
         xg, xu = _sparse_input(self, "gate_proj", x), _sparse_input(self, "up_proj", x)
         if self.impl == "dense":
             a = jax.nn.silu(self._in_proj(self.gate_proj, xg))
@@ -236,14 +289,27 @@ class MLP(nnx.Module):
             a = a.astype(x.dtype)
         return self.down_proj(_sparse_input(self, "down_proj", a * self._in_proj(self.up_proj, xu)))
 
+    def _teal_decode_kernel(self, x):
+        """TEAL's decode step: gate, up and down as sparse GEMVs with their input thresholds
+        fused; the SiLU and product in between as the jnp path computes them."""
+        if self.neuron_major:
+            raise ValueError("TEAL kernels read the Flax layout [H, I]; this MLP was prepared for the CATS kernel")
+        b, _, h = x.shape
+        x2 = x.reshape(b, h)
+        g = sparse_gemv.sparse_gemv(x2, self.gate_proj.kernel[...], _kernel_threshold(self, "gate_proj"))
+        u = sparse_gemv.sparse_gemv(x2, self.up_proj.kernel[...], _kernel_threshold(self, "up_proj"))
+        y = sparse_gemv.sparse_gemv(jax.nn.silu(g) * u, self.down_proj.kernel[...], _kernel_threshold(self, "down_proj"))
+        return y.reshape(x.shape)
+
     def _decode_kernel(self, x):
         if not self.neuron_major:
             raise ValueError("the cats-pallas kernel needs neuron-major weights: call Transformer.prepare_for_kernel()")
         b, _, h = x.shape
-        hidden = cats_mlp.gate_up(x.reshape(b, h), self.gate_proj.kernel[...], self.up_proj.kernel[...], self.threshold[...])
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), self.gate_proj.kernel[...], self.up_proj.kernel[...],
+                                      self.down_proj.kernel[...], self.threshold[...])
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         self.sow(nnx.Intermediate, "active_fraction", sparsity.active_fraction(hidden, axis=-1)[:, None], capture_noop=True)
-        return cats_mlp.sparse_gemv(hidden, self.down_proj.kernel[...]).reshape(x.shape)
+        return y.reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -294,19 +360,24 @@ class Transformer(nnx.Module):
     def set_mode(self, mode: str, impl: str = "jnp"):
         """Threshold the sites of `mode` (sparsity.MODES: dense, cats, teal, cats+teal-attn) and
         no others, computed by `impl`: "jnp" (the reference, any device) or "pallas" (GPU kernels
-        for decode steps; so far the CATS MLP only). The thresholds are set apart (set_thresholds)."""
+        for decode steps: the CATS MLP kernel, TEAL's sparse GEMVs; prefill and the CPU stay on
+        jnp). The thresholds are set apart (set_thresholds)."""
         if mode not in sparsity.MODES:
             raise ValueError(f"unknown sparsity mode {mode!r} (choose from {', '.join(sparsity.MODES)})")
         if impl not in ("jnp", "pallas"):
             raise ValueError(f"unknown sparsity implementation {impl!r} (choose from jnp, pallas)")
         sites = sparsity.MODES[mode]
-        if impl == "pallas" and set(sites) & set(sparsity.TEAL_SITES):
-            raise ValueError(f"mode {mode!r}: no Pallas kernel for TEAL sites yet; use impl='jnp'")
         self.set_mlp_impl(f"cats-{impl}" if sparsity.CATS_SITE in sites else "dense")
         for layer in self.layers:
             for name in ("attn", "mlp"):
+                module = getattr(layer, name)
                 teal = (s for s in sites if s in sparsity.TEAL_SITES and s.startswith(name + "."))
-                getattr(layer, name).sparse_inputs = tuple(s.split(".")[1] for s in teal)
+                module.sparse_inputs = tuple(s.split(".")[1] for s in teal)
+                module.teal_kernels = impl == "pallas" and bool(module.sparse_inputs)
+            if layer.attn.teal_kernels:
+                layer.attn.fuse_qkv()  # the kernel reads x once for q, k and v
+            if layer.mlp.teal_kernels:
+                layer.mlp.set_neuron_major(False)  # TEAL's GEMVs read the Flax layout
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -336,7 +407,13 @@ class Transformer(nnx.Module):
     def prepare_for_kernel(self):
         """Neuron-major gate/up weights for the Pallas MLP kernel (see MLP); in place, once."""
         for layer in self.layers:
-            layer.mlp.prepare_for_kernel()
+            layer.mlp.set_neuron_major(True)
+
+    def prepare_for_decode(self):
+        """Inference layout, in place: q/k/v fused (Attention.fuse_qkv). Generation and the
+        benchmarks call it; training and LoRA want the separate projections."""
+        for layer in self.layers:
+            layer.attn.fuse_qkv()
 
     def set_cats_thresholds(self, thresholds):
         self.set_thresholds(sparsity.CATS_SITE, thresholds)

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import statistics
 import time
@@ -138,7 +139,7 @@ def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH):
         wg, wu, wd = random_mlp(h, i)
         wg_t, wu_t = wg.T.copy(), wu.T.copy()  # neuron-major, as the model stores them for the kernel
         dense_t = loop_timer(dense_mlp)
-        kern_t = loop_timer(lambda x, t, wg_t, wu_t, wd: K.cats_mlp(x, wg_t, wu_t, wd, t))
+        kern_t = loop_timer(lambda x, t, wg_t, wu_t, wd: K.cats_mlp(x, wg_t, wu_t, wd, t)[0])
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             dense_us = dense_t(x, wg, wu, wd)
@@ -202,23 +203,42 @@ def markdown(result) -> str:
 
 # ---- block-size tuning ------------------------------------------------------------------------
 GATE_UP_CANDIDATES = {
-    1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [
-        (8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 4), (16, 512, 8, 4)]],
+    1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(8, 512, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 4)]],
     **{b: [K.GateUpBlocks(r, c, w, s, dot=True) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3)]]
        for b in (2, 4, 8)},
 }
+# gate_up with the down projection fused in (timed as the whole MLP)
+FUSED_CANDIDATES = {
+    1: [K.GateUpBlocks(r, c, w, s, fuse_down=True) for r, c, w, s in [
+        (8, 1024, 4, 4), (16, 512, 4, 4), (32, 512, 8, 4), (64, 256, 8, 3), (16, 1024, 8, 4), (32, 256, 4, 4)]],
+    **{b: [K.GateUpBlocks(r, c, w, s, dot=True, fuse_down=True) for r, c, w, s in [
+        (32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 3)]] for b in (2, 4, 8)},
+}
 GEMV_CANDIDATES = {
-    1: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [
-        (32, 256, 32, 4, 3), (32, 128, 32, 4, 3), (64, 128, 32, 4, 3), (32, 256, 64, 4, 3), (64, 256, 32, 8, 3),
-        # wider contiguous row pieces and longer loops (kept rows of W_down are 8 KB apart)
-        (16, 512, 64, 4, 3), (16, 1024, 64, 8, 3), (8, 1024, 128, 4, 4), (32, 512, 32, 8, 3), (16, 512, 128, 4, 4)]],
-    **{b: [G.GemvBlocks(r, c, sp, w, s, dot=True) for r, c, sp, w, s in [(32, 256, 32, 4, 3), (32, 256, 16, 4, 3)]]
-       for b in (2, 4, 8)},
+    1: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [(32, 256, 32, 4, 3), (16, 512, 64, 4, 3)]]
+    # atomic: many short splits (1-4 steps each), TEAL's layout
+    + [G.GemvBlocks(r, c, sp, w, s, atomic=True) for r, c, sp, w, s in [
+        (64, 256, 224, 4, 1), (128, 128, 112, 4, 1), (32, 512, 448, 4, 1), (64, 512, 224, 8, 1),
+        (128, 256, 112, 8, 1), (16, 1024, 896, 4, 1), (32, 256, 112, 4, 3), (64, 256, 56, 4, 3),
+        (64, 128, 1024, 4, 1), (128, 64, 1024, 4, 1), (256, 64, 1024, 8, 1), (128, 128, 1024, 8, 1),
+        (256, 128, 1024, 8, 1), (64, 64, 1024, 2, 1)]],
+    **{b: [G.GemvBlocks(32, 256, 16, 4, 3, dot=True)]
+       + [G.GemvBlocks(r, c, sp, w, s, dot=True, atomic=True) for r, c, sp, w, s in [
+           (64, 256, 224, 4, 1), (32, 256, 448, 4, 1), (32, 256, 112, 4, 3)]] for b in (2, 4, 8)},
 }
 
 
+def _time(label, f, *args, n=(10, 40)):
+    try:
+        return loop_timer(f, n=n)(*args)
+    except Exception as e:  # a candidate that does not compile (registers, shared memory)
+        print(f"{label}: failed: {type(e).__name__}: {str(e)[:200]}")
+        return None
+
+
 def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
-    """Time every candidate of each kernel alone at `sparsity`; print them and the best."""
+    """Time every candidate at `sparsity`: gate_up and sparse_gemv alone, and the fused kernel
+    (the whole MLP). Print them; the faster of (best fused) and (best gate_up + best gemv) wins."""
     bw = copy_bandwidth()  # also warms the GPU up
     out = []
     for label, h, i in shapes(models):
@@ -228,22 +248,21 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             ((t, union),) = thresholds_for(x, wg, [sparsity])
             hidden = K.gate_up(x, wg_t, wu_t, t)
-            for kind, cands in (("gate_up", GATE_UP_CANDIDATES[b]), ("sparse_gemv", GEMV_CANDIDATES[b])):
+            kinds = (
+                ("gate_up", GATE_UP_CANDIDATES[next_pow2(b)], lambda blk: (lambda x, t, a, c: K.gate_up(x, a, c, t, blocks=blk)),
+                 (x, t, wg_t, wu_t)),
+                ("sparse_gemv", GEMV_CANDIDATES[next_pow2(b)], lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk)),
+                 (hidden, wd)),
+                ("fused", FUSED_CANDIDATES[next_pow2(b)], lambda blk: (lambda x, t, a, c, d: K.cats_mlp(x, a, c, d, t, blocks=blk)[0]),
+                 (x, t, wg_t, wu_t, wd)),
+            )
+            for kind, cands, make, args in kinds:
                 for blk in cands:
-                    if kind == "gate_up":
-                        f = lambda x, t, wg_t, wu_t, blk=blk: K.gate_up(x, wg_t, wu_t, t, blocks=blk)
-                        args = (x, t, wg_t, wu_t)
-                    else:
-                        f = lambda hh, wd, blk=blk: G.sparse_gemv(hh, wd, blocks=blk)
-                        args = (hidden, wd)
-                    try:
-                        us = loop_timer(f)(*args)
-                    except Exception as e:  # a candidate that does not compile (registers, shared memory)
-                        print(f"{label} B={b} {kind} {blk}: failed: {type(e).__name__}: {str(e)[:200]}")
-                        continue
-                    out.append(dict(shape=label, batch=b, kernel=kind, blocks=dataclasses.asdict(blk), us=us,
-                                    union_sparsity=union))
-                    print(f"{label} B={b} {kind} {blk}: {us:.1f} us", flush=True)
+                    us = _time(f"{label} B={b} {kind} {blk}", make(blk), *args)
+                    if us is not None:
+                        out.append(dict(shape=label, batch=b, kernel=kind, blocks=dataclasses.asdict(blk), us=us,
+                                        union_sparsity=union))
+                        print(f"{label} B={b} {kind} {blk}: {us:.1f} us", flush=True)
     print("\nbest per (shape, batch, kernel):")
     best = {}
     for r in out:
@@ -252,10 +271,75 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
             best[key] = r
     for key, r in best.items():
         print(f"  {key}: {r['us']:.1f} us  {r['blocks']}")
-    tables = {"gate_up": K.TABLE, "sparse_gemv": G.TABLE}
-    for (_, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
-        tables[kind][next_pow2(b)] = type(tables[kind][next_pow2(b)])(**r["blocks"])
+    for (shape, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
+        if kind == "sparse_gemv":
+            G.TABLE[next_pow2(b)] = G.GemvBlocks(**r["blocks"])
+        if kind != "gate_up":
+            continue
+        fused = best.get((shape, b, "fused"))
+        split_us = r["us"] + best[(shape, b, "sparse_gemv")]["us"] if (shape, b, "sparse_gemv") in best else None
+        win = fused if fused and (split_us is None or fused["us"] < split_us) else r
+        print(f"  B={b}: {'fused' if win is fused else 'gate_up + sparse_gemv'} "
+              f"({win['us'] if win is fused else split_us:.1f} us)")
+        K.TABLE[next_pow2(b)] = K.GateUpBlocks(**win["blocks"])
     return dict(meta=_meta(bw), tune=out)
+
+
+# ---- TEAL: sparse-input GEMVs of every projection ---------------------------------------------
+def projections(models):
+    """(label, n_in, segments) per distinct projection GEMV of the models, as TEAL runs them: q/k/v
+    fused (one input, three thresholds), o, gate/up fused, down."""
+    out = {}
+    for m in models:
+        c = PRESETS[m]
+        qkv = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
+        for name, n_in, segs in (("qkv", c.hidden_size, qkv), ("o", c.num_heads * c.head_dim, (c.hidden_size,)),
+                                 ("gate|up", c.hidden_size, (c.intermediate_size,) * 2),
+                                 ("down", c.intermediate_size, (c.hidden_size,))):
+            out.setdefault((n_in, segs), f"{m} {name}")
+    return [(label, n_in, segs) for (n_in, segs), label in out.items()]
+
+
+def _gemv_case(n_in, segs, b, sparsity, seed=0):
+    w = (jax.random.normal(jax.random.key(seed), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(seed + b), (b, n_in), f32).astype(jnp.bfloat16)
+    t = threshold_for(x, sparsity)
+    union = float(np.mean(np.all(np.abs(np.asarray(x, np.float32)) <= t, axis=0)))
+    return w, x, jnp.full((len(segs),), t, f32), union
+
+
+def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None):
+    """Per projection: sparse_gemv with the fused threshold vs XLA's dense x @ W. With tune_at (a
+    sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    for label, n_in, segs in projections(models):
+        for b in batch:
+            blk = None
+            if tune_at is not None:
+                w, x, t, _ = _gemv_case(n_in, segs, b, tune_at)
+                timed = []
+                for cand in GEMV_CANDIDATES[min(next_pow2(b), 8)]:
+                    cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
+                    us = _time(f"{label} B={b} {cand}", lambda x, w, t, c=cand: G.sparse_gemv(x, w, t, segments=segs, blocks=c),
+                               x, w, t, n=(20, 100))
+                    if us is not None:
+                        timed.append((us, cand))
+                        print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
+                blk = min(timed, key=lambda r: r[0])[1]
+                G.TUNED[(next_pow2(b), n_in, sum(segs))] = blk  # in this process
+                print(f"TUNED[({next_pow2(b)}, {n_in}, {sum(segs)})] = {blk}", flush=True)
+            for s in sparsity:
+                w, x, t, union = _gemv_case(n_in, segs, b, s)
+                us = loop_timer(lambda x, w, t: G.sparse_gemv(x, w, t, segments=segs, blocks=blk), n=(20, 100))(x, w, t)
+                dense_us = loop_timer(lambda x, w: x @ w, n=(20, 100))(x, w)
+                ideal = n_in * (1 - union) * sum(segs) * 2 / bw * 1e6
+                rows.append(dict(shape=label, H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,
+                                 kernel_us=us, dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal,
+                                 pct_of_ideal=100 * ideal / us, blocks=dataclasses.asdict(blk) if blk else None))
+                print(_fmt_row(rows[-1]), flush=True)
+    return dict(meta=_meta(bw), rows=rows)
 
 
 def main(argv=None):
@@ -268,6 +352,9 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="first time block-size candidates per batch size (first model's shape, 50%% sparsity), "
                         "then benchmark with the winners")
+    p.add_argument("--teal", action="store_true",
+                   help="TEAL: time the sparse-input GEMV of every projection (fused q/k/v, o, fused gate/up, down) "
+                        "instead of the CATS MLP; with --tune, block candidates per projection at 50%%")
     a = p.parse_args(argv)
     models = a.models.split(",")
     for m in models:
@@ -276,8 +363,13 @@ def main(argv=None):
     batch = [int(b) for b in a.batch.split(",")]
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
-    tuned = tune(models[:1], batch) if a.tune else None
-    result = bench(models, [float(s) for s in a.sparsity.split(",")], batch)
+    levels = [float(s) for s in a.sparsity.split(",")]
+    if a.teal:
+        result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None)
+        tuned = None
+    else:
+        tuned = tune(models[:1], batch) if a.tune else None
+        result = bench(models, levels, batch)
     if tuned:
         result["tune"] = tuned["tune"]
     print("\n" + markdown(result))

@@ -50,6 +50,7 @@ class GateUpBlocks:
     num_warps: int = 4
     num_stages: int = 3
     dot: bool = False  # tensor-core dot on batch rows padded to 16, instead of multiply-add
+    fuse_down: bool = False  # the same program multiplies its kept neurons by their W_down rows
 
 
 # Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` on an H100 at
@@ -76,7 +77,11 @@ def kernel_pays(batch: int) -> bool:
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH
 
 
-def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_neurons):
+def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons):
+    if blk.fuse_down:
+        wd_ref, h_ref, y_ref = refs
+    else:
+        (h_ref,) = refs
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
     row_ok = iota(rows, i0) < n_neurons if n_neurons % rows else None
@@ -106,43 +111,62 @@ def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hi
     # a and u are rounded to the activation dtype before their product, as in the model's jnp path
     # (a.astype(x.dtype) * up_proj(x)): decoding through the kernel then gives the jnp path's tokens.
     dt = h_ref.dtype
-    h = a.astype(dt).astype(f32) * u.astype(dt).astype(f32)
-    plgpu.store(
-        h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)],
-        h.astype(dt),
-        mask=mask2d(batch_ok, row_ok),
-    )
+    h = (a.astype(dt).astype(f32) * u.astype(dt).astype(f32)).astype(dt)
+    plgpu.store(h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)], h, mask=mask2d(batch_ok, row_ok))
+    if not blk.fuse_down:
+        return
+
+    # y += h @ W_down[this program's neurons], over the kept neurons' rows only, added in fp32
+    # into y (padded to whole column blocks, so the adds need no mask)
+    h_col = None if blk.dot else jnp.sum(h.astype(f32), axis=0)[:, None]  # batch 1: [rows, 1]
+
+    def down(k, carry):
+        c0 = pl.multiple_of(k * cols, cols)
+        col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
+        w = load(wd_ref.at[pl.ds(i0, rows), pl.ds(c0, cols)], mask=mask2d(live, col_ok))
+        part = plgpu.dot(h, w) if blk.dot else jnp.sum(h_col * w.astype(f32), axis=0)[None, :]
+        plgpu.atomic_add(y_ref, (pl.ds(0, part.shape[0]), pl.ds(c0, cols)), part)
+        return carry
+
+    jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), down, 0)
 
 
-def gate_up(x, wg_t, wu_t, threshold, *, blocks: GateUpBlocks | None = None):
-    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from neuron-major weights."""
+def gate_up(x, wg_t, wu_t, threshold, w_down=None, *, blocks: GateUpBlocks | None = None):
+    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from neuron-major weights.
+    With w_down and fuse_down blocks, also y = h @ w_down [B, H] (fp32): returns (h, y)."""
     if x.ndim != 2 or wg_t.ndim != 2 or wg_t.shape != wu_t.shape or wg_t.shape[1] != x.shape[1]:
         raise ValueError(
             f"gate_up: x {x.shape}, wg_t {wg_t.shape}, wu_t {wu_t.shape}; expected [B, H], [I, H], [I, H]"
         )
     batch, n_hidden = x.shape
-    blk = blocks or blocks_for(batch, n_hidden, wg_t.shape[0])
+    n_neurons = wg_t.shape[0]
+    blk = blocks or blocks_for(batch, n_hidden, n_neurons)
     if batch > 1 and not blk.dot:
         raise ValueError(f"gate_up: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
-    n_neurons = wg_t.shape[0]
-    kernel = functools.partial(
-        _gate_up_kernel, batch=batch, bp=padded_batch(batch, blk.dot), blk=blk,
-        n_hidden=n_hidden, n_neurons=n_neurons,
-    )
-    return call(
-        kernel,
-        jax.ShapeDtypeStruct((batch, n_neurons), x.dtype),
-        grid=(pl.cdiv(n_neurons, blk.rows),),
-        num_warps=blk.num_warps,
-        num_stages=blk.num_stages,
-        name="cats_gate_up",
-    )(x.astype(wg_t.dtype), wg_t, wu_t, jnp.asarray(threshold, f32).reshape(1))
+    if blk.fuse_down != (w_down is not None):
+        raise ValueError("gate_up: pass w_down exactly when the blocks fuse the down projection")
+    bp = padded_batch(batch, blk.dot)
+    kernel = functools.partial(_gate_up_kernel, batch=batch, bp=bp, blk=blk, n_hidden=n_hidden, n_neurons=n_neurons)
+    args = (x.astype(wg_t.dtype), wg_t, wu_t, jnp.asarray(threshold, f32).reshape(1))
+    h_shape = jax.ShapeDtypeStruct((batch, n_neurons), x.dtype)
+    params = dict(grid=(pl.cdiv(n_neurons, blk.rows),), num_warps=blk.num_warps, num_stages=blk.num_stages,
+                  name="cats_gate_up")
+    if not blk.fuse_down:
+        return call(kernel, h_shape, **params)(*args)
+    y_shape = jax.ShapeDtypeStruct((bp if blk.dot else 1, pl.cdiv(n_hidden, blk.cols) * blk.cols), f32)
+    h, y = call(kernel, (h_shape, y_shape), accumulate=(1,), **params)(*args, w_down)
+    return h, y[:batch, :n_hidden]
 
 
-def cats_mlp(x, wg_t, wu_t, w_down, threshold, *, blocks: GateUpBlocks | None = None, down_blocks: GemvBlocks | None = None):
-    """The CATS MLP of decode rows x [B, H] with neuron-major weights: y [B, H] in x.dtype."""
+def cats_mlp(x, wg_t, wu_t, w_down, threshold, *, blocks: GateUpBlocks | None = None,
+             down_blocks: GemvBlocks | None = None):
+    """The CATS MLP of decode rows x [B, H] with neuron-major weights: (y [B, H] in x.dtype, the
+    hidden activations h [B, I], zero where dropped)."""
     if w_down.shape != wg_t.shape:
         raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] like wg_t {wg_t.shape}")
-    h = gate_up(x, wg_t, wu_t, threshold, blocks=blocks)
-    return sparse_gemv(h, w_down, blocks=down_blocks)
-
+    blk = blocks or blocks_for(x.shape[0], x.shape[1], wg_t.shape[0])
+    if blk.fuse_down:
+        h, y = gate_up(x, wg_t, wu_t, threshold, w_down, blocks=blk)
+        return y.astype(x.dtype), h
+    h = gate_up(x, wg_t, wu_t, threshold, blocks=blk)
+    return sparse_gemv(h, w_down, blocks=down_blocks), h

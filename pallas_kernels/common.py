@@ -51,29 +51,37 @@ def poisoned_outputs():
         _poison_outputs = old
 
 
-def call(kernel, out_shape: jax.ShapeDtypeStruct, grid, num_warps: int, num_stages: int, name: str):
-    """pl.pallas_call on whole-array refs (the kernels index global memory themselves), one output."""
+def call(kernel, out_shape, grid, num_warps: int, num_stages: int, name: str, accumulate: tuple[int, ...] = ()):
+    """pl.pallas_call on whole-array refs (the kernels index global memory themselves).
+
+    out_shape: a ShapeDtypeStruct or a tuple of them. The outputs whose index is in `accumulate`
+    start from zeros (the kernel atomic-adds into them); the others start as whatever memory XLA
+    hands over, or NaN under poisoned_outputs(). Initial values travel as aliased inputs that the
+    kernel never sees."""
+    shapes = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
     params = dict(
         grid=grid,
         interpret=not on_gpu(),
         name=name,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )
-    if not _poison_outputs:
+    init = {i: (0 if i in accumulate else jnp.nan) for i in range(len(shapes)) if i in accumulate or _poison_outputs}
+    if not init:
         return pl.pallas_call(kernel, out_shape=out_shape, **params)
 
-    def poisoned(*args):
-        nan = jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)
-        # the NaN buffer is aliased to the output; the kernel never sees its input ref
-        body = lambda *refs: kernel(*refs[:-2], refs[-1])
-        return pl.pallas_call(body, out_shape=out_shape, input_output_aliases={len(args): 0}, **params)(*args, nan)
+    def with_initial_outputs(*args):
+        bufs = [jnp.full(shapes[i].shape, v, shapes[i].dtype) for i, v in init.items()]
+        n = len(args)
+        body = lambda *refs: kernel(*refs[:n], *refs[n + len(bufs):])  # skip the aliased inputs
+        aliases = {n + j: i for j, i in enumerate(init)}
+        return pl.pallas_call(body, out_shape=out_shape, input_output_aliases=aliases, **params)(*args, *bufs)
 
-    return poisoned
+    return with_initial_outputs
 
 
-def load(ref, mask=None):
+def load(ref, mask=None, **kw):
     """Triton load; masked-off elements read as 0 and move no bytes."""
-    return plgpu.load(ref, mask=mask, other=None if mask is None else 0)
+    return plgpu.load(ref, mask=mask, other=None if mask is None else 0, **kw)
 
 
 def next_pow2(n: int) -> int:

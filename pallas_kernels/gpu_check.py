@@ -13,6 +13,7 @@ Exits non-zero on any failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -20,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cats_jax.sparsity import cats_activation, gated_mlp
+from cats_jax.sparsity import MODES, cats_activation, gated_mlp
 from pallas_kernels.bench import random_mlp, threshold_for
-from pallas_kernels.cats_mlp import gate_up
+from pallas_kernels import cats_mlp as K
+from pallas_kernels import sparse_gemv as G
 from pallas_kernels.common import poisoned_outputs
-from pallas_kernels.sparse_gemv import sparse_gemv
 
 f32 = jnp.float32
 TOL = 1e-2  # bf16 output and bf16 hidden activations; fp32 accumulation
@@ -38,7 +39,8 @@ def rel_err(y, ref) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def check_mlp(b, h, i, sparsity, seed) -> bool:
+def check_mlp(b, h, i, sparsity, seed, fused=False) -> bool:
+    """fused: gate_up with the down projection fused in (atomic fp32 adds), else gate_up + sparse_gemv."""
     wg, wu, wd = random_mlp(h, i, seed)
     x = jax.random.normal(jax.random.key(seed + 1), (b, h), f32).astype(jnp.bfloat16)
     with jax.default_matmul_precision("highest"):
@@ -46,65 +48,74 @@ def check_mlp(b, h, i, sparsity, seed) -> bool:
         t = threshold_for(jax.nn.silu(g), sparsity)
         a = cats_activation(g, t)
         ref = gated_mlp(x, wg, wu, wd, t)
+    blk = dataclasses.replace(K.blocks_for(b, h, i), fuse_down=fused)
     with poisoned_outputs():
-        hidden = gate_up(x, wg.T.copy(), wu.T.copy(), t)
-        y = sparse_gemv(hidden, wd)
+        y, hidden = K.cats_mlp(x, wg.T.copy(), wu.T.copy(), wd, t, blocks=blk)
     same_kept = bool(np.array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0))
     err = rel_err(y, ref)
     ok = same_kept and err < TOL
     union = float(jnp.mean(jnp.all(a == 0, axis=0)))
-    print(f"cats_mlp   B={b} H={h:5d} I={i:5d} sparsity {sparsity:.2f} (union {union:.2f}): "
+    print(f"cats_mlp{' fused' if fused else ''} B={b} H={h:5d} I={i:5d} sparsity {sparsity:.2f} (union {union:.2f}): "
           f"rel err {err:.2e}, same kept neurons {same_kept} -> {'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
-def check_gemv(b, n_in, n_out, sparsity, seed) -> bool:
+def check_gemv(b, n_in, n_out, sparsity, seed, atomic=False) -> bool:
+    """atomic: one-step splits atomic-adding into an fp32 output, else fp32 partials."""
     w, _, _ = random_mlp(n_in, n_out, seed)
     x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
+    blk = G.blocks_for(b, n_in, n_out)
+    if atomic:
+        blk = dataclasses.replace(blk, atomic=True, splits=-(-n_in // blk.rows))
     with poisoned_outputs():
-        y = sparse_gemv(x, w, t)
+        y = G.sparse_gemv(x, w, t, blocks=blk)
     err = rel_err(y, ref)
-    print(f"sparse_gemv B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
+    print(f"sparse_gemv{' atomic' if atomic else ''} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
           f"{'ok' if err < TOL else 'FAIL'}", flush=True)
     return err < TOL
 
 
-def check_greedy(dtype, steps=32, batch=(1, 4)) -> bool:
-    """Greedy tokens through the kernel vs the jnp CATS path. In fp32 they must be equal; in bf16
-    the two paths round different accumulation orders, and a near-tie between the top two
-    logits of a random model can flip a token, so bf16 is reported only."""
+def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
+    """Greedy tokens through the kernels vs the jnp path of `mode` (cats: the MLP kernel; teal:
+    the sparse GEMVs). In fp32 they must be equal; in bf16 the two paths round different
+    accumulation orders, and a near-tie between the top two logits of a random model can flip a
+    token, so bf16 is reported only."""
     from cats_jax import model as M
+    from cats_jax.bench_decode import random_thresholds
     from cats_jax.config import preset
     from cats_jax.generate import generate
 
     cfg = preset("smollm2-135m")
+    m0 = M.init_random(cfg, seed=0, dtype=dtype)
+    thresholds = random_thresholds(m0, [0.5], 512, 0)[0.5]
 
     def model(impl):
         m = M.init_random(cfg, seed=0, dtype=dtype)
-        x = jax.random.normal(jax.random.key(0), (512, cfg.hidden_size), f32).astype(dtype)
-        m.set_cats_thresholds([
-            threshold_for(jax.nn.silu(jnp.dot(x, l.mlp.gate_proj.kernel[...], preferred_element_type=f32)), 0.5)
-            for l in m.layers
-        ])
-        m.set_mlp_impl(impl)
-        m.prepare_for_kernel()  # the same layout in both: prefill is then computed identically
+        for site in MODES[mode]:
+            m.set_thresholds(site, thresholds[site])
+        m.set_mode(mode, impl)
+        m.prepare_for_decode()
+        if mode == "cats":
+            m.prepare_for_kernel()  # the same layout in both: prefill is then computed identically
         return m
 
-    ref, kern = model("cats-jnp"), model("cats-pallas")
+    ref, kern = model("jnp"), model("pallas")
     rng = np.random.default_rng(0)
     ok = True
     for b in batch:
         prompts = [rng.integers(3, cfg.vocab_size, size=int(rng.integers(4, 40))).tolist() for _ in range(b)]
-        want = generate(ref, prompts, steps, eos_ids=())
-        with poisoned_outputs():
-            got = generate(kern, prompts, steps, eos_ids=())
+        # fp32: XLA's dots in full fp32 too (its default on GPU rounds fp32 operands to TF32)
+        with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
+            want = generate(ref, prompts, steps, eos_ids=())
+            with poisoned_outputs():
+                got = generate(kern, prompts, steps, eos_ids=())
         same = got.tokens == want.tokens
         first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None) for g, w in zip(got.tokens, want.tokens)]
-        print(f"greedy smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} (first mismatch per row {first}); "
-              f"MLP sparsity {got.mlp_sparsity:.3f} kernel vs {want.mlp_sparsity:.3f} jnp; decode "
+        print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} (first mismatch per row {first}); "
+              f"measured sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
               f"{got.decode_tokens_per_s:.0f} vs {want.decode_tokens_per_s:.0f} tok/s", flush=True)
         ok &= same
     return ok
@@ -127,11 +138,12 @@ def main(argv=None):
                   for _ in range(2 if a.quick else 6)]
     gemv_cases = [(int(rng.integers(1, 9)), int(rng.integers(16, 15000)), int(rng.integers(16, 9000)), sp())
                   for _ in range(2 if a.quick else 5)]
-    ok = all([check_mlp(*c, seed=seed + k) for k, c in enumerate(mlp_cases)])
-    ok &= all([check_gemv(*c, seed=seed + k) for k, c in enumerate(gemv_cases)])
+    ok = all([check_mlp(*c, seed=seed + k, fused=f) for k, c in enumerate(mlp_cases) for f in (False, True)])
+    ok &= all([check_gemv(*c, seed=seed + k, atomic=at) for k, c in enumerate(gemv_cases) for at in (False, True)])
     if not a.no_model:
-        ok &= check_greedy(jnp.float32)
-        check_greedy(jnp.bfloat16)
+        for mode in ("cats", "teal"):
+            ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 4))
+            check_greedy(jnp.bfloat16, mode, batch=(1,))
     print("ALL OK" if ok else "FAILURES")
     sys.exit(0 if ok else 1)
 

@@ -8,23 +8,36 @@ rule); without it, the inputs are already sparse (the CATS MLP's hidden activati
 
 Grid: (output column blocks, split-K). A program walks its share of the input rows in steps of
 `rows`, loading a [rows, cols] tile of W with a per-row mask: predicated-off rows issue no memory
-traffic, so skipped rows cost nothing but the mask test. Each split writes fp32 partials
-[splits, B, out] that one small XLA reduction sums: deterministic, and no atomics on bf16.
+traffic, so skipped rows cost nothing but the mask test. Each split either writes fp32 partials
+[splits, B, out] that one small XLA reduction sums (deterministic), or atomic-adds into one fp32
+output (many short splits, TEAL's layout: more loads in flight). Never atomics on bf16.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import block_along, call, iota, load, mask2d, next_pow2, padded_batch
+from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
 
 f32 = jnp.float32
+
+# TEAL decode steps of up to this many rows use the kernel. Rows threshold independently, so the
+# union of B rows at 50% keeps ~1 - 0.5^B of the weight rows: at B = 4 (94%) the kernel has
+# nothing left to skip (the CATS MLP kernel measured 1.00-1.08x there; docs/benchmarks.md).
+MAX_KERNEL_BATCH = 1
+
+
+def kernel_pays(batch: int) -> bool:
+    """Whether the model should route a TEAL decode step of `batch` rows through the kernel."""
+    return kernels_enabled() and batch <= MAX_KERNEL_BATCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,27 +48,43 @@ class GemvBlocks:
     num_warps: int = 4
     num_stages: int = 3
     dot: bool = False  # tensor-core dot on batch rows padded to 16, instead of multiply-add
+    atomic: bool = False  # splits atomic-add into one fp32 output, instead of writing partials
 
 
-# Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` on an H100 for
-# the CATS down projection (in = 14336, out = 4096, 50% sparsity); blocks_for fits them to other shapes.
+# Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` (and `--teal
+# --tune`) on an H100 at 50% sparsity; blocks_for fits them to other shapes. Batch 1: one
+# 128 x 128 tile per program, atomic adds (best on all four Mistral-7B projection shapes and the
+# CATS down projection); batches 2-8: looping splits with fp32 partials.
 TABLE = {
-    1: GemvBlocks(rows=32, cols=256, splits=32, num_warps=4, num_stages=3),
+    1: GemvBlocks(rows=128, cols=128, splits=1024, num_warps=4, num_stages=1, atomic=True),
     2: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
     4: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
     8: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
 }
 
 
-def blocks_for(batch: int, n_in: int, n_out: int) -> GemvBlocks:
-    """The table's blocks for this batch, fitted to the shape (no block longer than its axis)."""
-    b = TABLE[min(next_pow2(batch), max(TABLE))]
+# Per (padded batch, in, out): winners of `python -m pallas_kernels.bench --teal --tune` for
+# shapes whose best blocks differ from TABLE's (docs/benchmarks.md).
+TUNED: dict[tuple[int, int, int], GemvBlocks] = {
+    (1, 4096, 6144): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1, atomic=True),  # q|k|v
+    (1, 4096, 4096): GemvBlocks(rows=256, cols=64, splits=1024, num_warps=8, num_stages=1, atomic=True),  # o
+    (1, 4096, 28672): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1, atomic=True),  # gate|up
+    (1, 14336, 4096): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1, atomic=True),  # down
+}
+
+
+def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None) -> GemvBlocks:
+    """The tuned or table blocks for this batch, fitted to the shape (no block longer than its
+    axis). col_multiple: a length every column block must divide (segment boundaries)."""
+    b = TUNED.get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
     rows = max(min(b.rows, next_pow2(n_in)), 16 if b.dot else 1)
     cols = max(block_along(n_out, b.cols), 16 if b.dot else 1)
+    if col_multiple is not None:
+        cols = min(cols, col_multiple & -col_multiple)  # the largest power of two dividing it
     return dataclasses.replace(b, rows=rows, cols=cols, splits=max(1, min(b.splits, pl.cdiv(n_in, rows))))
 
 
-def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per_split, thresholded):
+def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, bounds):
     rows, cols = blk.rows, blk.cols
     c0 = pl.program_id(0) * cols
     split = pl.program_id(1)
@@ -63,6 +92,8 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
     batch_ok = iota(bp) < batch if bp != batch else None
     row_tail = (n_in % rows_per_split) != 0  # the last split runs past the end of x / W
     t = t_ref[0]
+    for k, bound in enumerate(bounds, 1):  # the threshold of this program's output segment
+        t = jnp.where(c0 >= bound, t_ref[k], t)
 
     def step(k, acc):
         r0 = pl.multiple_of(split * rows_per_split + k * rows, rows)
@@ -77,7 +108,8 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
             xf = jnp.where(jnp.abs(xf) > t, xf, 0.0)
         # [rows, 1]: the weight row is needed by some batch row
         live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if blk.dot else xf != 0
-        w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=live if col_ok is None else live & col_ok[None, :])
+        w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=live if col_ok is None else live & col_ok[None, :],
+                 eviction_policy="evict_first")  # W is streamed once; keep x in cache
         if blk.dot:
             return acc + plgpu.dot(xf.astype(w.dtype), w)  # [bp, cols]; x is exact in w's dtype
         # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
@@ -86,43 +118,58 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
 
     init = jnp.zeros((bp, cols) if blk.dot else (rows, cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
-    if blk.dot:
-        plgpu.store(o_ref.at[split, pl.ds(0, bp), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
+    if not blk.dot:
+        acc = jnp.sum(acc, axis=0)[None, :]  # [1, cols]
+    if blk.atomic:  # the output is padded to whole blocks: no mask (padding columns add zeros)
+        plgpu.atomic_add(o_ref, (pl.ds(0, acc.shape[0]), pl.ds(c0, cols)), acc)
     else:
-        plgpu.store(o_ref.at[split, pl.ds(c0, cols)], jnp.sum(acc, axis=0), mask=col_ok)
+        plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
 
-def sparse_gemv(x, w, threshold=None, *, blocks: GemvBlocks | None = None, out_dtype=None):
+def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None,
+                blocks: GemvBlocks | None = None, out_dtype=None):
     """y = x' @ w with x' = x (threshold None) or x * (|x| > threshold), x' rounded to w's dtype.
 
-    x [B, in], w [in, out], threshold a scalar. Returns [B, out] in out_dtype (default x.dtype),
-    accumulated in fp32. Rows of w are read only where some batch row's x' is non-zero.
+    x [B, in], w [in, out]. Returns [B, out] in out_dtype (default x.dtype), accumulated in fp32.
+    Rows of w are read only where some batch row's x' is non-zero (in that column block).
+    segments: widths of consecutive output-column segments with their own thresholds (threshold
+    then has one value per segment): w = [W_q | W_k | W_v] reads x once for three projections.
     """
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"sparse_gemv: x {x.shape} and w {w.shape} do not chain as [B, in] @ [in, out]")
     batch, n_in = x.shape
     n_out = w.shape[1]
-    blk = blocks or blocks_for(batch, n_in, n_out)
+    segments = tuple(segments or (n_out,))
+    if sum(segments) != n_out:
+        raise ValueError(f"sparse_gemv: segments {segments} do not add up to w's {n_out} output columns")
+    bounds = tuple(itertools.accumulate(segments))[:-1]
+    t = jnp.zeros((1,), f32) if threshold is None else jnp.asarray(threshold, f32).reshape(-1)
+    if threshold is not None and t.shape != (len(segments),):
+        raise ValueError(f"sparse_gemv: {t.size} thresholds for {len(segments)} output segments")
+    blk = blocks or blocks_for(batch, n_in, n_out, math.gcd(*bounds) if bounds else None)
     if batch > 1 and not blk.dot:
         raise ValueError(f"sparse_gemv: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
+    if any(b % blk.cols for b in bounds):
+        raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     out_dtype = out_dtype or x.dtype
     x = x.astype(w.dtype)
-    t = jnp.zeros((1,), f32) if threshold is None else jnp.asarray(threshold, f32).reshape(1)
     bp = padded_batch(batch, blk.dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
     splits = pl.cdiv(n_in, rows_per_split)
     kernel = functools.partial(
         _kernel, batch=batch, bp=bp, blk=blk, n_in=n_in, n_out=n_out,
-        rows_per_split=rows_per_split, thresholded=threshold is not None,
+        rows_per_split=rows_per_split, thresholded=threshold is not None, bounds=bounds,
     )
-    if not blk.dot:  # batch 1: x as a column, partials [splits, out]
+    if not blk.dot:  # batch 1: x as a column
         x = x.reshape(n_in, 1)
-    partials = call(
-        kernel,
-        jax.ShapeDtypeStruct((splits, batch, n_out) if blk.dot else (splits, n_out), f32),
-        grid=(pl.cdiv(n_out, blk.cols), splits),
-        num_warps=blk.num_warps,
-        num_stages=blk.num_stages,
-        name="sparse_gemv",
+    col_blocks = pl.cdiv(n_out, blk.cols)
+    if blk.atomic:  # one fp32 sum, padded to whole blocks, zeroed before the kernel adds into it
+        shape, accumulate = (bp, col_blocks * blk.cols), (0,)
+    else:  # fp32 partials per split, summed by XLA: deterministic
+        shape, accumulate = (splits, bp if blk.dot else 1, n_out), ()
+    out = call(
+        kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
+        num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
     )(x, w, t)
-    return jnp.sum(partials, axis=0).reshape(batch, n_out).astype(out_dtype)
+    y = out[:batch, :n_out] if blk.atomic else jnp.sum(out[:, :batch], axis=0)
+    return y.astype(out_dtype)

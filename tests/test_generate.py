@@ -241,9 +241,11 @@ def test_bench_bytes_per_step_and_random_bf16_weights():
 
 def test_bench_runs_and_reports(capsys):
     args = bench_decode.parse_args(["--batch", "2", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1",
-                                    "--copy-mib", "4", "--mlp", "cats-jnp", "--sparsity", "0.5", "--calib-tokens", "32"])
+                                    "--copy-mib", "4", "--mode", "dense,cats", "--impl", "jnp", "--sparsity", "0.5",
+                                    "--calib-tokens", "32"])
     table = bench_decode.run(LLAMA, args)
-    rows = [r for r in table.splitlines() if r.startswith("| cats-jnp")]
+    rows = [r for r in table.splitlines() if r.startswith("| cats (jnp) 0.5 |")]
     assert len(rows) == 1 and "Copy ceiling" in table
-    measured = float(rows[0].split("|")[2].split("/")[1])
+    assert len([r for r in table.splitlines() if r.startswith("| dense |")]) == 1
+    measured = float(rows[0].split("|")[2])
     assert 0.2 < measured < 0.8  # thresholds calibrated on random tokens at 0.5, measured on others

@@ -1,0 +1,114 @@
+"""Where a decode step's time goes on the GPU: a jax.profiler trace of the decode loop, summed per kernel.
+
+    PYTHONPATH=. python3 scripts/profile_decode.py --config mistral-7b --batch 1,8 [--layers 8] [--mode teal --sparsity 0.5]
+
+For each batch size: run cats_jax.generate once (compile), then once more under jax.profiler with
+a Perfetto trace, and print per kernel name the GPU time per decode step (summed over calls),
+its calls per step and mean duration, and the GPU-busy time per step against the wall time per step
+(the difference is idle GPU time: launch gaps, host syncs). Random bf16 weights, as bench_decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import re
+import tempfile
+
+import jax
+import numpy as np
+
+from cats_jax.bench_decode import random_model, random_thresholds
+from cats_jax.sparsity import MODES
+from cats_jax.config import PRESETS
+from cats_jax.generate import generate
+
+
+def gpu_kernel_events(trace_dir: str) -> list[dict]:
+    """Complete ('X') events on the GPU's stream timelines of the newest trace under trace_dir."""
+    path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+    events = json.load(gzip.open(path))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+    # XLA's own ops and modules also appear on the device as summary rows; keep the stream rows
+    kept = [e for e in events if e.get("ph") == "X" and e["pid"] in gpu
+            and "Stream" in threads.get((e["pid"], e["tid"]), "Stream")]
+    if not kept:  # say what the trace holds instead
+        rows = collections.Counter((names.get(e.get("pid")), threads.get((e.get("pid"), e.get("tid"))))
+                                   for e in events if e.get("ph") == "X")
+        print("no GPU stream events; X events per (process, thread):", rows.most_common(12))
+    return kept
+
+
+def short(name: str) -> str:
+    name = re.sub(r"\d+", "#", name)
+    return name if len(name) < 70 else name[:67] + "..."
+
+
+def profile(model, cfg, batch, args) -> None:
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+    run = lambda: generate(model, prompts, args.new_tokens, eos_ids=())
+    run()
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            gen = run()
+        events = gpu_kernel_events(d)
+    steps = gen.decode_steps
+    # decode kernels only: the prefill ran first, so keep events after the last prefill gap? Simpler:
+    # the decode loop dominates (steps >> 1); the prefill's kernels are listed too but are few.
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        p = per[short(e["name"])]
+        p[0] += e["dur"]
+        p[1] += 1
+    busy = sum(v[0] for v in per.values())
+    wall_ms = gen.decode_s / steps * 1e3
+    print(f"\n### {cfg.name} layers={cfg.num_layers} batch={batch} mode={args.mode} ({args.impl}): {wall_ms:.3f} ms/step wall "
+          f"(decode_s over {steps} steps), GPU busy {busy / 1e3 / steps:.3f} ms/step (prefill included), "
+          f"{len(events)} kernel events")
+    print("| kernel | us/step | calls/step | us/call |\n|---|---|---|---|")
+    for name, (dur, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"| {name} | {dur / steps:.1f} | {n / steps:.2f} | {dur / n:.2f} |")
+    if args.save:  # one event per distinct kernel name, with its args (the HLO op it ran)
+        seen = {}
+        for e in events:
+            seen.setdefault(e["name"], e)
+        with open(f"{args.save}_b{batch}.json", "w") as f:
+            json.dump(list(seen.values()), f, indent=0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(PRESETS), default="mistral-7b")
+    ap.add_argument("--layers", type=int, help="override the number of layers (faster start; per-layer costs the same)")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--mode", choices=sorted(MODES), default="dense")
+    ap.add_argument("--impl", choices=("pallas", "jnp"), default="pallas")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--save", help="write one sample event per kernel name (with its HLO op) to SAVE_b<batch>.json")
+    args = ap.parse_args(argv)
+    cfg = PRESETS[args.config]
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    model = random_model(cfg)
+    if args.mode != "dense":
+        for site, t in random_thresholds(model, [args.sparsity], 256, 0)[args.sparsity].items():
+            model.set_thresholds(site, t)
+    model.set_mode(args.mode, args.impl)
+    model.prepare_for_decode()
+    for b in (int(b) for b in args.batch.split(",")):
+        profile(model, cfg, b, args)
+
+
+if __name__ == "__main__":
+    main()
