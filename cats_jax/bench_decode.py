@@ -17,8 +17,10 @@ ones, so their GB/s is an effective bandwidth: above the ceiling means rows were
 (The decode loop reads every slot of its cache, prompt + new tokens, each step; that excess is
 not counted: for mistral-7b at 128 + 256 tokens it is 0.3% of the weights per row of the batch.)
 
-Ceiling: y = x + 1 over a --copy-mib bf16 array, timed in the same run on the same device,
-counting the bytes read and written.
+Ceilings, timed in the same run on the same device over a --copy-mib bf16 array: copy (y = x + 1,
+bytes read and written counted) and read (a sum: bytes read). Decode reads far more than it
+writes, and on an H200 reading alone runs faster than copying, so both are shown. "vs dense": the
+dense row's ms/step of the same batch in the same run over this row's.
 
 Weights are created on the device in bf16 by one jitted init, never as fp32 host arrays, and
 q/k/v are fused (Transformer.prepare_for_decode), as generation runs them. For sparse modes the
@@ -46,6 +48,7 @@ from cats_jax.config import PRESETS, ModelConfig
 from cats_jax.generate import generate
 from cats_jax.model import Transformer
 from cats_jax.sparsity import MODES
+from pallas_kernels.bench import copy_bandwidth, read_bandwidth
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
@@ -54,19 +57,6 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transfo
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed))))
     state = jax.jit(lambda: nnx.split(make(rngs=nnx.Rngs(seed)))[1])()
     return nnx.merge(graphdef, state)
-
-
-def copy_bandwidth(mib: int, repeats: int = 20) -> float:
-    """Bytes/s of y = x + 1 over a bf16 array of `mib` MiB (read + write counted). The calls are
-    queued back to back and waited for once, so dispatch overlaps the copies."""
-    x = jnp.zeros((mib * 2**20 // 2,), jnp.bfloat16)
-    f = jax.jit(lambda x: x + 1)
-    jax.block_until_ready(f(x))
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        y = f(x)
-    jax.block_until_ready(y)
-    return 2 * x.nbytes * repeats / (time.perf_counter() - t0)
 
 
 def bytes_per_step(cfg: ModelConfig, model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -101,14 +91,14 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     date = datetime.date.today().isoformat()
     print(f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}, flax {flax.__version__}; "
           f"{cfg.name}: {cfg.num_params() / 1e9:.2f} B params", flush=True)
-    ceiling = copy_bandwidth(args.copy_mib)
-    print(f"copy ceiling: {ceiling / 1e9:.1f} GB/s", flush=True)
+    ceiling, read = copy_bandwidth(args.copy_mib / 1024), read_bandwidth(args.copy_mib / 1024)
+    print(f"copy ceiling: {ceiling / 1e9:.1f} GB/s, read ceiling {read / 1e9:.1f} GB/s", flush=True)
     model = random_model(cfg, args.seed)
     sparse = [m for m in args.mode if m != "dense"]
     thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
     model.prepare_for_decode()
 
-    rows = []
+    rows, dense_ms = [], {}
     settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
     for mode, level in settings:
         for site in MODES[mode]:
@@ -128,11 +118,15 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
             nbytes = bytes_per_step(cfg, model, batch, args.prompt_len, args.new_tokens)
             gbs = nbytes * steps / decode_s
             measured = runs[0].mlp_sparsity
+            ms = decode_s / steps * 1e3
+            if mode == "dense":
+                dense_ms[batch] = ms
+            speedup = f"{dense_ms[batch] / ms:.3f}x" if batch in dense_ms else "-"
             rows.append(
                 f"| {label} | {'-' if measured is None else f'{measured:.3f}'} | {batch} "
-                f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {decode_s / steps * 1e3:.3f} "
+                f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {ms:.3f} | {speedup} "
                 f"| {batch * steps / decode_s:.1f} | {nbytes / 1e9:.3f} | {gbs / 1e9:.1f} | {100 * gbs / ceiling:.1f}% "
-                f"| {compile_s:.1f} |"
+                f"| {100 * gbs / read:.1f}% | {compile_s:.1f} |"
             )
             print(rows[-1], flush=True)
 
@@ -140,11 +134,12 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
         f"### decode: {cfg.name}, random bf16 weights",
         "",
         f"{dev.device_kind} ({dev.platform}), {date}, jax {jax.__version__}, flax {flax.__version__}. "
-        f"Copy ceiling {ceiling / 1e9:.1f} GB/s (y = x + 1, {args.copy_mib} MiB bf16, read + write).",
+        f"Copy ceiling {ceiling / 1e9:.1f} GB/s (y = x + 1, {args.copy_mib} MiB bf16, read + write); "
+        f"read ceiling {read / 1e9:.1f} GB/s (a sum over the same array).",
         "",
-        "| mode (impl) sparsity | measured sparsity | batch | prompt | new | prefill ms | ms/step | tokens/s "
-        "| GB/step (dense) | GB/s | % of copy | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode (impl) sparsity | measured MLP sparsity | batch | prompt | new | prefill ms | ms/step | vs dense | tokens/s "
+        "| GB/step (dense) | GB/s | % of copy | % of read | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

@@ -90,6 +90,20 @@ def copy_bandwidth(gib=1.0) -> float:
     return 2 * x.nbytes / (_slope_us(make, (2, 10), 5) * 1e-6)
 
 
+def read_bandwidth(gib=1.0) -> float:
+    """Bytes/s of reading a large bf16 array once per call (a sum): the ceiling of decode, which
+    reads weights and writes little. On an H200 it is well above the copy bandwidth."""
+    x = jnp.zeros((int(gib * 2**30) // 2,), jnp.bfloat16) + 1
+
+    def make(k):
+        # the scale depends on the previous sum (and is 1 in bf16), so no iteration can be hoisted
+        body = lambda x: lambda _, c: jnp.sum(x * (1 + c * 1e-30).astype(x.dtype), dtype=f32)
+        loop = jax.jit(lambda x: jax.lax.fori_loop(0, k, body(x), jnp.zeros((), f32)))
+        return lambda: loop(x)  # x an argument, not a constant XLA could fold
+
+    return x.nbytes / (_slope_us(make, (2, 10), 5) * 1e-6)
+
+
 def random_mlp(h, i, seed=0, dtype=jnp.bfloat16):
     """Flax-layout weights [H, I], [H, I], [I, H] scaled like a trained layer; never zeros."""
     k = jax.random.split(jax.random.key(seed), 3)
@@ -288,13 +302,14 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
 # ---- TEAL: sparse-input GEMVs of every projection ---------------------------------------------
 def projections(models):
     """(label, n_in, segments) per distinct projection GEMV of the models, as TEAL runs them: q/k/v
-    fused (one input, three thresholds), o, gate/up fused, down."""
+    fused (one input, three thresholds), o, gate/up fused (and gate alone, to compare), down."""
     out = {}
     for m in models:
         c = PRESETS[m]
         qkv = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
         for name, n_in, segs in (("qkv", c.hidden_size, qkv), ("o", c.num_heads * c.head_dim, (c.hidden_size,)),
                                  ("gate|up", c.hidden_size, (c.intermediate_size,) * 2),
+                                 ("gate", c.hidden_size, (c.intermediate_size,)),  # gate or up alone
                                  ("down", c.intermediate_size, (c.hidden_size,))):
             out.setdefault((n_in, segs), f"{m} {name}")
     return [(label, n_in, segs) for (n_in, segs), label in out.items()]
@@ -328,8 +343,8 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                         timed.append((us, cand))
                         print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
                 blk = min(timed, key=lambda r: r[0])[1]
-                G.TUNED[(next_pow2(b), n_in, sum(segs))] = blk  # in this process
-                print(f"TUNED[({next_pow2(b)}, {n_in}, {sum(segs)})] = {blk}", flush=True)
+                G._tuned()[(next_pow2(b), n_in, sum(segs))] = blk  # in this process
+                print(f"TUNED[{jax.devices()[0].device_kind!r}][({next_pow2(b)}, {n_in}, {sum(segs)})] = {blk}", flush=True)
             for s in sparsity:
                 w, x, t, union = _gemv_case(n_in, segs, b, s)
                 us = loop_timer(lambda x, w, t: G.sparse_gemv(x, w, t, segments=segs, blocks=blk), n=(20, 100))(x, w, t)

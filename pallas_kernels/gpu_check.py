@@ -103,6 +103,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
         return m
 
     ref, kern = model("jnp"), model("pallas")
+    G.MIN_KERNEL_WEIGHTS = 0  # check the kernels on these small matrices too
     rng = np.random.default_rng(0)
     ok = True
     for b in batch:
@@ -114,11 +115,21 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
                 got = generate(kern, prompts, steps, eos_ids=())
         same = got.tokens == want.tokens
         first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None) for g, w in zip(got.tokens, want.tokens)]
-        print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} (first mismatch per row {first}); "
-              f"measured sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
+        # at a mismatch: the reference's margin between its top two logits there (full recompute)
+        gaps = [None if k is None else _top2_gap(ref, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
+        print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
+              f"(first mismatch per row {first}, reference top-2 logit margin there {gaps}); "
+              f"measured MLP sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
               f"{got.decode_tokens_per_s:.0f} vs {want.decode_tokens_per_s:.0f} tok/s", flush=True)
         ok &= same
     return ok
+
+
+def _top2_gap(model, tokens) -> float:
+    with jax.default_matmul_precision("highest"):
+        logits = model(jnp.asarray([tokens]))[0][0, -1].astype(jnp.float32)
+    top = jnp.sort(logits)[-2:]
+    return float(top[1] - top[0])
 
 
 def main(argv=None):

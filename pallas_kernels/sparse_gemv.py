@@ -33,11 +33,16 @@ f32 = jnp.float32
 # union of B rows at 50% keeps ~1 - 0.5^B of the weight rows: at B = 4 (94%) the kernel has
 # nothing left to skip (the CATS MLP kernel measured 1.00-1.08x there; docs/benchmarks.md).
 MAX_KERNEL_BATCH = 1
+# Smaller weight matrices stay with XLA: the kernel's fixed cost (scheduling ~16k programs, fp32
+# atomics: 12 us even at 90% sparsity) exceeds XLA's dense GEMV there. Mistral-7B's o_proj
+# (4096 x 4096 = 16.8M) lost at every sparsity (50%: 0.61x on an H200, 0.92x on an H100); q|k|v
+# (25M) and larger won (docs/benchmarks.md). Tests set it to 0 to run the kernels on tiny models.
+MIN_KERNEL_WEIGHTS = 20_000_000
 
 
-def kernel_pays(batch: int) -> bool:
+def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:
     """Whether the model should route a TEAL decode step of `batch` rows through the kernel."""
-    return kernels_enabled() and batch <= MAX_KERNEL_BATCH
+    return kernels_enabled() and batch <= MAX_KERNEL_BATCH and n_in * n_out >= MIN_KERNEL_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,20 +68,38 @@ TABLE = {
 }
 
 
-# Per (padded batch, in, out): winners of `python -m pallas_kernels.bench --teal --tune` for
-# shapes whose best blocks differ from TABLE's (docs/benchmarks.md).
-TUNED: dict[tuple[int, int, int], GemvBlocks] = {
-    (1, 4096, 6144): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1, atomic=True),  # q|k|v
-    (1, 4096, 4096): GemvBlocks(rows=256, cols=64, splits=1024, num_warps=8, num_stages=1, atomic=True),  # o
-    (1, 4096, 28672): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1, atomic=True),  # gate|up
-    (1, 14336, 4096): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1, atomic=True),  # down
+# Per device kind, per (padded batch, in, out): winners of `python -m pallas_kernels.bench --teal
+# --tune` at 50% (docs/benchmarks.md); other devices and shapes take TABLE's.
+_A = functools.partial(GemvBlocks, num_stages=1, atomic=True)
+TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks]] = {
+    "NVIDIA H100 80GB HBM3": {
+        (1, 4096, 6144): _A(128, 64, 1024, 4),  # Mistral-7B q|k|v
+        (1, 4096, 4096): _A(256, 64, 1024, 8),  # o
+        (1, 4096, 28672): _A(128, 64, 1024, 4),  # gate|up
+        (1, 14336, 4096): _A(128, 64, 1024, 4),  # down
+    },
+    "NVIDIA H200": {
+        (1, 4096, 6144): _A(64, 64, 1024, 2),
+        (1, 4096, 4096): _A(32, 256, 112, 4, num_stages=3),
+        (1, 4096, 28672): _A(64, 64, 1024, 2),
+        (1, 4096, 14336): _A(64, 64, 1024, 2),
+        (1, 14336, 4096): _A(128, 64, 1024, 4),
+        (1, 4096, 12288): _A(128, 64, 1024, 4),  # Llama-2-7B q|k|v
+        (1, 4096, 22016): _A(64, 256, 224, 8),  # gate|up
+        (1, 4096, 11008): _A(128, 128, 112, 4),
+        (1, 11008, 4096): _A(128, 64, 1024, 4),  # down
+    },
 }
+
+
+def _tuned() -> dict[tuple[int, int, int], GemvBlocks]:
+    return TUNED.setdefault(jax.devices()[0].device_kind, {})
 
 
 def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None) -> GemvBlocks:
     """The tuned or table blocks for this batch, fitted to the shape (no block longer than its
     axis). col_multiple: a length every column block must divide (segment boundaries)."""
-    b = TUNED.get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
+    b = _tuned().get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
     rows = max(min(b.rows, next_pow2(n_in)), 16 if b.dot else 1)
     cols = max(block_along(n_out, b.cols), 16 if b.dot else 1)
     if col_multiple is not None:

@@ -16,6 +16,7 @@ from cats_jax.generate import generate
 from cats_jax.sparsity import MODES
 from pallas_kernels.bench import random_mlp, threshold_for
 from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
+from pallas_kernels import sparse_gemv as G
 from pallas_kernels.sparse_gemv import TABLE, sparse_gemv
 
 f32, bf16 = jnp.float32, jnp.bfloat16
@@ -101,22 +102,28 @@ def test_fused_qkv_gives_the_same_logits(mode):
     np.testing.assert_array_equal(m(toks)[0], before)
 
 
-def test_teal_kernel_decode_gives_the_same_greedy_tokens():
+@pytest.fixture
+def kernels_on_tiny_weights(monkeypatch):
+    monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
+
+
+def test_teal_kernel_decode_gives_the_same_greedy_tokens(kernels_on_tiny_weights):
     prompt = [[5, 17, 3, 88, 41, 9, 2]]  # batch 1: the rows the TEAL kernels serve
     ref = _teal_model()
     ref.prepare_for_decode()
     want = generate(ref, prompt, 10, eos_ids=())
     m = _teal_model()
     m.set_mode("teal", "pallas")
-    with interpret_on_cpu():  # a decode step runs 5 kernels per layer: q|k|v, o, gate, up, down
+    assert m.layers[0].mlp.gate_up is not None
+    with interpret_on_cpu():  # a decode step runs 4 kernels per layer: q|k|v, o, gate|up, down
         jaxpr = str(jax.make_jaxpr(lambda t: m(t)[0])(jnp.array(prompt)[:, :1]))
-    assert jaxpr.count("pallas_call") == 5 * CFG.num_layers
+    assert jaxpr.count("pallas_call") == 4 * CFG.num_layers
     with interpret_on_cpu(), poisoned_outputs():
         got = generate(m, prompt, 10, eos_ids=())
     assert got.tokens == want.tokens
 
 
-def test_teal_kernels_keep_the_jnp_path_for_prefill_and_big_batches():
+def test_teal_kernels_keep_the_jnp_path_for_prefill_and_big_batches(kernels_on_tiny_weights):
     # prompts of several tokens and batches above MAX_KERNEL_BATCH never reach the kernels: the
     # logits equal the jnp model's exactly
     toks = jax.random.randint(jax.random.key(2), (3, 6), 0, CFG.vocab_size)
@@ -127,3 +134,14 @@ def test_teal_kernels_keep_the_jnp_path_for_prefill_and_big_batches():
         np.testing.assert_array_equal(m(toks)[0], ref(toks)[0])
         np.testing.assert_array_equal(m(toks[:, :1])[0], ref(toks[:, :1])[0])
     assert set(MODES["teal"]) == set(m.sites)
+
+
+def test_gate_up_fusion_follows_the_mode():
+    m = _teal_model()
+    toks = jax.random.randint(jax.random.key(3), (2, 5), 0, CFG.vocab_size)
+    want = {mode: (m.set_mode(mode), m(toks)[0])[1] for mode in ("teal", "cats")}
+    m.set_mode("teal", "pallas")  # fuses gate|up
+    np.testing.assert_array_equal(m(toks)[0], want["teal"])
+    m.set_mode("cats", "pallas")  # the CATS kernel wants them apart and neuron-major
+    assert m.layers[0].mlp.gate_up is None and m.layers[0].mlp.neuron_major
+    np.testing.assert_allclose(m(toks)[0], want["cats"], rtol=2e-2, atol=2e-2)
