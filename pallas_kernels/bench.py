@@ -1,18 +1,21 @@
-"""Benchmark the CATS MLP decode kernels against XLA's dense MLP, on random bf16 weights.
+"""Benchmark the sparse decode kernels against XLA's dense jnp, on random bf16 weights.
 
-    python -m pallas_kernels.bench                     # the table: shapes x sparsity x batch
+    python -m pallas_kernels.bench                     # CATS MLP: shapes x sparsity x batch
     python -m pallas_kernels.bench --tune              # first pick block sizes per batch size (timed)
+    python -m pallas_kernels.bench --teal [--tune]     # TEAL: each projection's sparse GEMV
 
 Per (shape, batch, sparsity): kernel time, XLA dense time (jnp, jitted), their ratio, the union
-sparsity (neurons no batch row keeps), and the ideal time: the bytes that must be read (all of
-W_gate, the union's rows of W_up and W_down) over the copy bandwidth measured in the same run.
-Thresholds for a target sparsity are the quantile of |SiLU(x W_gate)| over the batch.
+sparsity (neurons / input rows no batch row keeps), and the ideal time: the bytes that must be
+read (CATS: all of W_gate, the union's rows of W_up and W_down; TEAL: the union's rows of W) over
+the read bandwidth measured in the same run (the copy bandwidth is recorded too; on an H200
+XLA's dense GEMVs read faster than a copy moves data, so the copy is no ceiling there).
+Thresholds for a target sparsity are the quantile of |SiLU(x W_gate)| (CATS) or |x| (TEAL) over the batch.
 
 Timing: a jitted lax.fori_loop whose iterations depend on each other (each adds a vanishing
 multiple of the previous output's sum to x[0, 0], so nothing can be skipped or hoisted); the
 slope between two (static) trip counts cancels dispatch and synchronisation; median of repeats.
-Times include that dependency (a few us, in kernel and dense times alike). The copy bandwidth
-runs first, which also brings the GPU clocks up. The weights (>= 90 MB each) do not fit in L2,
+Times include that dependency (a few us, in kernel and dense times alike). The bandwidths
+run first, which also brings the GPU clocks up. The weights (>= 90 MB each) do not fit in L2,
 so every call reads them from HBM.
 """
 
@@ -145,9 +148,15 @@ def shapes(models):
     return [(" / ".join(ms), h, i) for (h, i), ms in by_shape.items()]
 
 
+def _ceilings() -> tuple[float, float]:
+    """(copy, read) bandwidth in bytes/s, measured now (which also brings the GPU clocks up)."""
+    copy, read = copy_bandwidth(), read_bandwidth()
+    print(f"copy bandwidth {copy / 1e12:.2f} TB/s, read bandwidth {read / 1e12:.2f} TB/s", flush=True)
+    return copy, read
+
+
 def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH):
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    copy, bw = _ceilings()
     rows = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
@@ -165,10 +174,10 @@ def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH):
                     dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal, pct_of_ideal=100 * ideal / us,
                 ))
                 print(_fmt_row(rows[-1]), flush=True)
-    return dict(meta=_meta(bw), rows=rows)
+    return dict(meta=_meta(copy, bw), rows=rows)
 
 
-def _meta(bw):
+def _meta(copy, read):
     dev = jax.devices()[0]
     import jaxlib
 
@@ -183,7 +192,7 @@ def _meta(bw):
         device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         versions=versions, python=platform.python_version(),
-        copy_bandwidth_TBps=bw / 1e12,
+        copy_bandwidth_TBps=copy / 1e12, read_bandwidth_TBps=read / 1e12,
         tables={"gate_up": {k: dataclasses.asdict(v) for k, v in K.TABLE.items()},
                 "sparse_gemv": {k: dataclasses.asdict(v) for k, v in G.TABLE.items()}},
     )
@@ -202,14 +211,17 @@ def _fmt_row(r):
 def markdown(result) -> str:
     m = result["meta"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    teal = result.get("kind") == "teal"
+    header = HEADER.replace("shape (H x I)", "projection (in x out)") if teal else HEADER
+    ideal = ("the union's rows of W" if teal else "W_gate + the union's rows of W_up and W_down")
     lines = [
         f"Device: {m['device']}; date: {m['date']}; {versions}, Python {m['python']}.",
-        f"Copy bandwidth measured in the same run: {m['copy_bandwidth_TBps']:.2f} TB/s (read + write); "
-        "bf16 weights, random; batch rows x ~ N(0, 1); "
-        "ideal = (W_gate + the union's rows of W_up and W_down) / copy bandwidth.",
+        f"Bandwidth measured in the same run: copy {m['copy_bandwidth_TBps']:.2f} TB/s (read + write), "
+        f"read {m['read_bandwidth_TBps']:.2f} TB/s; bf16 weights, random; batch rows x ~ N(0, 1); "
+        f"ideal = ({ideal}) / read bandwidth.",
         "",
-        HEADER,
-        "|" + "---|" * HEADER.count(" |"),
+        header,
+        "|" + "---|" * header.count(" |"),
         *(_fmt_row(r) for r in result["rows"]),
     ]
     return "\n".join(lines) + "\n"
@@ -253,7 +265,7 @@ def _time(label, f, *args, n=(10, 40)):
 def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
     """Time every candidate at `sparsity`: gate_up and sparse_gemv alone, and the fused kernel
     (the whole MLP). Print them; the faster of (best fused) and (best gate_up + best gemv) wins."""
-    bw = copy_bandwidth()  # also warms the GPU up
+    copy, bw = _ceilings()
     out = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
@@ -296,7 +308,7 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
         print(f"  B={b}: {'fused' if win is fused else 'gate_up + sparse_gemv'} "
               f"({win['us'] if win is fused else split_us:.1f} us)")
         K.TABLE[next_pow2(b)] = K.GateUpBlocks(**win["blocks"])
-    return dict(meta=_meta(bw), tune=out)
+    return dict(meta=_meta(copy, bw), tune=out)
 
 
 # ---- TEAL: sparse-input GEMVs of every projection ---------------------------------------------
@@ -326,8 +338,7 @@ def _gemv_case(n_in, segs, b, sparsity, seed=0):
 def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None):
     """Per projection: sparse_gemv with the fused threshold vs XLA's dense x @ W. With tune_at (a
     sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    copy, bw = _ceilings()
     rows = []
     for label, n_in, segs in projections(models):
         for b in batch:
@@ -354,7 +365,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                                  kernel_us=us, dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal,
                                  pct_of_ideal=100 * ideal / us, blocks=dataclasses.asdict(blk) if blk else None))
                 print(_fmt_row(rows[-1]), flush=True)
-    return dict(meta=_meta(bw), rows=rows)
+    return dict(meta=_meta(copy, bw), rows=rows, kind="teal")
 
 
 def main(argv=None):
