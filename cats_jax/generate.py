@@ -24,7 +24,7 @@ How it works (in the spirit of the flax gemma sampler and gpt-fast):
   seed gives the same tokens however the steps are split into calls.
 - Measured MLP sparsity: in CATS modes each MLP sows its per-token fraction of kept neurons
   (model.MLP, collected with nnx.capture); the decode loop sums it over the rows still
-  running. Dense MLPs sow nothing and the sparsity is reported as None.
+  running. Without CATS (dense, TEAL) the sparsity is reported as None.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cats_jax.model import Transformer, init_cache
-from cats_jax.sparsity import MODES
+from cats_jax.model import Transformer, init_cache, sown_by_site
+from cats_jax.sparsity import CATS_SITE, MODES
 from cats_jax.sampling import Sampling, sample
 
 PAD_ID = 0  # fills prompt padding and the steps after a row is done; never read as a real token
@@ -134,12 +134,13 @@ def _decode(state, ds: DecodeState, n_steps, *, graphdef, sampling, eos_ids) -> 
             model, last, ds.positions[:, None], ds.cache
         )
         running = (~ds.done).astype(jnp.float32)
-        kept = [jnp.sum(f[:, 0] * running) for f in jax.tree.leaves(sown)]  # one [B, 1] per CATS layer
+        # the CATS MLPs' fractions [L, B, 1]; TEAL sites sow theirs too, not counted here
+        kept = sown_by_site(nnx.to_pure_dict(sown), "active_fraction").get(CATS_SITE, jnp.zeros((0, 1, 1)))
         ds = ds._replace(
             cache=cache,
             positions=ds.positions + 1,
-            kept=ds.kept + sum(kept, jnp.zeros((), jnp.float32)),
-            kept_count=ds.kept_count + len(kept) * jnp.sum(running),
+            kept=ds.kept + jnp.sum(kept[:, :, 0] * running),
+            kept_count=ds.kept_count + kept.shape[0] * jnp.sum(running),
         )
         return _advance(ds, model.logits(h[:, 0]), sampling, eos_ids)
 

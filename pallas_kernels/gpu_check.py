@@ -135,7 +135,9 @@ def _top2_gap(model, tokens) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, help="seed of the random shapes and inputs (default: fresh)")
-    p.add_argument("--no-model", action="store_true", help="skip the greedy-decoding check (needs flax)")
+    p.add_argument("--no-model", action="store_true", help="skip the greedy-decoding checks (need flax)")
+    p.add_argument("--greedy", default="cats,teal", help="modes of the greedy-decoding checks (default cats,teal)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level checks (greedy checks only)")
     p.add_argument("--quick", action="store_true", help="a few small shapes only (e.g. under compute-sanitizer)")
     a = p.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -149,10 +151,12 @@ def main(argv=None):
                   for _ in range(2 if a.quick else 6)]
     gemv_cases = [(int(rng.integers(1, 9)), int(rng.integers(16, 15000)), int(rng.integers(16, 9000)), sp())
                   for _ in range(2 if a.quick else 5)]
-    ok = all([check_mlp(*c, seed=seed + k, fused=f) for k, c in enumerate(mlp_cases) for f in (False, True)])
-    ok &= all([check_gemv(*c, seed=seed + k, atomic=at) for k, c in enumerate(gemv_cases) for at in (False, True)])
+    ok = True
+    if not a.no_kernels:
+        ok &= all([check_mlp(*c, seed=seed + k, fused=f) for k, c in enumerate(mlp_cases) for f in (False, True)])
+        ok &= all([check_gemv(*c, seed=seed + k, atomic=at) for k, c in enumerate(gemv_cases) for at in (False, True)])
     if not a.no_model:
-        for mode in ("cats", "teal"):
+        for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 4))
             check_greedy(jnp.bfloat16, mode, batch=(1,))
     print("ALL OK" if ok else "FAILURES")
