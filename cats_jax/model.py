@@ -281,7 +281,7 @@ class MLP(nnx.Module):
         self.input_threshold = _input_thresholds(("gate_proj", "up_proj", "down_proj"))
         self.teal_kernels = False  # static: TEAL decode steps through pallas_kernels.sparse_gemv
         self.gate_up = nnx.data(None)  # fuse_gate_up(): [H, 2I]
-        self.intermediate_size = cfg.intermediate_size
+        self.hidden_size, self.intermediate_size = cfg.hidden_size, cfg.intermediate_size
 
     def fuse_gate_up(self):
         """Hold gate and up as one [H, 2I] matrix, in place: TEAL's decode step is then one sparse
@@ -340,7 +340,7 @@ class MLP(nnx.Module):
 
     def _down(self, h):
         b, t, i = h.shape
-        if _teal_kernel_step(self, h, (i, self.down_proj.out_features)):
+        if _teal_kernel_step(self, h, (i, self.hidden_size)):
             y = sparse_gemv.sparse_gemv(h.reshape(b, i), self.down_proj.kernel[...], _kernel_threshold(self, "down_proj"))
             return y.reshape(b, t, -1)
         return self.down_proj(_sparse_input(self, "down_proj", h))
