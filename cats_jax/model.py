@@ -172,7 +172,7 @@ def _unfuse(module, projs: tuple[str, ...], name: str, sizes: tuple[int, ...]):
     setattr(module, name, None)
 
 
-def _fused_outputs(module, projs: tuple[str, ...], w, sizes: tuple[int, ...], x, **kw):
+def _fused_outputs(module, projs: tuple[str, ...], w, sizes: tuple[int, ...], x):
     """The outputs of projections `projs` held fused as w = [W_a | W_b | ...] (column widths
     `sizes`), each reading its own TEAL input of x [B, T, in]: on TEAL kernel steps one sparse GEMV
     with a threshold per segment; with no thresholded input one matmul; else one per projection."""
@@ -183,8 +183,18 @@ def _fused_outputs(module, projs: tuple[str, ...], w, sizes: tuple[int, ...], x,
         y = sparse_gemv.sparse_gemv(x.reshape(b, h), w, thr, segments=sizes).reshape(b, t, -1)
         return jnp.split(y, cuts, axis=-1)
     if not set(projs) & set(module.sparse_inputs):
-        return jnp.split(jnp.dot(x, w, **kw), cuts, axis=-1)
-    return [jnp.dot(_sparse_input(module, p, x), wp, **kw) for p, wp in zip(projs, jnp.split(w, cuts, axis=1))]
+        return jnp.split(jnp.dot(x, w), cuts, axis=-1)
+    return [jnp.dot(_sparse_input(module, p, x), wp) for p, wp in zip(projs, jnp.split(w, cuts, axis=1))]
+
+
+def _projection(module, proj: str, x, n_out: int):
+    """module.<proj> of its TEAL input of x [B, T, in]: one sparse GEMV on TEAL kernel steps.
+    n_out: the output width (from the config: a LoRA adapter has no out_features)."""
+    b, t, n_in = x.shape
+    if _teal_kernel_step(module, x, (n_in, n_out)):
+        w = getattr(module, proj).kernel[...]
+        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, _kernel_threshold(module, proj)).reshape(b, t, n_out)
+    return getattr(module, proj)(_sparse_input(module, proj, x))
 
 
 class Attention(nnx.Module):
@@ -250,11 +260,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, vals, preferred_element_type=f32)
-        out = out.reshape(b, t, n * d).astype(x.dtype)
-        if _teal_kernel_step(self, out, (n * d, self.cfg.hidden_size)):
-            y = sparse_gemv.sparse_gemv(out.reshape(b, n * d), self.o_proj.kernel[...], _kernel_threshold(self, "o_proj"))
-            return y.reshape(b, t, -1), kv
-        return self.o_proj(_sparse_input(self, "o_proj", out)), kv
+        return _projection(self, "o_proj", out.reshape(b, t, n * d).astype(x.dtype), self.cfg.hidden_size), kv
 
 
 class MLP(nnx.Module):
@@ -318,7 +324,7 @@ class MLP(nnx.Module):
             return self._decode_kernel(x)
         if self.impl == "dense":
             g, u = self._gate_up(x)
-            return self._down(jax.nn.silu(g) * u)
+            return _projection(self, "down_proj", jax.nn.silu(g) * u, self.hidden_size)
         if self.gate_up is not None:
             raise ValueError("CATS reads gate_proj / up_proj apart: call unfuse_gate_up() (set_mlp_impl does)")
         xg, xu = _sparse_input(self, "gate_proj", x), _sparse_input(self, "up_proj", x)
@@ -330,20 +336,13 @@ class MLP(nnx.Module):
         # under nnx.capture(nnx.Intermediate) (generation uses it); a no-op otherwise.
         self.sow(nnx.Intermediate, "active_fraction", sparsity.active_fraction(a, axis=-1), capture_noop=True)
         self.sow(Activation, "act", a, capture_noop=True)
-        return self._down(a.astype(x.dtype) * self._in_proj(self.up_proj, xu))
+        return _projection(self, "down_proj", a.astype(x.dtype) * self._in_proj(self.up_proj, xu), self.hidden_size)
 
     def _gate_up(self, x):
         """x W_gate and x W_up, each of its TEAL input: through the kernel on TEAL decode steps."""
         if self.gate_up is not None:
             return _fused_outputs(self, GATE_UP, self.gate_up[...], (self.intermediate_size,) * 2, x)
         return [self._in_proj(getattr(self, p), _sparse_input(self, p, x)) for p in GATE_UP]
-
-    def _down(self, h):
-        b, t, i = h.shape
-        if _teal_kernel_step(self, h, (i, self.hidden_size)):
-            y = sparse_gemv.sparse_gemv(h.reshape(b, i), self.down_proj.kernel[...], _kernel_threshold(self, "down_proj"))
-            return y.reshape(b, t, -1)
-        return self.down_proj(_sparse_input(self, "down_proj", h))
 
     def _decode_kernel(self, x):
         if not self.neuron_major:
