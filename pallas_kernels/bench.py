@@ -327,12 +327,12 @@ def projections(models):
     return [(label, n_in, segs) for (n_in, segs), label in out.items()]
 
 
-def _gemv_case(n_in, segs, b, sparsity, seed=0):
-    w = (jax.random.normal(jax.random.key(seed), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(seed + b), (b, n_in), f32).astype(jnp.bfloat16)
+def _gemv_thresholds(x, segs, sparsity):
+    """One threshold per segment for `sparsity` of x's values, and the union sparsity (input rows
+    no batch row keeps)."""
     t = threshold_for(x, sparsity)
     union = float(np.mean(np.all(np.abs(np.asarray(x, np.float32)) <= t, axis=0)))
-    return w, x, jnp.full((len(segs),), t, f32), union
+    return jnp.full((len(segs),), t, f32), union
 
 
 def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None):
@@ -341,10 +341,13 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
     copy, bw = _ceilings()
     rows = []
     for label, n_in, segs in projections(models):
+        w = (jax.random.normal(jax.random.key(0), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
         for b in batch:
+            x = jax.random.normal(jax.random.key(b), (b, n_in), f32).astype(jnp.bfloat16)
+            dense_us = loop_timer(lambda x, w: x @ w, n=(20, 100))(x, w)
             blk = None
             if tune_at is not None:
-                w, x, t, _ = _gemv_case(n_in, segs, b, tune_at)
+                t, _ = _gemv_thresholds(x, segs, tune_at)
                 timed = []
                 for cand in GEMV_CANDIDATES[min(next_pow2(b), 8)]:
                     cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
@@ -357,9 +360,8 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 G._tuned()[(next_pow2(b), n_in, sum(segs))] = blk  # in this process
                 print(f"TUNED[{jax.devices()[0].device_kind!r}][({next_pow2(b)}, {n_in}, {sum(segs)})] = {blk}", flush=True)
             for s in sparsity:
-                w, x, t, union = _gemv_case(n_in, segs, b, s)
+                t, union = _gemv_thresholds(x, segs, s)
                 us = loop_timer(lambda x, w, t: G.sparse_gemv(x, w, t, segments=segs, blocks=blk), n=(20, 100))(x, w, t)
-                dense_us = loop_timer(lambda x, w: x @ w, n=(20, 100))(x, w)
                 ideal = n_in * (1 - union) * sum(segs) * 2 / bw * 1e6
                 rows.append(dict(shape=label, H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,
                                  kernel_us=us, dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal,
