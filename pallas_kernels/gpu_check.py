@@ -103,25 +103,28 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
         return m
 
     ref, kern = model("jnp"), model("pallas")
-    G.MIN_KERNEL_WEIGHTS = 0  # check the kernels on these small matrices too
     rng = np.random.default_rng(0)
     ok = True
-    for b in batch:
-        prompts = [rng.integers(3, cfg.vocab_size, size=int(rng.integers(4, 40))).tolist() for _ in range(b)]
-        # fp32: XLA's dots in full fp32 too (its default on GPU rounds fp32 operands to TF32)
-        with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
-            want = generate(ref, prompts, steps, eos_ids=())
-            with poisoned_outputs():
-                got = generate(kern, prompts, steps, eos_ids=())
-        same = got.tokens == want.tokens
-        first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None) for g, w in zip(got.tokens, want.tokens)]
-        # at a mismatch: the reference's margin between its top two logits there (full recompute)
-        gaps = [None if k is None else _top2_gap(ref, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
-        print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
-              f"(first mismatch per row {first}, reference top-2 logit margin there {gaps}); "
-              f"measured MLP sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
-              f"{got.decode_tokens_per_s:.0f} vs {want.decode_tokens_per_s:.0f} tok/s", flush=True)
-        ok &= same
+    min_weights, G.MIN_KERNEL_WEIGHTS = G.MIN_KERNEL_WEIGHTS, 0  # check the kernels on these small matrices too
+    try:
+        for b in batch:
+            prompts = [rng.integers(3, cfg.vocab_size, size=int(rng.integers(4, 40))).tolist() for _ in range(b)]
+            # fp32: XLA's dots in full fp32 too (its default on GPU rounds fp32 operands to TF32)
+            with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
+                want = generate(ref, prompts, steps, eos_ids=())
+                with poisoned_outputs():
+                    got = generate(kern, prompts, steps, eos_ids=())
+            same = got.tokens == want.tokens
+            first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None) for g, w in zip(got.tokens, want.tokens)]
+            # at a mismatch: the reference's margin between its top two logits there (full recompute)
+            gaps = [None if k is None else _top2_gap(ref, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
+            print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
+                  f"(first mismatch per row {first}, reference top-2 logit margin there {gaps}); "
+                  f"measured MLP sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
+                  f"{got.decode_tokens_per_s:.0f} vs {want.decode_tokens_per_s:.0f} tok/s", flush=True)
+            ok &= same
+    finally:
+        G.MIN_KERNEL_WEIGHTS = min_weights
     return ok
 
 

@@ -61,8 +61,7 @@ def profile(model, cfg, batch, args) -> None:
             gen = run()
         events = gpu_kernel_events(d)
     steps = gen.decode_steps
-    # decode kernels only: the prefill ran first, so keep events after the last prefill gap? Simpler:
-    # the decode loop dominates (steps >> 1); the prefill's kernels are listed too but are few.
+    # the prefill's kernels are counted too: few next to `steps` decode steps (reported as such)
     per = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
         p = per[short(e["name"])]
