@@ -247,7 +247,10 @@ GEMV_CANDIDATES = {
         (64, 256, 224, 4, 1), (128, 128, 112, 4, 1), (32, 512, 448, 4, 1), (64, 512, 224, 8, 1),
         (128, 256, 112, 8, 1), (16, 1024, 896, 4, 1), (32, 256, 112, 4, 3), (64, 256, 56, 4, 3),
         (64, 128, 1024, 4, 1), (128, 64, 1024, 4, 1), (256, 64, 1024, 8, 1), (128, 128, 1024, 8, 1),
-        (256, 128, 1024, 8, 1), (64, 64, 1024, 2, 1)]],
+        (256, 128, 1024, 8, 1), (64, 64, 1024, 2, 1)]]
+    # the gather path: compact the kept rows, then read only those
+    + [G.GatherBlocks(*a) for a in [(32, 128, 512, 4, 3, 0), (16, 256, 256, 4, 2, 0), (32, 128, 512, 4, 1, 2),
+                                    (64, 128, 512, 4, 1, 2), (32, 256, 512, 8, 1, 2)]],
     **{b: [G.GemvBlocks(32, 256, 16, 4, 3, dot=True)]
        + [G.GemvBlocks(r, c, sp, w, s, dot=True, atomic=True) for r, c, sp, w, s in [
            (64, 256, 224, 4, 1), (32, 256, 448, 4, 1), (32, 256, 112, 4, 3)]] for b in (2, 4, 8)},
@@ -286,8 +289,8 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
                 for blk in cands:
                     us = _time(f"{label} B={b} {kind} {blk}", make(blk), *args)
                     if us is not None:
-                        out.append(dict(shape=label, batch=b, kernel=kind, blocks=dataclasses.asdict(blk), us=us,
-                                        union_sparsity=union))
+                        out.append(dict(shape=label, batch=b, kernel=kind, blocks=dataclasses.asdict(blk),
+                                        block_type=type(blk).__name__, us=us, union_sparsity=union))
                         print(f"{label} B={b} {kind} {blk}: {us:.1f} us", flush=True)
     print("\nbest per (shape, batch, kernel):")
     best = {}
@@ -299,7 +302,7 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
         print(f"  {key}: {r['us']:.1f} us  {r['blocks']}")
     for (shape, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
         if kind == "sparse_gemv":
-            G.TABLE[next_pow2(b)] = G.GemvBlocks(**r["blocks"])
+            G.TABLE[next_pow2(b)] = getattr(G, r["block_type"])(**r["blocks"])
         if kind != "gate_up":
             continue
         fused = best.get((shape, b, "fused"))

@@ -41,8 +41,9 @@ def interpret_on_cpu():
 
 @contextlib.contextmanager
 def poisoned_outputs():
-    """Kernels traced inside this context start from NaN-filled output buffers (tests: an element
-    a kernel fails to write stays NaN instead of inheriting a stale buffer's plausible value)."""
+    """Kernels traced inside this context start from NaN-filled output buffers (integer ones: their
+    minimum; tests: an element a kernel fails to write stays poisoned instead of inheriting a
+    stale buffer's plausible value)."""
     global _poison_outputs
     old, _poison_outputs = _poison_outputs, True
     try:
@@ -56,8 +57,8 @@ def call(kernel, out_shape, grid, num_warps: int, num_stages: int, name: str, ac
 
     out_shape: a ShapeDtypeStruct or a tuple of them. The outputs whose index is in `accumulate`
     start from zeros (the kernel atomic-adds into them); the others start as whatever memory XLA
-    hands over, or NaN under poisoned_outputs(). Initial values travel as aliased inputs that the
-    kernel never sees."""
+    hands over, or NaN (integers: their minimum) under poisoned_outputs(). Initial values travel
+    as aliased inputs that the kernel never sees."""
     shapes = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
     params = dict(
         grid=grid,
@@ -65,7 +66,8 @@ def call(kernel, out_shape, grid, num_warps: int, num_stages: int, name: str, ac
         name=name,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )
-    init = {i: (0 if i in accumulate else jnp.nan) for i in range(len(shapes)) if i in accumulate or _poison_outputs}
+    init = {i: 0 if i in accumulate else _poison(shapes[i].dtype)
+            for i in range(len(shapes)) if i in accumulate or _poison_outputs}
     if not init:
         return pl.pallas_call(kernel, out_shape=out_shape, **params)
 
@@ -77,6 +79,11 @@ def call(kernel, out_shape, grid, num_warps: int, num_stages: int, name: str, ac
         return pl.pallas_call(body, out_shape=out_shape, input_output_aliases=aliases, **params)(*args, *bufs)
 
     return with_initial_outputs
+
+
+def _poison(dtype):
+    """NaN, or for integer outputs (row numbers, counts) the most negative value."""
+    return jnp.iinfo(dtype).min if jnp.issubdtype(dtype, jnp.integer) else jnp.nan
 
 
 def load(ref, mask=None, **kw):

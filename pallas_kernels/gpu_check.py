@@ -2,8 +2,8 @@
 
     python -m pallas_kernels.gpu_check [--seed N] [--no-model]
 
-1. cats_mlp and sparse_gemv on fresh random inputs: real shapes and random ragged ones,
-   B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative error against the fp32 reference
+1. cats_mlp and sparse_gemv (masked tiles, and the batch-1 gather path) on fresh random inputs:
+   real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative error against the fp32 reference
    (sparsity.gated_mlp at full fp32 matmul precision) and the exact set of kept neurons.
 2. Greedy decoding of a SmolLM2-sized random bf16 model: the kernel decode path ("cats-pallas")
    against the jnp CATS path, the same tokens expected.
@@ -60,20 +60,24 @@ def check_mlp(b, h, i, sparsity, seed, fused=False) -> bool:
     return ok
 
 
-def check_gemv(b, n_in, n_out, sparsity, seed, atomic=False) -> bool:
-    """atomic: one-step splits atomic-adding into an fp32 output, else fp32 partials."""
+def check_gemv(b, n_in, n_out, sparsity, seed, variant="partials") -> bool:
+    """variant: "partials" (fp32 partials per split), "atomic" (one-step splits atomic-adding into
+    an fp32 output), or "gather" (batch 1 only: compact, then gather; prefetch level from seed)."""
+    b = 1 if variant == "gather" else b
     w, _, _ = random_mlp(n_in, n_out, seed)
     x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
     blk = G.blocks_for(b, n_in, n_out)
-    if atomic:
+    if variant == "atomic":
         blk = dataclasses.replace(blk, atomic=True, splits=-(-n_in // blk.rows))
+    if variant == "gather":
+        blk = G.GatherBlocks(prefetch=seed % 3)
     with poisoned_outputs():
         y = G.sparse_gemv(x, w, t, blocks=blk)
     err = rel_err(y, ref)
-    print(f"sparse_gemv{' atomic' if atomic else ''} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
+    print(f"sparse_gemv {variant} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
           f"{'ok' if err < TOL else 'FAIL'}", flush=True)
     return err < TOL
 
@@ -157,7 +161,8 @@ def main(argv=None):
     ok = True
     if not a.no_kernels:
         ok &= all([check_mlp(*c, seed=seed + k, fused=f) for k, c in enumerate(mlp_cases) for f in (False, True)])
-        ok &= all([check_gemv(*c, seed=seed + k, atomic=at) for k, c in enumerate(gemv_cases) for at in (False, True)])
+        ok &= all([check_gemv(*c, seed=seed + k, variant=v) for k, c in enumerate(gemv_cases)
+                   for v in ("partials", "atomic", "gather")])
     if not a.no_model:
         for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 4))

@@ -11,6 +11,15 @@ Grid: (output column blocks, split-K). A program walks its share of the input ro
 traffic, so skipped rows cost nothing but the mask test. Each split either writes fp32 partials
 [splits, B, out] that one small XLA reduction sums (deterministic), or atomic-adds into one fp32
 output (many short splits, TEAL's layout: more loads in flight). Never atomics on bf16.
+
+Batch 1 can instead take the gather path (GatherBlocks), whose work scales with the kept rows
+rather than with the matrix: the masked tiles above still issue every tile, test every row and
+add every partial sum, which left a floor that grows with the matrix (docs/benchmarks.md).
+1. compact: per output segment and chunk of `chunk` input rows, list the kept rows first, in
+   order (row numbers and values), and count them. All chunks in parallel, deterministic.
+2. gather: grid (column blocks, chunks); a program walks its chunk's kept rows in steps of
+   `rows`, loading those rows of W (each a contiguous run of `cols` weights), and atomic-adds its
+   fp32 sums into the output.
 """
 
 from __future__ import annotations
@@ -56,6 +65,17 @@ class GemvBlocks:
     atomic: bool = False  # splits atomic-add into one fp32 output, instead of writing partials
 
 
+@dataclasses.dataclass(frozen=True)
+class GatherBlocks:
+    """Blocks of the batch-1 gather path (module docstring)."""
+    rows: int = 32  # kept rows per loop step
+    cols: int = 128  # output columns per program
+    chunk: int = 512  # input rows per chunk (and per program)
+    num_warps: int = 4
+    num_stages: int = 3
+    prefetch: int = 0  # 1: load the next step's row list a step early; 2: also its rows of W
+
+
 # Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` (and `--teal
 # --tune`) on an H100 at 50% sparsity; blocks_for fits them to other shapes. Batch 1: one
 # 128 x 128 tile per program, atomic adds (best on all four Mistral-7B projection shapes and the
@@ -92,18 +112,21 @@ TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks]] = {
 }
 
 
-def _tuned() -> dict[tuple[int, int, int], GemvBlocks]:
+def _tuned() -> dict[tuple[int, int, int], GemvBlocks | GatherBlocks]:
     return TUNED.setdefault(jax.devices()[0].device_kind, {})
 
 
-def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None) -> GemvBlocks:
+def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None) -> GemvBlocks | GatherBlocks:
     """The tuned or table blocks for this batch, fitted to the shape (no block longer than its
     axis). col_multiple: a length every column block must divide (segment boundaries)."""
     b = _tuned().get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
-    rows = max(min(b.rows, next_pow2(n_in)), 16 if b.dot else 1)
-    cols = max(block_along(n_out, b.cols), 16 if b.dot else 1)
+    low = 16 if getattr(b, "dot", False) else 1
+    cols = max(block_along(n_out, b.cols), low)
     if col_multiple is not None:
         cols = min(cols, col_multiple & -col_multiple)  # the largest power of two dividing it
+    if isinstance(b, GatherBlocks):
+        return dataclasses.replace(b, cols=cols, chunk=min(b.chunk, next_pow2(n_in)))
+    rows = max(min(b.rows, next_pow2(n_in)), low)
     return dataclasses.replace(b, rows=rows, cols=cols, splits=max(1, min(b.splits, pl.cdiv(n_in, rows))))
 
 
@@ -149,8 +172,95 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
 
+def _compact_kernel(x_ref, t_ref, idx_ref, val_ref, cnt_ref, *, n_in, chunk, thresholded):
+    """Program (segment, chunk): the chunk's row numbers and values, kept rows first (val 0 for
+    the others), and the number kept."""
+    seg, c = pl.program_id(0), pl.program_id(1)
+    j = iota(chunk, c * chunk)
+    ok = j < n_in
+    x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
+    xf = x.astype(f32)
+    live = ((jnp.abs(xf) > load(t_ref.at[pl.ds(seg, 1)])) if thresholded else (xf != 0)) & ok
+    n_live = jnp.sum(live.astype(jnp.int32))
+    before = jnp.cumsum(live.astype(jnp.int32))  # kept rows up to and including this one
+    # kept rows in order, then the dropped ones (a permutation: every slot is written)
+    pos = jnp.where(live, before - 1, n_live + iota(chunk) - before)
+    plgpu.store(idx_ref.at[seg, c * chunk + pos], j)
+    plgpu.store(val_ref.at[seg, c * chunk + pos], jnp.where(live, x, jnp.zeros_like(x)))
+    plgpu.store(cnt_ref.at[seg, pl.ds(c, 1)], jnp.full((1,), n_live, jnp.int32))
+
+
+def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bounds):
+    """Program (column block, chunk): the chunk's kept rows of W times their values, added into o."""
+    rows, cols, chunk = blk.rows, blk.cols, blk.chunk
+    c0 = pl.program_id(0) * cols
+    c = pl.program_id(1)
+    col_ok = iota(cols, c0) < n_out if n_out % cols else None
+    seg = jnp.int32(0)
+    for b in bounds:
+        seg = seg + (c0 >= b).astype(jnp.int32)
+    count = jnp.sum(load(cnt_ref.at[seg, pl.ds(c, 1)]))
+
+    base = c * chunk
+    steps = pl.cdiv(count, rows)
+
+    def rows_of(k):  # the row list and values of step k (masked past the chunk's list)
+        inside = iota(rows, k * rows) < chunk
+        return (load(idx_ref.at[seg, pl.ds(base + k * rows, rows)], mask=inside),
+                load(val_ref.at[seg, pl.ds(base + k * rows, rows)], mask=inside))
+
+    def w_of(k, idx):
+        ok = iota(rows, k * rows) < count
+        m = ok[:, None] if col_ok is None else ok[:, None] & col_ok[None, :]
+        return load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=m, eviction_policy="evict_first")
+
+    def fma(acc, v, w):
+        return acc + v.astype(f32)[:, None] * w.astype(f32)
+
+    acc0 = jnp.zeros((rows, cols), f32)
+    if blk.prefetch == 0:
+        def step(k, acc):
+            idx, v = rows_of(k)
+            return fma(acc, v, w_of(k, idx))
+        acc = jax.lax.fori_loop(0, steps, step, acc0)
+    elif blk.prefetch == 1:
+        def step(k, carry):
+            acc, idx, v = carry
+            w = w_of(k, idx)
+            idx_n, v_n = rows_of(k + 1)
+            return fma(acc, v, w), idx_n, v_n
+        acc = jax.lax.fori_loop(0, steps, step, (acc0, *rows_of(0)))[0]
+    else:
+        def step(k, carry):
+            acc, w, v, idx_n, v_n = carry
+            w_n = w_of(k + 1, idx_n)
+            idx_nn, v_nn = rows_of(k + 2)
+            return fma(acc, v, w), w_n, v_n, idx_nn, v_nn
+        idx0, v0 = rows_of(0)
+        acc = jax.lax.fori_loop(0, steps, step, (acc0, w_of(0, idx0), v0, *rows_of(1)))[0]
+    plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
+
+
+def _gather_gemv(x, w, t, thresholded, segments, bounds, blk: GatherBlocks):
+    """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32."""
+    n_in, n_out = w.shape
+    n_seg, chunks = len(segments), pl.cdiv(n_in, blk.chunk)
+    listed = (jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), jnp.int32),
+              jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), x.dtype),
+              jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32))
+    kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded)
+    idx, val, count = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
+        x.reshape(n_in), t)
+    col_blocks = pl.cdiv(n_out, blk.cols)
+    kernel = functools.partial(_gather_kernel, blk=blk, n_out=n_out, bounds=bounds)
+    out = call(kernel, jax.ShapeDtypeStruct((1, col_blocks * blk.cols), f32), grid=(col_blocks, chunks),
+               num_warps=blk.num_warps, num_stages=blk.num_stages, name="gather_gemv", accumulate=(0,))(
+        idx, val, count, w)
+    return out[:, :n_out]
+
+
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None,
-                blocks: GemvBlocks | None = None, out_dtype=None):
+                blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None):
     """y = x' @ w with x' = x (threshold None) or x * (|x| > threshold), x' rounded to w's dtype.
 
     x [B, in], w [in, out]. Returns [B, out] in out_dtype (default x.dtype), accumulated in fp32.
@@ -170,12 +280,16 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     if threshold is not None and t.shape != (len(segments),):
         raise ValueError(f"sparse_gemv: {t.size} thresholds for {len(segments)} output segments")
     blk = blocks or blocks_for(batch, n_in, n_out, math.gcd(*bounds) if bounds else None)
-    if batch > 1 and not blk.dot:
-        raise ValueError(f"sparse_gemv: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     out_dtype = out_dtype or x.dtype
     x = x.astype(w.dtype)
+    if isinstance(blk, GatherBlocks):
+        if batch != 1:
+            raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
+        return _gather_gemv(x, w, t, threshold is not None, segments, bounds, blk).astype(out_dtype)
+    if batch > 1 and not blk.dot:
+        raise ValueError(f"sparse_gemv: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
     bp = padded_batch(batch, blk.dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
     splits = pl.cdiv(n_in, rows_per_split)

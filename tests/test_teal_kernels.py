@@ -72,6 +72,42 @@ def test_batch_one_partials_and_atomic_adds_agree(atomic):
     assert _rel(got, _thresholded(x, t) @ w.astype(f32)) < 1e-2
 
 
+# the gather path (batch 1): lists the kept rows per chunk first, then reads only those rows
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("n_in,segments,sparsities", [
+    (300, (64, 32, 32), (0.0, 0.5, 0.95)),  # a ragged last chunk, q|k|v-like segments
+    (200, (48, 40), (0.9, 0.3)),  # output columns not a whole number of column blocks
+])
+def test_gather_path_matches_the_rule(prefetch, n_in, segments, sparsities):
+    n_out = sum(segments)
+    w, _, _ = random_mlp(n_in, n_out, seed=n_in)
+    x = jax.random.normal(jax.random.key(n_in), (1, n_in), f32).astype(bf16)
+    t = jnp.stack([threshold_for(x, s) for s in sparsities])
+    dropped = np.asarray(jnp.all(jnp.abs(x) <= t.min(), axis=0))[:, None]
+    blocks = G.GatherBlocks(rows=16, cols=16, chunk=128, prefetch=prefetch)
+    with poisoned_outputs():
+        got = jax.jit(lambda x, w, t: sparse_gemv(x, w, t, segments=segments, blocks=blocks))(
+            x, jnp.where(dropped, jnp.nan, w).astype(bf16), t)
+    cuts = np.cumsum(segments)[:-1]
+    want = jnp.concatenate([_thresholded(x, ti) @ wi.astype(f32)
+                            for ti, wi in zip(t, jnp.split(w, cuts, axis=1))], axis=1)
+    assert got.shape == (1, n_out) and _rel(got, want) < 1e-2
+
+
+def test_gather_path_skips_zero_inputs_without_a_threshold():
+    # the CATS down projection: h is already sparse (exact zeros), no threshold
+    n_in, n_out = 260, 48
+    w, _, _ = random_mlp(n_in, n_out, seed=5)
+    h = jax.random.normal(jax.random.key(5), (1, n_in), f32)
+    h = jnp.where(jnp.abs(h) > threshold_for(h, 0.7), h, 0.0).astype(bf16)
+    blocks = G.GatherBlocks(rows=16, cols=32, chunk=64)
+    with poisoned_outputs():
+        got = sparse_gemv(h, jnp.where(h.T == 0, jnp.nan, w).astype(bf16), blocks=blocks)
+    assert _rel(got, h.astype(f32) @ w.astype(f32)) < 1e-2
+    with pytest.raises(ValueError, match="gather path .* batch 1, not 2"):
+        sparse_gemv(jnp.ones((2, n_in), bf16), w, blocks=blocks)
+
+
 def test_sparse_gemv_rejects_bad_segments():
     x, w = jnp.ones((1, 8), bf16), jnp.ones((8, 48), bf16)
     with pytest.raises(ValueError, match="do not add up"):
@@ -107,7 +143,11 @@ def kernels_on_tiny_weights(monkeypatch):
     monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
 
 
-def test_teal_kernel_decode_gives_the_same_greedy_tokens(kernels_on_tiny_weights):
+@pytest.mark.parametrize("path", ["masked", "gather"])
+def test_teal_kernel_decode_gives_the_same_greedy_tokens(kernels_on_tiny_weights, monkeypatch, path):
+    if path == "gather":  # batch 1 on the gather path: two kernels (compact, gather) per GEMV
+        monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
+        monkeypatch.setattr(G, "TUNED", {})
     prompt = [[5, 17, 3, 88, 41, 9, 2]]  # batch 1: the rows the TEAL kernels serve
     ref = _teal_model()
     ref.prepare_for_decode()
@@ -115,9 +155,9 @@ def test_teal_kernel_decode_gives_the_same_greedy_tokens(kernels_on_tiny_weights
     m = _teal_model()
     m.set_mode("teal", "pallas")
     assert m.layers[0].mlp.gate_up is not None
-    with interpret_on_cpu():  # a decode step runs 4 kernels per layer: q|k|v, o, gate|up, down
+    with interpret_on_cpu():  # a decode step runs 4 GEMVs per layer: q|k|v, o, gate|up, down
         jaxpr = str(jax.make_jaxpr(lambda t: m(t)[0])(jnp.array(prompt)[:, :1]))
-    assert jaxpr.count("pallas_call") == 4 * CFG.num_layers
+    assert jaxpr.count("pallas_call") == 4 * CFG.num_layers * (2 if path == "gather" else 1)
     with interpret_on_cpu(), poisoned_outputs():
         got = generate(m, prompt, 10, eos_ids=())
     assert got.tokens == want.tokens
