@@ -3,8 +3,9 @@
     python -m pallas_kernels.gpu_check [--seed N] [--no-model]
 
 1. cats_mlp and sparse_gemv (masked tiles, and the batch-1 gather path) on fresh random inputs:
-   real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative error against the fp32 reference
-   (sparsity.gated_mlp at full fp32 matmul precision) and the exact set of kept neurons.
+   real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative
+   error against the fp32 reference (sparsity.gated_mlp at full fp32 matmul precision) and the
+   exact set of kept neurons.
 2. Greedy decoding of a SmolLM2-sized random bf16 model: the kernel decode path ("cats-pallas")
    against the jnp CATS path, the same tokens expected.
 Exits non-zero on any failure.
@@ -69,11 +70,12 @@ def check_gemv(b, n_in, n_out, sparsity, seed, variant="partials") -> bool:
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
-    blk = G.blocks_for(b, n_in, n_out)
-    if variant == "atomic":
-        blk = dataclasses.replace(blk, atomic=True, splits=-(-n_in // blk.rows))
     if variant == "gather":
         blk = G.GatherBlocks(prefetch=seed % 3)
+    else:
+        blk = G.blocks_for(b, n_in, n_out)
+        if variant == "atomic":
+            blk = dataclasses.replace(blk, atomic=True, splits=-(-n_in // blk.rows))
     with poisoned_outputs():
         y = G.sparse_gemv(x, w, t, blocks=blk)
     err = rel_err(y, ref)

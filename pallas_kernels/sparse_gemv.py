@@ -241,10 +241,10 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
-def _gather_gemv(x, w, t, thresholded, segments, bounds, blk: GatherBlocks):
+def _gather_gemv(x, w, t, thresholded, bounds, blk: GatherBlocks):
     """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32."""
     n_in, n_out = w.shape
-    n_seg, chunks = len(segments), pl.cdiv(n_in, blk.chunk)
+    n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
     listed = (jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), jnp.int32),
               jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), x.dtype),
               jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32))
@@ -287,7 +287,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     if isinstance(blk, GatherBlocks):
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
-        return _gather_gemv(x, w, t, threshold is not None, segments, bounds, blk).astype(out_dtype)
+        return _gather_gemv(x, w, t, threshold is not None, bounds, blk).astype(out_dtype)
     if batch > 1 and not blk.dot:
         raise ValueError(f"sparse_gemv: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
     bp = padded_batch(batch, blk.dot)
