@@ -52,13 +52,16 @@ def poisoned_outputs():
         _poison_outputs = old
 
 
-def call(kernel, out_shape, grid, num_warps: int, num_stages: int, name: str, accumulate: tuple[int, ...] = ()):
+def call(kernel, out_shape, grid, num_warps: int, num_stages: int, name: str, accumulate: tuple[int, ...] = (),
+         given: tuple[int, ...] = ()):
     """pl.pallas_call on whole-array refs (the kernels index global memory themselves).
 
     out_shape: a ShapeDtypeStruct or a tuple of them. The outputs whose index is in `accumulate`
-    start from zeros (the kernel atomic-adds into them); the others start as whatever memory XLA
-    hands over, or NaN (integers: their minimum) under poisoned_outputs(). Initial values travel
-    as aliased inputs that the kernel never sees."""
+    start from zeros (the kernel atomic-adds into them); those in `given` start from the arrays
+    passed as the call's last arguments, in that order (e.g. zeros written by an earlier kernel,
+    which saves XLA a memset launch); the others start as whatever memory XLA hands over, or NaN
+    (integers: their minimum) under poisoned_outputs(). Initial values travel as aliased inputs
+    that the kernel never sees."""
     shapes = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
     params = dict(
         grid=grid,
@@ -67,16 +70,16 @@ def call(kernel, out_shape, grid, num_warps: int, num_stages: int, name: str, ac
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )
     init = {i: 0 if i in accumulate else _poison(shapes[i].dtype)
-            for i in range(len(shapes)) if i in accumulate or _poison_outputs}
-    if not init:
+            for i in range(len(shapes)) if (i in accumulate or _poison_outputs) and i not in given}
+    if not init and not given:
         return pl.pallas_call(kernel, out_shape=out_shape, **params)
 
     def with_initial_outputs(*args):
-        bufs = [jnp.full(shapes[i].shape, v, shapes[i].dtype) for i, v in init.items()]
-        n = len(args)
+        n = len(args) - len(given)
+        bufs = [*args[n:], *(jnp.full(shapes[i].shape, v, shapes[i].dtype) for i, v in init.items())]
         body = lambda *refs: kernel(*refs[:n], *refs[n + len(bufs):])  # skip the aliased inputs
-        aliases = {n + j: i for j, i in enumerate(init)}
-        return pl.pallas_call(body, out_shape=out_shape, input_output_aliases=aliases, **params)(*args, *bufs)
+        aliases = {n + j: i for j, i in enumerate((*given, *init))}
+        return pl.pallas_call(body, out_shape=out_shape, input_output_aliases=aliases, **params)(*args[:n], *bufs)
 
     return with_initial_outputs
 

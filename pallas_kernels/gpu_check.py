@@ -63,7 +63,7 @@ def check_mlp(b, h, i, sparsity, seed, fused=False) -> bool:
 
 def check_gemv(b, n_in, n_out, sparsity, seed, variant="partials") -> bool:
     """variant: "partials" (fp32 partials per split), "atomic" (one-step splits atomic-adding into
-    an fp32 output), or "gather" (batch 1 only: compact, then gather; prefetch level from seed)."""
+    an fp32 output), or "gather" (batch 1 only: compact, then gather)."""
     b = 1 if variant == "gather" else b
     w, _, _ = random_mlp(n_in, n_out, seed)
     x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
@@ -71,7 +71,7 @@ def check_gemv(b, n_in, n_out, sparsity, seed, variant="partials") -> bool:
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
     if variant == "gather":
-        blk = G.GatherBlocks(prefetch=seed % 3)
+        blk = G.GatherBlocks()
     else:
         blk = G.blocks_for(b, n_in, n_out)
         if variant == "atomic":

@@ -16,7 +16,8 @@ Batch 1 can instead take the gather path (GatherBlocks), whose work scales with 
 rather than with the matrix: the masked tiles above still issue every tile, test every row and
 add every partial sum, which left a floor that grows with the matrix (docs/benchmarks.md).
 1. compact: per output segment and chunk of `chunk` input rows, list the kept rows first, in
-   order (row numbers and values), and count them. All chunks in parallel, deterministic.
+   order (row numbers and values), and count them; also zero the gather's fp32 output (saves XLA
+   a memset launch). All chunks in parallel, deterministic.
 2. gather: grid (column blocks, chunks); a program walks its chunk's kept rows in steps of
    `rows`, loading those rows of W (each a contiguous run of `cols` weights), and atomic-adds its
    fp32 sums into the output.
@@ -73,7 +74,6 @@ class GatherBlocks:
     chunk: int = 512  # input rows per chunk (and per program)
     num_warps: int = 4
     num_stages: int = 3
-    prefetch: int = 0  # 1: load the next step's row list a step early; 2: also its rows of W
 
 
 # Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` (and `--teal
@@ -91,7 +91,7 @@ TABLE = {
 # Per device kind, per (padded batch, in, out): winners of `python -m pallas_kernels.bench --teal
 # --tune` at 50% (docs/benchmarks.md); other devices and shapes take TABLE's.
 _A = functools.partial(GemvBlocks, num_stages=1, atomic=True)
-TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks]] = {
+TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
         (1, 4096, 6144): _A(128, 64, 1024, 4),  # Mistral-7B q|k|v
         (1, 4096, 4096): _A(256, 64, 1024, 8),  # o
@@ -99,11 +99,11 @@ TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks]] = {
         (1, 14336, 4096): _A(128, 64, 1024, 4),  # down
     },
     "NVIDIA H200": {
-        (1, 4096, 6144): _A(64, 64, 1024, 2),
+        (1, 4096, 6144): GatherBlocks(32, 128, 256, 4, 3),
         (1, 4096, 4096): _A(32, 256, 112, 4, num_stages=3),
-        (1, 4096, 28672): _A(64, 64, 1024, 2),
+        (1, 4096, 28672): GatherBlocks(16, 128, 512, 4, 3),
         (1, 4096, 14336): _A(64, 64, 1024, 2),
-        (1, 14336, 4096): _A(128, 64, 1024, 4),
+        (1, 14336, 4096): GatherBlocks(32, 128, 512, 4, 3),
         (1, 4096, 12288): _A(128, 64, 1024, 4),  # Llama-2-7B q|k|v
         (1, 4096, 22016): _A(64, 256, 224, 8),  # gate|up
         (1, 4096, 11008): _A(128, 128, 112, 4),
@@ -172,10 +172,13 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
 
-def _compact_kernel(x_ref, t_ref, idx_ref, val_ref, cnt_ref, *, n_in, chunk, thresholded):
+def _compact_kernel(x_ref, t_ref, idx_ref, val_ref, cnt_ref, zero_ref, *, n_in, chunk, thresholded, span):
     """Program (segment, chunk): the chunk's row numbers and values, kept rows first (val 0 for
-    the others), and the number kept."""
+    the others), and the number kept. It also zeroes its `span` of the gather's fp32 output (one
+    launch fewer than an XLA memset)."""
     seg, c = pl.program_id(0), pl.program_id(1)
+    p = seg * pl.num_programs(1) + c
+    plgpu.store(zero_ref.at[pl.ds(0, 1), pl.ds(p * span, span)], jnp.zeros((1, span), f32))
     j = iota(chunk, c * chunk)
     ok = j < n_in
     x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
@@ -202,42 +205,17 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
     count = jnp.sum(load(cnt_ref.at[seg, pl.ds(c, 1)]))
 
     base = c * chunk
-    steps = pl.cdiv(count, rows)
 
-    def rows_of(k):  # the row list and values of step k (masked past the chunk's list)
-        inside = iota(rows, k * rows) < chunk
-        return (load(idx_ref.at[seg, pl.ds(base + k * rows, rows)], mask=inside),
-                load(val_ref.at[seg, pl.ds(base + k * rows, rows)], mask=inside))
-
-    def w_of(k, idx):
-        ok = iota(rows, k * rows) < count
-        m = ok[:, None] if col_ok is None else ok[:, None] & col_ok[None, :]
-        return load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=m, eviction_policy="evict_first")
-
-    def fma(acc, v, w):
+    def step(k, acc):
+        inside = iota(rows, k * rows) < chunk  # the row list, masked past the chunk's
+        idx = load(idx_ref.at[seg, pl.ds(base + k * rows, rows)], mask=inside)
+        v = load(val_ref.at[seg, pl.ds(base + k * rows, rows)], mask=inside)
+        ok = (iota(rows, k * rows) < count)[:, None]  # rows past the kept ones: no traffic
+        w = load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=ok if col_ok is None else ok & col_ok[None, :],
+                 eviction_policy="evict_first")
         return acc + v.astype(f32)[:, None] * w.astype(f32)
 
-    acc0 = jnp.zeros((rows, cols), f32)
-    if blk.prefetch == 0:
-        def step(k, acc):
-            idx, v = rows_of(k)
-            return fma(acc, v, w_of(k, idx))
-        acc = jax.lax.fori_loop(0, steps, step, acc0)
-    elif blk.prefetch == 1:
-        def step(k, carry):
-            acc, idx, v = carry
-            w = w_of(k, idx)
-            idx_n, v_n = rows_of(k + 1)
-            return fma(acc, v, w), idx_n, v_n
-        acc = jax.lax.fori_loop(0, steps, step, (acc0, *rows_of(0)))[0]
-    else:
-        def step(k, carry):
-            acc, w, v, idx_n, v_n = carry
-            w_n = w_of(k + 1, idx_n)
-            idx_nn, v_nn = rows_of(k + 2)
-            return fma(acc, v, w), w_n, v_n, idx_nn, v_nn
-        idx0, v0 = rows_of(0)
-        acc = jax.lax.fori_loop(0, steps, step, (acc0, w_of(0, idx0), v0, *rows_of(1)))[0]
+    acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, jnp.zeros((rows, cols), f32))
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
@@ -245,18 +223,20 @@ def _gather_gemv(x, w, t, thresholded, bounds, blk: GatherBlocks):
     """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32."""
     n_in, n_out = w.shape
     n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
+    col_blocks = pl.cdiv(n_out, blk.cols)
+    # the output, padded to whole column blocks and to a whole power-of-two span per compact program
+    span = next_pow2(pl.cdiv(col_blocks * blk.cols, n_seg * chunks))
+    out = jax.ShapeDtypeStruct((1, n_seg * chunks * span), f32)
     listed = (jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), jnp.int32),
               jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), x.dtype),
-              jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32))
-    kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded)
-    idx, val, count = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
+              jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32), out)
+    kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded, span=span)
+    idx, val, count, zeros = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
         x.reshape(n_in), t)
-    col_blocks = pl.cdiv(n_out, blk.cols)
     kernel = functools.partial(_gather_kernel, blk=blk, n_out=n_out, bounds=bounds)
-    out = call(kernel, jax.ShapeDtypeStruct((1, col_blocks * blk.cols), f32), grid=(col_blocks, chunks),
-               num_warps=blk.num_warps, num_stages=blk.num_stages, name="gather_gemv", accumulate=(0,))(
-        idx, val, count, w)
-    return out[:, :n_out]
+    y = call(kernel, out, grid=(col_blocks, chunks), num_warps=blk.num_warps, num_stages=blk.num_stages,
+             name="gather_gemv", given=(0,))(idx, val, count, w, zeros)
+    return y[:, :n_out]
 
 
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None,
