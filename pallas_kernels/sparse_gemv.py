@@ -43,10 +43,11 @@ f32 = jnp.float32
 # union of B rows at 50% keeps ~1 - 0.5^B of the weight rows: at B = 4 (94%) the kernel has
 # nothing left to skip (the CATS MLP kernel measured 1.00-1.08x there; docs/benchmarks.md).
 MAX_KERNEL_BATCH = 1
-# Smaller weight matrices stay with XLA: the kernel's fixed cost (scheduling ~16k programs, fp32
-# atomics: 12 us even at 90% sparsity) exceeds XLA's dense GEMV there. Mistral-7B's o_proj
-# (4096 x 4096 = 16.8M) lost at every sparsity (50%: 0.61x on an H200, 0.92x on an H100); q|k|v
-# (25M) and larger won (docs/benchmarks.md). Tests set it to 0 to run the kernels on tiny models.
+# Smaller weight matrices stay with XLA: the kernels' fixed cost (masked tiles: ~16k programs and
+# their fp32 atomics, 12 us even at 90% sparsity; the gather path: two launches) exceeds XLA's
+# dense GEMV there. Mistral-7B's o_proj (4096 x 4096 = 16.8M) lost at 50% (H200: masked 0.61x,
+# gather 0.90x; H100: 0.92x); q|k|v (25M) at least tied and larger won (docs/benchmarks.md).
+# Tests set it to 0 to run the kernels on tiny models.
 MIN_KERNEL_WEIGHTS = 20_000_000
 
 
@@ -88,8 +89,9 @@ TABLE = {
 }
 
 
-# Per device kind, per (padded batch, in, out): winners of `python -m pallas_kernels.bench --teal
-# --tune` at 50% (docs/benchmarks.md); other devices and shapes take TABLE's.
+# Per device kind, per (padded batch, in, out): the fastest blocks at 50% sparsity (`python -m
+# pallas_kernels.bench --teal --tune` times the candidates; docs/benchmarks.md); other devices and
+# shapes take TABLE's. On the H200 the Mistral-7B shapes take the gather path.
 _A = functools.partial(GemvBlocks, num_stages=1, atomic=True)
 TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
