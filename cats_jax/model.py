@@ -179,7 +179,7 @@ def _fused_outputs(module, projs: tuple[str, ...], w, sizes: tuple[int, ...], x)
     cuts = list(itertools.accumulate(sizes))[:-1]
     if _teal_kernel_step(module, x, w.shape):
         b, t, h = x.shape
-        thr = jnp.stack([_kernel_threshold(module, p) for p in projs])
+        thr = [_kernel_threshold(module, p) for p in projs]  # apart: stacking them costs an XLA kernel per step
         y = sparse_gemv.sparse_gemv(x.reshape(b, h), w, thr, segments=sizes).reshape(b, t, -1)
         return jnp.split(y, cuts, axis=-1)
     if not set(projs) & set(module.sparse_inputs):

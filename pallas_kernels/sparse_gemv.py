@@ -132,16 +132,32 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     return dataclasses.replace(b, rows=rows, cols=cols, splits=max(1, min(b.splits, pl.cdiv(n_in, rows))))
 
 
-def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, bounds):
+def _segment(c0, bounds):
+    """The output segment holding column c0."""
+    seg = jnp.int32(0)
+    for b in bounds:
+        seg = seg + (c0 >= b).astype(jnp.int32)
+    return seg
+
+
+def _threshold(t_refs, seg):
+    """The threshold of output segment `seg`: one (1,) ref per segment, picked without a dynamic
+    index (the model passes them apart, so no op stacks them per step)."""
+    t = t_refs[0][0]
+    for k in range(1, len(t_refs)):
+        t = jnp.where(seg == k, t_refs[k][0], t)
+    return t
+
+
+def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, bounds):
+    *t_refs, o_ref = refs
     rows, cols = blk.rows, blk.cols
     c0 = pl.program_id(0) * cols
     split = pl.program_id(1)
     col_ok = iota(cols, c0) < n_out if n_out % cols else None
     batch_ok = iota(bp) < batch if bp != batch else None
     row_tail = (n_in % rows_per_split) != 0  # the last split runs past the end of x / W
-    t = t_ref[0]
-    for k, bound in enumerate(bounds, 1):  # the threshold of this program's output segment
-        t = jnp.where(c0 >= bound, t_ref[k], t)
+    t = _threshold(t_refs, _segment(c0, bounds))
 
     def step(k, acc):
         r0 = pl.multiple_of(split * rows_per_split + k * rows, rows)
@@ -174,10 +190,11 @@ def _kernel(x_ref, w_ref, t_ref, o_ref, *, batch, bp, blk, n_in, n_out, rows_per
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
 
-def _compact_kernel(x_ref, t_ref, idx_ref, val_ref, cnt_ref, zero_ref, *, n_in, chunk, thresholded, span):
+def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, span):
     """Program (segment, chunk): the chunk's row numbers and values, kept rows first (val 0 for
     the others), and the number kept. It also zeroes its `span` of the gather's fp32 output (one
     launch fewer than an XLA memset)."""
+    *t_refs, idx_ref, val_ref, cnt_ref, zero_ref = refs
     seg, c = pl.program_id(0), pl.program_id(1)
     p = seg * pl.num_programs(1) + c
     plgpu.store(zero_ref.at[pl.ds(0, 1), pl.ds(p * span, span)], jnp.zeros((1, span), f32))
@@ -185,7 +202,7 @@ def _compact_kernel(x_ref, t_ref, idx_ref, val_ref, cnt_ref, zero_ref, *, n_in, 
     ok = j < n_in
     x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
     xf = x.astype(f32)
-    live = ((jnp.abs(xf) > load(t_ref.at[pl.ds(seg, 1)])) if thresholded else (xf != 0)) & ok
+    live = ((jnp.abs(xf) > _threshold(t_refs, seg)) if thresholded else (xf != 0)) & ok
     n_live = jnp.sum(live.astype(jnp.int32))
     before = jnp.cumsum(live.astype(jnp.int32))  # kept rows up to and including this one
     # kept rows in order, then the dropped ones (a permutation: every slot is written)
@@ -201,9 +218,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
     c0 = pl.program_id(0) * cols
     c = pl.program_id(1)
     col_ok = iota(cols, c0) < n_out if n_out % cols else None
-    seg = jnp.int32(0)
-    for b in bounds:
-        seg = seg + (c0 >= b).astype(jnp.int32)
+    seg = _segment(c0, bounds)
     count = jnp.sum(load(cnt_ref.at[seg, pl.ds(c, 1)]))
 
     base = c * chunk
@@ -221,7 +236,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
-def _gather_gemv(x, w, t, thresholded, bounds, blk: GatherBlocks):
+def _gather_gemv(x, w, ts, thresholded, bounds, blk: GatherBlocks):
     """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32."""
     n_in, n_out = w.shape
     n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
@@ -234,7 +249,7 @@ def _gather_gemv(x, w, t, thresholded, bounds, blk: GatherBlocks):
               jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32), out)
     kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded, span=span)
     idx, val, count, zeros = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
-        x.reshape(n_in), t)
+        x.reshape(n_in), *ts)
     kernel = functools.partial(_gather_kernel, blk=blk, n_out=n_out, bounds=bounds)
     y = call(kernel, out, grid=(col_blocks, chunks), num_warps=blk.num_warps, num_stages=blk.num_stages,
              name="gather_gemv", given=(0,))(idx, val, count, w, zeros)
@@ -248,7 +263,8 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     x [B, in], w [in, out]. Returns [B, out] in out_dtype (default x.dtype), accumulated in fp32.
     Rows of w are read only where some batch row's x' is non-zero (in that column block).
     segments: widths of consecutive output-column segments with their own thresholds (threshold
-    then has one value per segment): w = [W_q | W_k | W_v] reads x once for three projections.
+    then has one value per segment, best a sequence of scalars: an array is split per call):
+    w = [W_q | W_k | W_v] reads x once for three projections.
     """
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"sparse_gemv: x {x.shape} and w {w.shape} do not chain as [B, in] @ [in, out]")
@@ -258,9 +274,13 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     if sum(segments) != n_out:
         raise ValueError(f"sparse_gemv: segments {segments} do not add up to w's {n_out} output columns")
     bounds = tuple(itertools.accumulate(segments))[:-1]
-    t = jnp.zeros((1,), f32) if threshold is None else jnp.asarray(threshold, f32).reshape(-1)
-    if threshold is not None and t.shape != (len(segments),):
-        raise ValueError(f"sparse_gemv: {t.size} thresholds for {len(segments)} output segments")
+    if threshold is None:
+        ts = [jnp.zeros((1,), f32)]  # unused: the kernels skip zeros only
+    else:  # one (1,) array per segment
+        ts = [jnp.asarray(t, f32).reshape(1) for t in
+              (threshold if isinstance(threshold, (tuple, list)) else jnp.asarray(threshold, f32).reshape(-1))]
+        if len(ts) != len(segments):
+            raise ValueError(f"sparse_gemv: {len(ts)} thresholds for {len(segments)} output segments")
     blk = blocks or blocks_for(batch, n_in, n_out, math.gcd(*bounds) if bounds else None)
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
@@ -269,7 +289,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     if isinstance(blk, GatherBlocks):
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
-        return _gather_gemv(x, w, t, threshold is not None, bounds, blk).astype(out_dtype)
+        return _gather_gemv(x, w, ts, threshold is not None, bounds, blk).astype(out_dtype)
     if batch > 1 and not blk.dot:
         raise ValueError(f"sparse_gemv: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
     bp = padded_batch(batch, blk.dot)
@@ -289,6 +309,6 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     out = call(
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
-    )(x, w, t)
+    )(x, w, *ts)
     y = out[:batch, :n_out] if blk.atomic else jnp.sum(out[:, :batch], axis=0)
     return y.astype(out_dtype)
