@@ -47,6 +47,7 @@ MAX_KERNEL_BATCH = 1
 # their fp32 atomics, 12 us even at 90% sparsity; the gather path: two launches) exceeds XLA's
 # dense GEMV there. Mistral-7B's o_proj (4096 x 4096 = 16.8M) lost at 50% (H200: masked 0.61x,
 # gather 0.90x; H100: 0.92x); q|k|v (25M) at least tied and larger won (docs/benchmarks.md).
+# Timed without L2 reuse the H200 gather beats XLA on o (1.12x), but decode did not get faster.
 # Tests set it to 0 to run the kernels on tiny models.
 MIN_KERNEL_WEIGHTS = 20_000_000
 
