@@ -70,8 +70,9 @@ MIN_STREAMED_BYTES = 200 * 2**20
 
 def loop_timer(f, n=(10, 40), reps=5):
     """us per call of f(x, *args) -> array, see the module docstring. Trip counts are static: XLA
-    then runs the loop without asking the host after every iteration. Args smaller than
-    MIN_STREAMED_BYTES are copied, and each iteration calls f on every copy in turn."""
+    then runs the loop without asking the host after every iteration. When args hold fewer than
+    MIN_STREAMED_BYTES, their arrays (2-D and up) are copied until they do, and each iteration
+    calls f on every copy in turn."""
 
     def timed(x, *args):
         nbytes = sum(getattr(a, "nbytes", 0) for a in args)
