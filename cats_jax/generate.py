@@ -3,9 +3,10 @@
     python -m cats_jax.generate --ckpt DIR --chat --prompt "What is the capital of France?"
 
 How it works (in the spirit of the flax gemma sampler and gpt-fast):
-- The model is split (nnx.split) and both jitted functions take (graphdef, state), so the MLP
-  implementation and thresholds chosen on the model (set_mlp_impl, set_cats_thresholds) are
-  simply part of what is traced: this file never looks at them.
+- The model is prepared once (cats_jax.decode.prepare: decode weights as a plain pytree and a
+  static plan of its sparsity sites and kernels); both jitted functions take those weights, and
+  this file never looks at the mode or the thresholds. A Transformer passed in is prepared with
+  the jnp implementation.
 - `_prefill` runs the whole prompt as a lax.scan over chunks of `prefill_chunk` tokens (long
   prompts never build attention scores larger than chunk x cache), fills the KV cache, and
   samples the first token from the logits of each row's last prompt token only.
@@ -22,9 +23,9 @@ How it works (in the spirit of the flax gemma sampler and gpt-fast):
   since they need the tokenizer; EOS ids stop rows inside the loop.
 - Sampling settings are static (sampling.Sampling); the key of step i is fold_in(seed, i), so a
   seed gives the same tokens however the steps are split into calls.
-- Measured MLP sparsity: in CATS modes each MLP sows its per-token fraction of kept neurons
-  (model.MLP, collected with nnx.capture); the decode loop sums it over the rows still
-  running. Without CATS (dense, TEAL) the sparsity is reported as None.
+- Measured MLP sparsity: in CATS modes the decode step returns each MLP's per-token fraction
+  of kept neurons; the decode loop sums it over the rows still running. Without CATS (dense,
+  TEAL) the sparsity is reported as None.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from cats_jax.model import Transformer, init_cache, sown_by_site
-from cats_jax.sparsity import CATS_SITE, MODES
+from cats_jax import decode
+from cats_jax.decode import Decoder, Plan
+from cats_jax.model import Transformer, init_cache
 from cats_jax.sampling import Sampling, sample
+from cats_jax.sparsity import MODES
 
 PAD_ID = 0  # fills prompt padding and the steps after a row is done; never read as a real token
 
@@ -79,25 +81,24 @@ def _advance(ds: DecodeState, logits, sampling: Sampling, eos_ids: tuple[int, ..
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "chunk", "sampling", "eos_ids"))
-def _prefill(state, prompts, lengths, key, *, graphdef, max_new, chunk, sampling, eos_ids) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("plan", "max_new", "chunk", "sampling", "eos_ids"))
+def _prefill(weights, prompts, lengths, key, *, plan: Plan, max_new, chunk, sampling, eos_ids) -> DecodeState:
     """prompts [B, P] right-padded, lengths [B] >= 1; P a multiple of chunk."""
     b, p = prompts.shape
-    model = nnx.merge(graphdef, state)
-    cfg = model.cfg
-    cache = init_cache(cfg, b, p + max_new, model.embed.embedding[...].dtype)
+    cfg = plan.cfg
+    cache = init_cache(cfg, b, p + max_new, weights["embed"].dtype)
     rows = jnp.arange(b)
 
     def one_chunk(cache, start):
-        model = nnx.merge(graphdef, state)
         toks = jax.lax.dynamic_slice_in_dim(prompts, start, chunk, axis=1)
         pos = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-        h, cache = model.hidden(toks, pos, cache)
-        # The hidden state at each row's last prompt token, valid in the chunk that holds it.
-        return cache, h[rows, jnp.clip(lengths - 1 - start, 0, chunk - 1)]
+        # the logits at each row's last prompt token, valid in the chunk that holds it
+        last = jnp.clip(lengths - 1 - start, 0, chunk - 1)
+        logits, cache, _ = decode.forward(weights, toks, pos, cache, plan=plan, last=last)
+        return cache, logits
 
-    cache, h_last = jax.lax.scan(one_chunk, cache, jnp.arange(0, p, chunk, dtype=jnp.int32))
-    logits = model.logits(h_last[(lengths - 1) // chunk, rows])
+    cache, logits = jax.lax.scan(one_chunk, cache, jnp.arange(0, p, chunk, dtype=jnp.int32))
+    logits = logits[(lengths - 1) // chunk, rows]
     seen = None
     if sampling.uses_history:
         in_prompt = jnp.arange(p)[None, :] < lengths[:, None]
@@ -117,10 +118,8 @@ def _prefill(state, prompts, lengths, key, *, graphdef, max_new, chunk, sampling
     return _advance(ds, logits, sampling, eos_ids)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("ds",)
-)
-def _decode(state, ds: DecodeState, n_steps, *, graphdef, sampling, eos_ids) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("plan", "sampling", "eos_ids"), donate_argnames=("ds",))
+def _decode(weights, ds: DecodeState, n_steps, *, plan: Plan, sampling, eos_ids) -> DecodeState:
     """Up to n_steps one-token steps (fewer if every row is done or the budget is spent)."""
     stop = jnp.minimum(ds.step + n_steps, ds.tokens.shape[1])
 
@@ -128,21 +127,14 @@ def _decode(state, ds: DecodeState, n_steps, *, graphdef, sampling, eos_ids) -> 
         return (ds.step < stop) & ~jnp.all(ds.done)
 
     def body(ds):
-        model = nnx.merge(graphdef, state)
         last = jax.lax.dynamic_slice_in_dim(ds.tokens, ds.step - 1, 1, axis=1)  # [B, 1]
-        (h, cache), sown = nnx.capture(Transformer.hidden, nnx.Intermediate)(
-            model, last, ds.positions[:, None], ds.cache
-        )
+        logits, cache, kept = decode.forward(weights, last, ds.positions[:, None], ds.cache, plan=plan)
         running = (~ds.done).astype(jnp.float32)
-        # the CATS MLPs' fractions [L, B, 1]; TEAL sites sow theirs too, not counted here
-        kept = sown_by_site(nnx.to_pure_dict(sown), "active_fraction").get(CATS_SITE, jnp.zeros((0, 1, 1)))
-        ds = ds._replace(
-            cache=cache,
-            positions=ds.positions + 1,
-            kept=ds.kept + jnp.sum(kept[:, :, 0] * running),
-            kept_count=ds.kept_count + kept.shape[0] * jnp.sum(running),
-        )
-        return _advance(ds, model.logits(h[:, 0]), sampling, eos_ids)
+        if kept is not None:  # the CATS MLPs' fractions [L, B, 1]
+            ds = ds._replace(kept=ds.kept + jnp.sum(kept[:, :, 0] * running),
+                             kept_count=ds.kept_count + kept.shape[0] * jnp.sum(running))
+        ds = ds._replace(cache=cache, positions=ds.positions + 1)
+        return _advance(ds, logits[:, 0], sampling, eos_ids)
 
     return jax.lax.while_loop(cond, body, ds)
 
@@ -189,7 +181,7 @@ class Generation:
 
 
 def generate(
-    model: Transformer,
+    model: Transformer | Decoder,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
@@ -206,8 +198,11 @@ def generate(
     stream_every: decode steps per jitted call (default: all in one call). After each call
     on_chunk(tokens [B, n], lengths [B], done [B]) sees the ids so far (row b's are
     tokens[b, :lengths[b]]) and may return a [B] bool mask of rows to stop (stop strings).
+    A Transformer is prepared with the jnp implementation (decode.prepare); prepare it once yourself
+    for the kernels, or to generate many times.
     """
-    cfg = model.cfg
+    weights, plan = model if isinstance(model, Decoder) else decode.prepare(model)
+    cfg = plan.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -224,19 +219,16 @@ def generate(
     for i, ids in enumerate(prompts):
         tokens[i, : len(ids)] = ids
     lengths = np.array([len(ids) for ids in prompts], np.int32)
-    graphdef, state = nnx.split(model)
-    statics = dict(sampling=sampling, eos_ids=eos_ids)
+    statics = dict(plan=plan, sampling=sampling, eos_ids=eos_ids)
 
-    args = (state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
-    prefill, compile_s = _compiled(
-        _prefill, *args, graphdef=graphdef, max_new=max_new_tokens, chunk=min(prefill_chunk, p), **statics
-    )
+    args = (weights, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
+    prefill, compile_s = _compiled(_prefill, *args, max_new=max_new_tokens, chunk=min(prefill_chunk, p), **statics)
     t0 = time.perf_counter()
     ds = jax.block_until_ready(prefill(*args))
     prefill_s = time.perf_counter() - t0
 
     n_steps = jnp.asarray(stream_every or max_new_tokens, jnp.int32)
-    decode, dt = _compiled(_decode, state, ds, n_steps, graphdef=graphdef, **statics)
+    decode_fn, dt = _compiled(_decode, weights, ds, n_steps, **statics)
     compile_s += dt
     decode_s = 0.0
     while True:
@@ -250,7 +242,7 @@ def generate(
         if step >= max_new_tokens or done.all():
             break
         t0 = time.perf_counter()
-        ds = jax.block_until_ready(decode(state, ds, n_steps))
+        ds = jax.block_until_ready(decode_fn(weights, ds, n_steps))
         decode_s += time.perf_counter() - t0
 
     out, lens = np.asarray(ds.tokens), np.asarray(ds.lengths)
@@ -288,7 +280,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 def generate_text(
-    model: Transformer,
+    model: Transformer | Decoder,
     tokenizer,
     prompts: Sequence[str],
     max_new_tokens: int = 256,
@@ -305,15 +297,16 @@ def generate_text(
     """Completions of text prompts, cut before the first stop string. With `stream`, the first
     prompt's text is passed to it piece by piece as it is generated."""
     ids = [encode_prompt(tokenizer, p, chat, system) for p in prompts]
-    eos = set(model.cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    cfg = model.plan.cfg if isinstance(model, Decoder) else model.cfg
+    eos = set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    detok = functools.partial(tokenizer.decode, skip_special_tokens=True)
     # Hold back what could be the start of a stop string, or a multi-byte character cut in two.
     hold = max((len(s) for s in stop), default=1) - 1
     shown = 0
 
     def on_chunk(tokens, lengths, done):
         nonlocal shown
-        texts = [_cut_at_stop(decode(tokens[b, : lengths[b]]), stop) for b in range(len(prompts))]
+        texts = [_cut_at_stop(detok(tokens[b, : lengths[b]]), stop) for b in range(len(prompts))]
         if stream is not None:
             text, hit = texts[0]
             end = len(text) if hit or done[0] else max(len(text.rstrip("\ufffd")) - hold, shown)
@@ -327,7 +320,7 @@ def generate_text(
         model, ids, max_new_tokens, sampling, seed=seed, eos_ids=sorted(eos), prefill_chunk=prefill_chunk,
         stream_every=stream_every if use_chunks else None, on_chunk=on_chunk if use_chunks else None,
     )
-    texts = [_cut_at_stop(decode(t), stop)[0] for t in gen.tokens]
+    texts = [_cut_at_stop(detok(t), stop)[0] for t in gen.tokens]
     if stream is not None and len(texts[0]) > shown:
         stream(texts[0][shown:])
     return texts, gen
@@ -374,10 +367,9 @@ def main(argv=None) -> None:
     try:
         model = checkpoint.load_model(args.ckpt, dtype=checkpoint.DTYPES[args.dtype])
         if args.sparsity is not None:
-            thresholds.load_into(model, args.ckpt, args.sparsity, args.impl, args.mode)
-        model.prepare_for_decode()
+            thresholds.load_into(model, args.ckpt, args.sparsity, args.mode)
         texts, gen = generate_text(
-            model, data.load_tokenizer(args.ckpt), args.prompt, args.max_new_tokens, sampling, chat=args.chat,
+            decode.prepare(model, args.impl), data.load_tokenizer(args.ckpt), args.prompt, args.max_new_tokens, sampling, chat=args.chat,
             system=args.system, stop=args.stop, seed=args.seed, stream=functools.partial(print, end="", flush=True),
             stream_every=args.stream_every, prefill_chunk=args.prefill_chunk,
         )

@@ -18,9 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# How a gated MLP is computed. "cats-jnp" is the dense-equivalent reference; "cats-pallas"
-# runs decode steps through the Pallas kernel (pallas_kernels.cats_mlp) and prefill through jnp.
-MLP_IMPLS = ("dense", "cats-jnp", "cats-pallas")
+# How the model's gated MLP is computed: dense SiLU or the CATS activation (cats_jax.decode runs
+# decode steps of the latter through the Pallas kernel, pallas_kernels.cats_mlp).
+MLP_IMPLS = ("dense", "cats-jnp")
 
 CATS_SITE = "mlp.act"  # |SiLU(x W_gate)| in the gated MLP
 ATTN_SITES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj")  # TEAL: each projection's input

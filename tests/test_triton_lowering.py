@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+from pallas_kernels import attention as A
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import common
 from pallas_kernels import sparse_gemv as G
@@ -66,3 +67,13 @@ def test_sparse_gemv_lowers(lowered_for_gpu, batch, blocks):
     _lower(lambda x, w, t: G.sparse_gemv(x, w, (t, t, t), segments=segments, blocks=blocks),
            S((batch, H), bf16), S((H, sum(segments)), bf16), S((), f32))
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)  # compact + gather
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,window", [(32, 8, 128, None), (9, 3, 64, 4096), (4, 4, 16, None)])
+def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window):
+    b, s = 2, 384
+    _lower(lambda qkv, pos, k, v, inv: A.decode_attention(qkv, pos, k, v, inv, num_heads=heads, num_kv_heads=kv_heads,
+                                                          sliding_window=window),
+           S((b, (heads + 2 * kv_heads) * d), bf16), S((b,), jnp.int32), S((b, s, kv_heads, d), bf16),
+           S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
+    assert len(lowered_for_gpu) == 1

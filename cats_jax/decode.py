@@ -1,0 +1,187 @@
+"""The inference path: decode weights prepared once from a model, and the forward pass over them.
+
+    decoder = decode.prepare(model, "pallas")     # the model's mode and thresholds, fixed here
+    logits, cache, kept = decode.forward(decoder.weights, tokens, positions, cache, plan=decoder.plan)
+
+`prepare` reads the model (Flax NNX, the definition: cats_jax.model) and its sparsity settings
+(set_mode, set_thresholds) and builds a plain pytree of the layouts each kernel wants:
+q|k|v fused into one [H, (N + 2K) D] matrix (one GEMV reads x once for three projections; XLA
+would otherwise rewrite the narrow k / v GEMVs), gate|up fused [H, 2I] (dense and TEAL), or held
+neuron-major [I, H] for the CATS kernel, and one fp32 scalar threshold per layer and site. The
+model is not changed. `Plan` (static) says which sites are thresholded and whether decode steps
+may run the Pallas kernels; which kernel runs where is then decided from the shapes at trace time
+(`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds.
+
+The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
+greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
+matrix, each reads its own thresholded input: decode steps stack the inputs and read the matrix
+once (the extra rows are free while the product is memory-bound); longer inputs (prefill) take
+each projection's columns apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cats_jax import sparsity
+from cats_jax.config import ModelConfig
+from cats_jax.model import Transformer, attend, rms_norm, rope_inv_freq, site_threshold
+from pallas_kernels import attention, cats_mlp, sparse_gemv
+from pallas_kernels.common import kernels_enabled
+
+f32 = jnp.float32
+IMPLS = ("jnp", "pallas")
+# Thresholded inputs stacked into one product while it has at most this many rows (memory-bound).
+MAX_STACKED_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static: the model's shapes, its thresholded sites and whether decode steps may use kernels."""
+
+    cfg: ModelConfig
+    sites: tuple[str, ...]
+    kernels: bool  # impl "pallas": decode steps (one token per row) through the Pallas kernels on GPU
+
+    @property
+    def cats(self) -> bool:
+        return sparsity.CATS_SITE in self.sites
+
+    def _step_kernels(self, x) -> bool:
+        return self.kernels and x.shape[1] == 1 and kernels_enabled()
+
+    def attention_kernel(self, x) -> bool:
+        d = self.cfg.head_dim
+        return self._step_kernels(x) and d >= 2 and not d & (d - 1)
+
+    def gemv_kernel(self, x, w) -> bool:
+        return self._step_kernels(x) and sparse_gemv.kernel_pays(x.shape[0], *w.shape)
+
+    def cats_kernel(self, x) -> bool:
+        return self._step_kernels(x) and cats_mlp.kernel_pays(x.shape[0])
+
+
+class Decoder(NamedTuple):
+    weights: dict  # a pytree of arrays
+    plan: Plan
+
+
+QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
+    """Decode weights and plan from the model's weights, mode and thresholds (module docstring)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r} (choose from {', '.join(IMPLS)})")
+    sites = model.sites
+    cats = sparsity.CATS_SITE in sites
+    kernels = impl == "pallas"
+    layers = []
+    for layer in model.layers:
+        a, m = layer.attn, layer.mlp
+        lw = {
+            "attn_norm": layer.input_norm.scale[...],
+            "qkv": jnp.concatenate([a.q_proj.kernel[...], a.k_proj.kernel[...], a.v_proj.kernel[...]], axis=1),
+            "o": a.o_proj.kernel[...],
+            "mlp_norm": layer.post_attn_norm.scale[...],
+            "down": m.down_proj.kernel[...],
+            "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
+        }
+        if cats and kernels:  # the CATS kernel skips neurons: each neuron's weights one contiguous row
+            lw["gate_t"], lw["up_t"] = m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T
+        else:
+            lw["gate_up"] = jnp.concatenate([m.gate_proj.kernel[...], m.up_proj.kernel[...]], axis=1)
+        layers.append(lw)
+    head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
+    weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...], "head": head}
+    return Decoder(weights, Plan(model.cfg, sites, kernels))
+
+
+def _product(plan: Plan, x, w, thresholds, widths):
+    """x [B, T, in] @ w [in, out], where the columns of w come in segments of `widths`, each
+    reading x thresholded by its own TEAL threshold (None: x as it is)."""
+    b, t, n_in = x.shape
+    if all(th is None for th in thresholds):
+        return jnp.dot(x, w)
+    if plan.gemv_kernel(x, w):  # -1: keep every input of an unthresholded segment
+        ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
+        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths).reshape(b, t, -1)
+    xs = [x if th is None else sparsity.teal_input(x, th) for th in thresholds]
+    if len(xs) == 1:
+        return jnp.dot(xs[0], w)
+    cuts = list(itertools.accumulate(widths))[:-1]
+    if len(xs) * b * t <= MAX_STACKED_ROWS:  # one product reading w once; each segment keeps its rows
+        y = jnp.einsum("sbti,io->sbto", jnp.stack(xs), w)
+        return jnp.concatenate([part[i] for i, part in enumerate(jnp.split(y, cuts, axis=-1))], axis=-1)
+    return jnp.concatenate([jnp.dot(xi, wi) for xi, wi in zip(xs, jnp.split(w, cuts, axis=1))], axis=-1)
+
+
+def _site(lw, site):
+    return lw["thresholds"].get(site)
+
+
+def _attention(plan: Plan, lw, x, positions, kv):
+    cfg = plan.cfg
+    b, t, _ = x.shape
+    n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = _product(plan, x, lw["qkv"], [_site(lw, s) for s in QKV], (n * d, k * d, k * d))
+    if kv is not None and plan.attention_kernel(x):
+        out, ck, cv = attention.decode_attention(qkv[:, 0], positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
+                                                 num_kv_heads=k, sliding_window=cfg.sliding_window)
+        out, kv = out[:, None], (ck, cv)
+    else:
+        q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=-1)
+        out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
+    return _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,)), kv
+
+
+def _mlp(plan: Plan, lw, x):
+    """The gated MLP of x [B, T, H]: (y [B, T, H], the per-token fraction of kept neurons [B, T] or None)."""
+    b, t, h = x.shape
+    size = plan.cfg.intermediate_size
+    down_t = [_site(lw, "mlp.down_proj")]
+    if not plan.cats:
+        g, u = jnp.split(_product(plan, x, lw["gate_up"], [_site(lw, s) for s in GATE_UP], (size, size)), 2, axis=-1)
+        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,)), None
+    threshold = lw["thresholds"][sparsity.CATS_SITE]
+    if plan.cats_kernel(x):
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_t"], lw["up_t"], lw["down"], threshold)
+        # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
+        return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
+    # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
+    if "gate_up" in lw:
+        gu = jnp.dot(x, lw["gate_up"], preferred_element_type=f32)
+        g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
+    else:  # neuron-major weights (a batch too large for the kernel, or prefill)
+        g = jnp.einsum("bth,ih->bti", x, lw["gate_t"], preferred_element_type=f32)
+        u = jnp.einsum("bth,ih->bti", x, lw["up_t"])
+    a = sparsity.cats_activation(g, threshold)
+    return jnp.dot(a.astype(x.dtype) * u, lw["down"]), sparsity.active_fraction(a, axis=-1)
+
+
+def forward(weights, tokens, positions, cache, *, plan: Plan, last=None):
+    """Logits (fp32) [B, T, V] of tokens [B, T] at positions [B, T], the updated cache (model.init_cache's
+    layout) and the CATS kept-neuron fractions [L, B, T] (None without CATS). last [B]: only the
+    logits of token last[b] of each row, [B, V] (prefill)."""
+    cfg = plan.cfg
+    eps = cfg.rms_norm_eps
+    x = weights["embed"][tokens]
+    new_cache, kept = [], []
+    for lw, kv in zip(weights["layers"], cache):
+        h, kv = _attention(plan, lw, rms_norm(x, lw["attn_norm"], eps), positions, kv)
+        x = x + h
+        h, frac = _mlp(plan, lw, rms_norm(x, lw["mlp_norm"], eps))
+        x = x + h
+        new_cache.append(kv)
+        kept.append(frac)
+    if last is not None:
+        x = x[jnp.arange(x.shape[0]), last]
+    h = rms_norm(x, weights["norm"], eps)
+    logits = jnp.dot(h, weights["head"], preferred_element_type=f32)
+    return logits, new_cache, jnp.stack(kept) if plan.cats else None

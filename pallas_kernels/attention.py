@@ -1,0 +1,155 @@
+"""Decode attention in one Pallas (Triton) kernel: RoPE on q and the new key, the KV-cache write, and
+GQA attention over the cache slots filled so far, split over the sequence (flash-decoding).
+
+The jnp definition is cats_jax.model.attend (the model's attention at one token per row); the kernel
+must equal it. Shapes: B rows, N query heads, K kv heads (G = N / K per kv head), D head dim (a
+power of two), S cache slots.
+
+- qkv [B, (N + 2K) D]: the fused q|k|v projection of each row's token, before RoPE.
+- positions [B]: each row's position p; its key and value go to slot p, and it attends to slots
+  0..p (p - window + 1..p with a sliding window). Slots < p hold earlier tokens of the row.
+- k_cache, v_cache [B, S, K, D]: updated in place (aliased): only slot p of each row is written.
+
+Grid (B, K, splits): a program takes one row, one kv head (its G query heads share every key it
+loads) and one span of `span` slots. It walks the filled slots of its span in blocks of `block`
+(blocks past p are never loaded, so the cost grows with the context, not with S), keeping an
+online softmax; the program whose span holds p also folds in the new key and value from registers
+and writes them to the cache. It stores its partial max, sum and [G, D] accumulator; the splits
+are combined in jnp (a few KB). RoPE works on the two halves of each head (rotate-half), so no
+lane permutation is needed: q . k = q1 . k1 + q2 . k2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import call, iota, load, next_pow2
+
+f32 = jnp.float32
+_NEG = -1e30  # a finite "minus infinity": empty spans give exp(_NEG - m) = 0, never NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlocks:
+    block: int  # cache slots per loop step
+    span: int  # cache slots per program (a multiple of block)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def blocks_for(batch: int, num_kv_heads: int, groups: int, slots: int) -> AttentionBlocks:
+    """Enough programs to spread the cache reads over the GPU (~128), at least one block each.
+    The [G, block, D] products are held in registers, so the block shrinks as G grows."""
+    block = max(8, 64 // next_pow2(groups))
+    want = max(1, 128 // (batch * num_kv_heads))
+    span = max(block, next_pow2(pl.cdiv(slots, want)))
+    return AttentionBlocks(block=block, span=span)
+
+
+def _rope(x1, x2, cos, sin):
+    """HF rotate-half RoPE on the two halves of a head: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def _kernel(qkv_ref, pos_ref, inv_ref, m_ref, l_ref, acc_ref, kc_ref, vc_ref, *,
+            n_heads, n_kv, groups, gp, d, blk, window, scale):
+    # kc_ref / vc_ref are the caches themselves (outputs aliased to the inputs): read, and slot pos written
+    b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    h = d // 2
+    pos = load(pos_ref.at[pl.ds(b, 1)])[0]
+    freqs = pos.astype(f32) * load(inv_ref.at[pl.ds(0, h)])
+    cos, sin = jnp.cos(freqs)[None, :], jnp.sin(freqs)[None, :]
+    dt = kc_ref.dtype
+
+    g_ok = iota(gp) < groups
+    q_cols = (kh * groups + iota(gp))[:, None] * d + iota(h)[None, :]  # [gp, h]: the first halves
+    q1 = load(qkv_ref.at[b, q_cols], mask=g_ok[:, None]).astype(f32)
+    q2 = load(qkv_ref.at[b, q_cols + h], mask=g_ok[:, None]).astype(f32)
+    q1, q2 = _rope(q1, q2, cos, sin)
+    # rounded to the activation dtype, as the jnp path's q is, then scaled in fp32
+    q1, q2 = q1.astype(dt).astype(f32) * scale, q2.astype(dt).astype(f32) * scale
+
+    k_col = n_heads * d + kh * d
+    v_col = (n_heads + n_kv) * d + kh * d
+    kn1 = load(qkv_ref.at[b, pl.ds(k_col, h)]).astype(f32)[None, :]
+    kn2 = load(qkv_ref.at[b, pl.ds(k_col + h, h)]).astype(f32)[None, :]
+    kn1, kn2 = _rope(kn1, kn2, cos, sin)
+    kn1, kn2 = kn1.astype(dt), kn2.astype(dt)
+    vn = load(qkv_ref.at[b, pl.ds(v_col, d)]).astype(dt)[None, :]
+
+    lo_span = sp * blk.span
+    lo = jnp.maximum(lo_span, 0 if window is None else pos - window + 1)  # first slot to read
+    hi = jnp.minimum(lo_span + blk.span, pos)  # past the last (slot pos is the new token)
+    start = lo - lo % blk.block
+
+    def step(k, carry):
+        m, l, acc = carry
+        s0 = start + k * blk.block
+        slots = iota(blk.block, s0)
+        ok = (slots >= lo) & (slots < hi)
+        k1 = load(kc_ref.at[b, slots[:, None], kh, iota(h)[None, :]], mask=ok[:, None]).astype(f32)
+        k2 = load(kc_ref.at[b, slots[:, None], kh, iota(h, h)[None, :]], mask=ok[:, None]).astype(f32)
+        s = jnp.sum(q1[:, None, :] * k1[None, :, :] + q2[:, None, :] * k2[None, :, :], axis=2)  # [gp, block]
+        s = jnp.where(ok[None, :], s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        v = load(vc_ref.at[b, slots[:, None], kh, iota(d)[None, :]], mask=ok[:, None]).astype(f32)
+        acc = acc * alpha[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((gp,), _NEG, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, d), f32))
+    m, l, acc = jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(hi - start, 0), blk.block), step, init)
+
+    # the new token: in the span that holds slot pos only
+    here = (pos >= lo_span) & (pos < lo_span + blk.span)
+    s_new = jnp.sum(q1 * kn1.astype(f32) + q2 * kn2.astype(f32), axis=1)  # [gp]
+    s_new = jnp.where(here, s_new, _NEG)
+    m_new = jnp.maximum(m, s_new)
+    alpha, p_new = jnp.exp(m - m_new), jnp.exp(s_new - m_new)
+    acc = acc * alpha[:, None] + p_new[:, None] * vn.astype(f32)
+    l = l * alpha + p_new
+    m = m_new
+
+    mine = jnp.full((1, h), here)
+    plgpu.store(kc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(0, h)], kn1, mask=mine)
+    plgpu.store(kc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(h, h)], kn2, mask=mine)
+    plgpu.store(vc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(0, d)], vn, mask=jnp.full((1, d), here))
+    plgpu.store(m_ref.at[b, kh, sp, pl.ds(0, gp)], m)
+    plgpu.store(l_ref.at[b, kh, sp, pl.ds(0, gp)], l)
+    plgpu.store(acc_ref.at[b, kh, sp, pl.ds(0, gp), pl.ds(0, d)], acc)
+
+
+def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: int, num_kv_heads: int,
+                     sliding_window: int | None = None, blocks: AttentionBlocks | None = None):
+    """One decode token per row (module docstring): (out [B, N D] in k_cache's dtype, k_cache, v_cache)."""
+    b, s, k, d = k_cache.shape
+    if k != num_kv_heads or v_cache.shape != k_cache.shape or d & (d - 1) or d < 2:
+        raise ValueError(f"decode_attention: caches {k_cache.shape} / {v_cache.shape} need [B, S, {num_kv_heads}, D] "
+                         "with D a power of two")
+    if qkv.shape != (b, (num_heads + 2 * k) * d) or positions.shape != (b,) or num_heads % k:
+        raise ValueError(f"decode_attention: qkv {qkv.shape}, positions {positions.shape} do not fit {num_heads} "
+                         f"heads over caches {k_cache.shape}")
+    groups = num_heads // k
+    gp = next_pow2(groups)
+    blk = blocks or blocks_for(b, k, groups, s)
+    splits = pl.cdiv(s, blk.span)
+    kernel = functools.partial(_kernel, n_heads=num_heads, n_kv=k, groups=groups, gp=gp, d=d, blk=blk,
+                               window=sliding_window, scale=d ** -0.5)
+    shapes = (jax.ShapeDtypeStruct((b, k, splits, gp), f32), jax.ShapeDtypeStruct((b, k, splits, gp), f32),
+              jax.ShapeDtypeStruct((b, k, splits, gp, d), f32), k_cache, v_cache)
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in shapes)
+    m, l, acc, k_cache, v_cache = call(kernel, shapes, grid=(b, k, splits), num_warps=blk.num_warps,
+                                       num_stages=blk.num_stages, name="decode_attention", given=(3, 4))(
+        qkv, positions.astype(jnp.int32), jnp.asarray(inv_freq, f32), k_cache, v_cache)
+    # combine the splits: softmax weights relative to the global max of each query head
+    top = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - top)
+    out = jnp.sum(w[..., None] * acc, axis=2) / jnp.sum(w * l, axis=2)[..., None]  # [B, K, gp, D]
+    return out[:, :, :groups].reshape(b, num_heads * d).astype(k_cache.dtype), k_cache, v_cache
