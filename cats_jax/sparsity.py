@@ -18,6 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The CATS rule is defined beside its kernel, which imports nothing from cats_jax.
+from pallas_kernels.cats_mlp import cats_activation  # noqa: F401
+
 # How the model's gated MLP is computed: dense SiLU or the CATS activation (cats_jax.decode runs
 # decode steps of the latter through the Pallas kernel, pallas_kernels.cats_mlp).
 MLP_IMPLS = ("dense", "cats-jnp")
@@ -32,13 +35,6 @@ MODES = {
     "teal": TEAL_SITES,
     "cats+teal-attn": (CATS_SITE,) + ATTN_SITES,  # CATS on the MLP, TEAL on the attention inputs
 }
-
-
-def cats_activation(gate: jax.Array, threshold: jax.Array) -> jax.Array:
-    """SiLU then zero |a| <= threshold; computed in fp32 (the threshold test must not depend on
-    the storage dtype of the gate output). threshold 0 is exactly dense: it only zeroes zeros."""
-    a = jax.nn.silu(gate.astype(jnp.float32))
-    return jnp.where(jnp.abs(a) > threshold, a, 0.0)
 
 
 def teal_input(x: jax.Array, threshold: jax.Array) -> jax.Array:

@@ -2,7 +2,8 @@
 
 Math (cats_jax.sparsity.gated_mlp with a threshold): a = cats_activation(x W_gate, t), i.e. SiLU
 with |a| <= t zeroed; y = (a * (x W_up)) W_down. W_gate must be read in full; the win is in not
-reading the rows of W_up and W_down of the zeroed neurons.
+reading the rows of W_up and W_down of the zeroed neurons. cats_activation is defined here, where
+the kernel applies it, and cats_jax.sparsity re-exports it (the kernels import nothing from cats_jax).
 
 Weights are neuron-major, so that a neuron's weights are contiguous rows: wg_t = W_gate^T and
 wu_t = W_up^T [I, H], and w_down [I, H] (the Flax layout already). The model transposes gate and
@@ -30,11 +31,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cats_jax.sparsity import cats_activation
 from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
 from pallas_kernels.sparse_gemv import GemvBlocks, sparse_gemv
 
 f32 = jnp.float32
+
+
+def cats_activation(gate: jax.Array, threshold: jax.Array) -> jax.Array:
+    """SiLU then zero |a| <= threshold; computed in fp32 (the threshold test must not depend on
+    the storage dtype of the gate output). threshold 0 is exactly dense: it only zeroes zeros."""
+    a = jax.nn.silu(gate.astype(jnp.float32))
+    return jnp.where(jnp.abs(a) > threshold, a, 0.0)
+
 
 # Decode batches up to this size use the kernels; larger ones take the dense path. Measured on an
 # H100 (docs/benchmarks.md, random inputs): B = 4 was >= 1.00x of XLA's dense MLP at every
@@ -53,7 +61,7 @@ class GateUpBlocks:
     fuse_down: bool = False  # the same program multiplies its kept neurons by their W_down rows
 
 
-# Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` on an H100 at
+# Per padded batch size: the winners of `python -m bench.kernels --tune` on an H100 at
 # H = 4096, I = 14336, 50% sparsity (docs/benchmarks.md); blocks_for fits them to other shapes.
 TABLE = {
     1: GateUpBlocks(rows=8, cols=1024, num_warps=4, num_stages=4),

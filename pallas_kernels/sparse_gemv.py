@@ -78,7 +78,7 @@ class GatherBlocks:
     num_stages: int = 3
 
 
-# Per padded batch size: the winners of `python -m pallas_kernels.bench --tune` (and `--teal
+# Per padded batch size: the winners of `python -m bench.kernels --tune` (and `--teal
 # --tune`) on an H100 at 50% sparsity; blocks_for fits them to other shapes. Batch 1: one
 # 128 x 128 tile per program, atomic adds (best on all four Mistral-7B projection shapes and the
 # CATS down projection); batches 2-8: looping splits with fp32 partials.
@@ -91,7 +91,7 @@ TABLE = {
 
 
 # Per device kind, per (padded batch, in, out): the fastest blocks at 50% sparsity (`python -m
-# pallas_kernels.bench --teal --tune` times the candidates; docs/benchmarks.md); other devices and
+# bench.kernels --teal --tune` times the candidates; docs/benchmarks.md); other devices and
 # shapes take TABLE's. On the H200 the Mistral-7B shapes take the gather path.
 _A = functools.partial(GemvBlocks, num_stages=1, atomic=True)
 TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {

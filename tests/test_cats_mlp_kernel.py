@@ -11,7 +11,7 @@ from cats_jax import model as M
 from cats_jax.config import ModelConfig
 from cats_jax.generate import generate
 from cats_jax.sparsity import cats_activation, gated_mlp
-from pallas_kernels.bench import random_mlp, threshold_for
+from bench.kernels import random_mlp, threshold_for
 from pallas_kernels.cats_mlp import gate_up
 from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 from pallas_kernels.sparse_gemv import sparse_gemv

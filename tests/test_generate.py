@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cats_jax import bench_decode, checkpoint, thresholds
+from bench import decode as bench_decode
+from cats_jax import checkpoint, thresholds
 from cats_jax.config import ModelConfig
 from cats_jax.generate import generate, generate_text, main, padded_length
 from cats_jax.model import init_random

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from cats_jax import model as M
-from cats_jax.bench_decode import random_thresholds
+from bench.decode import random_thresholds
 from cats_jax.config import ModelConfig
 from cats_jax.generate import generate
 from cats_jax.sparsity import MODES
-from pallas_kernels.bench import random_mlp, threshold_for
+from bench.kernels import random_mlp, threshold_for
 from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.sparse_gemv import TABLE, sparse_gemv

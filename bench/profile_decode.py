@@ -1,11 +1,11 @@
 """Where a decode step's time goes on the GPU: a jax.profiler trace of the decode loop, summed per kernel.
 
-    PYTHONPATH=. python3 scripts/profile_decode.py --config mistral-7b --batch 1,8 [--layers 8] [--mode teal --sparsity 0.5]
+    python -m bench.profile_decode --config mistral-7b --batch 1,8 [--layers 8] [--mode teal --sparsity 0.5]
 
 For each batch size: run cats_jax.generate once (compile), then once more under jax.profiler with
 a Perfetto trace, and print per kernel name the GPU time per decode step (summed over calls),
 its calls per step and mean duration, and the GPU-busy time per step against the wall time per step
-(the difference is idle GPU time: launch gaps, host syncs). Random bf16 weights, as bench_decode.
+(the difference is idle GPU time: launch gaps, host syncs). Random bf16 weights, as bench.decode.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import jax
 import numpy as np
 
-from cats_jax.bench_decode import random_model, random_thresholds
+from bench.decode import random_model, random_thresholds
 from cats_jax.sparsity import MODES
 from cats_jax.config import PRESETS
 from cats_jax.generate import generate

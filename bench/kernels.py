@@ -1,8 +1,8 @@
 """Benchmark the sparse decode kernels against XLA's dense jnp, on random bf16 weights.
 
-    python -m pallas_kernels.bench                     # CATS MLP: shapes x sparsity x batch
-    python -m pallas_kernels.bench --tune              # first pick block sizes per batch size (timed)
-    python -m pallas_kernels.bench --teal [--tune]     # TEAL: each projection's sparse GEMV
+    python -m bench.kernels                     # CATS MLP: shapes x sparsity x batch
+    python -m bench.kernels --tune              # first pick block sizes per batch size (timed)
+    python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
 
 Per (shape, batch, sparsity): kernel time, XLA dense time (jnp, jitted), their ratio, the union
 sparsity (neurons / input rows no batch row keeps), and the ideal time: the bytes that must be

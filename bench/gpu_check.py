@@ -1,6 +1,6 @@
 """GPU correctness check of the CATS MLP kernels (the CPU tests run them in interpret mode only).
 
-    python -m pallas_kernels.gpu_check [--seed N] [--no-model]
+    python -m bench.gpu_check [--seed N] [--no-model]
 
 1. cats_mlp and sparse_gemv (masked tiles, and the batch-1 gather path) on fresh random inputs:
    real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cats_jax.sparsity import MODES, cats_activation, gated_mlp
-from pallas_kernels.bench import random_mlp, threshold_for
+from bench.kernels import random_mlp, threshold_for
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.common import poisoned_outputs
@@ -90,7 +90,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
     accumulation orders, and a near-tie between the top two logits of a random model can flip a
     token, so bf16 is reported only."""
     from cats_jax import model as M
-    from cats_jax.bench_decode import random_thresholds
+    from bench.decode import random_thresholds
     from cats_jax.config import preset
     from cats_jax.generate import generate
 

@@ -1,9 +1,9 @@
 """Decode speed with random weights at real model shapes: no checkpoint needed.
 
-    PYTHONPATH=. python3 -m cats_jax.bench_decode --config mistral-7b --random-weights --batch 1,4,8
-    python -m cats_jax.bench_decode --config mistral-7b --random-weights --mode cats --sparsity 0.5
-    python -m cats_jax.bench_decode --config mistral-7b --random-weights --mode teal --sparsity 0.4,0.5
-    python -m cats_jax.bench_decode --config smollm2-135m --random-weights --prompt-len 16 --new-tokens 8  # CPU smoke
+    PYTHONPATH=. python3 -m bench.decode --config mistral-7b --random-weights --batch 1,4,8
+    python -m bench.decode --config mistral-7b --random-weights --mode cats --sparsity 0.5
+    python -m bench.decode --config mistral-7b --random-weights --mode teal --sparsity 0.4,0.5
+    python -m bench.decode --config smollm2-135m --random-weights --prompt-len 16 --new-tokens 8  # CPU smoke
 
 Each batch runs cats_jax.generate.generate (the same jitted prefill and while_loop decode as
 text generation) on random prompts of --prompt-len tokens, with EOS disabled so that every row
@@ -48,7 +48,7 @@ from cats_jax.config import PRESETS, ModelConfig
 from cats_jax.generate import generate
 from cats_jax.model import Transformer
 from cats_jax.sparsity import MODES
-from pallas_kernels.bench import copy_bandwidth, read_bandwidth
+from bench.kernels import copy_bandwidth, read_bandwidth
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
@@ -147,7 +147,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m cats_jax.bench_decode",
+        prog="python -m bench.decode",
         description="Decode tokens/s and achieved bandwidth vs a measured copy ceiling, random weights at preset shapes.",
     )
     ap.add_argument("--config", choices=sorted(PRESETS), default="mistral-7b", help="model shapes (config.PRESETS)")
