@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import re
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from cats_jax.config import PRESETS, ModelConfig
+from cats_jax import decode
 from cats_jax.generate import generate
 from cats_jax.model import Transformer
 from cats_jax.sparsity import MODES
@@ -84,6 +86,50 @@ def random_thresholds(model: Transformer, sparsity: list[float], tokens: int, se
             for p in sparsity}
 
 
+# HLO instructions that launch no kernel of their own
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "call", "while", "conditional",
+              "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency"}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\((.*)$")
+
+
+def kernel_launches(hlo: str) -> list[str]:
+    """Kernel launches per decode step, as "opcode name" lines: the instructions of the decode loop's body (and of what it
+    calls, such as command buffers) that run as GPU kernels, in the optimized HLO. Fusions, custom
+    calls (the Pallas kernels, cuBLAS GEMMs) and copies count one each; a fusion's insides do not."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            name = head.group(1)
+            comps[name] = []
+        elif name and line.strip() != "}":
+            comps[name].append(line)
+    bodies = [m.group(1) for lines in comps.values() for ln in lines for m in [re.search(r"body=%?([\w.\-]+)", ln)] if m]
+
+    def launched(comp: str) -> list[str]:
+        found = []
+        for ln in comps.get(comp, ()):
+            m = _INSTRUCTION.match(ln)
+            if not m:
+                continue
+            op = m.group(1)
+            if op in ("call", "conditional") or (op == "custom-call" and "command_buffer" in ln):
+                for c in re.findall(r"(?:to_apply|calls|branch_computations=\{[^}]*)=?%?([\w.\-]+)", ln):
+                    found += launched(c)
+            elif op not in _NO_KERNEL:
+                found.append(f"{op} {ln.split('=')[0].strip()}")
+        return found
+
+    return max((launched(b) for b in bodies), key=len, default=[])
+
+
+def latest_decode_hlo() -> str:
+    """The optimized HLO of the decode loop generate() compiled last."""
+    from cats_jax import generate as G
+
+    return [c for key, c in G._COMPILED.items() if key[0] is G._decode][-1].as_text()
+
+
 def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     """Benchmark cfg's shapes with main()'s options (every mode x sparsity x batch); prints rows as
     they come, returns the markdown table."""
@@ -96,19 +142,19 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     model = random_model(cfg, args.seed)
     sparse = [m for m in args.mode if m != "dense"]
     thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
-    model.prepare_for_decode()
 
     rows, dense_ms = [], {}
     settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
     for mode, level in settings:
         for site in MODES[mode]:
             model.set_thresholds(site, thresholds[level][site])
-        model.set_mode(mode, args.impl)
+        model.set_mode(mode)
+        decoder = decode.prepare(model, args.impl)
         label = mode if mode == "dense" else f"{mode} ({args.impl}) {level:g}"
         for batch in args.batch:
             rng = np.random.default_rng(args.seed + batch)
             prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-            bench = functools.partial(generate, model, prompts, args.new_tokens, eos_ids=(),
+            bench = functools.partial(generate, decoder, prompts, args.new_tokens, eos_ids=(),
                                       prefill_chunk=args.prefill_chunk)
             compile_s = bench().compile_s  # first run: compiles and warms up
             runs = [bench() for _ in range(args.repeats)]
@@ -118,6 +164,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
             nbytes = bytes_per_step(cfg, model, batch, args.prompt_len, args.new_tokens)
             gbs = nbytes * steps / decode_s
             measured = runs[0].mlp_sparsity
+            launches = len(kernel_launches(latest_decode_hlo()))
             ms = decode_s / steps * 1e3
             if mode == "dense":
                 dense_ms[batch] = ms
@@ -126,7 +173,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
                 f"| {label} | {'-' if measured is None else f'{measured:.3f}'} | {batch} "
                 f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {ms:.3f} | {speedup} "
                 f"| {batch * steps / decode_s:.1f} | {nbytes / 1e9:.3f} | {gbs / 1e9:.1f} | {100 * gbs / ceiling:.1f}% "
-                f"| {100 * gbs / read:.1f}% | {compile_s:.1f} |"
+                f"| {100 * gbs / read:.1f}% | {launches} ({launches / cfg.num_layers:.1f}) | {compile_s:.1f} |"
             )
             print(rows[-1], flush=True)
 
@@ -138,8 +185,8 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
         f"read ceiling {read / 1e9:.1f} GB/s (a sum over the same array).",
         "",
         "| mode (impl) sparsity | measured MLP sparsity | batch | prompt | new | prefill ms | ms/step | vs dense | tokens/s "
-        "| GB/step (dense) | GB/s | % of copy | % of read | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GB/step (dense) | GB/s | % of copy | % of read | launches/step (/layer) | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

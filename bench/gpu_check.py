@@ -1,4 +1,4 @@
-"""GPU correctness check of the CATS MLP kernels (the CPU tests run them in interpret mode only).
+"""GPU correctness check of the Pallas kernels (the CPU tests run them in interpret mode only).
 
     python -m bench.gpu_check [--seed N] [--no-model]
 
@@ -6,8 +6,10 @@
    real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative
    error against the fp32 reference (sparsity.gated_mlp at full fp32 matmul precision) and the
    exact set of kept neurons.
-2. Greedy decoding of a SmolLM2-sized random bf16 model: the kernel decode path ("cats-pallas")
-   against the jnp CATS path, the same tokens expected.
+2. The decode-attention kernel against model.attend: GQA ratios 1..8, sliding windows, positions
+   near the cache's capacity, caches updated in place.
+3. Greedy decoding of a SmolLM2-sized random model: the kernel decode path (cats_jax.decode with
+   "pallas") against its jnp path, the same tokens expected in fp32.
 Exits non-zero on any failure.
 """
 
@@ -84,13 +86,43 @@ def check_gemv(b, n_in, n_out, sparsity, seed, variant="partials") -> bool:
     return err < TOL
 
 
+def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat16) -> bool:
+    """The decode-attention kernel against model.attend (fp32 inputs at full precision) on fresh
+    random q|k|v and caches, positions anywhere in the cache (near capacity too): the output and
+    the updated caches."""
+    from cats_jax import model as M
+    from cats_jax.config import ModelConfig
+    from pallas_kernels.attention import decode_attention
+
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=d, sliding_window=window, name="check")
+    ks = jax.random.split(jax.random.key(seed), 4)
+    qkv = jax.random.normal(ks[0], (b, (heads + 2 * kv_heads) * d), f32).astype(dtype)
+    ck, cv = (jax.random.normal(k, (b, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:3])
+    pos = jax.random.randint(ks[3], (b,), 0, slots).at[0].set(slots - 1)
+    q, key, val = jnp.split(qkv.astype(f32), [heads * d, (heads + kv_heads) * d], axis=1)
+    with jax.default_matmul_precision("highest"):
+        ref, (rk, rv) = M.attend(cfg, q.reshape(b, 1, heads, d), key.reshape(b, 1, kv_heads, d),
+                                 val.reshape(b, 1, kv_heads, d), pos[:, None], (ck.astype(f32), cv.astype(f32)))
+    with poisoned_outputs():
+        out, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
+                                                          sliding_window=window))(qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+    err, kerr, verr = rel_err(out, ref[:, 0]), rel_err(gk, rk), rel_err(gv, rv)
+    ok = max(err, kerr, verr) < TOL
+    print(f"decode_attention B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
+          f"{np.asarray(pos).tolist()[:4]}: rel err out {err:.2e}, k cache {kerr:.2e}, v cache {verr:.2e} -> "
+          f"{'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
 def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
     """Greedy tokens through the kernels vs the jnp path of `mode` (cats: the MLP kernel; teal:
     the sparse GEMVs). In fp32 they must be equal; in bf16 the two paths round different
     accumulation orders, and a near-tie between the top two logits of a random model can flip a
     token, so bf16 is reported only."""
-    from cats_jax import model as M
     from bench.decode import random_thresholds
+    from cats_jax import decode
+    from cats_jax import model as M
     from cats_jax.config import preset
     from cats_jax.generate import generate
 
@@ -98,17 +130,11 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
     m0 = M.init_random(cfg, seed=0, dtype=dtype)
     thresholds = random_thresholds(m0, [0.5], 512, 0)[0.5]
 
-    def model(impl):
-        m = M.init_random(cfg, seed=0, dtype=dtype)
-        for site in MODES[mode]:
-            m.set_thresholds(site, thresholds[site])
-        m.set_mode(mode, impl)
-        m.prepare_for_decode()
-        if mode == "cats":
-            m.prepare_for_kernel()  # the same layout in both: prefill is then computed identically
-        return m
-
-    ref, kern = model("jnp"), model("pallas")
+    m = M.init_random(cfg, seed=0, dtype=dtype)
+    for site in MODES[mode]:
+        m.set_thresholds(site, thresholds[site])
+    m.set_mode(mode)
+    ref, kern = decode.prepare(m, "jnp"), decode.prepare(m, "pallas")
     rng = np.random.default_rng(0)
     ok = True
     min_weights, G.MIN_KERNEL_WEIGHTS = G.MIN_KERNEL_WEIGHTS, 0  # check the kernels on these small matrices too
@@ -123,7 +149,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
             same = got.tokens == want.tokens
             first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None) for g, w in zip(got.tokens, want.tokens)]
             # at a mismatch: the reference's margin between its top two logits there (full recompute)
-            gaps = [None if k is None else _top2_gap(ref, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
+            gaps = [None if k is None else _top2_gap(m, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
             print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
                   f"(first mismatch per row {first}, reference top-2 logit margin there {gaps}); "
                   f"measured MLP sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
@@ -160,8 +186,11 @@ def main(argv=None):
                   for _ in range(2 if a.quick else 6)]
     gemv_cases = [(int(rng.integers(1, 9)), int(rng.integers(16, 15000)), int(rng.integers(16, 9000)), sp())
                   for _ in range(2 if a.quick else 5)]
+    attention_cases = [(1, 32, 8, 128, 4096, None), (4, 32, 8, 128, 640, 256), (3, 9, 3, 64, 300, None),
+                       (2, 24, 3, 128, 1000, None), (8, 8, 8, 64, 77, 16)][: 2 if a.quick else None]
     ok = True
     if not a.no_kernels:
+        ok &= all([check_attention(*c, seed=seed + k) for k, c in enumerate(attention_cases)])
         ok &= all([check_mlp(*c, seed=seed + k, fused=f) for k, c in enumerate(mlp_cases) for f in (False, True)])
         ok &= all([check_gemv(*c, seed=seed + k, variant=v) for k, c in enumerate(gemv_cases)
                    for v in ("partials", "atomic", "gather")])

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from bench.decode import random_model, random_thresholds
+from cats_jax import decode
 from cats_jax.sparsity import MODES
 from cats_jax.config import PRESETS
 from cats_jax.generate import generate
@@ -51,10 +52,10 @@ def short(name: str) -> str:
     return name if len(name) < 70 else name[:67] + "..."
 
 
-def profile(model, cfg, batch, args) -> None:
+def profile(decoder, cfg, batch, args) -> None:
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-    run = lambda: generate(model, prompts, args.new_tokens, eos_ids=())
+    run = lambda: generate(decoder, prompts, args.new_tokens, eos_ids=())
     run()
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -103,10 +104,10 @@ def main(argv=None):
     if args.mode != "dense":
         for site, t in random_thresholds(model, [args.sparsity], 256, 0)[args.sparsity].items():
             model.set_thresholds(site, t)
-    model.set_mode(args.mode, args.impl)
-    model.prepare_for_decode()
+    model.set_mode(args.mode)
+    decoder = decode.prepare(model, args.impl)
     for b in (int(b) for b in args.batch.split(",")):
-        profile(model, cfg, b, args)
+        profile(decoder, cfg, b, args)
 
 
 if __name__ == "__main__":

@@ -155,9 +155,9 @@ def load(ckpt_dir: str | Path) -> Thresholds | None:
     return Thresholds.from_json(path.read_text(), str(path))
 
 
-def apply(model, thresholds: Thresholds, sparsity: float, impl: str = "cats-jnp", mode: str | None = None) -> Level:
+def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = None) -> Level:
     """Set the model's thresholds for `sparsity` (after checking they belong to it) and its mode
-    (sparsity.MODES; default: the file's method). impl "cats-jnp"/"jnp" or "cats-pallas"/"pallas"."""
+    (sparsity.MODES; default: the file's method)."""
     thresholds.check_model(model)
     mode = mode or thresholds.method
     if mode not in MODES or mode == "dense":
@@ -173,13 +173,13 @@ def apply(model, thresholds: Thresholds, sparsity: float, impl: str = "cats-jnp"
         if site not in level.thresholds:
             raise ThresholdsError(f"level {sparsity:g} has no thresholds for site {site!r}")
         model.set_thresholds(site, level.thresholds[site])
-    model.set_mode(mode, impl.removeprefix("cats-"))
+    model.set_mode(mode)
     return level
 
 
-def load_into(model, ckpt_dir: str | Path, sparsity: float, impl: str = "cats-jnp", mode: str | None = None) -> Level:
+def load_into(model, ckpt_dir: str | Path, sparsity: float, mode: str | None = None) -> Level:
     """Apply DIR/thresholds.json at `sparsity`; an error names the missing calibration."""
     thresholds = load(ckpt_dir)
     if thresholds is None:
         raise ThresholdsError(f"{ckpt_dir}: no {FILENAME}; run python -m cats_jax.calibrate --ckpt {ckpt_dir} first")
-    return apply(model, thresholds, sparsity, impl, mode)
+    return apply(model, thresholds, sparsity, mode)
