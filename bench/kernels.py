@@ -207,7 +207,7 @@ def _meta(copy, read):
         pass
     return dict(
         device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         versions=versions, python=platform.python_version(),
         copy_bandwidth_TBps=copy / 1e12, read_bandwidth_TBps=read / 1e12,
         tables={"gate_up": {k: dataclasses.asdict(v) for k, v in K.TABLE.items()},
@@ -215,13 +215,15 @@ def _meta(copy, read):
     )
 
 
-HEADER = "| shape (H x I) | B | sparsity | union sparsity | kernel us | XLA dense us | speedup | ideal us | % of ideal |"
+HEADER = ("| shape (H x I) | B | sparsity | union sparsity | kernel us | XLA dense us | speedup | ideal us "
+          "| % of ideal |")
 
 
 def _fmt_row(r):
     return (
         f"| {r['shape']} ({r['H']}x{r['I']}) | {r['batch']} | {r['sparsity']:.0%} | {r['union_sparsity']:.1%} | "
-        f"{r['kernel_us']:.1f} | {r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['ideal_us']:.1f} | {r['pct_of_ideal']:.0f}% |"
+        f"{r['kernel_us']:.1f} | {r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['ideal_us']:.1f} "
+        f"| {r['pct_of_ideal']:.0f}% |"
     )
 
 
@@ -295,12 +297,12 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
             ((t, union),) = thresholds_for(x, wg, [sparsity])
             hidden = K.gate_up(x, wg_t, wu_t, t)
             kinds = (
-                ("gate_up", GATE_UP_CANDIDATES[next_pow2(b)], lambda blk: (lambda x, t, a, c: K.gate_up(x, a, c, t, blocks=blk)),
-                 (x, t, wg_t, wu_t)),
-                ("sparse_gemv", GEMV_CANDIDATES[next_pow2(b)], lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk)),
-                 (hidden, wd)),
-                ("fused", FUSED_CANDIDATES[next_pow2(b)], lambda blk: (lambda x, t, a, c, d: K.cats_mlp(x, a, c, d, t, blocks=blk)[0]),
-                 (x, t, wg_t, wu_t, wd)),
+                ("gate_up", GATE_UP_CANDIDATES[next_pow2(b)],
+                 lambda blk: (lambda x, t, a, c: K.gate_up(x, a, c, t, blocks=blk)), (x, t, wg_t, wu_t)),
+                ("sparse_gemv", GEMV_CANDIDATES[next_pow2(b)],
+                 lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk)), (hidden, wd)),
+                ("fused", FUSED_CANDIDATES[next_pow2(b)],
+                 lambda blk: (lambda x, t, a, c, d: K.cats_mlp(x, a, c, d, t, blocks=blk)[0]), (x, t, wg_t, wu_t, wd)),
             )
             for kind, cands, make, args in kinds:
                 for blk in cands:
@@ -371,14 +373,15 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 timed = []
                 for cand in GEMV_CANDIDATES[min(next_pow2(b), 8)]:
                     cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
-                    us = _time(f"{label} B={b} {cand}", lambda x, w, t, c=cand: G.sparse_gemv(x, w, t, segments=segs, blocks=c),
-                               x, w, t, n=(20, 100))
+                    gemv = lambda x, w, t, c=cand: G.sparse_gemv(x, w, t, segments=segs, blocks=c)
+                    us = _time(f"{label} B={b} {cand}", gemv, x, w, t, n=(20, 100))
                     if us is not None:
                         timed.append((us, cand))
                         print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
                 blk = min(timed, key=lambda r: r[0])[1]
-                G._tuned()[(next_pow2(b), n_in, sum(segs))] = blk  # in this process
-                print(f"TUNED[{jax.devices()[0].device_kind!r}][({next_pow2(b)}, {n_in}, {sum(segs)})] = {blk}", flush=True)
+                key = (next_pow2(b), n_in, sum(segs))
+                G._tuned()[key] = blk  # in this process
+                print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {blk}", flush=True)
             for s in sparsity:
                 t, union = _gemv_thresholds(x, segs, s)
                 us = loop_timer(lambda x, w, t: G.sparse_gemv(x, w, t, segments=segs, blocks=blk), n=(20, 100))(x, w, t)

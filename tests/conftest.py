@@ -1,25 +1,107 @@
-"""Shared fixtures: tiny configs, the golden fixture directory, and the real SmolLM2 checkpoint."""
+"""Shared test helpers: tiny configs, a tiny checkpoint with a tokenizer (and its calibrated CATS
+thresholds), the golden fixture directory, the real SmolLM2 checkpoint, and the kernel tests'
+error measure. Test modules import the plain helpers from here (`from conftest import ...`); the
+fixtures pytest finds by itself."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from cats_jax import calibrate, checkpoint, data
+from cats_jax import model as M
 from cats_jax.config import ModelConfig
+from pallas_kernels.common import poisoned_outputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # GQA (4 query / 2 kv heads), untied: small enough that any test using it runs in milliseconds.
-TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                   num_kv_heads=2, head_dim=16, name="tiny")
+TINY_CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16, name="tiny")
 
 
 @pytest.fixture
 def tiny_cfg():
     """tiny_cfg(**overrides) -> a tiny ModelConfig (e.g. tie_word_embeddings=True, model_type='mistral')."""
-    return lambda **overrides: dataclasses.replace(TINY, **overrides)
+    return lambda **overrides: dataclasses.replace(TINY_CFG, **overrides)
+
+
+# ---- a tiny checkpoint with a tokenizer, and its CATS thresholds ------------------------------
+TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                   num_kv_heads=2, head_dim=16, name="tiny-test")
+WORDS = ("the a cat dog sat on mat and ran far away home tree river blue red green quick slow over under "
+         "it was he she they saw".split())
+CALIBRATED_LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
+
+
+def texts(n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(20, 80))).capitalize() + "." for _ in range(n)]
+
+
+def make_tokenizer(out_dir):
+    """A small byte-level BPE tokenizer saved as HF tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(200, 0), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out_dir)
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return path
+
+
+def calibration_rows(ckpt, text, tokens, seq_len=128):
+    tok = data.load_tokenizer(ckpt)
+    docs = data.encode(tok, data.iter_documents(data.TextSource(str(text))))
+    return list(data.pack(docs, seq_len, data.separator_id(tok), max_rows=tokens // seq_len))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """(checkpoint dir with tokenizer, calibration .jsonl) of a random fp32 tiny model."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_tokenizer(root / "tok")
+    m = M.init_random(TINY, seed=0, dtype=jnp.float32)
+    ckpt = checkpoint.save(root / "ckpt", TINY, checkpoint.model_params(m), root / "tok")
+    return ckpt, write_jsonl(root / "calib.jsonl", texts(150, 1))
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_ckpt):
+    """The tiny checkpoint calibrated at CALIBRATED_LEVELS on 4096 tokens (exact quantiles)."""
+    ckpt, text = tiny_ckpt
+    th = calibrate.run(ckpt, CALIBRATED_LEVELS, data.TextSource(str(text)), tokens=4096, holdout_tokens=1024,
+                       seq_len=128, batch_size=8, progress=False)
+    return ckpt, text, th
+
+
+# ---- kernel tests ------------------------------------------------------------------------------
+def rel_err(y, ref):
+    """||y - ref|| / ||ref|| in fp64; fails on a non-finite y (an unwritten, NaN-poisoned output, or
+    a skipped NaN row that was read)."""
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(y).all(), "unwritten (NaN-poisoned) output, or a skipped (NaN) row was read"
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def poisoned(fn, *args):
+    """fn jitted and traced under poisoned_outputs (interpret mode runs faster under jit)."""
+    with poisoned_outputs():
+        return jax.jit(fn)(*args)
 
 
 @pytest.fixture(scope="session")

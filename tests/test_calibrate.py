@@ -11,55 +11,8 @@ from flax import nnx
 from cats_jax import calibrate, checkpoint, data, thresholds
 from cats_jax import model as M
 from cats_jax.config import ModelConfig
-
-TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
-                   num_kv_heads=2, head_dim=16, name="tiny-test")
-WORDS = ("the a cat dog sat on mat and ran far away home tree river blue red green quick slow over under "
-         "it was he she they saw".split())
-LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
-
-
-def texts(n, seed):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, rng.integers(20, 80))).capitalize() + "." for _ in range(n)]
-
-
-def make_tokenizer(out_dir):
-    """A small byte-level BPE tokenizer saved as HF tokenizer files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts(200, 0), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out_dir)
-
-
-def write_jsonl(path, docs):
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """(checkpoint dir with tokenizer, calibration .jsonl) of a random fp32 tiny model."""
-    root = tmp_path_factory.mktemp("tiny")
-    make_tokenizer(root / "tok")
-    m = M.init_random(TINY, seed=0, dtype=jnp.float32)
-    ckpt = checkpoint.save(root / "ckpt", TINY, checkpoint.model_params(m), root / "tok")
-    return ckpt, write_jsonl(root / "calib.jsonl", texts(150, 1))
-
-
-@pytest.fixture(scope="session")
-def calibrated(tiny_ckpt):
-    """The tiny checkpoint calibrated at LEVELS on 4096 tokens (exact quantiles)."""
-    ckpt, text = tiny_ckpt
-    th = calibrate.run(ckpt, LEVELS, data.TextSource(str(text)), tokens=4096, holdout_tokens=1024, seq_len=128,
-                       batch_size=8, progress=False)
-    return ckpt, text, th
+from conftest import CALIBRATED_LEVELS as LEVELS
+from conftest import TINY, calibration_rows, write_jsonl
 
 
 def dense_abs_activations(model, rows):
@@ -76,12 +29,6 @@ def logits(model, tokens):
     graphdef, state = nnx.split(model)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     return jax.jit(M.forward, static_argnums=0)(graphdef, state, tokens, positions)[0]
-
-
-def calibration_rows(ckpt, text, tokens, seq_len=128):
-    tok = data.load_tokenizer(ckpt)
-    docs = data.encode(tok, data.iter_documents(data.TextSource(str(text))))
-    return list(data.pack(docs, seq_len, data.separator_id(tok), max_rows=tokens // seq_len))
 
 
 # ---- acceptance: realised sparsity within 0.5 points of target for every layer ----------------

@@ -7,28 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench.kernels import random_mlp, threshold_for
 from cats_jax import model as M
 from cats_jax.config import ModelConfig
 from cats_jax.generate import generate
 from cats_jax.sparsity import cats_activation, gated_mlp
-from bench.kernels import random_mlp, threshold_for
+from conftest import poisoned as _poisoned
+from conftest import rel_err as _rel
 from pallas_kernels.cats_mlp import gate_up
 from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 from pallas_kernels.sparse_gemv import sparse_gemv
 
 f32, bf16 = jnp.float32, jnp.bfloat16
-
-
-def _rel(y, ref):
-    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
-    assert np.isfinite(y).all(), "unwritten (NaN-poisoned) output, or a skipped (NaN) row was read"
-    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
-
-
-def _poisoned(fn, *args):
-    """fn jitted and traced under poisoned_outputs (jit: interpret mode runs ~2x faster)."""
-    with poisoned_outputs():
-        return jax.jit(fn)(*args)
 
 
 # (batch, hidden, intermediate, sparsity): power-of-two and ragged shapes, 0..95% sparsity,

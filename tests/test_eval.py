@@ -13,9 +13,9 @@ from flax import nnx
 
 from cats_jax import checkpoint
 from cats_jax import model as M
+from conftest import TINY
 from eval import __main__ as cli
 from eval import harness, scoring, tasks
-from test_calibrate import TINY, calibrated, tiny_ckpt  # noqa: F401 (shared session fixtures)
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
 FILES = {

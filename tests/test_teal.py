@@ -13,8 +13,8 @@ from flax import nnx
 from cats_jax import calibrate, checkpoint, data, sparsity, teal, thresholds
 from cats_jax import model as M
 from cats_jax.sparsity import ATTN_SITES, CATS_SITE, MODES, TEAL_SITES
+from conftest import TINY, calibration_rows
 from eval import __main__ as eval_cli
-from test_calibrate import TINY, calibration_rows, tiny_ckpt  # noqa: F401 (shared session fixture)
 
 LEVELS = [0.25, 0.4, 0.5, 0.65]
 TOKENS, SEQ = 2048, 128

@@ -9,23 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cats_jax import model as M
 from bench.decode import random_thresholds
+from bench.kernels import random_mlp, threshold_for
+from cats_jax import model as M
 from cats_jax.config import ModelConfig
 from cats_jax.generate import generate
 from cats_jax.sparsity import MODES
-from bench.kernels import random_mlp, threshold_for
-from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
+from conftest import rel_err as _rel
 from pallas_kernels import sparse_gemv as G
+from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 from pallas_kernels.sparse_gemv import TABLE, sparse_gemv
 
 f32, bf16 = jnp.float32, jnp.bfloat16
-
-
-def _rel(y, ref):
-    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
-    assert np.isfinite(y).all(), "unwritten (NaN-poisoned) output, or a skipped (NaN) row was read"
-    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
 def _thresholded(x, t):
