@@ -35,10 +35,11 @@ from tqdm import tqdm
 
 from cats_jax import checkpoint, cli, data, thresholds
 from cats_jax.model import Activation, site_threshold, sown_by_site
-from cats_jax.sparsity import CATS_SITE, teal_input, weighted_mean
+from cats_jax.sparsity import CATS_SITE, TEAL_SITES, teal_input, weighted_mean
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 COLUMNS = ("different_docs", "consecutive")
+SITES = (CATS_SITE,) + TEAL_SITES  # the order of the per-site table
 
 
 # ---- what each site keeps ------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def tables(results: dict, cfg, batch_sizes) -> str:
                 "and min-max over layers at B=8)", "",
                 "| site | " + " | ".join(f"B={b}" for b in batch_sizes) + " | B=8 min-max |",
                 "|---" * (len(batch_sizes) + 2) + "|"]
-        for site in r[batch_sizes[0]]:
+        for site in sorted(r[batch_sizes[0]], key=SITES.index):
             cells = [f"{100 * np.mean(r[b][site]):.1f}" for b in batch_sizes]
             at8 = f"{100 * np.min(r[8][site]):.1f}-{100 * np.max(r[8][site]):.1f}" if 8 in r else ""
             out.append(f"| {site} | " + " | ".join(cells) + f" | {at8} |")
