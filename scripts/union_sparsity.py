@@ -60,6 +60,13 @@ def keep_masks(model, tokens) -> dict[str, jax.Array]:
     return kept
 
 
+def site_inputs(cfg, site: str) -> int:
+    """Inputs a site tests: the weight rows it can let skip (CATS: neurons)."""
+    if site in (CATS_SITE, "mlp.down_proj"):
+        return cfg.intermediate_size
+    return cfg.num_heads * cfg.head_dim if site == "attn.o_proj" else cfg.hidden_size
+
+
 def consecutive_union(kept: jax.Array, batch: int) -> jax.Array:
     """Union sparsity [L, R, blocks] of every aligned block of `batch` consecutive tokens of
     kept [L, R, T, n] (a tail shorter than a block is left out)."""
@@ -108,16 +115,9 @@ def measure(model, rows: np.ndarray, batch_sizes, skip: int, sample_pos: np.ndar
     out = {"consecutive": {b: {site: sums[site][j] / (len(rows) * (measured // b)) for site in sums}
                            for j, b in enumerate(batch_sizes)}}
     packed = {site: np.concatenate(p) for site, p in packed.items()}
-    out["different_docs"] = {b: {site: cross_doc_union(packed[site], site_inputs(model.cfg, site), *batches[b]) for site in packed}
-                             for b in batch_sizes}
+    out["different_docs"] = {b: {site: cross_doc_union(p, site_inputs(model.cfg, site), *batches[b])
+                                 for site, p in packed.items()} for b in batch_sizes}
     return out
-
-
-def site_inputs(cfg, site: str) -> int:
-    """Inputs a site tests: the weight rows it can let skip (CATS: neurons)."""
-    if site in (CATS_SITE, "mlp.down_proj"):
-        return cfg.intermediate_size
-    return cfg.num_heads * cfg.head_dim if site == "attn.o_proj" else cfg.hidden_size
 
 
 def draw_batches(docs: int, samples: int, batch_sizes, count: int, seed: int) -> dict:
