@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 
 from bench.kernels import random_mlp, threshold_for
-from cats_jax import model as M
-from cats_jax.config import ModelConfig
-from cats_jax.generate import generate
 from cats_jax.sparsity import cats_activation, gated_mlp
 from conftest import poisoned as _poisoned
 from conftest import rel_err as _rel
 from pallas_kernels.cats_mlp import gate_up
-from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 from pallas_kernels.sparse_gemv import sparse_gemv
 
 f32, bf16 = jnp.float32, jnp.bfloat16
@@ -54,45 +50,3 @@ def test_sparse_gemv_with_fused_threshold(b, n_in, n_out, sparsity):
     y = _poisoned(lambda x, w, t: sparse_gemv(x, w, t), x, jnp.where(dropped, jnp.nan, w).astype(bf16), t)
     xs = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0)
     assert _rel(y, xs @ w.astype(f32)) < 1e-2
-
-
-def _tiny_model(sparsity=0.5):
-    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16)
-    m = M.init_random(cfg, seed=3)  # bf16, the dtype the kernels are for
-    # per-layer thresholds for ~`sparsity` on unit-variance inputs (what RMSNorm feeds the MLP)
-    x = jax.random.normal(jax.random.key(0), (256, cfg.hidden_size), f32).astype(bf16)
-    m.set_cats_thresholds([
-        threshold_for(jax.nn.silu(jnp.dot(x, l.mlp.gate_proj.kernel[...], preferred_element_type=f32)), sparsity)
-        for l in m.layers
-    ])
-    return m
-
-
-def test_neuron_major_layout_keeps_the_jnp_paths():
-    m = _tiny_model()
-    toks = jax.random.randint(jax.random.key(1), (2, 7), 0, 97)
-    before = {}
-    for impl in ("dense", "cats-jnp"):
-        m.set_mlp_impl(impl)
-        before[impl] = m(toks)[0]
-    m.prepare_for_kernel()
-    assert m.layers[0].mlp.gate_proj.kernel.shape == (96, 64)
-    for impl in ("dense", "cats-jnp"):
-        m.set_mlp_impl(impl)
-        np.testing.assert_allclose(m(toks)[0], before[impl], rtol=2e-2, atol=2e-2)
-
-
-def test_kernel_decode_gives_the_same_greedy_tokens():
-    prompts = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]]  # ragged: padding rows too
-    ref = _tiny_model()
-    ref.set_mlp_impl("cats-jnp")
-    ref.prepare_for_kernel()  # the same layout as the kernel model: prefill is computed identically
-    want = generate(ref, prompts, 8, eos_ids=())
-    m = _tiny_model()
-    m.set_mlp_impl("cats-pallas")
-    with interpret_on_cpu(), poisoned_outputs():
-        got = generate(m, prompts, 8, eos_ids=())
-    assert got.tokens == want.tokens
-    assert got.mlp_sparsity == pytest.approx(want.mlp_sparsity, abs=0.02)
-    assert 0.3 < got.mlp_sparsity < 0.7

@@ -9,15 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench.decode import random_thresholds
 from bench.kernels import random_mlp, threshold_for
-from cats_jax import model as M
-from cats_jax.config import ModelConfig
-from cats_jax.generate import generate
-from cats_jax.sparsity import MODES
 from conftest import rel_err as _rel
 from pallas_kernels import sparse_gemv as G
-from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
+from pallas_kernels.common import poisoned_outputs
 from pallas_kernels.sparse_gemv import TABLE, sparse_gemv
 
 f32, bf16 = jnp.float32, jnp.bfloat16
@@ -108,74 +103,3 @@ def test_sparse_gemv_rejects_bad_segments():
         sparse_gemv(x, w, jnp.zeros(2), segments=(32, 8))
     with pytest.raises(ValueError, match="2 thresholds for 3"):
         sparse_gemv(x, w, jnp.zeros(2), segments=(16, 16, 16))
-
-
-CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=16)
-
-
-def _teal_model(mode="teal", sparsity=0.5):
-    m = M.init_random(CFG, seed=3)
-    for site, t in random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items():
-        m.set_thresholds(site, t)
-    m.set_mode(mode)
-    return m
-
-
-@pytest.mark.parametrize("mode", ["dense", "teal"])
-def test_fused_qkv_gives_the_same_logits(mode):
-    m = _teal_model(mode)
-    toks = jax.random.randint(jax.random.key(1), (2, 9), 0, CFG.vocab_size)
-    before = m(toks)[0]
-    m.prepare_for_decode()
-    assert m.layers[0].attn.q_proj is None and m.layers[0].attn.qkv.shape == (64, (4 + 2 + 2) * 16)
-    np.testing.assert_array_equal(m(toks)[0], before)
-
-
-@pytest.fixture
-def kernels_on_tiny_weights(monkeypatch):
-    monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
-
-
-@pytest.mark.parametrize("path", ["masked", "gather"])
-def test_teal_kernel_decode_gives_the_same_greedy_tokens(kernels_on_tiny_weights, monkeypatch, path):
-    if path == "gather":  # batch 1 on the gather path: two kernels (compact, gather) per GEMV
-        monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
-        monkeypatch.setattr(G, "TUNED", {})
-    prompt = [[5, 17, 3, 88, 41, 9, 2]]  # batch 1: the rows the TEAL kernels serve
-    ref = _teal_model()
-    ref.prepare_for_decode()
-    want = generate(ref, prompt, 10, eos_ids=())
-    m = _teal_model()
-    m.set_mode("teal", "pallas")
-    assert m.layers[0].mlp.gate_up is not None
-    with interpret_on_cpu():  # a decode step runs 4 GEMVs per layer: q|k|v, o, gate|up, down
-        jaxpr = str(jax.make_jaxpr(lambda t: m(t)[0])(jnp.array(prompt)[:, :1]))
-    assert jaxpr.count("pallas_call") == 4 * CFG.num_layers * (2 if path == "gather" else 1)
-    with interpret_on_cpu(), poisoned_outputs():
-        got = generate(m, prompt, 10, eos_ids=())
-    assert got.tokens == want.tokens
-
-
-def test_teal_kernels_keep_the_jnp_path_for_prefill_and_big_batches(kernels_on_tiny_weights):
-    # prompts of several tokens and batches above MAX_KERNEL_BATCH never reach the kernels: the
-    # logits equal the jnp model's exactly
-    toks = jax.random.randint(jax.random.key(2), (3, 6), 0, CFG.vocab_size)
-    ref, m = _teal_model(), _teal_model()
-    ref.prepare_for_decode()
-    m.set_mode("teal", "pallas")
-    with interpret_on_cpu():
-        np.testing.assert_array_equal(m(toks)[0], ref(toks)[0])
-        np.testing.assert_array_equal(m(toks[:, :1])[0], ref(toks[:, :1])[0])
-    assert set(MODES["teal"]) == set(m.sites)
-
-
-def test_gate_up_fusion_follows_the_mode():
-    m = _teal_model()
-    toks = jax.random.randint(jax.random.key(3), (2, 5), 0, CFG.vocab_size)
-    want = {mode: (m.set_mode(mode), m(toks)[0])[1] for mode in ("teal", "cats")}
-    m.set_mode("teal", "pallas")  # fuses gate|up
-    np.testing.assert_array_equal(m(toks)[0], want["teal"])
-    m.set_mode("cats", "pallas")  # the CATS kernel wants them apart and neuron-major
-    assert m.layers[0].mlp.gate_up is None and m.layers[0].mlp.neuron_major
-    np.testing.assert_allclose(m(toks)[0], want["cats"], rtol=2e-2, atol=2e-2)

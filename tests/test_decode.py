@@ -1,0 +1,170 @@
+"""cats_jax.decode (the prepared inference path) against the model, its kernels in interpret mode,
+and the decode-attention kernel against model.attend. Kernel outputs are NaN-poisoned."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bench.decode import random_thresholds
+from cats_jax import decode
+from cats_jax import model as M
+from cats_jax.config import ModelConfig
+from cats_jax.generate import generate
+from cats_jax.sparsity import MODES
+from conftest import rel_err
+from pallas_kernels import sparse_gemv as G
+from pallas_kernels.attention import decode_attention
+from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
+
+f32, bf16 = jnp.float32, jnp.bfloat16
+CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, name="tiny")
+
+
+def _model(mode, sparsity=0.5, dtype=f32):
+    m = M.init_random(CFG, seed=3, dtype=dtype)
+    for site, t in random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items():
+        m.set_thresholds(site, t)
+    m.set_mode(mode)
+    return m
+
+
+forward = jax.jit(decode.forward, static_argnames="plan")
+
+
+@pytest.fixture
+def kernels_on_tiny_weights(monkeypatch):
+    monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
+
+
+@pytest.mark.parametrize("mode", ["dense", "cats", "teal", "cats+teal-attn"])
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
+def test_forward_equals_the_model(kernels_on_tiny_weights, mode, impl):
+    """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's logits."""
+    m = _model(mode)
+    dec = decode.prepare(m, impl)
+    toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
+    pos = jnp.arange(9)[None]
+    want, cache = m(toks, pos, M.init_cache(CFG, 1, 16, f32))
+    step, step_pos = toks[:, :1], jnp.full((1, 1), 9)
+    want_step, want_cache = m(step, step_pos, cache)
+    with interpret_on_cpu(), poisoned_outputs():
+        got, got_cache, kept = forward(dec.weights, toks, pos, M.init_cache(CFG, 1, 16, f32), plan=dec.plan)
+        got_step, got_cache, _ = forward(dec.weights, step, step_pos, got_cache, plan=dec.plan)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(got_step, want_step, atol=2e-5)
+    for (gk, gv), (wk, wv) in zip(got_cache, want_cache):
+        np.testing.assert_allclose(gk, wk, atol=1e-5)
+        np.testing.assert_allclose(gv, wv, atol=1e-5)
+    assert (kept is not None) == ("cats" in mode)
+
+
+def test_prepare_leaves_the_model_as_it_was():
+    m = _model("teal")
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m)))
+    decode.prepare(m, "pallas")
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m)))
+    jax.tree.map(np.testing.assert_array_equal, after, before)  # so its params can still be saved
+
+
+def test_prepare_rejects_an_unknown_impl():
+    with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+        decode.prepare(_model("dense"), "cuda")
+
+
+@pytest.mark.parametrize("path", ["masked", "gather"])
+@pytest.mark.parametrize("mode", ["teal", "cats"])
+def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monkeypatch, path, mode):
+    if path == "gather":  # batch 1 on the gather path: two kernels (compact, gather) per GEMV
+        monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
+        monkeypatch.setattr(G, "TUNED", {})
+    prompt = [[5, 17, 3, 88, 41, 9, 2]]  # batch 1: the rows the TEAL kernels serve
+    m = _model(mode)
+    want = generate(decode.prepare(m, "jnp"), prompt, 10, eos_ids=())
+    dec = decode.prepare(m, "pallas")
+    cache = M.init_cache(CFG, 1, 16, f32)
+    with interpret_on_cpu():
+        jaxpr = str(jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), cache,
+                                                            plan=dec.plan))(jnp.array(prompt)[:, :1]))
+    # per layer: attention, and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down)
+    gemvs = 4 * (2 if path == "gather" else 1) if mode == "teal" else 1 + (2 if path == "gather" else 1)
+    assert jaxpr.count("pallas_call") == (1 + gemvs) * CFG.num_layers
+    with interpret_on_cpu(), poisoned_outputs():
+        got = generate(dec, prompt, 10, eos_ids=())
+    assert got.tokens == want.tokens
+    assert got.mlp_sparsity == want.mlp_sparsity
+
+
+def test_cats_kernel_decode_of_ragged_batches():
+    prompts = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]]  # padding rows too
+    m = _model("cats")
+    want = generate(decode.prepare(m, "jnp"), prompts, 8, eos_ids=())
+    with interpret_on_cpu(), poisoned_outputs():
+        got = generate(decode.prepare(m, "pallas"), prompts, 8, eos_ids=())
+    assert got.tokens == want.tokens
+    assert got.mlp_sparsity == pytest.approx(want.mlp_sparsity, abs=0.02)
+    assert 0.3 < got.mlp_sparsity < 0.7
+
+
+WIDE = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=64, name="wide")  # weights well above a step's activations
+
+
+def _weight_slices(mode, batch) -> list[str]:
+    """The ops of the decode step's StableHLO that slice a fused weight matrix (q|k|v or gate|up)."""
+    m = M.init_random(WIDE, seed=3, dtype=bf16)
+    for site in MODES[mode]:
+        m.set_thresholds(site, np.full(WIDE.num_layers, 0.5))
+    m.set_mode(mode)
+    dec = decode.prepare(m, "jnp")
+    args = (dec.weights, jnp.zeros((batch, 1), jnp.int32), jnp.zeros((batch, 1), jnp.int32),
+            M.init_cache(WIDE, batch, 8, bf16))
+    fused = {"x".join(map(str, dec.weights["layers"][0][k].shape)) for k in ("qkv", "gate_up")}
+    step = jax.jit(lambda *a, plan: decode.forward(*a, plan=plan), static_argnames="plan")  # traced anew
+    text = step.lower(*args, plan=dec.plan).as_text()
+    return [ln for ln in text.splitlines() if "slice" in ln and any(f"tensor<{s}xbf16>" in ln for s in fused)]
+
+
+@pytest.mark.parametrize("batch", [2, 4, 8])
+def test_teal_jnp_step_reads_the_weights_whole(batch, monkeypatch):
+    """TEAL's decode step off the kernels (batch > 1) reads each fused matrix whole, as dense does:
+    no slice of a weight matrix, which XLA turns into a copy before a GEMM on the GPU (the model
+    once split q|k|v and gate|up on every step: 2.4x slower than dense at batch 4)."""
+    assert _weight_slices("teal", batch) == []
+    monkeypatch.setattr(decode, "MAX_STACKED_ROWS", 0)  # prefill's way: each projection's columns apart
+    assert len(_weight_slices("teal", batch)) >= 2 * WIDE.num_layers  # what the test would catch
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,slots,positions,window", [
+    (4, 4, 16, 40, [0, 5, 39], None),  # GQA ratio 1, the first and the last slot
+    (9, 3, 16, 70, [69, 33], 7),  # ratio 3 (padded to 4 query heads), a sliding window
+    (8, 2, 32, 130, [129, 64, 1, 100], None),  # ratio 4, several splits of the sequence
+    (8, 1, 64, 20, [19], None),  # ratio 8
+])
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, window, dtype):
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=d, sliding_window=window, name="t")
+    b = len(positions)
+    ks = jax.random.split(jax.random.key(slots + heads), 3)
+    qkv = jax.random.normal(ks[0], (b, (heads + 2 * kv_heads) * d), f32).astype(dtype)
+    ck, cv = (jax.random.normal(k, (b, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:])
+    pos = jnp.asarray(positions, jnp.int32)
+    q, key, val = jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=1)
+    want, (wk, wv) = M.attend(cfg, q.reshape(b, 1, heads, d), key.reshape(b, 1, kv_heads, d),
+                              val.reshape(b, 1, kv_heads, d), pos[:, None], (ck, cv))
+    with interpret_on_cpu(), poisoned_outputs():
+        got, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
+                                                          sliding_window=window))(qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+    assert rel_err(got, want[:, 0]) < (1e-5 if dtype == f32 else 1e-2)
+    np.testing.assert_allclose(np.asarray(gk, f32), np.asarray(wk, f32), atol=1e-5 if dtype == f32 else 1e-2)
+    np.testing.assert_array_equal(np.asarray(gv, f32), np.asarray(wv, f32))
+
+
+def test_decode_attention_rejects_bad_shapes():
+    ck = jnp.zeros((1, 8, 2, 12))
+    with pytest.raises(ValueError, match="D a power of two"):
+        decode_attention(jnp.zeros((1, 96)), jnp.zeros((1,), jnp.int32), ck, ck, jnp.zeros(6), num_heads=4,
+                         num_kv_heads=2)
