@@ -55,7 +55,7 @@ def calibrate(model: Transformer, rows: Iterable[np.ndarray], sparsities: list[f
     sample = quantiles.sample_sites(model, list(rows), (CATS_SITE,), batch_size=batch_size, reservoir=reservoir,
                                     seed=seed, progress=progress)
     got = np.array([[sample.threshold(CATS_SITE, layer, p) for layer in range(model.cfg.num_layers)]
-                    for p in sparsities], np.float64).reshape(len(sparsities), model.cfg.num_layers, 2)
+                    for p in sparsities], np.float64)  # [levels, layers, (t, realised)]
     return Calibration(list(sparsities), got[..., 0].astype(np.float32), got[..., 1].astype(np.float32), sample.tokens,
                        sample.values_per_layer[CATS_SITE], len(sample.sorted[CATS_SITE][0]))
 
