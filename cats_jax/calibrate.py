@@ -10,8 +10,9 @@ has no more values than that (tokens x intermediate_size), the sample is everyth
 quantile is exact. Beyond, it is a uniform sample without replacement, and the realised fraction
 on the whole calibration data misses p by a standard deviation of at most
 sqrt(p (1 - p) / reservoir): 0.05 points at p = 0.5 for the default 10^6. (The CATS paper used a
-1000-bin histogram.) Sparsity is then measured for real on held-apart text: the CATS model is run
-at each level and its zeroed activations are counted per layer.
+1000-bin histogram.) The thresholds are saved, and then sparsity is measured for real on
+held-apart text: the CATS model is run at each level and its zeroed activations are counted per
+layer. This is TEAL's sampler (cats_jax.quantiles) restricted to the one site "mlp.act".
 
     python -m cats_jax.calibrate --ckpt DIR --sparsity 0.3,0.4,0.5,0.6,0.7 --data-file text.jsonl
 """
@@ -20,89 +21,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import itertools
 import math
-import sys
 from typing import Iterable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from tqdm import tqdm
 
-from cats_jax import checkpoint, data, thresholds
-from cats_jax.model import Activation, Transformer
-
-
-class Reservoir:
-    """A uniform sample without replacement of at most `size` values of a stream: the values with
-    the `size` smallest random keys (bottom-k sampling). Holds the whole stream until it is full."""
-
-    def __init__(self, size: int, rng: np.random.Generator):
-        self.size, self.rng, self.seen = size, rng, 0
-        self.values = np.empty(0, np.float32)
-        self.keys = np.empty(0, np.float32)
-
-    @property
-    def exact(self) -> bool:
-        return self.seen <= self.size
-
-    def add(self, values: np.ndarray) -> None:
-        values = values.reshape(-1)
-        self.seen += values.size
-        keys = self.rng.random(values.size, dtype=np.float32)
-        if len(self.values) == self.size:  # full: only keys below the current largest can enter
-            keep = keys < self.keys.max()
-            values, keys = values[keep], keys[keep]
-        values, keys = np.concatenate([self.values, values]), np.concatenate([self.keys, keys])
-        if len(values) > self.size:
-            idx = np.argpartition(keys, self.size - 1)[: self.size]
-            values, keys = values[idx], keys[idx]
-        self.values, self.keys = values, keys
-
-
-def quantile_threshold(sorted_values: np.ndarray, p: float) -> tuple[float, float]:
-    """(t, realised): the sample value t whose fraction of values <= t is nearest to p.
-
-    Ties matter: a bf16 model's activations take few distinct values, so the fraction jumps by
-    the size of a tie group; we pick the side of the group that lands nearer to p."""
-    s, n = sorted_values, len(sorted_values)
-    k = int(round(p * n))
-    if k == 0:
-        return 0.0, float(np.mean(s <= 0))
-    t = s[k - 1]
-    below, upto = np.searchsorted(s, t, "left"), np.searchsorted(s, t, "right")
-    if below > 0 and k - below < upto - k:  # the previous distinct value is nearer to p
-        t, upto = s[below - 1], below
-    return float(t), upto / n
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _abs_activations(graphdef, state, tokens):
-    """|a| of every MLP: fp32 [num_layers, B * T, I]."""
-    model = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    _, acts = nnx.capture(model.hidden, Activation)(tokens, positions)
-    per_layer = [layer["mlp"]["act"][0] for _, layer in sorted(nnx.to_pure_dict(acts)["layers"].items())]
-    return jnp.abs(jnp.stack(per_layer)).reshape(len(per_layer), -1, per_layer[0].shape[-1])
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _kept_per_layer(graphdef, state, tokens):
-    """Per layer, the number of kept (non-zero) activations, summed over tokens: fp32 [num_layers]."""
-    model = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    _, inter = nnx.capture(model.hidden, nnx.Intermediate)(tokens, positions)
-    layers = sorted(nnx.to_pure_dict(inter)["layers"].items())
-    return jnp.stack([jnp.sum(layer["mlp"]["active_fraction"][0]) for _, layer in layers])
-
-
-def _batches(rows: Iterable[np.ndarray], batch_size: int):
-    it = iter(rows)
-    while batch := list(itertools.islice(it, batch_size)):
-        yield np.stack(batch)
+from cats_jax import checkpoint, cli, data, quantiles, teal, thresholds
+from cats_jax.model import Transformer
+from cats_jax.sparsity import CATS_SITE
 
 
 @dataclasses.dataclass
@@ -120,79 +46,34 @@ class Calibration:
 
 
 def calibrate(model: Transformer, rows: Iterable[np.ndarray], sparsities: list[float], *, batch_size: int = 2,
-              reservoir: int = 1_000_000, seed: int = 0, progress: bool = True,
-              total_tokens: int | None = None) -> Calibration:
-    """Thresholds at each sparsity from the activations of the model over rows (int32 [seq_len] each;
-    total_tokens, if known, sizes the progress bar). The model is left dense-equivalent (impl
-    cats-jnp, thresholds 0)."""
+              reservoir: int = 1_000_000, seed: int = 0, progress: bool = True) -> Calibration:
+    """Thresholds at each sparsity from the activations of the model over rows (int32 [seq_len]
+    each). The model is left dense-equivalent (impl cats-jnp, thresholds 0)."""
     for p in sparsities:
         if not 0 < p < 1:
             raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
-    model.set_mlp_impl("cats-jnp")
-    model.set_cats_thresholds(np.zeros(model.cfg.num_layers))
-    graphdef, state = nnx.split(model)
-    rng = np.random.default_rng(seed)
-    samples = [Reservoir(reservoir, rng) for _ in range(model.cfg.num_layers)]
-    tokens = 0
-    bar = tqdm(total=total_tokens, desc="calibrating", unit="tok", unit_scale=True, disable=not progress)
-    for batch in _batches(rows, batch_size):
-        acts = np.asarray(_abs_activations(graphdef, state, jnp.asarray(batch)))
-        for sample, a in zip(samples, acts):
-            sample.add(a)
-        tokens += batch.size
-        bar.update(batch.size)
-    bar.close()
-    if tokens == 0:
-        raise data.DataError("the calibration data produced no rows of tokens")
-    th = np.zeros((len(sparsities), len(samples)), np.float32)
-    realised = np.zeros_like(th)
-    for j, sample in enumerate(samples):
-        s = np.sort(sample.values)
-        for i, p in enumerate(sparsities):
-            th[i, j], realised[i, j] = quantile_threshold(s, p)
-    return Calibration(list(sparsities), th, realised, tokens, samples[0].seen, len(samples[0].values))
-
-
-def measure_sparsity(model: Transformer, rows: Iterable[np.ndarray], batch_size: int = 2, desc: str = "measuring",
-                     progress: bool = True) -> np.ndarray:
-    """Per-layer fraction of zeroed MLP activations of the model (with its current impl and
-    thresholds) over rows; a dense model zeroes none."""
-    if model.layers[0].mlp.impl == "dense":
-        return np.zeros(model.cfg.num_layers)
-    graphdef, state = nnx.split(model)
-    kept, count = np.zeros(model.cfg.num_layers), 0
-    for batch in tqdm(_batches(rows, batch_size), desc=desc, unit="batch", disable=not progress):
-        kept += np.asarray(_kept_per_layer(graphdef, state, jnp.asarray(batch)), np.float64)
-        count += batch.size
-    if count == 0:
-        raise data.DataError("no rows of tokens to measure sparsity on")
-    return 1.0 - kept / count
+    sample = quantiles.sample_sites(model, list(rows), (CATS_SITE,), batch_size=batch_size, reservoir=reservoir,
+                                    seed=seed, progress=progress)
+    got = np.array([[sample.threshold(CATS_SITE, layer, p) for layer in range(model.cfg.num_layers)]
+                    for p in sparsities], np.float64)  # [levels, layers, (t, realised)]
+    return Calibration(list(sparsities), got[..., 0].astype(np.float32), got[..., 1].astype(np.float32), sample.tokens,
+                       sample.values_per_layer[CATS_SITE], len(sample.sorted[CATS_SITE][0]))
 
 
 def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: int = 102_400,
         holdout_tokens: int = 16_384, seq_len: int = 1024, batch_size: int = 2, reservoir: int = 1_000_000,
-        seed: int = 0, dtype: str | None = "float32", progress: bool = True) -> thresholds.Thresholds:
-    """Calibrate a checkpoint on `tokens` tokens of `source`, measure on the next `holdout_tokens`
-    (later documents), and save DIR/thresholds.json."""
-    model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
-    tokenizer = data.load_tokenizer(ckpt_dir)
-    docs = data.encode(tokenizer, data.iter_documents(source))  # one stream: held-apart text follows
-    sep = data.separator_id(tokenizer)
-    calib_rows = data.pack(docs, seq_len, sep, max_rows=math.ceil(tokens / seq_len))
+        seed: int = 0, dtype: str | None = "float32", progress: bool = True, force: bool = False) -> thresholds.Thresholds:
+    """Calibrate a checkpoint on `tokens` tokens of `source`, add the levels to DIR/thresholds.json
+    (replacing levels it holds only with force), then measure them on the next `holdout_tokens`."""
+    model, calib_rows, held_rows = quantiles.prepare(ckpt_dir, "cats", sparsities, source, tokens=tokens,
+                                                     holdout_tokens=holdout_tokens, seq_len=seq_len, dtype=dtype,
+                                                     force=force)
+    quantiles.plan(calib_rows, held_rows, len(sparsities), progress)
     cal = calibrate(model, calib_rows, sparsities, batch_size=batch_size, reservoir=reservoir, seed=seed,
-                    progress=progress, total_tokens=math.ceil(tokens / seq_len) * seq_len)
-    held_rows = list(data.pack(docs, seq_len, sep, max_rows=math.ceil(holdout_tokens / seq_len)))
-    if not held_rows:
-        raise data.DataError(f"{source.name}: no text left after the {cal.tokens} calibration tokens to hold apart; "
-                             "use more data or fewer --tokens")
-    identity = thresholds.model_identity(model)
-    levels = []
-    for i, p in enumerate(sparsities):
-        model.set_cats_thresholds(cal.thresholds[i])
-        held = measure_sparsity(model, held_rows, batch_size, desc=f"held-apart @ {p:g}", progress=progress)
-        realised = {"calibration": _rounded(cal.realised[i]), "held_out": _rounded(held)}
-        levels.append(thresholds.Level(p, {thresholds.CATS_SITE: [float(t) for t in cal.thresholds[i]]},
-                                       {thresholds.CATS_SITE: realised}))
+                    progress=progress)
+    levels = [thresholds.Level(p, {CATS_SITE: [float(t) for t in cal.thresholds[i]]},
+                               {CATS_SITE: {"calibration": quantiles.rounded(cal.realised[i])}})
+              for i, p in enumerate(sparsities)]
     worst = max(math.sqrt(p * (1 - p)) for p in sparsities)
     meta = {
         "source": source.describe(),
@@ -208,22 +89,17 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
         "quantile_std_points": 0.0 if cal.exact else round(100 * worst / math.sqrt(cal.sample_per_layer), 4),
         "seed": seed,
     }
-    result = thresholds.Thresholds(identity, "cats", levels, meta)
-    result.save(ckpt_dir)
-    return result
-
-
-def _rounded(x) -> list[float]:
-    return [round(float(v), 6) for v in x]
+    result = thresholds.Thresholds(thresholds.model_identity(model), "cats", levels, meta)
+    return quantiles.save_and_measure(result, model, ckpt_dir, held_rows, batch_size=batch_size, force=force,
+                                      progress=progress)
 
 
 def summary(th: thresholds.Thresholds) -> str:
     """One line per level: target, realised on calibration and held-apart text (mean / min / max)."""
     lines = ["target   calibration (mean/min/max)   held-apart (mean/min/max)"]
     for lv in th.levels:
-        r = lv.realised[thresholds.CATS_SITE]
-        cells = [f"{100 * np.mean(v):5.1f} {100 * np.min(v):5.1f} {100 * np.max(v):5.1f}"
-                 for v in (r["calibration"], r["held_out"])]
+        r = lv.realised[CATS_SITE]
+        cells = [quantiles.spread(r.get(key)) for key in ("calibration", "held_out")]
         lines.append(f"{100 * lv.sparsity:5.1f}%   {cells[0]:>26}   {cells[1]:>25}")
     return "\n".join(lines)
 
@@ -256,11 +132,16 @@ def main(argv=None):
     src.add_argument("--field", default=None, help="text field of .jsonl / dataset records (default: content for RefinedWeb, else text)")
     ap.add_argument("--tokens", type=int, help="calibration tokens (default: 102400 = 100 x 1024 for CATS, as CATS; "
                                                "20480 for TEAL, as TEAL)")
-    ap.add_argument("--holdout-tokens", type=int, default=16_384, help="held-apart tokens to measure realised sparsity on")
+    ap.add_argument("--holdout-tokens", type=int, default=16_384,
+                    help="held-apart tokens to measure realised sparsity on: the documents after the calibration "
+                         "text, or the tail of a one-document .txt; 0: no measurement (default 16384)")
     ap.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default 1024)")
     ap.add_argument("--batch-size", type=int, default=2, help="rows per forward pass (default 2)")
     ap.add_argument("--reservoir", type=int, default=1_000_000, help="sampled |a| values kept per layer (default 10^6)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the reservoir sample")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the reservoir sample (default 0)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace levels thresholds.json already holds for this method (or a file of another "
+                         "model); without it calibration refuses before its pass. Other levels are kept")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
     tg = ap.add_argument_group("TEAL")
     tg.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
@@ -274,24 +155,23 @@ def main(argv=None):
     args = ap.parse_args(argv)
     source = data.TextSource(args.data_file or args.data, args.split, args.field, args.config)
     common = dict(holdout_tokens=args.holdout_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                  reservoir=args.reservoir, seed=args.seed, dtype=args.dtype)
+                  reservoir=args.reservoir, seed=args.seed, dtype=args.dtype, force=args.force)
     try:
         if args.method == "teal":
-            from cats_jax import teal  # imports this module
-
             result = teal.run(args.ckpt, args.sparsity, source, allocation=args.allocation, tokens=args.tokens or 20_480,
                               greedy_tokens=args.greedy_tokens, base_step=args.greedy_step,
                               last_fraction=args.last_fraction, **common)
         else:
             result = run(args.ckpt, args.sparsity, source, tokens=args.tokens or 102_400, **common)
     except (data.DataError, thresholds.ThresholdsError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        raise cli.InputError(str(e)) from e
     cal = result.calibration
     exact = "exact quantiles" if cal["exact_quantile"] else f"quantiles of a sample, std {cal['quantile_std_points']} points"
-    print(f"calibrated on {cal['tokens']} tokens ({exact}), held apart {cal['held_out_tokens']} tokens")
+    held = f"held apart {cal['held_out_tokens']} tokens" if cal["held_out_tokens"] else "no held-apart measurement"
+    print(f"calibrated on {cal['tokens']} tokens ({exact}), {held}")
     print(teal.summary(result) if args.method == "teal" else summary(result))
     print(f"wrote {args.ckpt}/{thresholds.FILENAME}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

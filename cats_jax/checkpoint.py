@@ -6,7 +6,9 @@
     DIR/thresholds.json   sparsity thresholds, added by calibration (cats_jax.thresholds)
 
 A checkpoint is written into a temporary sibling directory and renamed into place at the end,
-so a failure midway never leaves a DIR that looks valid.
+so a failure midway never leaves a DIR that looks valid. Written over an older checkpoint (force),
+it replaces only a checkpoint's files (any other file is refused) and keeps thresholds.json if
+that was calibrated for the same weights.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cats_jax import thresholds
 from cats_jax.config import ModelConfig
 from cats_jax.model import Transformer
 
@@ -49,10 +53,15 @@ def _model_keys(tree, like):
 
 
 def check_out_dir(out_dir: str | Path, force: bool = False) -> None:
-    """Refuse a non-empty out_dir unless force (converters call this before any slow work)."""
+    """Refuse a non-empty out_dir unless force, and with force one that holds anything but a
+    checkpoint's files (converters call this before any slow work)."""
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to overwrite it")
+    others = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES) if out.is_dir() else [out.name]
+    if out.exists() and others:
+        raise FileExistsError(f"{out} holds files that are not a checkpoint's ({', '.join(others[:5])}); --force "
+                              "replaces only a checkpoint: move them away or choose another directory")
 
 
 @contextlib.contextmanager
@@ -104,6 +113,10 @@ def save(out_dir, cfg: ModelConfig, params: dict, tokenizer_dir: str | Path | No
         write_params(tmp, params)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
+        # thresholds.json belongs to the weights it was calibrated for
+        said = thresholds.carry_over(out_dir, tmp, thresholds.identity(cfg, _plain_keys(params)["embed"]["embedding"][0]))
+        if said:
+            print(said, file=sys.stderr)
     return Path(out_dir)
 
 
@@ -111,6 +124,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "generation_config.json", "chat_template.jinja",
 )
+CHECKPOINT_FILES = ("config.json", "params", "thresholds.json") + TOKENIZER_FILES
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:

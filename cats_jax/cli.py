@@ -15,7 +15,8 @@ class InputError(ValueError):
 
 def run(main, argv=None) -> None:
     """Call main(argv); exit with its return code (0 for None), 2 on InputError, 130 on Ctrl-C."""
-    prog = sys.argv[0] if argv is None else "cats-jax"
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # python -m NAME: sys.argv[0] is a file path
+    prog = "cats-jax" if argv is not None else f"python -m {spec.name.removesuffix('.__main__')}" if spec else sys.argv[0]
     try:
         code = main(argv)
     except KeyboardInterrupt:

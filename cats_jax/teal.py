@@ -7,7 +7,7 @@ sparsity, allocated uniformly or by TEAL's block-wise greedy search.
    (exactly dense; each site then sows what it tests, see model._sparse_input). A reservoir per
    layer and distinct input (k_proj and v_proj read q_proj's input, up_proj reads gate_proj's),
    and one for CATS's |SiLU(x W_gate)|, keeps a uniform sample of the |values| (all of them while
-   they fit, calibrate.Reservoir); the greedy search reads its quantiles. The stored thresholds
+   they fit, quantiles.Reservoir); the greedy search reads its quantiles. The stored thresholds
    are exact quantiles over all the calibration values: where the sample is not all of them, a
    second pass reads each one inside the bracket the sample gives it (exact_thresholds). No
    symmetry is assumed: these are quantiles of |x| itself (TEAL's 10k-bin histograms of x
@@ -21,7 +21,8 @@ sparsity, allocated uniformly or by TEAL's block-wise greedy search.
    hidden state), and repeat up to the largest target. One path serves every target: between the
    two steps that bracket a target the levels are interpolated to hit it exactly.
 3. Realised sparsity per site: on the calibration data (the fraction of the dense inputs at or
-   below the threshold) and, running the TEAL model, on held-apart text.
+   below the threshold) and, once the thresholds are saved, running the TEAL model on held-apart
+   text (quantiles.save_and_measure).
 
 The file also holds CATS's "mlp.act" thresholds from the same pass, so that the modes cats and
 (with uniform allocation) cats+teal-attn apply from it as well.
@@ -40,9 +41,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from cats_jax import checkpoint, data, thresholds
-from cats_jax.calibrate import Reservoir, _batches, _rounded, quantile_threshold
-from cats_jax.model import Activation, Transformer, site_threshold, sown_by_site
+from cats_jax import data, quantiles, thresholds
+from cats_jax.model import Transformer, site_threshold
 from cats_jax.sparsity import CATS_SITE, TEAL_SITES, site_weights, weighted_mean
 
 f32 = jnp.float32
@@ -53,64 +53,19 @@ SAMPLED = tuple(s for s in TEAL_SITES if s not in SAME_INPUT) + (CATS_SITE,)
 
 
 # ---- 1. quantiles --------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Sample:
-    """Sorted |values| per sampled site and layer: every site's threshold at any sparsity."""
-
-    sorted: dict[str, list[np.ndarray]]  # site in SAMPLED -> per layer, ascending
-    tokens: int
-    values_per_layer: dict[str, int]  # site in SAMPLED -> values seen per layer
-    exact: bool  # every sample holds all the values seen
-
-    def threshold(self, site: str, layer: int, level: float) -> tuple[float, float]:
-        """(t, fraction of the sample <= t) for `site` of `layer` at sparsity `level`."""
-        return quantile_threshold(self.sorted[SAME_INPUT.get(site, site)][layer], level)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _abs_inputs(graphdef, state, tokens):
-    """|what each sampled site tests|: {site: fp32 [L, B * T, n]}."""
-    model = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    _, acts = nnx.capture(model.hidden, Activation)(tokens, positions)
-    values = sown_by_site(nnx.to_pure_dict(acts), "input")
-    return {s: jnp.abs(values[s].astype(f32)).reshape(values[s].shape[0], -1, values[s].shape[-1]) for s in SAMPLED}
-
-
-def set_dense_sites(model: Transformer) -> None:
-    """Every TEAL site and CATS's activation active at threshold 0: exactly the dense model in fp32
-    (in bf16 the CATS path reads the gate unrounded), with every site sowing what it tests."""
-    model.set_mode("teal")
-    model.set_mlp_impl("cats-jnp")
-    for site in TEAL_SITES + (CATS_SITE,):
-        model.set_thresholds(site, np.zeros(model.cfg.num_layers))
-
-
 def sample_inputs(model: Transformer, rows, *, batch_size: int = 2, reservoir: int = 1_000_000, seed: int = 0,
-                  progress: bool = True) -> Sample:
+                  progress: bool = True) -> quantiles.Sample:
     """Samples of |x| of every distinct site input (and |a| of CATS) of the dense model over rows."""
-    set_dense_sites(model)
-    graphdef, state = nnx.split(model)
-    rng = np.random.default_rng(seed)
-    samples = {s: [Reservoir(reservoir, rng) for _ in range(model.cfg.num_layers)] for s in SAMPLED}
-    tokens = 0
-    for batch in tqdm(_batches(rows, batch_size), desc="sampling inputs", unit="batch", disable=not progress):
-        for site, values in _abs_inputs(graphdef, state, jnp.asarray(batch)).items():
-            for res, v in zip(samples[site], np.asarray(values)):
-                res.add(v)
-        tokens += batch.size
-    if tokens == 0:
-        raise data.DataError("the calibration data produced no rows of tokens")
-    return Sample({s: [np.sort(r.values) for r in rs] for s, rs in samples.items()}, tokens,
-                  {s: rs[0].seen for s, rs in samples.items()}, all(r.exact for rs in samples.values() for r in rs))
+    return quantiles.sample_sites(model, list(rows), SAMPLED, batch_size=batch_size, reservoir=reservoir, seed=seed,
+                                  same_input=SAME_INPUT, progress=progress)
 
 
-def exact_thresholds(model: Transformer, rows, sample: Sample, wanted, *, batch_size: int = 2,
+def exact_thresholds(model: Transformer, rows, sample: quantiles.Sample, wanted, *, batch_size: int = 2,
                      progress: bool = True) -> dict:
     """{(site, layer, level): (t, realised)}: exact quantiles over every value of rows, not only
     the sample's. The sample brackets each quantile (6 standard deviations of its rank either
     side); a second pass over the rows counts the values under the bracket and keeps those in it,
-    where the quantile is read (with calibrate.quantile_threshold's choice between tied values)."""
+    where the quantile is read (with quantiles.quantile_threshold's choice between tied values)."""
     keys = sorted({(SAME_INPUT.get(site, site), layer, float(level)) for site, layer, level in wanted})
     bounds = {}
     for site, layer, level in keys:
@@ -121,14 +76,16 @@ def exact_thresholds(model: Transformer, rows, sample: Sample, wanted, *, batch_
         bounds[site, layer, level] = lo, hi
     below = dict.fromkeys(keys, 0)
     inside = {k: [] for k in keys}
-    set_dense_sites(model)
+    quantiles.set_dense_sites(model, SAMPLED)
     graphdef, state = nnx.split(model)
-    for batch in tqdm(_batches(rows, batch_size), desc="exact quantiles", unit="batch", disable=not progress):
-        values = {s: np.asarray(v) for s, v in _abs_inputs(graphdef, state, jnp.asarray(batch)).items()}
-        for key, (lo, hi) in bounds.items():
-            v = values[key[0]][key[1]]
-            below[key] += int(np.count_nonzero(v < lo))
-            inside[key].append(v[(v >= lo) & (v <= hi)])
+    with quantiles.rows_bar(rows, "exact quantiles", progress) as bar:
+        for batch in quantiles.batches(rows, batch_size):
+            values = {s: np.asarray(v) for s, v in quantiles.abs_inputs(graphdef, state, jnp.asarray(batch), SAMPLED).items()}
+            for key, (lo, hi) in bounds.items():
+                v = values[key[0]][key[1]]
+                below[key] += int(np.count_nonzero(v < lo))
+                inside[key].append(v[(v >= lo) & (v <= hi)])
+            bar.update(batch.size)
     out = {}
     for key in keys:
         w, n = np.sort(np.concatenate(inside[key])), sample.values_per_layer[key[0]]
@@ -138,7 +95,7 @@ def exact_thresholds(model: Transformer, rows, sample: Sample, wanted, *, batch_
 
 
 def _bracketed_quantile(w: np.ndarray, below: int, n: int, p: float, where) -> tuple[float, float]:
-    """calibrate.quantile_threshold of n sorted values of which `below` lie under the window w."""
+    """quantiles.quantile_threshold of n sorted values of which `below` lie under the window w."""
     k = int(round(p * n))
     if k == 0:
         return 0.0, (below + int(np.searchsorted(w, 0.0, "right"))) / n
@@ -230,7 +187,7 @@ class Greedy:
     steps: int  # greedy steps per layer
 
 
-def greedy(model: Transformer, sample: Sample, rows: np.ndarray, targets: list[float], *, base_step: float = 0.05,
+def greedy(model: Transformer, sample: quantiles.Sample, rows: np.ndarray, targets: list[float], *, base_step: float = 0.05,
            last_fraction: float = 0.25, progress: bool = True) -> Greedy:
     """TEAL's greedy allocation of every layer, on the dense hidden states of rows [R, T]."""
     if not 0 < base_step <= 1 or not 0 < last_fraction <= 1:
@@ -264,64 +221,37 @@ def greedy(model: Transformer, sample: Sample, rows: np.ndarray, targets: list[f
     return Greedy(levels, error, uniform_error, steps)
 
 
-# ---- 3. realised sparsity --------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _kept_per_site(graphdef, state, tokens):
-    """{site: kept values per layer, summed over tokens [L]} of the model's active sites."""
-    model = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    _, inter = nnx.capture(model.hidden, nnx.Intermediate)(tokens, positions)
-    return {s: jnp.sum(v, axis=(1, 2)) for s, v in sown_by_site(nnx.to_pure_dict(inter), "active_fraction").items()}
-
-
-def measure_site_sparsity(model: Transformer, rows, batch_size: int = 2, desc: str = "measuring",
-                          progress: bool = True) -> dict[str, np.ndarray]:
-    """Per site the model thresholds now (model.sites), its fraction of zeroed values per layer over rows."""
-    graphdef, state = nnx.split(model)
-    kept, count = {}, 0
-    for batch in tqdm(_batches(rows, batch_size), desc=desc, unit="batch", disable=not progress):
-        for site, k in _kept_per_site(graphdef, state, jnp.asarray(batch)).items():
-            kept[site] = kept.get(site, 0.0) + np.asarray(k, np.float64)
-        count += batch.size
-    if count == 0:
-        raise data.DataError("no rows of tokens to measure sparsity on")
-    return {site: 1.0 - k / count for site, k in kept.items()}
-
-
 # ---- the whole calibration -------------------------------------------------------------------------
 def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocation: str = "greedy",
         tokens: int = 20_480, holdout_tokens: int = 16_384, seq_len: int = 1024, batch_size: int = 2,
         reservoir: int = 1_000_000, greedy_tokens: int = 2048, base_step: float = 0.05, last_fraction: float = 0.25,
-        seed: int = 0, dtype: str | None = "float32", progress: bool = True) -> thresholds.Thresholds:
+        seed: int = 0, dtype: str | None = "float32", progress: bool = True,
+        force: bool = False) -> thresholds.Thresholds:
     """Calibrate TEAL thresholds of a checkpoint on `tokens` tokens of `source` (the greedy search
-    on the first `greedy_tokens` of them), measure on the next `holdout_tokens`, save DIR/thresholds.json."""
+    on the first `greedy_tokens` of them), add the levels to DIR/thresholds.json (replacing levels
+    it holds only with force), then measure them on the next `holdout_tokens`."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
-    for p in sparsities:
-        if not 0 < p < 1:
-            raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
-    model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
+    model, calib_rows, held_rows = quantiles.prepare(ckpt_dir, "teal", sparsities, source, tokens=tokens,
+                                                     holdout_tokens=holdout_tokens, seq_len=seq_len, dtype=dtype,
+                                                     force=force)
     cfg = model.cfg
-    tokenizer = data.load_tokenizer(ckpt_dir)
-    docs = data.encode(tokenizer, data.iter_documents(source))  # one stream: held-apart text follows
-    sep = data.separator_id(tokenizer)
-    calib_rows = list(data.pack(docs, seq_len, sep, max_rows=math.ceil(tokens / seq_len)))
+    greedy_rows = calib_rows[:math.ceil(greedy_tokens / seq_len)]
+    quantiles.plan(calib_rows, held_rows, len(sparsities), progress,
+                   f", a greedy search per layer on {sum(r.size for r in greedy_rows):,} of them"
+                   if allocation == "greedy" else "")
     sample = sample_inputs(model, calib_rows, batch_size=batch_size, reservoir=reservoir, seed=seed, progress=progress)
-    held_rows = list(data.pack(docs, seq_len, sep, max_rows=math.ceil(holdout_tokens / seq_len)))
-    if not held_rows:
-        raise data.DataError(f"{source.name}: no text left after the {sample.tokens} calibration tokens to hold apart; "
-                             "use more data or fewer --tokens")
 
     meta_greedy = None
     if allocation == "greedy":
-        rows = np.stack(calib_rows[:math.ceil(greedy_tokens / seq_len)])
+        rows = np.stack(greedy_rows)
         g = greedy(model, sample, rows, sparsities, base_step=base_step, last_fraction=last_fraction, progress=progress)
         site_levels = g.levels
         meta_greedy = {"rows": len(rows), "tokens": int(rows.size), "base_step": base_step,
                        "last_fraction": last_fraction, "steps_per_layer": g.steps,
                        "weights": {s: round(w, 6) for s, w in site_weights(cfg).items() if s in TEAL_SITES},
                        # relative L2 error of each layer's output on the greedy rows, greedy vs uniform levels
-                       "layer_error": {f"{p:g}": {"greedy": _rounded(g.error[i]), "uniform": _rounded(g.uniform_error[i])}
+                       "layer_error": {f"{p:g}": {"greedy": quantiles.rounded(g.error[i]), "uniform": quantiles.rounded(g.uniform_error[i])}
                                        for i, p in enumerate(sparsities)}}
     else:
         site_levels = np.broadcast_to(np.asarray(sparsities)[:, None, None],
@@ -342,17 +272,10 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocatio
             lv = site_level(i, j, site)
             got = [quantile[site, layer, float(lv[layer])] for layer in range(cfg.num_layers)]
             th[site] = [t for t, _ in got]
-            realised[site] = {"calibration": _rounded([r for _, r in got])}
+            realised[site] = {"calibration": quantiles.rounded([r for _, r in got])}
             if site != CATS_SITE:
-                site_sparsity[site] = _rounded(lv)
-                model.set_thresholds(site, th[site])
-        model.set_mode("teal")
-        held = measure_site_sparsity(model, held_rows, batch_size, desc=f"held-apart @ {p:g}", progress=progress)
-        for site in TEAL_SITES:
-            realised[site]["held_out"] = _rounded(held[site])
-        realised["effective"] = {
-            key: _rounded(weighted_mean({s: np.asarray(realised[s][key]) for s in TEAL_SITES}, cfg))
-            for key in ("calibration", "held_out")}
+                site_sparsity[site] = quantiles.rounded(lv)
+        realised["effective"] = {"calibration": _effective(realised, "calibration", cfg)}
         levels.append(thresholds.Level(p, th, realised, site_sparsity))
 
     worst = max(math.sqrt(p * (1 - p)) for p in sparsities)
@@ -374,8 +297,17 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocatio
         "greedy": meta_greedy,
     }
     result = thresholds.Thresholds(thresholds.model_identity(model), "teal", levels, meta)
-    result.save(ckpt_dir)
-    return result
+
+    def effective_held(level):
+        level.realised["effective"]["held_out"] = _effective(level.realised, "held_out", cfg)
+
+    return quantiles.save_and_measure(result, model, ckpt_dir, held_rows, batch_size=batch_size, force=force,
+                                      progress=progress, on_measured=effective_held)
+
+
+def _effective(realised: dict, key: str, cfg) -> list[float]:
+    """Each layer's effective sparsity (weighted_mean over TEAL_SITES) of realised[site][key]."""
+    return quantiles.rounded(weighted_mean({s: np.asarray(realised[s][key]) for s in TEAL_SITES}, cfg))
 
 
 def summary(th: thresholds.Thresholds) -> str:
@@ -387,9 +319,9 @@ def summary(th: thresholds.Thresholds) -> str:
     lines = [head + ("   layer error greedy / uniform" if errors else "")]
     for lv in th.levels:
         eff = lv.realised["effective"]
-        cells = [f"{100 * np.mean(v):5.1f} {100 * np.min(v):5.1f} {100 * np.max(v):5.1f}"
-                 for v in (eff["calibration"], eff["held_out"])]
-        sites = " ".join(f"{100 * np.mean(lv.realised[s]['held_out']):5.1f}" for s in TEAL_SITES)
+        cells = [quantiles.spread(eff.get(key)) for key in ("calibration", "held_out")]
+        sites = " ".join(f"{100 * np.mean(lv.realised[s]['held_out']):5.1f}" if "held_out" in lv.realised[s] else
+                         f"{'-':>5}" for s in TEAL_SITES)
         line = f"{100 * lv.sparsity:5.1f}%   {cells[0]:>30}   {cells[1]:>25}   {sites}"
         if errors:
             e = errors[f"{lv.sparsity:g}"]

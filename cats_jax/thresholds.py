@@ -1,17 +1,21 @@
 """Calibrated sparsity thresholds: the `thresholds.json` of a checkpoint directory.
 
     {
-      "format": "cats-jax-thresholds", "version": 1,
+      "format": "cats-jax-thresholds", "version": 2,
       "model": {"name": ..., "num_layers": ..., "hidden_size": ..., "intermediate_size": ...,
                 "vocab_size": ..., "embedding_sha256": ...},
-      "method": "cats",
-      "calibration": {"source": {...}, "tokens": N, ...},
-      "levels": [
-        {"sparsity": 0.5,
-         "thresholds": {"mlp.act": [t_0, ..., t_L-1]},
-         "realised": {"mlp.act": {"calibration": [...], "held_out": [...]}}},
-        ...
-      ]
+      "methods": {
+        "cats": {
+          "calibration": {"source": {...}, "tokens": N, ...},
+          "levels": [
+            {"sparsity": 0.5,
+             "thresholds": {"mlp.act": [t_0, ..., t_L-1]},
+             "realised": {"mlp.act": {"calibration": [...], "held_out": [...]}}},
+            ...
+          ]
+        },
+        "teal": {...}
+      }
     }
 
 Thresholds are keyed by *site*, one value per layer. CATS has one site, "mlp.act" (|SiLU(gate)|
@@ -23,6 +27,10 @@ layer's effective sparsity under realised["effective"]. Its "calibration" holds 
 for greedy, the search's settings and per-layer output errors (cats_jax.teal). A TEAL file also
 holds "mlp.act", so it serves the modes cats and (uniform allocation) cats+teal-attn too.
 
+Calibrating adds to the file: each method keeps its levels, and a new run replaces only the levels
+it calibrates (with force; without, calibrate refuses before its pass). A level kept from an
+earlier run carries that run's "calibration". Version 1 files (one method, no "methods") are read.
+
 The "model" entry ties the file to one model: its shapes, its name, and a hash of its first
 embedding row (rounded to bf16, so the same weights loaded in any dtype match). Applying the file
 to another model is an error.
@@ -33,19 +41,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from cats_jax import fileio
 from cats_jax.sparsity import CATS_SITE, MODES, TEAL_SITES
 
 FILENAME = "thresholds.json"
 FORMAT = "cats-jax-thresholds"
-VERSION = 1
+VERSION = 2
 # The sites each method's levels must hold. TEAL files also hold "mlp.act" (the CATS quantiles of
 # the same pass), so that one file serves the modes cats, teal and cats+teal-attn.
 METHOD_SITES = {"cats": (CATS_SITE,), "teal": TEAL_SITES}
@@ -56,8 +63,12 @@ class ThresholdsError(ValueError):
 
 
 def model_identity(model) -> dict:
-    cfg = model.cfg
-    row = np.asarray(model.embed.embedding[0].astype(jnp.bfloat16)).view(np.uint16)
+    return identity(model.cfg, model.embed.embedding[0])
+
+
+def identity(cfg, embedding_row) -> dict:
+    """The "model" entry of a model of config cfg whose first embedding row is embedding_row."""
+    row = np.asarray(jnp.asarray(embedding_row).astype(jnp.bfloat16)).view(np.uint16)
     return {
         "name": cfg.name,
         "num_layers": cfg.num_layers,
@@ -74,12 +85,13 @@ class Level:
     thresholds: dict[str, list[float]]  # site -> one threshold per layer
     realised: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)  # site -> {data: per layer}
     site_sparsity: dict[str, list[float]] | None = None  # TEAL: per-site, per-layer targets
+    calibration: dict | None = None  # the run that calibrated this level, if not the method's latest
 
 
 @dataclasses.dataclass
 class Thresholds:
     model: dict  # model_identity() of the calibrated model
-    method: str  # "cats" (issue 7 adds "teal")
+    method: str  # "cats" or "teal"
     levels: list[Level]
     calibration: dict  # data source, token count, method details
 
@@ -104,55 +116,139 @@ class Thresholds:
             raise ThresholdsError("these thresholds were calibrated for another model (" + "; ".join(diff) + ")")
 
     # ---- JSON ------------------------------------------------------------------------------
-    def to_json(self) -> str:
-        d = {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
-             "calibration": self.calibration, "levels": []}
+    def section(self) -> dict:
+        """This method's entry of the file's "methods"."""
+        levels = []
         for lv in self.levels:
             entry = {"sparsity": lv.sparsity, "thresholds": lv.thresholds, "realised": lv.realised}
             if lv.site_sparsity is not None:
                 entry["site_sparsity"] = lv.site_sparsity
-            d["levels"].append(entry)
-        # one line per list of numbers (per-layer values), indented structure otherwise
-        return re.sub(r"\[\s*([-+0-9.e,\s]+?)\s*\]", lambda m: "[" + ", ".join(v.strip() for v in m[1].split(",")) + "]",
-                      json.dumps(d, indent=1))
+            if lv.calibration is not None:
+                entry["calibration"] = lv.calibration
+            levels.append(entry)
+        return {"calibration": self.calibration, "levels": levels}
+
+    def to_json(self) -> str:
+        return _file_json(self.model, {self.method: self})
 
     @classmethod
     def from_json(cls, text: str, where: str = FILENAME) -> "Thresholds":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ThresholdsError(f"{where}: not JSON ({e})") from e
-        if d.get("format") != FORMAT or d.get("version") != VERSION:
-            raise ThresholdsError(f"{where}: not a {FORMAT} v{VERSION} file (format={d.get('format')!r}, version={d.get('version')!r})")
-        method = d.get("method")
+        """The thresholds of a file that holds one method."""
+        methods = parse(text, where)
+        if len(methods) != 1:
+            raise ThresholdsError(f"{where}: holds the methods {', '.join(methods)}; read it with thresholds.parse")
+        return next(iter(methods.values()))
+
+    def save(self, ckpt_dir: str | Path, force: bool = False) -> Path:
+        """Add these levels to DIR/thresholds.json (atomically), keeping every other level and
+        method. Levels it already holds, or a file of another model, are replaced only with force."""
+        check_merge(ckpt_dir, self.model, self.method, self.sparsities, force)
+        existing = {} if force and _other_model(ckpt_dir, self.model) else (read(ckpt_dir) or {})
+        merged = dict(existing)
+        old = existing.get(self.method)
+        if old is not None:
+            kept = [dataclasses.replace(lv, calibration=lv.calibration or old.calibration)
+                    for lv in old.levels if not any(abs(lv.sparsity - p) < 1e-9 for p in self.sparsities)]
+            levels = sorted(kept + self.levels, key=lambda lv: lv.sparsity)
+            merged[self.method] = dataclasses.replace(self, levels=levels)
+        else:
+            merged[self.method] = self
+        path = Path(ckpt_dir) / FILENAME
+        fileio.write_text_atomic(path, _file_json(self.model, merged))
+        return path
+
+
+def _file_json(model: dict, methods: dict[str, Thresholds]) -> str:
+    d = {"format": FORMAT, "version": VERSION, "model": model,
+         "methods": {m: th.section() for m, th in sorted(methods.items())}}
+    # one line per list of numbers (per-layer values), indented structure otherwise
+    return re.sub(r"\[\s*([-+0-9.e,\s]+?)\s*\]", lambda m: "[" + ", ".join(v.strip() for v in m[1].split(",")) + "]",
+                  json.dumps(d, indent=1))
+
+
+def parse(text: str, where: str = FILENAME) -> dict[str, Thresholds]:
+    """Method -> Thresholds of a thresholds file's text (version 1 or 2)."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ThresholdsError(f"{where}: not JSON ({e})") from e
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") not in (1, VERSION):
+        got = (d.get("format"), d.get("version")) if isinstance(d, dict) else (None, None)
+        raise ThresholdsError(f"{where}: not a {FORMAT} v1/v{VERSION} file (format={got[0]!r}, version={got[1]!r})")
+    sections = {d.get("method"): d} if d["version"] == 1 else d.get("methods", {})
+    layers = d["model"]["num_layers"]
+    out = {}
+    for method, section in sections.items():
         if method not in METHOD_SITES:
             raise ThresholdsError(f"{where}: unknown method {method!r} (known: {', '.join(METHOD_SITES)})")
-        layers = d["model"]["num_layers"]
         levels = []
-        for lv in d["levels"]:
+        for lv in section["levels"]:
             for site in METHOD_SITES[method]:
                 got = lv["thresholds"].get(site)
                 if got is None or len(got) != layers:
                     raise ThresholdsError(f"{where}: level {lv['sparsity']}: site {site!r} needs {layers} thresholds, has {got and len(got)}")
-            levels.append(Level(lv["sparsity"], lv["thresholds"], lv.get("realised", {}), lv.get("site_sparsity")))
-        return cls(d["model"], method, levels, d.get("calibration", {}))
-
-    def save(self, ckpt_dir: str | Path) -> Path:
-        """Write DIR/thresholds.json atomically (replacing any earlier calibration)."""
-        path = Path(ckpt_dir) / FILENAME
-        fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", dir=ckpt_dir)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
-        return path
+            levels.append(Level(lv["sparsity"], lv["thresholds"], lv.get("realised", {}), lv.get("site_sparsity"),
+                                lv.get("calibration")))
+        out[method] = Thresholds(d["model"], method, levels, section.get("calibration", {}))
+    return out
 
 
-def load(ckpt_dir: str | Path) -> Thresholds | None:
-    """The checkpoint's thresholds, or None if it has not been calibrated."""
+def read(ckpt_dir: str | Path) -> dict[str, Thresholds] | None:
+    """Method -> Thresholds of DIR/thresholds.json, or None if it has not been calibrated."""
     path = Path(ckpt_dir) / FILENAME
     if not path.is_file():
         return None
-    return Thresholds.from_json(path.read_text(), str(path))
+    return parse(path.read_text(), str(path))
+
+
+def load(ckpt_dir: str | Path, mode: str | None = None) -> Thresholds | None:
+    """The checkpoint's thresholds that serve `mode` (default: the file's method; with both,
+    cats), or None if it has not been calibrated. Modes other than cats need TEAL's."""
+    methods = read(ckpt_dir)
+    if not methods:
+        return None
+    prefer = ("cats", "teal") if mode in (None, "cats") else ("teal", "cats")
+    return next(methods[m] for m in prefer if m in methods)
+
+
+def carry_over(old_dir: str | Path, new_dir: str | Path, model: dict) -> str | None:
+    """When a checkpoint is written over old_dir: copy its thresholds.json into new_dir if it was
+    calibrated for the new weights (identity `model`), else leave it behind. Says which (None:
+    there was none)."""
+    path = Path(old_dir) / FILENAME
+    if not path.is_file():
+        return None
+    try:
+        methods = read(old_dir)
+    except (ThresholdsError, KeyError, TypeError) as e:
+        return f"removed {path}: unreadable ({e}); calibrate again"
+    if next(iter(methods.values())).model != model:
+        return f"removed {path}: it was calibrated for other weights; calibrate again"
+    fileio.write_text_atomic(Path(new_dir) / FILENAME, path.read_text())
+    return f"kept {path}: it was calibrated for these weights"
+
+
+def _other_model(ckpt_dir, model: dict) -> bool:
+    methods = read(ckpt_dir)
+    return bool(methods) and next(iter(methods.values())).model != model
+
+
+def check_merge(ckpt_dir: str | Path, model: dict, method: str, sparsities: list[float], force: bool = False) -> None:
+    """Raise ThresholdsError (unless force) if saving `method` levels at `sparsities` for `model`
+    would replace calibrations in DIR/thresholds.json. Calibration calls it before its pass."""
+    methods = read(ckpt_dir)
+    if force or not methods:
+        return
+    path = Path(ckpt_dir) / FILENAME
+    mine = next(iter(methods.values())).model
+    if mine != model:
+        diff = ", ".join(k for k in model if mine.get(k) != model[k])
+        raise ThresholdsError(f"{path} holds thresholds of another model (differs in {diff}); pass --force to "
+                              "replace them, or move the file away")
+    same = [p for p in sparsities if method in methods and any(abs(p - q) < 1e-9 for q in methods[method].sparsities)]
+    if same:
+        raise ThresholdsError(f"{path} already holds {method} levels {', '.join(f'{p:g}' for p in same)}; pass --force "
+                              "to replace them (other levels are kept either way)")
 
 
 def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = None) -> Level:
@@ -165,7 +261,8 @@ def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = Non
     if mode != "cats" and thresholds.method != "teal":
         raise ThresholdsError(f"mode {mode!r} needs TEAL thresholds; these are {thresholds.method!r} "
                               "(run python -m cats_jax.calibrate --method teal)")
-    if mode == "cats+teal-attn" and thresholds.calibration.get("allocation") != "uniform":
+    level = thresholds.level(sparsity)
+    if mode == "cats+teal-attn" and (level.calibration or thresholds.calibration).get("allocation") != "uniform":
         raise ThresholdsError("mode 'cats+teal-attn' needs TEAL thresholds of uniform allocation (its attention sites "
                               "at the target sparsity); run python -m cats_jax.calibrate --method teal --allocation uniform")
     level = thresholds.level(sparsity)
@@ -179,7 +276,7 @@ def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = Non
 
 def load_into(model, ckpt_dir: str | Path, sparsity: float, mode: str | None = None) -> Level:
     """Apply DIR/thresholds.json at `sparsity`; an error names the missing calibration."""
-    thresholds = load(ckpt_dir)
+    thresholds = load(ckpt_dir, mode)
     if thresholds is None:
         raise ThresholdsError(f"{ckpt_dir}: no {FILENAME}; run python -m cats_jax.calibrate --ckpt {ckpt_dir} first")
     return apply(model, thresholds, sparsity, mode)

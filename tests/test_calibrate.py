@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cats_jax import calibrate, checkpoint, data, thresholds
+from cats_jax import calibrate, checkpoint, cli, data, quantiles, thresholds
 from cats_jax import model as M
 from cats_jax.config import ModelConfig
 from conftest import CALIBRATED_LEVELS as LEVELS
-from conftest import TINY, calibration_rows, write_jsonl
+from conftest import TINY, calibration_rows, texts, write_jsonl
+
+CATS = thresholds.CATS_SITE
 
 
 def dense_abs_activations(model, rows):
@@ -20,8 +22,13 @@ def dense_abs_activations(model, rows):
     model.set_mlp_impl("cats-jnp")
     model.set_cats_thresholds(np.zeros(TINY.num_layers))
     graphdef, state = nnx.split(model)
-    return np.concatenate([np.asarray(calibrate._abs_activations(graphdef, state, jnp.asarray(np.stack(rows[i:i + 8]))))
+    return np.concatenate([np.asarray(abs_acts(graphdef, state, jnp.asarray(np.stack(rows[i:i + 8]))))
                            for i in range(0, len(rows), 8)], axis=1).reshape(TINY.num_layers, -1)
+
+
+def abs_acts(graphdef, state, tokens):
+    """|SiLU(gate)| of every MLP [layers, B * T, I] (the CATS site's sample input)."""
+    return quantiles.abs_inputs(graphdef, state, tokens, (thresholds.CATS_SITE,))[thresholds.CATS_SITE]
 
 
 def logits(model, tokens):
@@ -96,7 +103,7 @@ def test_zeroed_activations_are_exactly_those_at_or_below_threshold():
     t = np.array([0.05, 0.1, 0.2], np.float32)
     model.set_cats_thresholds(t)
     graphdef, state = nnx.split(model)
-    cats_acts = np.asarray(calibrate._abs_activations(graphdef, state, tokens)).reshape(TINY.num_layers, -1)
+    cats_acts = np.asarray(abs_acts(graphdef, state, tokens)).reshape(TINY.num_layers, -1)
     # layer 0 sees the same input as the dense model; later layers' inputs change with the sparsity
     np.testing.assert_array_equal(cats_acts[0] == 0, dense_acts[0] <= t[0])
     np.testing.assert_array_equal(cats_acts[0][cats_acts[0] != 0], dense_acts[0][dense_acts[0] > t[0]])
@@ -108,15 +115,15 @@ def test_zeroed_activations_are_exactly_those_at_or_below_threshold():
 # ---- quantiles and the reservoir ------------------------------------------------------------
 def test_quantile_threshold_picks_the_nearer_side_of_ties():
     s = np.sort(np.array([0.1] * 10 + [0.2] * 80 + [0.3] * 10, np.float32))
-    assert calibrate.quantile_threshold(s, 0.45) == (pytest.approx(0.1), 0.1)  # 10% is nearer to 45% than 90%
-    assert calibrate.quantile_threshold(s, 0.6) == (pytest.approx(0.2), 0.9)
+    assert quantiles.quantile_threshold(s, 0.45) == (pytest.approx(0.1), 0.1)  # 10% is nearer to 45% than 90%
+    assert quantiles.quantile_threshold(s, 0.6) == (pytest.approx(0.2), 0.9)
     v = np.sort(np.random.default_rng(0).random(1000).astype(np.float32))
-    t, frac = calibrate.quantile_threshold(v, 0.37)
+    t, frac = quantiles.quantile_threshold(v, 0.37)
     assert frac == 0.37 and np.mean(v <= t) == 0.37
 
 
 def test_reservoir_is_exact_then_a_uniform_sample():
-    r = calibrate.Reservoir(1000, np.random.default_rng(0))
+    r = quantiles.Reservoir(1000, np.random.default_rng(0))
     r.add(np.arange(600, dtype=np.float32))
     assert r.exact and sorted(r.values) == list(range(600))
     for start in range(600, 100_000, 7000):
@@ -186,8 +193,10 @@ def test_offline_hub_is_a_clear_error(monkeypatch, tiny_ckpt, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(data.DataError, match="falcon-refinedweb.*--data-file"):
         next(data.iter_documents(data.TextSource(data.REFINEDWEB)))
-    with pytest.raises(SystemExit, match="error: cannot stream dataset 'tiiuae/falcon-refinedweb'"):
-        calibrate.main(["--ckpt", str(tiny_ckpt[0]), "--sparsity", "0.5"])
+    with pytest.raises(SystemExit) as exit:
+        cli.run(calibrate.main, ["--ckpt", str(tiny_ckpt[0]), "--sparsity", "0.55"])
+    assert exit.value.code == 2
+    assert "error: cannot stream dataset 'tiiuae/falcon-refinedweb'" in capsys.readouterr().err
 
 
 def test_cli_calibrates_several_levels_in_one_pass(tiny_ckpt, tmp_path, capsys):
@@ -201,3 +210,75 @@ def test_cli_calibrates_several_levels_in_one_pass(tiny_ckpt, tmp_path, capsys):
     assert thresholds.load(ckpt).sparsities == [0.2, 0.6]
     with pytest.raises(SystemExit):
         calibrate.main(["--ckpt", str(ckpt), "--sparsity", "1.5"])
+
+
+# ---- no lost work ---------------------------------------------------------------------------
+def own_ckpt(tiny_ckpt, tmp_path):
+    src, text = tiny_ckpt
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(ckpt, TINY, checkpoint.model_params(checkpoint.load_model(src)), src)
+    return ckpt, text
+
+
+def test_one_document_txt_holds_apart_its_tail(tiny_ckpt, tmp_path):
+    ckpt, _ = own_ckpt(tiny_ckpt, tmp_path)
+    txt = tmp_path / "one.txt"
+    txt.write_text(" ".join(texts(60, 2)))
+    tok = data.load_tokenizer(ckpt)
+    ids = tok(txt.read_text(), add_special_tokens=False)["input_ids"]
+    cal, held = quantiles.calibration_rows(tok, data.TextSource(str(txt)), 256, 128, 64)
+    assert [r.tolist() for r in held] == [ids[-128:-64], ids[-64:]]  # the tail, and the head calibrates
+    assert [r.tolist() for r in cal] == [ids[i:i + 64] for i in range(0, 256, 64)]
+    th = calibrate.run(ckpt, [0.5], data.TextSource(str(txt)), tokens=256, holdout_tokens=128, seq_len=64,
+                       batch_size=4, progress=False)
+    assert th.calibration["held_out_tokens"] == 128 and len(th.levels[0].realised[CATS]["held_out"]) == TINY.num_layers
+
+
+def test_holdout_zero_means_no_held_apart_measurement(tiny_ckpt, tmp_path, capsys):
+    ckpt, text = own_ckpt(tiny_ckpt, tmp_path)
+    calibrate.main(["--ckpt", str(ckpt), "--data-file", str(text), "--sparsity", "0.5", "--tokens", "256",
+                    "--holdout-tokens", "0", "--seq-len", "64"])
+    assert "no held-apart measurement" in capsys.readouterr().out
+    level = thresholds.load(ckpt).level(0.5)
+    assert list(level.realised[CATS]) == ["calibration"]
+
+
+def test_data_is_checked_before_the_pass(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    ckpt, text = own_ckpt(tiny_ckpt, tmp_path)
+    monkeypatch.setattr(quantiles, "abs_inputs", lambda *a: pytest.fail("the pass ran on too little text"))
+    with pytest.raises(SystemExit) as exit:
+        cli.run(calibrate.main, ["--ckpt", str(ckpt), "--data-file", str(text), "--tokens", "1000000"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "calib.jsonl: only" in err and "fewer --tokens" in err and len(err.splitlines()) == 1
+
+
+def test_calibrated_levels_are_refused_before_the_pass_and_others_kept(calibrated, tmp_path, monkeypatch, capsys):
+    src, text, _ = calibrated
+    ckpt, _ = own_ckpt((src, text), tmp_path)
+    (ckpt / thresholds.FILENAME).write_text((src / thresholds.FILENAME).read_text())  # the same weights
+    args = ["--ckpt", str(ckpt), "--data-file", str(text), "--tokens", "256", "--holdout-tokens", "128",
+            "--seq-len", "64", "--batch-size", "4"]
+    with pytest.raises(SystemExit) as exit:
+        cli.run(calibrate.main, args + ["--sparsity", "0.5,0.55"])
+    assert exit.value.code == 2 and "already holds cats levels 0.5; pass --force" in capsys.readouterr().err
+    calibrate.main(args + ["--sparsity", "0.55"])
+    assert thresholds.load(ckpt).sparsities == sorted(LEVELS + [0.55])
+    before = thresholds.load(ckpt).level(0.3).thresholds
+    calibrate.main(args + ["--sparsity", "0.3", "--force"])
+    after = thresholds.load(ckpt)
+    assert after.sparsities == sorted(LEVELS + [0.55]) and after.level(0.3).thresholds != before
+
+
+def test_thresholds_are_saved_before_the_held_apart_measurement(tiny_ckpt, tmp_path, monkeypatch):
+    ckpt, text = own_ckpt(tiny_ckpt, tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantiles, "measure_sparsity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.run(ckpt, [0.4, 0.6], data.TextSource(str(text)), tokens=256, holdout_tokens=128, seq_len=64,
+                      batch_size=4, progress=False)
+    saved = thresholds.load(ckpt)
+    assert saved.sparsities == [0.4, 0.6] and "held_out" not in saved.levels[0].realised[CATS]

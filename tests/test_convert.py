@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from cats_jax import checkpoint, hub
+from cats_jax import checkpoint, hub, thresholds
+from cats_jax.cli import run as run_cli
 from cats_jax.config import ConfigError, ModelConfig
 from cats_jax.model import init_random
 from convert import gguf as gguf_conv
@@ -92,8 +93,28 @@ def test_refuses_a_non_empty_out_dir_unless_forced(tiny_model, tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         hf_conv.convert_hf(src, out, dtype="float32")
     assert (out / "precious.txt").exists()
+    # --force replaces a checkpoint, never other files
+    with pytest.raises(FileExistsError, match=r"not a checkpoint's \(precious.txt\)"):
+        hf_conv.convert_hf(src, out, dtype="float32", force=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    hf_conv.convert_hf(src, out, dtype="float32")
     hf_conv.convert_hf(src, out, dtype="float32", force=True)
-    assert not (out / "precious.txt").exists() and (out / "params").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params"]
+
+
+def test_force_keeps_thresholds_of_the_same_weights_only(tiny_model, tmp_path, capsys):
+    cfg, params = tiny_model
+    src = write_hf_dir(tmp_path / "hf", cfg, hf_tensors(cfg, params))
+    out = hf_conv.convert_hf(src, tmp_path / "ckpt", dtype="float32")
+    level = thresholds.Level(0.5, {thresholds.CATS_SITE: [0.1] * cfg.num_layers})
+    thresholds.Thresholds(thresholds.model_identity(checkpoint.load_model(out)), "cats", [level], {}).save(out)
+    hf_conv.convert_hf(src, out, dtype="bfloat16", force=True)  # the same weights in another dtype
+    assert thresholds.load(out).sparsities == [0.5] and "kept" in capsys.readouterr().err
+    other = checkpoint.numpy_params(init_random(cfg, seed=4, dtype=jnp.float32))
+    hf_conv.convert_hf(write_hf_dir(tmp_path / "hf2", cfg, hf_tensors(cfg, other)), out, force=True)
+    assert thresholds.load(out) is None  # calibrated for other weights: wrong for these
+    assert "removed" in capsys.readouterr().err
 
 
 def test_a_failure_midway_leaves_no_checkpoint(tiny_model, tmp_path):
@@ -136,8 +157,10 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="error: .*no such GGUF file"):
-        cli(["--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(cli, ["--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "error: " in err and "no such GGUF file" in err and len(err.splitlines()) == 1
     with pytest.raises(SystemExit):
         cli(["--hf", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err

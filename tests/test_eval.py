@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from cats_jax import checkpoint
+from cats_jax.cli import InputError, run as run_cli
 from cats_jax import model as M
 from conftest import TINY
 from eval import __main__ as cli
@@ -206,7 +207,35 @@ def test_cli_table_json_and_plot(calibrated, tmp_path, capsys):
 def test_cli_errors(tiny_ckpt, tmp_path):
     ckpt = tmp_path / "ckpt"
     checkpoint.save(ckpt, TINY, checkpoint.model_params(checkpoint.load_model(tiny_ckpt[0])), tiny_ckpt[0])
-    with pytest.raises(SystemExit, match="no thresholds.json; calibrate first"):
+    with pytest.raises(InputError, match="no thresholds.json; calibrate first"):
         cli.main(["--ckpt", str(ckpt), "--sparsity", "dense,0.5", "--tasks", "none", "--ppl", "none"])
-    with pytest.raises(SystemExit, match="expected TASK=PATH"):
+    with pytest.raises(InputError, match="expected TASK=PATH"):
         cli.main(["--ckpt", str(ckpt), "--tasks", "piqa", "--data-file", "boolq=x.jsonl"])
+
+
+def test_ctrl_c_keeps_the_settings_finished(calibrated, tmp_path, monkeypatch, capsys):
+    ckpt, text, _ = calibrated
+    out = tmp_path / "res.json"
+    perplexity, calls = scoring.perplexity, []
+
+    def interrupted_at_the_second(*args, **kwargs):  # Ctrl-C during the cats-0.5 perplexity
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return perplexity(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "perplexity", interrupted_at_the_second)
+    with pytest.raises(SystemExit) as exit:
+        run_cli(cli.main, ["--ckpt", str(ckpt), "--sparsity", "dense,0.5", "--tasks", "piqa",
+                           f"--data-file=piqa={FILES['piqa']}", "--ppl", str(text), "--ppl-tokens", "200",
+                           "--context-length", "64", "--out", str(out), "--no-progress"])
+    assert exit.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [f"the settings finished so far are in {out}",
+                                                         "cats-jax: interrupted"]
+    res = json.loads(out.read_text())
+    dense, cats = res["results"]
+    assert not res["complete"] and dense["perplexity"]["tokens"] == 200 and "perplexity" not in cats
+    assert dense["tasks"]["piqa"]["examples"] == cats["tasks"]["piqa"]["examples"] == 3
+    assert 0.3 < cats["sparsity"]["mean"] < 0.7
+    table = (tmp_path / "res.md").read_text().splitlines()
+    assert table[3].startswith("| cats-0.5 |") and "| - |" in table[3]  # no perplexity for it yet

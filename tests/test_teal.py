@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cats_jax import calibrate, checkpoint, data, sparsity, teal, thresholds
+from cats_jax import calibrate, checkpoint, data, quantiles, sparsity, teal, thresholds
 from cats_jax import model as M
 from cats_jax.sparsity import ATTN_SITES, CATS_SITE, MODES, TEAL_SITES
 from conftest import TINY, calibration_rows
@@ -51,10 +51,10 @@ def greedy(tiny_ckpt, tmp_path_factory):
 def dense_inputs(ckpt, text):
     """|what each sampled site tests| of the dense model over the calibration rows: {site: [L, n]}."""
     model = checkpoint.load_model(ckpt)
-    teal.set_dense_sites(model)
+    quantiles.set_dense_sites(model, teal.SAMPLED)
     graphdef, state = nnx.split(model)
     rows = calibration_rows(ckpt, text, TOKENS, SEQ)
-    parts = [teal._abs_inputs(graphdef, state, jnp.asarray(np.stack(rows[i:i + 8]))) for i in range(0, len(rows), 8)]
+    parts = [quantiles.abs_inputs(graphdef, state, jnp.asarray(np.stack(rows[i:i + 8])), teal.SAMPLED) for i in range(0, len(rows), 8)]
     return {s: np.concatenate([np.asarray(p[s]) for p in parts], axis=1).reshape(TINY.num_layers, -1) for s in teal.SAMPLED}
 
 
@@ -152,7 +152,7 @@ def test_uniform_realised_per_site_on_calibration_data_within_half_point(uniform
         for site in TEAL_SITES + (CATS_SITE,):
             t = np.asarray(level.thresholds[site], np.float32)
             every = ordered[teal.SAME_INPUT.get(site, site)]
-            exact = [calibrate.quantile_threshold(every[layer], level.sparsity)[0] for layer in range(TINY.num_layers)]
+            exact = [quantiles.quantile_threshold(every[layer], level.sparsity)[0] for layer in range(TINY.num_layers)]
             np.testing.assert_array_equal(t, np.asarray(exact, np.float32), err_msg=site)  # not the sample's
             realised = np.mean(acts[teal.SAME_INPUT.get(site, site)] <= t[:, None], axis=1)
             np.testing.assert_allclose(realised, level.sparsity, atol=0.005, err_msg=site)
@@ -287,3 +287,27 @@ def test_eval_cli_reports_teal_rows_with_measured_effective_sparsity(uniform, tm
     assert abs(sparse["sparsity"]["per_layer"][0] - 0.5) < 0.1  # other text than the calibration's: near, not exact
     assert sparse["perplexity"]["perplexity"] != dense["perplexity"]["perplexity"]
     assert "| teal-0.5 |" in capsys.readouterr().out
+
+
+# ---- structure ----------------------------------------------------------------------------------
+def cats_jax_imports(module: str) -> set[str]:
+    """The cats_jax modules that cats_jax/<module>.py imports, anywhere in it."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(calibrate.__file__).parent / f"{module}.py").read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "cats_jax":
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cats_jax."):
+            out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cats_jax.")}
+    return out
+
+
+def test_cats_and_teal_calibration_share_one_machinery_without_a_circle():
+    assert "calibrate" not in cats_jax_imports("teal")
+    assert not {"calibrate", "teal"} & cats_jax_imports("quantiles")
+    assert "quantiles" in cats_jax_imports("teal") and "quantiles" in cats_jax_imports("calibrate")

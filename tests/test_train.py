@@ -22,7 +22,9 @@ from cats_jax.config import ModelConfig
 from cats_jax.model import init_random
 from train import data as train_data
 from train.lora import apply_lora, merge_lora
-from train.trainer import TrainConfig, Trainer, token_nll
+from cats_jax.cli import InputError
+from train.__main__ import main as train_main, parser
+from train.trainer import TrainConfig, Trainer, make_schedule, token_nll
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -261,3 +263,22 @@ def test_remat_gives_the_same_gradients():
 
     for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_steps_within_the_warmup_clamp_it_and_say_so(tmp_path, capsys):
+    for schedule in ("cosine", "linear", "constant"):
+        cfg = TrainConfig(ckpt="c", run_dir="r", steps=20, schedule=schedule)  # the default warm-up is 50
+        lr = make_schedule(cfg)
+        assert cfg.warmup == 19 and float(lr(0)) == 0 and float(lr(19)) == pytest.approx(cfg.lr)
+    assert float(make_schedule(TrainConfig(ckpt="c", run_dir="r", steps=1))(0)) == pytest.approx(1e-4)
+    with pytest.raises(InputError, match="missing"):  # stops at the checkpoint, after the note
+        train_main(["--ckpt", str(tmp_path / "missing"), "--run", str(tmp_path / "run"), "--steps", "20"])
+    assert capsys.readouterr().err == "--warmup-steps 50 is not below --steps 20: warming up over 19 steps\n"
+
+
+def test_help_gives_every_option_a_text_and_its_default():
+    p = parser()
+    for action in p._actions[1:]:
+        assert action.help, action.option_strings
+        if action.default is not None and action.default is not False:
+            assert "default" in p._get_formatter()._get_help_string(action), action.option_strings

@@ -93,9 +93,15 @@ class TrainConfig:
         for name in ("seq_len", "steps", "batch_size", "grad_accum", "lora_rank", "log_every", "eval_every",
                      "save_every", "keep"):
             checks[name] = getattr(self, name) >= 1
+        checks["warmup_steps"] = self.warmup_steps >= 0
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is not valid" for k in bad))
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up steps the schedule takes: warmup_steps, clamped so that one step follows it."""
+        return min(self.warmup_steps, self.steps - 1)
 
     @property
     def tokens_per_step(self) -> int:
@@ -121,7 +127,7 @@ def load_base_model(cfg: TrainConfig) -> Transformer:
 
 
 def make_schedule(cfg: TrainConfig):
-    warmup = min(cfg.warmup_steps, cfg.steps)
+    warmup = cfg.warmup
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps, end)
@@ -328,14 +334,13 @@ class Trainer:
         a small LoRA update into bf16 weights of an fp32 run would round much of it away."""
         model = merge_lora(self.trained_model())
         out = checkpoint.save(out_dir, model.cfg, checkpoint.model_params(model), self.cfg.ckpt, force)
-        th = thresholds.load(self.cfg.ckpt)
-        if th is not None:
-            # CATS thresholds stay as calibrated (training kept them fixed); they now belong to
-            # the fine-tuned weights, whose embedding full fine-tuning changed.
+        for th in (thresholds.read(self.cfg.ckpt) or {}).values():
+            # Thresholds stay as calibrated (training kept them fixed); they now belong to the
+            # fine-tuned weights, whose embedding full fine-tuning changed.
             th.model = thresholds.model_identity(model)
             th.calibration = {**th.calibration, "fine_tuned": {"from": str(Path(self.cfg.ckpt).absolute()),
                                                                "method": self.cfg.method, "steps": self.step}}
-            th.save(out)
+            th.save(out, force=True)  # over the file of the checkpoint this export replaced, if any
         return out
 
 
