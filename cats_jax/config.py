@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cats_jax.cli import InputError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config field we cannot honour: the message names the field."""
 
 
@@ -171,8 +173,12 @@ class ModelConfig:
     def load(cls, ckpt_dir: str | Path) -> "ModelConfig":
         path = Path(ckpt_dir) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (is {ckpt_dir} a converted cats-jax checkpoint?)")
-        return cls.from_json(path.read_text())
+            raise ConfigError(f"{path}: no config.json (is {ckpt_dir} a converted cats-jax checkpoint?)")
+        try:
+            return cls.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError) as e:  # truncated or edited: JSONDecodeError, unknown fields
+            raise ConfigError(f"{path}: not a cats-jax config.json ({e}); re-convert the checkpoint "
+                              f"(python -m convert ... --out {ckpt_dir} --force)") from e
 
     # ---- derived sizes ---------------------------------------------------------------
     def num_params(self) -> int:

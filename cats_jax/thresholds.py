@@ -41,6 +41,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from cats_jax.cli import InputError
 from cats_jax.sparsity import CATS_SITE, MODES, TEAL_SITES
 
 FILENAME = "thresholds.json"
@@ -51,7 +52,7 @@ VERSION = 1
 METHOD_SITES = {"cats": (CATS_SITE,), "teal": TEAL_SITES}
 
 
-class ThresholdsError(ValueError):
+class ThresholdsError(InputError):
     """A thresholds file that is malformed or belongs to another model."""
 
 
@@ -88,6 +89,8 @@ class Thresholds:
         return [lv.sparsity for lv in self.levels]
 
     def level(self, sparsity: float) -> Level:
+        if not 0 < sparsity < 1:  # no calibration can give it: do not suggest running one
+            raise ThresholdsError(f"sparsity {sparsity:g} is not a fraction in (0, 1)")
         for lv in self.levels:
             if abs(lv.sparsity - sparsity) < 1e-9:
                 return lv
@@ -127,14 +130,18 @@ class Thresholds:
         method = d.get("method")
         if method not in METHOD_SITES:
             raise ThresholdsError(f"{where}: unknown method {method!r} (known: {', '.join(METHOD_SITES)})")
-        layers = d["model"]["num_layers"]
-        levels = []
-        for lv in d["levels"]:
-            for site in METHOD_SITES[method]:
-                got = lv["thresholds"].get(site)
-                if got is None or len(got) != layers:
-                    raise ThresholdsError(f"{where}: level {lv['sparsity']}: site {site!r} needs {layers} thresholds, has {got and len(got)}")
-            levels.append(Level(lv["sparsity"], lv["thresholds"], lv.get("realised", {}), lv.get("site_sparsity")))
+        try:
+            layers = d["model"]["num_layers"]
+            levels = []
+            for lv in d["levels"]:
+                for site in METHOD_SITES[method]:
+                    got = lv["thresholds"].get(site)
+                    if got is None or len(got) != layers:
+                        raise ThresholdsError(f"{where}: level {lv['sparsity']}: site {site!r} needs {layers} thresholds, has {got and len(got)}")
+                levels.append(Level(lv["sparsity"], lv["thresholds"], lv.get("realised", {}), lv.get("site_sparsity")))
+        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+            raise ThresholdsError(f"{where}: malformed ({type(e).__name__}: {e}); re-calibrate "
+                                  "(python -m cats_jax.calibrate) or restore the file") from e
         return cls(d["model"], method, levels, d.get("calibration", {}))
 
     def save(self, ckpt_dir: str | Path) -> Path:

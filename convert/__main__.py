@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cats_jax import checkpoint
+from cats_jax import checkpoint, cli
 
 
 def main(argv=None):
@@ -36,9 +35,9 @@ def main(argv=None):
             path = hub.smollm2_gguf() if args.gguf == "default" else args.gguf
             out = convert_gguf(path, args.out, args.dtype, args.force)
     except (OSError, ValueError, RuntimeError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {e}")
+        raise cli.InputError(str(e)) from e
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
