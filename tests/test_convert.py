@@ -138,7 +138,10 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
         hf_conv.convert_hf("some-org/some-model", tmp_path / "ckpt")
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    # cli.run changes process state: the compilation cache (on), the unraisable hook (off after an error)
+    monkeypatch.setenv("CATS_JAX_COMPILE_CACHE", "0")
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
     with pytest.raises(SystemExit) as e:
         run(cli, ["--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
     assert e.value.code == 2
