@@ -115,7 +115,7 @@ def _hub_records(src: TextSource) -> Iterator[dict]:
     except OSError as e:  # ConnectionError, offline mode, dataset not found
         raise DataError(
             f"cannot stream dataset {src.name!r} (split {src.split!r}) from the Hugging Face hub: {e}. "
-            f"Without hub access pass a local text file instead (plain text or .jsonl); {OFFLINE_HINT}."
+            f"Without hub access pass a local text file instead (--data-file FILE: plain text or .jsonl); {OFFLINE_HINT}."
         ) from e
     if first is not None:
         yield first
