@@ -36,7 +36,6 @@ import datetime
 import functools
 import re
 import statistics
-import time
 from pathlib import Path
 
 import flax
@@ -45,12 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cats_jax.config import PRESETS, ModelConfig
+from bench.kernels import copy_bandwidth, read_bandwidth
 from cats_jax import decode
+from cats_jax.config import PRESETS, ModelConfig
 from cats_jax.generate import generate
 from cats_jax.model import Transformer
 from cats_jax.sparsity import MODES
-from bench.kernels import copy_bandwidth, read_bandwidth
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:

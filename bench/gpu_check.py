@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cats_jax.sparsity import MODES, cats_activation, gated_mlp
 from bench.kernels import random_mlp, threshold_for
+from cats_jax.sparsity import MODES, cats_activation, gated_mlp
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.common import poisoned_outputs

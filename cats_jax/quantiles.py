@@ -14,7 +14,7 @@ import functools
 import itertools
 import math
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cats_jax import fileio
+from cats_jax.cli import InputError
 from cats_jax.sparsity import CATS_SITE, MODES, TEAL_SITES
 
 FILENAME = "thresholds.json"
@@ -58,7 +59,7 @@ VERSION = 2
 METHOD_SITES = {"cats": (CATS_SITE,), "teal": TEAL_SITES}
 
 
-class ThresholdsError(ValueError):
+class ThresholdsError(InputError):
     """A thresholds file that is malformed or belongs to another model."""
 
 
@@ -100,6 +101,8 @@ class Thresholds:
         return [lv.sparsity for lv in self.levels]
 
     def level(self, sparsity: float) -> Level:
+        if not 0 < sparsity < 1:  # no calibration can give it: do not suggest running one
+            raise ThresholdsError(f"sparsity {sparsity:g} is not a fraction in (0, 1)")
         for lv in self.levels:
             if abs(lv.sparsity - sparsity) < 1e-9:
                 return lv
@@ -132,7 +135,7 @@ class Thresholds:
         return _file_json(self.model, {self.method: self})
 
     @classmethod
-    def from_json(cls, text: str, where: str = FILENAME) -> "Thresholds":
+    def from_json(cls, text: str, where: str = FILENAME) -> Thresholds:
         """The thresholds of a file that holds one method."""
         methods = parse(text, where)
         if len(methods) != 1:
@@ -176,19 +179,27 @@ def parse(text: str, where: str = FILENAME) -> dict[str, Thresholds]:
         got = (d.get("format"), d.get("version")) if isinstance(d, dict) else (None, None)
         raise ThresholdsError(f"{where}: not a {FORMAT} v1/v{VERSION} file (format={got[0]!r}, version={got[1]!r})")
     sections = {d.get("method"): d} if d["version"] == 1 else d.get("methods", {})
-    layers = d["model"]["num_layers"]
+    layers = (d.get("model") or {}).get("num_layers") if isinstance(d.get("model"), dict) else None
+    if not isinstance(layers, int):
+        raise ThresholdsError(f"{where}: malformed (no model.num_layers); re-calibrate (python -m cats_jax.calibrate) "
+                              "or restore the file")
     out = {}
     for method, section in sections.items():
         if method not in METHOD_SITES:
             raise ThresholdsError(f"{where}: unknown method {method!r} (known: {', '.join(METHOD_SITES)})")
-        levels = []
-        for lv in section["levels"]:
-            for site in METHOD_SITES[method]:
-                got = lv["thresholds"].get(site)
-                if got is None or len(got) != layers:
-                    raise ThresholdsError(f"{where}: level {lv['sparsity']}: site {site!r} needs {layers} thresholds, has {got and len(got)}")
-            levels.append(Level(lv["sparsity"], lv["thresholds"], lv.get("realised", {}), lv.get("site_sparsity"),
-                                lv.get("calibration")))
+        try:
+            levels = []
+            for lv in section["levels"]:
+                for site in METHOD_SITES[method]:
+                    got = lv["thresholds"].get(site)
+                    if got is None or len(got) != layers:
+                        raise ThresholdsError(f"{where}: level {lv['sparsity']}: site {site!r} needs {layers} "
+                                              f"thresholds, has {got and len(got)}")
+                levels.append(Level(lv["sparsity"], lv["thresholds"], lv.get("realised", {}), lv.get("site_sparsity"),
+                                    lv.get("calibration")))
+        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+            raise ThresholdsError(f"{where}: malformed ({type(e).__name__}: {e}); re-calibrate "
+                                  "(python -m cats_jax.calibrate) or restore the file") from e
         out[method] = Thresholds(d["model"], method, levels, section.get("calibration", {}))
     return out
 

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cats_jax import checkpoint
+from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
 from convert import put, target_dtype
 
@@ -101,8 +102,11 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16", for
     checkpoint.check_out_dir(out, force)
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    reader = GGUFReader(path)  # memory-maps the file: tensors are read when dequantized
+        raise InputError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)  # memory-maps the file: tensors are read when dequantized
+    except (ValueError, IndexError, OSError) as e:  # a file cut short fails to map its last tensors
+        raise InputError(f"{path}: not a complete GGUF file ({e}); download it again") from e
     meta = read_metadata(reader)
     names = [t.name for t in reader.tensors]
     cfg = ModelConfig.from_gguf(meta, tied="output.weight" not in names)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from cats_jax import checkpoint
+from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
 from convert import put, target_dtype
 
@@ -56,13 +59,13 @@ def resolve(src: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(f"{src}: expected an HF checkpoint directory or a hub id, got a file")
+        raise InputError(f"{src}: expected an HF checkpoint directory or a hub id, got a file")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
     except Exception as e:  # offline, unknown repo, gated repo...: all say the same to the user
-        raise RuntimeError(
+        raise InputError(
             f"{src!r} is not a local directory, and fetching it from the Hugging Face hub failed "
             f"({type(e).__name__}: {e}). Offline? Pass the path of a downloaded HF checkpoint instead."
         ) from e
@@ -72,23 +75,48 @@ def shard_of_tensor(src: Path) -> dict[str, Path]:
     """Tensor name -> the .safetensors file that holds it (single file or sharded with an index)."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        return {name: src / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
+        weight_map = _json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: no weight_map; download the checkpoint again")
+        return {name: src / shard for name, shard in weight_map.items()}
     single = src / "model.safetensors"
     if not single.is_file():
-        raise FileNotFoundError(f"{src}: no model.safetensors or model.safetensors.index.json (only safetensors "
-                                f"checkpoints are supported)")
-    with safe_open(single, "numpy") as f:
+        raise InputError(f"{src}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                         f"checkpoints are supported)")
+    with _safetensors(single) as f:
         return {name: single for name in f.keys()}
+
+
+@contextlib.contextmanager
+def _safetensors(path: Path):
+    """safe_open, with a damaged or missing file as one line (a truncated download, typically)."""
+    try:
+        with safe_open(path, "numpy") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e}); download the checkpoint again") from e
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); download the checkpoint again") from e
+
+
+def missing_tokenizer(src: Path) -> bool:
+    """No tokenizer.json / tokenizer.model: the checkpoint could not encode text."""
+    return not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
 
 
 def read_config(src: Path, name: str = "") -> ModelConfig:
     path = src / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{src}: no config.json (is it an HF checkpoint directory?)")
-    cfg = ModelConfig.from_hf(json.loads(path.read_text()), name=name or src.name)
+        raise InputError(f"{src}: no config.json (is it an HF checkpoint directory?)")
+    cfg = ModelConfig.from_hf(_json(path), name=name or src.name)
     gen = src / "generation_config.json"
     if gen.is_file():  # instruct models list their end-of-turn tokens here, not in config.json
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        eos = _json(gen).get("eos_token_id")
         extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
         cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys([*cfg.eos_token_ids, *extra])))
     return cfg
@@ -100,6 +128,10 @@ def convert_hf(src: str | Path, out: str | Path, dtype: str = "bfloat16", force:
     checkpoint.check_out_dir(out, force)
     local = resolve(src)
     cfg = read_config(local, name=Path(src).name if local == Path(src).expanduser() else str(src))
+    if missing_tokenizer(local):  # say it now, not when generate or calibrate first needs it
+        print(f"warning: {local} has no tokenizer.json or tokenizer.model: the checkpoint will hold weights only; "
+              f"copy the model's tokenizer files into {out} before generate, calibrate, eval or train",
+              file=sys.stderr)
     params: dict = {}
     shards = shard_of_tensor(local)
     for name in tqdm(sorted(shards, key=lambda n: (shards[n], n)), desc="converting", unit="tensor"):
@@ -107,7 +139,7 @@ def convert_hf(src: str | Path, out: str | Path, dtype: str = "bfloat16", force:
         if path is None:
             continue
         # One tensor per open: the mapping (and its resident pages) is dropped right after the copy.
-        with safe_open(shards[name], "numpy") as f:
+        with _safetensors(shards[name]) as f:
             w = f.get_tensor(name)
         put(params, path, w, dt, transpose=path[-1] == "kernel")
         del w

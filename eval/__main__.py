@@ -9,7 +9,8 @@ from pathlib import Path
 
 from cats_jax import checkpoint, cli, data, fileio, thresholds
 from cats_jax.sparsity import MODES
-from eval import harness, tasks as task_lib
+from eval import harness
+from eval import tasks as task_lib
 
 WIKITEXT = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", "page")  # lm-eval's wikitext
 

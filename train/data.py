@@ -18,8 +18,8 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def text_encoder(tokenizer) -> Callable[[str], Encoded]:
 # ---- chat ------------------------------------------------------------------------------------
 def iter_chat_records(src: TextSource) -> Iterator[dict]:
     """Raw records of a local .jsonl(.gz) or a streamed `datasets` source."""
-    if src.name.endswith(".txt"):
+    if src.is_local and not src.is_jsonl:
         raise DataError(f"{src.name}: --chat needs .jsonl records ('messages' or 'prompt' + 'response')")
     if src.is_local:
         if not Path(src.name).is_file():

@@ -111,7 +111,7 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
+    def from_json(cls, text: str) -> TrainConfig:
         d = json.loads(text)
         d["lora_targets"] = tuple(d["lora_targets"])
         return cls(**d)
