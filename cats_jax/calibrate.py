@@ -108,7 +108,7 @@ def parse_sparsities(text: str) -> list[float]:
     try:
         values = sorted({float(s) for s in text.split(",") if s.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sparsity {text!r}: expected comma-separated fractions, e.g. 0.3,0.5")
+        raise argparse.ArgumentTypeError(f"--sparsity {text!r}: expected comma-separated fractions, e.g. 0.3,0.5") from None
     if not values or any(not 0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"--sparsity {text!r}: each value must be a fraction in (0, 1)")
     return values

@@ -25,7 +25,7 @@ def _settings(text: str | None, ckpt: str, mode: str | None) -> list:
         try:
             out.append(s if s == harness.DENSE else float(s))
         except ValueError:
-            raise cli.InputError(f"--sparsity {text!r}: expected 'dense' and/or fractions, e.g. dense,0.5")
+            raise cli.InputError(f"--sparsity {text!r}: expected 'dense' and/or fractions, e.g. dense,0.5") from None
     return out
 
 

@@ -7,7 +7,7 @@ the kernel applies it, and cats_jax.sparsity re-exports it (the kernels import n
 
 Weights are neuron-major, so that a neuron's weights are contiguous rows: wg_t = W_gate^T and
 wu_t = W_up^T [I, H], and w_down [I, H] (the Flax layout already). The model transposes gate and
-up once when it is prepared for the kernel (Transformer.prepare_for_kernel), not per call.
+up once when the model is prepared for decoding (cats_jax.decode.prepare), not per call.
 
 1. gate_up: a program owns `rows` neurons. It reads their W_gate^T rows in full (fp32
    accumulation), applies the CATS rule, then reads the W_up^T rows of only the neurons that some

@@ -188,7 +188,7 @@ def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
     return values
@@ -198,7 +198,7 @@ def _fractions(text: str) -> tuple[float, ...]:
     try:
         values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions, e.g. 0.4,0.5")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions, e.g. 0.4,0.5") from None
     if not values or not all(0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: each sparsity must be a fraction in (0, 1)")
     return values
@@ -250,7 +250,7 @@ def main(argv=None):
         try:
             th = thresholds.load(ckpt)
         except (thresholds.ThresholdsError, OSError) as e:
-            raise cli.InputError(f"{ckpt}: {e}")
+            raise cli.InputError(f"{ckpt}: {e}") from None
         if th is None or th.method != method:
             raise cli.InputError(f"{ckpt}: no {method.upper()} thresholds.json; run python -m cats_jax.calibrate "
                                  f"--ckpt {ckpt} --method {method} first")
@@ -258,13 +258,13 @@ def main(argv=None):
             try:
                 th.level(p)
             except thresholds.ThresholdsError as e:
-                raise cli.InputError(f"{ckpt}: {e}")
+                raise cli.InputError(f"{ckpt}: {e}") from None
         files[method] = th
     try:
         rows = documents(next(iter(ckpts.values())), data.TextSource(args.data_file, field=args.field),
                          args.docs, args.seq_len)
     except data.DataError as e:
-        raise cli.InputError(str(e))
+        raise cli.InputError(str(e)) from None
 
     rng = np.random.default_rng(args.seed)
     sample_pos = np.stack([rng.choice(np.arange(args.skip, args.seq_len), args.samples_per_doc, replace=False)

@@ -14,19 +14,18 @@ from cats_jax.sparsity import CATS_SITE
 
 def test_load_and_generate_match_the_submodules(word_ckpt):
     lm = cats_jax.load(word_ckpt, sparsity=0.5, dtype="float32")
-    assert lm.model.sites == (CATS_SITE,)
+    assert lm.model.plan.sites == (CATS_SITE,)
     text = lm.generate("w5 w6 w7", 8, chat=True)
 
     model = checkpoint.load_model(word_ckpt, dtype=jnp.float32)
     thresholds.load_into(model, word_ckpt, 0.5)
-    model.prepare_for_decode()
     (want,), _ = generate_text(model, data.load_tokenizer(word_ckpt), ["w5 w6 w7"], 8, chat=True)
     assert text == want and text.strip()
     assert lm.generate(["w5 w6 w7", "w9"], 8, chat=True)[0] == want
 
 
 def test_load_dense_and_errors(word_ckpt):
-    assert cats_jax.load(word_ckpt).model.sites == ()
+    assert cats_jax.load(word_ckpt).model.plan.sites == ()
     with pytest.raises(thresholds.ThresholdsError, match="no thresholds for sparsity 0.7"):
         cats_jax.load(word_ckpt, sparsity=0.7)
     with pytest.raises(ValueError, match="mode='teal' needs a sparsity"):
