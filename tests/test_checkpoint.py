@@ -48,7 +48,8 @@ def test_truncated_config_json(ckpt):
 def test_thresholds_without_levels(ckpt):
     path = ckpt / thresholds.FILENAME
     d = json.loads(path.read_text())
-    del d["levels"]
+    for section in d["methods"].values():
+        del section["levels"]
     path.write_text(json.dumps(d))
     with pytest.raises(InputError, match=rf"{path}: malformed \(KeyError: 'levels'\); re-calibrate"):
         thresholds.load(ckpt)
