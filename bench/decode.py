@@ -27,6 +27,9 @@ q/k/v are fused (Transformer.prepare_for_decode), as generation runs them. For s
 thresholds come from a quick calibration of that random model on one row of random tokens: per
 layer and site, the quantile of the dense model's |values| at --sparsity (uniform allocation;
 cats_jax.teal.sample_inputs). --impl pallas runs decode steps through the kernels.
+
+--tp N: tensor parallel over the first N devices (cats_jax.sharding); the ceilings are then N times
+one device's (the aggregate), so "% of read" is of N x read ceiling.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from bench.kernels import copy_bandwidth, read_bandwidth
-from cats_jax import decode
+from cats_jax import decode, sharding
 from cats_jax.config import PRESETS, ModelConfig
 from cats_jax.generate import generate
 from cats_jax.model import Transformer
@@ -135,8 +138,9 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     dev = jax.devices()[0]
     date = datetime.date.today().isoformat()
     print(f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}, flax {flax.__version__}; "
-          f"{cfg.name}: {cfg.num_params() / 1e9:.2f} B params", flush=True)
-    ceiling, read = copy_bandwidth(args.copy_mib / 1024), read_bandwidth(args.copy_mib / 1024)
+          f"{cfg.name}: {cfg.num_params() / 1e9:.2f} B params" + (f", tp {args.tp}" if args.tp > 1 else ""), flush=True)
+    ceiling, read = (args.tp * f(args.copy_mib / 1024) for f in (copy_bandwidth, read_bandwidth))  # aggregate
+    mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
     print(f"copy ceiling: {ceiling / 1e9:.1f} GB/s, read ceiling {read / 1e9:.1f} GB/s", flush=True)
     model = random_model(cfg, args.seed)
     sparse = [m for m in args.mode if m != "dense"]
@@ -149,6 +153,8 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
             model.set_thresholds(site, thresholds[level][site])
         model.set_mode(mode)
         decoder = decode.prepare(model, args.impl)
+        if mesh is not None:
+            decoder = sharding.shard(decoder, mesh)
         label = mode if mode == "dense" else f"{mode} ({args.impl}) {level:g}"
         for batch in args.batch:
             rng = np.random.default_rng(args.seed + batch)
@@ -177,11 +183,12 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
             print(rows[-1], flush=True)
 
     return "\n".join([
-        f"### decode: {cfg.name}, random bf16 weights",
+        f"### decode: {cfg.name}, random bf16 weights" + (f", tensor parallel over {args.tp} devices" if mesh else ""),
         "",
         f"{dev.device_kind} ({dev.platform}), {date}, jax {jax.__version__}, flax {flax.__version__}. "
         f"Copy ceiling {ceiling / 1e9:.1f} GB/s (y = x + 1, {args.copy_mib} MiB bf16, read + write); "
-        f"read ceiling {read / 1e9:.1f} GB/s (a sum over the same array).",
+        f"read ceiling {read / 1e9:.1f} GB/s (a sum over the same array)"
+        + (f"; both {args.tp} x one device's." if mesh else "."),
         "",
         "| mode (impl) sparsity | measured MLP sparsity | batch | prompt | new | prefill ms | ms/step | vs dense | tokens/s "
         "| GB/step (dense) | GB/s | % of copy | % of read | launches/step (/layer) | compile s |",
@@ -212,6 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--copy-mib", type=int, default=None, help="copy-ceiling array size (default 1024 on GPU, 64 on CPU)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices (default 1)")
     ap.add_argument("--out", type=Path, help="append the markdown table to this file (e.g. docs/benchmarks.md)")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
@@ -222,6 +230,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for p in args.sparsity:
         if not 0 < p < 1:
             ap.error(f"--sparsity {p} must be in (0, 1)")
+    try:  # the devices and the shapes, before any work
+        sharding.make_mesh(args.tp)
+        sharding.local_config(PRESETS[args.config], args.tp)
+    except ValueError as e:
+        ap.error(f"--tp {args.tp}: {e}")
     if args.copy_mib is None:
         args.copy_mib = 64 if jax.default_backend() == "cpu" else 1024
     return args

@@ -17,18 +17,24 @@ greedy tokens equal those of the model in fp32. With several thresholded project
 matrix, each reads its own thresholded input: decode steps stack the inputs and read the matrix
 once (the extra rows are free while the product is memory-bound); longer inputs (prefill) take
 each projection's columns apart.
+
+Tensor parallel: a decoder placed on a mesh (cats_jax.sharding.shard) has the mesh in its plan;
+forward then runs per device on its shard under jax.shard_map and adds the shards' partial sums
+after o and after down (cats_jax.sharding says how the weights are split).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from cats_jax import sparsity
+from cats_jax import sharding, sparsity
 from cats_jax.config import ModelConfig
 from cats_jax.model import Transformer, attend, rms_norm, rope_inv_freq, site_threshold
 from pallas_kernels import attention, cats_mlp, sparse_gemv
@@ -47,6 +53,8 @@ class Plan:
     cfg: ModelConfig
     sites: tuple[str, ...]
     kernels: bool  # impl "pallas": decode steps (one token per row) through the Pallas kernels on GPU
+    mesh: jax.sharding.Mesh | None = None  # tensor parallel over its axis "tp" (sharding.shard)
+    axis: str | None = None  # inside shard_map: the mesh axis whose partial sums are added
 
     @property
     def cats(self) -> bool:
@@ -165,23 +173,44 @@ def _mlp(plan: Plan, lw, x):
     return jnp.dot(a.astype(x.dtype) * u, lw["down"]), sparsity.active_fraction(a, axis=-1)
 
 
+def _all_reduce(plan: Plan, y):
+    """y itself, or inside shard_map the sum over devices of a row-parallel product's partial sums."""
+    return y if plan.axis is None else jax.lax.psum(y, plan.axis)
+
+
 def forward(weights, tokens, positions, cache, *, plan: Plan, last=None):
     """Logits (fp32) [B, T, V] of tokens [B, T] at positions [B, T], the updated cache (model.init_cache's
     layout) and the CATS kept-neuron fractions [L, B, T] (None without CATS). last [B]: only the
-    logits of token last[b] of each row, [B, V] (prefill)."""
+    logits of token last[b] of each row, [B, V] (prefill). A plan with a mesh: per shard (module docstring)."""
+    if plan.mesh is None:
+        return _forward(weights, tokens, positions, cache, last, plan=plan)
+    local = dataclasses.replace(plan, cfg=sharding.local_config(plan.cfg, sharding.tp_size(plan.mesh)), mesh=None,
+                                axis=sharding.TP)
+    cache_specs = sharding.cache_specs(cache)
+    per_shard = jax.shard_map(functools.partial(_forward, plan=local), mesh=plan.mesh,
+                              in_specs=(sharding.weight_specs(weights), P(), P(), cache_specs, P()),
+                              out_specs=(P(), cache_specs, P()),
+                              check_vma=not plan.kernels)  # the kernels' outputs carry no per-device typing
+    return per_shard(weights, tokens, positions, cache, last)
+
+
+def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     cfg = plan.cfg
     eps = cfg.rms_norm_eps
     x = weights["embed"][tokens]
     new_cache, kept = [], []
     for lw, kv in zip(weights["layers"], cache):
         h, kv = _attention(plan, lw, rms_norm(x, lw["attn_norm"], eps), positions, kv)
-        x = x + h
+        x = x + _all_reduce(plan, h)
         h, frac = _mlp(plan, lw, rms_norm(x, lw["mlp_norm"], eps))
-        x = x + h
+        x = x + _all_reduce(plan, h)
         new_cache.append(kv)
         kept.append(frac)
     if last is not None:
         x = x[jnp.arange(x.shape[0]), last]
     h = rms_norm(x, weights["norm"], eps)
     logits = jnp.dot(h, weights["head"], preferred_element_type=f32)
-    return logits, new_cache, jnp.stack(kept) if plan.cats else None
+    if not plan.cats:
+        return logits, new_cache, None
+    kept = jnp.stack(kept)  # each device's fraction of its own neurons (equal shares): their mean
+    return logits, new_cache, kept if plan.axis is None else jax.lax.pmean(kept, plan.axis)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cats_jax import decode
+from cats_jax import decode, sharding
 from cats_jax.decode import Decoder, Plan
 from cats_jax.model import Transformer, init_cache
 from cats_jax.sampling import Sampling, sample
@@ -87,6 +87,8 @@ def _prefill(weights, prompts, lengths, key, *, plan: Plan, max_new, chunk, samp
     b, p = prompts.shape
     cfg = plan.cfg
     cache = init_cache(cfg, b, p + max_new, weights["embed"].dtype)
+    if plan.mesh is not None:  # tensor parallel: split over KV heads, as forward holds it
+        cache = sharding.place_cache(cache, plan.mesh)
     rows = jnp.arange(b)
 
     def one_chunk(cache, start):
@@ -199,7 +201,8 @@ def generate(
     on_chunk(tokens [B, n], lengths [B], done [B]) sees the ids so far (row b's are
     tokens[b, :lengths[b]]) and may return a [B] bool mask of rows to stop (stop strings).
     A Transformer is prepared with the jnp implementation (decode.prepare); prepare it once yourself
-    for the kernels, or to generate many times.
+    for the kernels, or to generate many times; a Decoder placed on a mesh (sharding.shard) runs
+    tensor parallel.
     """
     weights, plan = model if isinstance(model, Decoder) else decode.prepare(model)
     cfg = plan.cfg
@@ -359,14 +362,21 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and KV cache dtype")
     ap.add_argument("--stream-every", type=int, default=16, help="decode steps per jitted call between prints")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices (default 1)")
     args = ap.parse_args(argv)
     if args.mode and args.sparsity is None:  # else it would silently run dense
         ap.error(f"--mode {args.mode} needs --sparsity (the calibrated level to run at)")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        mesh = sharding.make_mesh(args.tp) if args.tp != 1 else None
     except ValueError as e:
         ap.error(str(e))
     lm = cats_jax.load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
+    if mesh is not None:
+        try:
+            lm.model = sharding.shard(lm.model, mesh)
+        except ValueError as e:  # shapes that do not divide over the devices
+            raise cli.InputError(f"--tp {args.tp}: {e}") from e
     cli.note_impl(args.impl)
     try:
         texts, gen = generate_text(
