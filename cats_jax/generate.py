@@ -368,9 +368,12 @@ def main(argv=None) -> None:
         ap.error(f"--mode {args.mode} needs --sparsity (the calibrated level to run at)")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-        mesh = sharding.make_mesh(args.tp) if args.tp != 1 else None
     except ValueError as e:
         ap.error(str(e))
+    try:
+        mesh = sharding.make_mesh(args.tp) if args.tp != 1 else None
+    except ValueError as e:
+        ap.error(f"--tp {args.tp}: {e}")
     lm = cats_jax.load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
     if mesh is not None:
         try:

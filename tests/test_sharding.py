@@ -59,7 +59,7 @@ def test_more_devices_than_there_are_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:  # before the checkpoint is read
         main(["--ckpt", "no-such-dir", "--prompt", "hi", "--tp", str(n + 1)])
     assert e.value.code == 2
-    assert f"tensor parallelism over {n + 1} devices: {n} cpu device(s) here" in capsys.readouterr().err
+    assert f"--tp {n + 1}: tensor parallelism over {n + 1} devices: {n} cpu device(s) here" in capsys.readouterr().err
 
 
 # ---- the subprocess ------------------------------------------------------------------------------
