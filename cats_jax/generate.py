@@ -326,11 +326,26 @@ def generate_text(
     return texts, gen
 
 
+def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp", dtype: str = "bfloat16"):
+    """(Decoder, tokenizer) of a converted checkpoint, dense or at a calibrated `sparsity` of its
+    thresholds.json (cats_jax.load's and the CLI's one way to load)."""
+    from cats_jax import checkpoint, data, thresholds  # orbax and transformers: not needed above
+
+    if dtype not in checkpoint.DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(checkpoint.DTYPES)}")
+    if mode is not None and sparsity is None:
+        raise ValueError(f"mode={mode!r} needs a sparsity (the calibrated level to run at)")
+    tokenizer = data.load_tokenizer(ckpt)
+    model = checkpoint.load_model(ckpt, dtype=checkpoint.DTYPES[dtype])
+    if sparsity is not None:
+        thresholds.load_into(model, ckpt, sparsity, mode=mode)
+    return decode.prepare(model, impl), tokenizer
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
-    import cats_jax  # the package's load(); and orbax and transformers, which the functions above do not need
     from cats_jax import cli
 
     ap = argparse.ArgumentParser(
@@ -366,11 +381,11 @@ def main(argv=None) -> None:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     except ValueError as e:
         ap.error(str(e))
-    lm = cats_jax.load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
+    decoder, tokenizer = load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
     cli.note_impl(args.impl)
     try:
         texts, gen = generate_text(
-            lm.model, lm.tokenizer, args.prompt, args.max_new_tokens, sampling, chat=args.chat,
+            decoder, tokenizer, args.prompt, args.max_new_tokens, sampling, chat=args.chat,
             system=args.system, stop=args.stop, seed=args.seed, stream=functools.partial(print, end="", flush=True),
             stream_every=args.stream_every, prefill_chunk=args.prefill_chunk,
         )
