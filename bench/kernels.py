@@ -177,14 +177,14 @@ def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH):
     rows = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
-        wg_t, wu_t = wg.T.copy(), wu.T.copy()  # neuron-major, as the model stores them for the kernel
+        w_gu = jnp.concatenate([wg.T, wu.T])  # neuron-major, as decode.prepare stores them for the kernel
         dense_t = loop_timer(dense_mlp)
-        kern_t = loop_timer(lambda x, t, wg_t, wu_t, wd: K.cats_mlp(x, wg_t, wu_t, wd, t)[0])
+        kern_t = loop_timer(lambda x, t, w_gu, wd: K.cats_mlp(x, w_gu, wd, t)[0])
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             dense_us = dense_t(x, wg, wu, wd)
             for s, (t, union) in zip(sparsity, thresholds_for(x, wg, sparsity)):
-                us = kern_t(x, t, wg_t, wu_t, wd)
+                us = kern_t(x, t, w_gu, wd)
                 ideal = h * i * 2 * (1 + 2 * (1 - union)) / bw * 1e6
                 rows.append(dict(
                     shape=label, H=h, I=i, batch=b, sparsity=s, union_sparsity=union, kernel_us=us,
@@ -281,14 +281,14 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
     out = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
-        wg_t, wu_t = wg.T.copy(), wu.T.copy()
+        w_gu = jnp.concatenate([wg.T, wu.T])
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             ((t, union),) = thresholds_for(x, wg, [sparsity])
-            hidden = K.gate_up(x, wg_t, wu_t, t)
+            hidden = K.gate_up(x, w_gu, t)
             kinds = (
                 ("gate_up", GATE_UP_CANDIDATES[next_pow2(b)],
-                 lambda blk: (lambda x, t, a, c: K.gate_up(x, a, c, t, blocks=blk)), (x, t, wg_t, wu_t)),
+                 lambda blk: (lambda x, t, w: K.gate_up(x, w, t, blocks=blk)), (x, t, w_gu)),
                 ("sparse_gemv", GEMV_CANDIDATES[next_pow2(b)],
                  lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk)), (hidden, wd)),
             )

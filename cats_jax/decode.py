@@ -7,7 +7,7 @@
 (set_mode, set_thresholds) and builds a plain pytree of the layouts each kernel wants:
 q|k|v fused into one [H, (N + 2K) D] matrix (one GEMV reads x once for three projections; XLA
 would otherwise rewrite the narrow k / v GEMVs), gate|up fused [H, 2I] (dense and TEAL), or held
-neuron-major [I, H] for the CATS kernel, and one fp32 scalar threshold per layer and site. The
+neuron-major [2I, H] for the CATS kernel, and one fp32 scalar threshold per layer and site. The
 model is not changed. `Plan` (static) says which sites are thresholded and whether decode steps
 may run the Pallas kernels; which kernel runs where is then decided from the shapes at trace time
 (`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds.
@@ -94,7 +94,7 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
             "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
         }
         if cats and kernels:  # the CATS kernel skips neurons: each neuron's weights one contiguous row
-            lw["gate_t"], lw["up_t"] = m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T
+            lw["gate_up_t"] = jnp.concatenate([m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T], axis=0)
         else:
             lw["gate_up"] = jnp.concatenate([m.gate_proj.kernel[...], m.up_proj.kernel[...]], axis=1)
         layers.append(lw)
@@ -151,16 +151,15 @@ def _mlp(plan: Plan, lw, x):
         return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,)), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     if plan.cats_kernel(x):
-        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_t"], lw["up_t"], lw["down"], threshold)
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold)
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
     if "gate_up" in lw:
         gu = jnp.dot(x, lw["gate_up"], preferred_element_type=f32)
-        g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
-    else:  # neuron-major weights (a batch too large for the kernel, or prefill)
-        g = jnp.einsum("bth,ih->bti", x, lw["gate_t"], preferred_element_type=f32)
-        u = jnp.einsum("bth,ih->bti", x, lw["up_t"])
+    else:  # neuron-major weights (a batch too large for the kernel, or prefill): one product too
+        gu = jnp.einsum("bth,ih->bti", x, lw["gate_up_t"], preferred_element_type=f32)
+    g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
     a = sparsity.cats_activation(g, threshold)
     return jnp.dot(a.astype(x.dtype) * u, lw["down"]), sparsity.active_fraction(a, axis=-1)
 

@@ -5,9 +5,10 @@ with |a| <= t zeroed; y = (a * (x W_up)) W_down. W_gate must be read in full; th
 reading the rows of W_up and W_down of the zeroed neurons. cats_activation is defined here, where
 the kernel applies it, and cats_jax.sparsity re-exports it (the kernels import nothing from cats_jax).
 
-Weights are neuron-major, so that a neuron's weights are contiguous rows: wg_t = W_gate^T and
-wu_t = W_up^T [I, H], and w_down [I, H] (the Flax layout already). Gate and up are transposed once,
-when the model is prepared for decoding (cats_jax.decode.prepare), not per call.
+Weights are neuron-major, so that a neuron's weights are contiguous rows: w_gu = [W_gate^T; W_up^T]
+[2I, H] (gate rows, then up rows: one matrix, which the dense fallback of large batches reads in
+one product) and w_down [I, H] (the Flax layout already). Gate and up are transposed once, when
+the model is prepared for decoding (cats_jax.decode.prepare), not per call.
 
 1. gate_up: a program owns `rows` neurons. It reads their W_gate^T rows in full (fp32
    accumulation), applies the CATS rule, then reads the W_up^T rows of only the neurons that some
@@ -81,20 +82,20 @@ def kernel_pays(batch: int) -> bool:
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH
 
 
-def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_neurons):
+def _gate_up_kernel(x_ref, w_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_neurons):
     dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
     row_ok = iota(rows, i0) < n_neurons if n_neurons % rows else None
     batch_ok = iota(bp) < batch if bp != batch else None
 
-    def matvec(w_ref, row_mask):
-        """[bp, rows] = x @ w_ref[rows of this program]^T, loading only the rows in row_mask."""
+    def matvec(first, row_mask):
+        """[bp, rows] = x @ w_ref[first + rows of this program]^T, loading only the rows in row_mask."""
 
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-            w = load(w_ref.at[pl.ds(i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
+            w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
             if dot:
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, w, trans_b=True)
@@ -106,9 +107,9 @@ def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hi
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
         return acc if dot else jnp.sum(acc, axis=1)[None, :]
 
-    a = cats_activation(matvec(wg_ref, row_ok), t_ref[0])  # [bp, rows]; padding rows and neurons give 0
+    a = cats_activation(matvec(0, row_ok), t_ref[0])  # [bp, rows]; padding rows and neurons give 0
     live = jnp.max(jnp.abs(a), axis=0) > 0  # neurons kept by some batch row (implies row_ok)
-    u = matvec(wu_ref, live)
+    u = matvec(n_neurons, live)
     # a and u are rounded to the activation dtype before their product, as in the model's jnp path
     # (a.astype(x.dtype) * up_proj(x)): decoding through the kernel then gives the jnp path's tokens.
     dt = h_ref.dtype
@@ -116,27 +117,25 @@ def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, h_ref, *, batch, bp, blk, n_hi
     plgpu.store(h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)], h, mask=mask2d(batch_ok, row_ok))
 
 
-def gate_up(x, wg_t, wu_t, threshold, *, blocks: GateUpBlocks | None = None):
-    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from neuron-major weights."""
-    if x.ndim != 2 or wg_t.ndim != 2 or wg_t.shape != wu_t.shape or wg_t.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"gate_up: x {x.shape}, wg_t {wg_t.shape}, wu_t {wu_t.shape}; expected [B, H], [I, H], [I, H]"
-        )
+def gate_up(x, w_gu, threshold, *, blocks: GateUpBlocks | None = None):
+    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from w_gu = [W_gate^T; W_up^T] [2I, H]."""
+    if x.ndim != 2 or w_gu.ndim != 2 or w_gu.shape[0] % 2 or w_gu.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_up: x {x.shape}, w_gu {w_gu.shape}; expected [B, H], [2I, H]")
     batch, n_hidden = x.shape
-    n_neurons = wg_t.shape[0]
+    n_neurons = w_gu.shape[0] // 2
     blk = blocks or blocks_for(batch, n_hidden, n_neurons)
     bp = padded_batch(batch, batch > 1)
     kernel = functools.partial(_gate_up_kernel, batch=batch, bp=bp, blk=blk, n_hidden=n_hidden, n_neurons=n_neurons)
     return call(kernel, jax.ShapeDtypeStruct((batch, n_neurons), x.dtype), grid=(pl.cdiv(n_neurons, blk.rows),),
                 num_warps=blk.num_warps, num_stages=blk.num_stages, name="cats_gate_up")(
-        x.astype(wg_t.dtype), wg_t, wu_t, jnp.asarray(threshold, f32).reshape(1))
+        x.astype(w_gu.dtype), w_gu, jnp.asarray(threshold, f32).reshape(1))
 
 
-def cats_mlp(x, wg_t, wu_t, w_down, threshold, *, blocks: GateUpBlocks | None = None,
+def cats_mlp(x, w_gu, w_down, threshold, *, blocks: GateUpBlocks | None = None,
              down_blocks: GemvBlocks | None = None):
-    """The CATS MLP of decode rows x [B, H] with neuron-major weights: (y [B, H] in x.dtype, the
-    hidden activations h [B, I], zero where dropped)."""
-    if w_down.shape != wg_t.shape:
-        raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] like wg_t {wg_t.shape}")
-    h = gate_up(x, wg_t, wu_t, threshold, blocks=blocks)
+    """The CATS MLP of decode rows x [B, H] with neuron-major weights w_gu [2I, H], w_down [I, H]:
+    (y [B, H] in x.dtype, the hidden activations h [B, I], zero where dropped)."""
+    if w_gu.shape != (2 * w_down.shape[0], w_down.shape[1]):
+        raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] for w_gu {w_gu.shape} = [2I, H]")
+    h = gate_up(x, w_gu, threshold, blocks=blocks)
     return sparse_gemv(h, w_down, blocks=down_blocks), h

@@ -46,12 +46,12 @@ def _lower(fn, *args):
 
 
 H, I = 200, 300  # tails on both axes
-MLP = (S((I, H), bf16),) * 3 + (S((), f32),)
+MLP = (S((2 * I, H), bf16), S((I, H), bf16), S((), f32))
 
 
 @pytest.mark.parametrize("batch", [1, 3])  # the tables: multiply-add (batch 1), tensor-core dot (batch 2..4)
 def test_cats_mlp_lowers(lowered_for_gpu, batch):
-    _lower(lambda x, wg, wu, wd, t: K.cats_mlp(x, wg, wu, wd, t)[0], S((batch, H), bf16), *MLP)
+    _lower(lambda x, w_gu, wd, t: K.cats_mlp(x, w_gu, wd, t)[0], S((batch, H), bf16), *MLP)
     assert len(lowered_for_gpu) == 2  # gate_up, then the down GEMV
 
 
