@@ -99,7 +99,8 @@ def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat
                                  val.reshape(b, 1, kv_heads, d), pos[:, None], (ck.astype(f32), cv.astype(f32)))
     with poisoned_outputs():
         out, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window))(qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+                                                          sliding_window=window))(
+        qkv, pos, ck, cv, M.rope_inv_freq(cfg))
     err, kerr, verr = rel_err(out, ref[:, 0]), rel_err(gk, rk), rel_err(gv, rv)
     ok = max(err, kerr, verr) < TOL
     print(f"decode_attention B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
@@ -140,7 +141,8 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
                 with poisoned_outputs():
                     got = generate(kern, prompts, steps, eos_ids=())
             same = got.tokens == want.tokens
-            first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None) for g, w in zip(got.tokens, want.tokens)]
+            first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None)
+                     for g, w in zip(got.tokens, want.tokens)]
             # at a mismatch: the reference's margin between its top two logits there (full recompute)
             gaps = [None if k is None else _top2_gap(m, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
             print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "

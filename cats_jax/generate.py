@@ -365,7 +365,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--sparsity", type=cli.fraction, help="target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
+    mode.add_argument("--sparsity", type=cli.fraction,
+                      help="target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
     mode.add_argument("--dense", action="store_true", help="no sparsity (the default)")
     ap.add_argument("--mode", choices=[m for m in MODES if m != "dense"],
                     help="sparsity sites for --sparsity (default: the calibration's method, cats or teal)")

@@ -157,7 +157,8 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
                               val.reshape(b, 1, kv_heads, d), pos[:, None], (ck, cv))
     with interpret_on_cpu(), poisoned_outputs():
         got, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window))(qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+                                                          sliding_window=window))(
+            qkv, pos, ck, cv, M.rope_inv_freq(cfg))
     assert rel_err(got, want[:, 0]) < (1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_allclose(np.asarray(gk, f32), np.asarray(wk, f32), atol=1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_array_equal(np.asarray(gv, f32), np.asarray(wv, f32))
