@@ -47,6 +47,9 @@ class Plan:
     cfg: ModelConfig
     sites: tuple[str, ...]
     kernels: bool  # impl "pallas": decode steps (one token per row) through the Pallas kernels on GPU
+    # fused groups ("qkv", "gate_up") whose sites hold one threshold in every layer (uniform TEAL
+    # allocation: one input, one quantile): one thresholded input and one plain product serve them
+    shared: tuple[str, ...] = ()
 
     @property
     def cats(self) -> bool:
@@ -73,6 +76,7 @@ class Decoder(NamedTuple):
 
 QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+GROUPS = {"qkv": QKV, "gate_up": GATE_UP}
 
 
 def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
@@ -100,7 +104,9 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
         layers.append(lw)
     head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
     weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...], "head": head}
-    return Decoder(weights, Plan(model.cfg, sites, kernels))
+    shared = tuple(g for g, group in GROUPS.items() if set(group) <= set(sites) and all(
+        len({float(lw["thresholds"][s]) for s in group}) == 1 for lw in layers))
+    return Decoder(weights, Plan(model.cfg, sites, kernels, shared))
 
 
 def _product(plan: Plan, x, w, thresholds, widths):
@@ -126,11 +132,19 @@ def _site(lw, site):
     return lw["thresholds"].get(site)
 
 
+def _grouped(plan: Plan, lw, x, w, group: str, widths):
+    """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
+    threshold, or all with the one they share (Plan.shared)."""
+    if group in plan.shared:
+        return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),))
+    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths)
+
+
 def _attention(plan: Plan, lw, x, positions, kv):
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = _product(plan, x, lw["qkv"], [_site(lw, s) for s in QKV], (n * d, k * d, k * d))
+    qkv = _grouped(plan, lw, x, lw["qkv"], "qkv", (n * d, k * d, k * d))
     if kv is not None and plan.attention_kernel(x):
         out, ck, cv = attention.decode_attention(qkv[:, 0], positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
                                                  num_kv_heads=k, sliding_window=cfg.sliding_window)
@@ -147,7 +161,7 @@ def _mlp(plan: Plan, lw, x):
     size = plan.cfg.intermediate_size
     down_t = [_site(lw, "mlp.down_proj")]
     if not plan.cats:
-        g, u = jnp.split(_product(plan, x, lw["gate_up"], [_site(lw, s) for s in GATE_UP], (size, size)), 2, axis=-1)
+        g, u = jnp.split(_grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size)), 2, axis=-1)
         return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,)), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     if plan.cats_kernel(x):
