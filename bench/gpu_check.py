@@ -16,7 +16,6 @@ Exits non-zero on any failure.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -42,8 +41,8 @@ def rel_err(y, ref) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def check_mlp(b, h, i, sparsity, seed, fused=False) -> bool:
-    """fused: gate_up with the down projection fused in (atomic fp32 adds), else gate_up + sparse_gemv."""
+def check_mlp(b, h, i, sparsity, seed) -> bool:
+    """gate_up, then sparse_gemv of the down projection."""
     wg, wu, wd = random_mlp(h, i, seed)
     x = jax.random.normal(jax.random.key(seed + 1), (b, h), f32).astype(jnp.bfloat16)
     with jax.default_matmul_precision("highest"):
@@ -51,33 +50,27 @@ def check_mlp(b, h, i, sparsity, seed, fused=False) -> bool:
         t = threshold_for(jax.nn.silu(g), sparsity)
         a = cats_activation(g, t)
         ref = gated_mlp(x, wg, wu, wd, t)
-    blk = dataclasses.replace(K.blocks_for(b, h, i), fuse_down=fused)
     with poisoned_outputs():
-        y, hidden = K.cats_mlp(x, wg.T.copy(), wu.T.copy(), wd, t, blocks=blk)
+        y, hidden = K.cats_mlp(x, jnp.concatenate([wg.T, wu.T]), wd, t)
     same_kept = bool(np.array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0))
     err = rel_err(y, ref)
     ok = same_kept and err < TOL
     union = float(jnp.mean(jnp.all(a == 0, axis=0)))
-    print(f"cats_mlp{' fused' if fused else ''} B={b} H={h:5d} I={i:5d} sparsity {sparsity:.2f} (union {union:.2f}): "
+    print(f"cats_mlp B={b} H={h:5d} I={i:5d} sparsity {sparsity:.2f} (union {union:.2f}): "
           f"rel err {err:.2e}, same kept neurons {same_kept} -> {'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
-def check_gemv(b, n_in, n_out, sparsity, seed, variant="partials") -> bool:
-    """variant: "partials" (fp32 partials per split), "atomic" (one-step splits atomic-adding into
-    an fp32 output), or "gather" (batch 1 only: compact, then gather)."""
+def check_gemv(b, n_in, n_out, sparsity, seed, variant="masked") -> bool:
+    """variant: "masked" (masked tiles: batch 1 atomic adds, larger batches partials), batch 1 and
+    b rows; or "gather" (batch 1 only: compact, then gather)."""
     b = 1 if variant == "gather" else b
     w, _, _ = random_mlp(n_in, n_out, seed)
     x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
-    if variant == "gather":
-        blk = G.GatherBlocks()
-    else:
-        blk = G.blocks_for(b, n_in, n_out)
-        if variant == "atomic":
-            blk = dataclasses.replace(blk, atomic=True, splits=-(-n_in // blk.rows))
+    blk = G.GatherBlocks() if variant == "gather" else G.blocks_for(b, n_in, n_out)
     with poisoned_outputs():
         y = G.sparse_gemv(x, w, t, blocks=blk)
     err = rel_err(y, ref)
@@ -106,7 +99,8 @@ def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat
                                  val.reshape(b, 1, kv_heads, d), pos[:, None], (ck.astype(f32), cv.astype(f32)))
     with poisoned_outputs():
         out, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window))(qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+                                                          sliding_window=window))(
+        qkv, pos, ck, cv, M.rope_inv_freq(cfg))
     err, kerr, verr = rel_err(out, ref[:, 0]), rel_err(gk, rk), rel_err(gv, rv)
     ok = max(err, kerr, verr) < TOL
     print(f"decode_attention B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
@@ -147,7 +141,8 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4)) -> bool:
                 with poisoned_outputs():
                     got = generate(kern, prompts, steps, eos_ids=())
             same = got.tokens == want.tokens
-            first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None) for g, w in zip(got.tokens, want.tokens)]
+            first = [next((k for k, (p, q) in enumerate(zip(g, w)) if p != q), None)
+                     for g, w in zip(got.tokens, want.tokens)]
             # at a mismatch: the reference's margin between its top two logits there (full recompute)
             gaps = [None if k is None else _top2_gap(m, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
             print(f"greedy {mode} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
@@ -191,9 +186,9 @@ def main(argv=None):
     ok = True
     if not a.no_kernels:
         ok &= all([check_attention(*c, seed=seed + k) for k, c in enumerate(attention_cases)])
-        ok &= all([check_mlp(*c, seed=seed + k, fused=f) for k, c in enumerate(mlp_cases) for f in (False, True)])
+        ok &= all([check_mlp(*c, seed=seed + k) for k, c in enumerate(mlp_cases)])
         ok &= all([check_gemv(*c, seed=seed + k, variant=v) for k, c in enumerate(gemv_cases)
-                   for v in ("partials", "atomic", "gather")])
+                   for c in (c, (1, *c[1:])) for v in ("masked", "gather")])
     if not a.no_model:
         for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 4))

@@ -43,7 +43,7 @@ from pallas_kernels.common import next_pow2
 
 f32 = jnp.float32
 SPARSITY = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
-BATCH = (1, 2, 4, 8)
+BATCH = (1, 2, 4)  # the CATS kernel serves batches up to cats_mlp.MAX_KERNEL_BATCH
 MODELS = ("mistral-7b", "llama3-8b", "llama2-7b")  # --tune tunes on the first
 
 
@@ -177,14 +177,14 @@ def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH):
     rows = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
-        wg_t, wu_t = wg.T.copy(), wu.T.copy()  # neuron-major, as the model stores them for the kernel
+        w_gu = jnp.concatenate([wg.T, wu.T])  # neuron-major, as decode.prepare stores them for the kernel
         dense_t = loop_timer(dense_mlp)
-        kern_t = loop_timer(lambda x, t, wg_t, wu_t, wd: K.cats_mlp(x, wg_t, wu_t, wd, t)[0])
+        kern_t = loop_timer(lambda x, t, w_gu, wd: K.cats_mlp(x, w_gu, wd, t)[0])
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             dense_us = dense_t(x, wg, wu, wd)
             for s, (t, union) in zip(sparsity, thresholds_for(x, wg, sparsity)):
-                us = kern_t(x, t, wg_t, wu_t, wd)
+                us = kern_t(x, t, w_gu, wd)
                 ideal = h * i * 2 * (1 + 2 * (1 - union)) / bw * 1e6
                 rows.append(dict(
                     shape=label, H=h, I=i, batch=b, sparsity=s, union_sparsity=union, kernel_us=us,
@@ -249,20 +249,11 @@ def markdown(result) -> str:
 # ---- block-size tuning ------------------------------------------------------------------------
 GATE_UP_CANDIDATES = {
     1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(8, 512, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 4)]],
-    **{b: [K.GateUpBlocks(r, c, w, s, dot=True) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3)]]
-       for b in (2, 4, 8)},
-}
-# gate_up with the down projection fused in (timed as the whole MLP)
-FUSED_CANDIDATES = {
-    1: [K.GateUpBlocks(r, c, w, s, fuse_down=True) for r, c, w, s in [
-        (8, 1024, 4, 4), (16, 512, 4, 4), (32, 512, 8, 4), (64, 256, 8, 3), (16, 1024, 8, 4), (32, 256, 4, 4)]],
-    **{b: [K.GateUpBlocks(r, c, w, s, dot=True, fuse_down=True) for r, c, w, s in [
-        (32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 3)]] for b in (2, 4, 8)},
+    **{b: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3)]] for b in (2, 4)},
 }
 GEMV_CANDIDATES = {
-    1: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [(32, 256, 32, 4, 3), (16, 512, 64, 4, 3)]]
-    # atomic: many short splits (1-4 steps each), TEAL's layout
-    + [G.GemvBlocks(r, c, sp, w, s, atomic=True) for r, c, sp, w, s in [
+    # masked tiles, many short splits (1-4 steps each), TEAL's layout
+    1: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [
         (64, 256, 224, 4, 1), (128, 128, 112, 4, 1), (32, 512, 448, 4, 1), (64, 512, 224, 8, 1),
         (128, 256, 112, 8, 1), (16, 1024, 896, 4, 1), (32, 256, 112, 4, 3), (64, 256, 56, 4, 3),
         (64, 128, 1024, 4, 1), (128, 64, 1024, 4, 1), (256, 64, 1024, 8, 1), (128, 128, 1024, 8, 1),
@@ -270,9 +261,8 @@ GEMV_CANDIDATES = {
     # the gather path: compact the kept rows, then read only those
     + [G.GatherBlocks(*a) for a in [(32, 128, 512, 4, 3), (16, 128, 512, 4, 3), (32, 128, 256, 4, 3),
                                     (16, 256, 256, 4, 2), (32, 256, 512, 8, 3), (32, 128, 1024, 4, 3)]],
-    **{b: [G.GemvBlocks(32, 256, 16, 4, 3, dot=True)]
-       + [G.GemvBlocks(r, c, sp, w, s, dot=True, atomic=True) for r, c, sp, w, s in [
-           (64, 256, 224, 4, 1), (32, 256, 448, 4, 1), (32, 256, 112, 4, 3)]] for b in (2, 4, 8)},
+    **{b: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [(32, 256, 16, 4, 3), (64, 256, 32, 4, 3)]]
+       for b in (2, 4)},
 }
 
 
@@ -285,24 +275,22 @@ def _time(label, f, *args, n=(10, 40)):
 
 
 def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
-    """Time every candidate at `sparsity`: gate_up and sparse_gemv alone, and the fused kernel
-    (the whole MLP). Print them; the faster of (best fused) and (best gate_up + best gemv) wins."""
+    """Time every candidate at `sparsity`: gate_up and sparse_gemv (the down projection). Print
+    them; the winners replace the tables' entries in this process."""
     copy, bw = _ceilings()
     out = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
-        wg_t, wu_t = wg.T.copy(), wu.T.copy()
+        w_gu = jnp.concatenate([wg.T, wu.T])
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             ((t, union),) = thresholds_for(x, wg, [sparsity])
-            hidden = K.gate_up(x, wg_t, wu_t, t)
+            hidden = K.gate_up(x, w_gu, t)
             kinds = (
                 ("gate_up", GATE_UP_CANDIDATES[next_pow2(b)],
-                 lambda blk: (lambda x, t, a, c: K.gate_up(x, a, c, t, blocks=blk)), (x, t, wg_t, wu_t)),
+                 lambda blk: (lambda x, t, w: K.gate_up(x, w, t, blocks=blk)), (x, t, w_gu)),
                 ("sparse_gemv", GEMV_CANDIDATES[next_pow2(b)],
                  lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk)), (hidden, wd)),
-                ("fused", FUSED_CANDIDATES[next_pow2(b)],
-                 lambda blk: (lambda x, t, a, c, d: K.cats_mlp(x, a, c, d, t, blocks=blk)[0]), (x, t, wg_t, wu_t, wd)),
             )
             for kind, cands, make, args in kinds:
                 for blk in cands:
@@ -319,17 +307,11 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
             best[key] = r
     for key, r in best.items():
         print(f"  {key}: {r['us']:.1f} us  {r['blocks']}")
-    for (shape, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
+    for (_, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
         if kind == "sparse_gemv":
             G.TABLE[next_pow2(b)] = getattr(G, r["block_type"])(**r["blocks"])
-        if kind != "gate_up":
-            continue
-        fused = best.get((shape, b, "fused"))
-        split_us = r["us"] + best[(shape, b, "sparse_gemv")]["us"] if (shape, b, "sparse_gemv") in best else None
-        win = fused if fused and (split_us is None or fused["us"] < split_us) else r
-        print(f"  B={b}: {'fused' if win is fused else 'gate_up + sparse_gemv'} "
-              f"({win['us'] if win is fused else split_us:.1f} us)")
-        K.TABLE[next_pow2(b)] = K.GateUpBlocks(**win["blocks"])
+        if kind == "gate_up":
+            K.TABLE[next_pow2(b)] = K.GateUpBlocks(**r["blocks"])
     return dict(meta=_meta(copy, bw), tune=out)
 
 

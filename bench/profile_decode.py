@@ -70,7 +70,8 @@ def profile(decoder, cfg, batch, args) -> None:
         p[1] += 1
     busy = sum(v[0] for v in per.values())
     wall_ms = gen.decode_s / steps * 1e3
-    print(f"\n### {cfg.name} layers={cfg.num_layers} batch={batch} mode={args.mode} ({args.impl}): {wall_ms:.3f} ms/step wall "
+    print(f"\n### {cfg.name} layers={cfg.num_layers} batch={batch} mode={args.mode} ({args.impl}): "
+          f"{wall_ms:.3f} ms/step wall "
           f"(decode_s over {steps} steps), GPU busy {busy / 1e3 / steps:.3f} ms/step (prefill included), "
           f"{len(events)} kernel events")
     print("| kernel | us/step | calls/step | us/call |\n|---|---|---|---|")

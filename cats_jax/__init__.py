@@ -4,7 +4,7 @@
     lm = cats_jax.load("checkpoints/smollm2", sparsity=0.5)  # thresholds.json's level 0.5
     print(lm.generate("What is the capital of France?", chat=True))
 
-Thin wrappers over checkpoint.load_model, thresholds.load_into, decode.prepare and generate.generate_text; the
+Thin wrappers over cats_jax.generate (load, generate_text); the
 submodules hold the rest. Importing this package imports nothing heavy (cats_jax.hub runs in a
 venv without jax).
 """
@@ -46,18 +46,11 @@ def load(ckpt: str | Path, sparsity: float | None = None, *, mode: str | None = 
     mode: the sparsity sites (default: the calibration's method, "cats" or "teal"); impl "jnp" (any
     device) or "pallas" (GPU kernels for decode steps); dtype "bfloat16" or "float32" (float32
     reproduces the HF transformers reference's greedy text)."""
-    from cats_jax import checkpoint, cli, data, decode, thresholds
+    from cats_jax import cli, generate
 
     cli.quiet()  # transformers' banner and orbax's warnings tell a caller nothing either
-    if dtype not in checkpoint.DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(checkpoint.DTYPES)}")
-    if mode is not None and sparsity is None:
-        raise ValueError(f"mode={mode!r} needs a sparsity (the calibrated level to run at)")
-    tokenizer = data.load_tokenizer(ckpt)
-    model = checkpoint.load_model(ckpt, dtype=checkpoint.DTYPES[dtype])
-    if sparsity is not None:
-        thresholds.load_into(model, ckpt, sparsity, mode=mode)
-    return LM(decode.prepare(model, impl), tokenizer, Path(ckpt))
+    decoder, tokenizer = generate.load(ckpt, sparsity, mode=mode, impl=impl, dtype=dtype)
+    return LM(decoder, tokenizer, Path(ckpt))
 
 
 __all__ = ["LM", "load"]

@@ -115,7 +115,8 @@ def save(out_dir, cfg: ModelConfig, params: dict, tokenizer_dir: str | Path | No
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
         # thresholds.json belongs to the weights it was calibrated for
-        said = thresholds.carry_over(out_dir, tmp, thresholds.identity(cfg, _plain_keys(params)["embed"]["embedding"][0]))
+        identity = thresholds.identity(cfg, _plain_keys(params)["embed"]["embedding"][0])
+        said = thresholds.carry_over(out_dir, tmp, identity)
         if said:
             print(said, file=sys.stderr)
     return Path(out_dir)

@@ -115,7 +115,8 @@ def _hub_records(src: TextSource) -> Iterator[dict]:
     except OSError as e:  # ConnectionError, offline mode, dataset not found
         raise DataError(
             f"cannot stream dataset {src.name!r} (split {src.split!r}) from the Hugging Face hub: {e}. "
-            f"Without hub access pass a local text file instead (--data-file FILE: plain text or .jsonl); {OFFLINE_HINT}."
+            "Without hub access pass a local text file instead (--data-file FILE: plain text or .jsonl); "
+            f"{OFFLINE_HINT}."
         ) from e
     if first is not None:
         yield first
@@ -148,7 +149,8 @@ def encode(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
         yield tokenizer(doc, add_special_tokens=False)["input_ids"]
 
 
-def pack(token_docs: Iterator[list[int]], seq_len: int, sep_id: int, max_rows: int | None = None) -> Iterator[np.ndarray]:
+def pack(token_docs: Iterator[list[int]], seq_len: int, sep_id: int,
+         max_rows: int | None = None) -> Iterator[np.ndarray]:
     """Fixed-length rows (int32 [seq_len]) of the documents' tokens, joined by sep_id.
 
     Stops after max_rows rows. The partial document at the cut is dropped, so the caller can keep

@@ -7,7 +7,7 @@
 (set_mode, set_thresholds) and builds a plain pytree of the layouts each kernel wants:
 q|k|v fused into one [H, (N + 2K) D] matrix (one GEMV reads x once for three projections; XLA
 would otherwise rewrite the narrow k / v GEMVs), gate|up fused [H, 2I] (dense and TEAL), or held
-neuron-major [I, H] for the CATS kernel, and one fp32 scalar threshold per layer and site. The
+neuron-major [2I, H] for the CATS kernel, and one fp32 scalar threshold per layer and site. The
 model is not changed. `Plan` (static) says which sites are thresholded and whether decode steps
 may run the Pallas kernels; which kernel runs where is then decided from the shapes at trace time
 (`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds.
@@ -53,6 +53,9 @@ class Plan:
     cfg: ModelConfig
     sites: tuple[str, ...]
     kernels: bool  # impl "pallas": decode steps (one token per row) through the Pallas kernels on GPU
+    # fused groups ("qkv", "gate_up") whose sites hold one threshold in every layer (uniform TEAL
+    # allocation: one input, one quantile): one thresholded input and one plain product serve them
+    shared: tuple[str, ...] = ()
     mesh: jax.sharding.Mesh | None = None  # tensor parallel over its axis "tp" (sharding.shard)
     axis: str | None = None  # inside shard_map: the mesh axis whose partial sums are added
 
@@ -81,6 +84,7 @@ class Decoder(NamedTuple):
 
 QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+GROUPS = {"qkv": QKV, "gate_up": GATE_UP}
 
 
 def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
@@ -102,13 +106,15 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
             "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
         }
         if cats and kernels:  # the CATS kernel skips neurons: each neuron's weights one contiguous row
-            lw["gate_t"], lw["up_t"] = m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T
+            lw["gate_up_t"] = jnp.concatenate([m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T], axis=0)
         else:
             lw["gate_up"] = jnp.concatenate([m.gate_proj.kernel[...], m.up_proj.kernel[...]], axis=1)
         layers.append(lw)
     head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
     weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...], "head": head}
-    return Decoder(weights, Plan(model.cfg, sites, kernels))
+    shared = tuple(g for g, group in GROUPS.items() if set(group) <= set(sites) and all(
+        len({float(lw["thresholds"][s]) for s in group}) == 1 for lw in layers))
+    return Decoder(weights, Plan(model.cfg, sites, kernels, shared))
 
 
 def _product(plan: Plan, x, w, thresholds, widths):
@@ -134,11 +140,19 @@ def _site(lw, site):
     return lw["thresholds"].get(site)
 
 
+def _grouped(plan: Plan, lw, x, w, group: str, widths):
+    """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
+    threshold, or all with the one they share (Plan.shared)."""
+    if group in plan.shared:
+        return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),))
+    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths)
+
+
 def _attention(plan: Plan, lw, x, positions, kv):
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = _product(plan, x, lw["qkv"], [_site(lw, s) for s in QKV], (n * d, k * d, k * d))
+    qkv = _grouped(plan, lw, x, lw["qkv"], "qkv", (n * d, k * d, k * d))
     if kv is not None and plan.attention_kernel(x):
         out, ck, cv = attention.decode_attention(qkv[:, 0], positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
                                                  num_kv_heads=k, sliding_window=cfg.sliding_window)
@@ -155,20 +169,19 @@ def _mlp(plan: Plan, lw, x):
     size = plan.cfg.intermediate_size
     down_t = [_site(lw, "mlp.down_proj")]
     if not plan.cats:
-        g, u = jnp.split(_product(plan, x, lw["gate_up"], [_site(lw, s) for s in GATE_UP], (size, size)), 2, axis=-1)
+        g, u = jnp.split(_grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size)), 2, axis=-1)
         return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,)), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     if plan.cats_kernel(x):
-        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_t"], lw["up_t"], lw["down"], threshold)
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold)
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
     if "gate_up" in lw:
         gu = jnp.dot(x, lw["gate_up"], preferred_element_type=f32)
-        g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
-    else:  # neuron-major weights (a batch too large for the kernel, or prefill)
-        g = jnp.einsum("bth,ih->bti", x, lw["gate_t"], preferred_element_type=f32)
-        u = jnp.einsum("bth,ih->bti", x, lw["up_t"])
+    else:  # neuron-major weights (a batch too large for the kernel, or prefill): one product too
+        gu = jnp.einsum("bth,ih->bti", x, lw["gate_up_t"], preferred_element_type=f32)
+    g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
     a = sparsity.cats_activation(g, threshold)
     return jnp.dot(a.astype(x.dtype) * u, lw["down"]), sparsity.active_fraction(a, axis=-1)
 

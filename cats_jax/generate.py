@@ -329,11 +329,26 @@ def generate_text(
     return texts, gen
 
 
+def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp", dtype: str = "bfloat16"):
+    """(Decoder, tokenizer) of a converted checkpoint, dense or at a calibrated `sparsity` of its
+    thresholds.json (cats_jax.load's and the CLI's one way to load)."""
+    from cats_jax import checkpoint, data, thresholds  # orbax and transformers: not needed above
+
+    if dtype not in checkpoint.DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(checkpoint.DTYPES)}")
+    if mode is not None and sparsity is None:
+        raise ValueError(f"mode={mode!r} needs a sparsity (the calibrated level to run at)")
+    tokenizer = data.load_tokenizer(ckpt)
+    model = checkpoint.load_model(ckpt, dtype=checkpoint.DTYPES[dtype])
+    if sparsity is not None:
+        thresholds.load_into(model, ckpt, sparsity, mode=mode)
+    return decode.prepare(model, impl), tokenizer
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
-    import cats_jax  # the package's load(); and orbax and transformers, which the functions above do not need
     from cats_jax import cli
 
     ap = argparse.ArgumentParser(
@@ -353,7 +368,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--sparsity", type=cli.fraction, help="target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
+    mode.add_argument("--sparsity", type=cli.fraction,
+                      help="target sparsity, e.g. 0.5 (thresholds from thresholds.json)")
     mode.add_argument("--dense", action="store_true", help="no sparsity (the default)")
     ap.add_argument("--mode", choices=[m for m in MODES if m != "dense"],
                     help="sparsity sites for --sparsity (default: the calibration's method, cats or teal)")
@@ -374,16 +390,16 @@ def main(argv=None) -> None:
         mesh = sharding.make_mesh(args.tp) if args.tp != 1 else None
     except ValueError as e:
         ap.error(f"--tp {args.tp}: {e}")
-    lm = cats_jax.load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
+    decoder, tokenizer = load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
     if mesh is not None:
         try:
-            lm.model = sharding.shard(lm.model, mesh)
+            decoder = sharding.shard(decoder, mesh)
         except ValueError as e:  # shapes that do not divide over the devices
             raise cli.InputError(f"--tp {args.tp}: {e}") from e
     cli.note_impl(args.impl)
     try:
         texts, gen = generate_text(
-            lm.model, lm.tokenizer, args.prompt, args.max_new_tokens, sampling, chat=args.chat,
+            decoder, tokenizer, args.prompt, args.max_new_tokens, sampling, chat=args.chat,
             system=args.system, stop=args.stop, seed=args.seed, stream=functools.partial(print, end="", flush=True),
             stream_every=args.stream_every, prefill_chunk=args.prefill_chunk,
         )

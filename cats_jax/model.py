@@ -132,7 +132,8 @@ def site_threshold(layer: Block, site: str) -> Threshold:
     if site == sparsity.CATS_SITE:
         return layer.mlp.threshold
     if site not in sparsity.TEAL_SITES:
-        raise ValueError(f"unknown sparsity site {site!r} (known: {sparsity.CATS_SITE}, {', '.join(sparsity.TEAL_SITES)})")
+        known = ", ".join((sparsity.CATS_SITE, *sparsity.TEAL_SITES))
+        raise ValueError(f"unknown sparsity site {site!r} (known: {known})")
     module, proj = site.split(".")
     return getattr(layer, module).input_threshold[proj]
 
@@ -206,7 +207,8 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, key, val = self._qkv(x)
-        out, kv = attend(self.cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
+        q, key, val = q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d)
+        out, kv = attend(self.cfg, q, key, val, positions, kv)
         return _projection(self, "o_proj", out.astype(x.dtype)), kv
 
 

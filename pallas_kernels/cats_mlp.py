@@ -5,9 +5,10 @@ with |a| <= t zeroed; y = (a * (x W_up)) W_down. W_gate must be read in full; th
 reading the rows of W_up and W_down of the zeroed neurons. cats_activation is defined here, where
 the kernel applies it, and cats_jax.sparsity re-exports it (the kernels import nothing from cats_jax).
 
-Weights are neuron-major, so that a neuron's weights are contiguous rows: wg_t = W_gate^T and
-wu_t = W_up^T [I, H], and w_down [I, H] (the Flax layout already). The model transposes gate and
-up once when the model is prepared for decoding (cats_jax.decode.prepare), not per call.
+Weights are neuron-major, so that a neuron's weights are contiguous rows: w_gu = [W_gate^T; W_up^T]
+[2I, H] (gate rows, then up rows: one matrix, which the dense fallback of large batches reads in
+one product) and w_down [I, H] (the Flax layout already). Gate and up are transposed once, when
+the model is prepared for decoding (cats_jax.decode.prepare), not per call.
 
 1. gate_up: a program owns `rows` neurons. It reads their W_gate^T rows in full (fp32
    accumulation), applies the CATS rule, then reads the W_up^T rows of only the neurons that some
@@ -18,7 +19,7 @@ up once when the model is prepared for decoding (cats_jax.decode.prepare), not p
 
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
 activations. Batches beyond `MAX_KERNEL_BATCH` take the dense path: their union is nearly dense and
-the kernel has nothing left to skip (see docs/benchmarks.md for the crossover).
+the kernel has nothing left to skip (docs/benchmarks.md, docs/batching.md).
 """
 
 from __future__ import annotations
@@ -44,37 +45,33 @@ def cats_activation(gate: jax.Array, threshold: jax.Array) -> jax.Array:
     return jnp.where(jnp.abs(a) > threshold, a, 0.0)
 
 
-# Decode batches up to this size use the kernels; larger ones take the dense path. Measured on an
-# H100 (docs/benchmarks.md, random inputs): B = 4 was >= 1.00x of XLA's dense MLP at every
-# sparsity; at B = 8 the union of the rows' kept neurons stays nearly dense (0.3% sparse at 50%
-# per row) and the kernel was 0.99-1.02x up to 70% per-row sparsity, so it buys nothing there.
+# Decode batches up to this size use the kernels; larger ones take the dense path: the union of
+# their rows' kept neurons is nearly dense (docs/benchmarks.md, docs/batching.md).
 MAX_KERNEL_BATCH = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class GateUpBlocks:
+    """Batch 1 multiplies and adds elementwise; batches 2..4 use tensor-core dots on rows padded to 16."""
     rows: int  # neurons per program
     cols: int  # hidden columns per loop step
     num_warps: int = 4
     num_stages: int = 3
-    dot: bool = False  # tensor-core dot on batch rows padded to 16, instead of multiply-add
-    fuse_down: bool = False  # the same program multiplies its kept neurons by their W_down rows
 
 
 # Per padded batch size: the winners of `python -m bench.kernels --tune` on an H100 at
 # H = 4096, I = 14336, 50% sparsity (docs/benchmarks.md); blocks_for fits them to other shapes.
 TABLE = {
     1: GateUpBlocks(rows=8, cols=1024, num_warps=4, num_stages=4),
-    2: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=4, dot=True),
-    4: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=3, dot=True),
-    8: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=3, dot=True),
+    2: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=4),
+    4: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=3),
 }
 
 
 def blocks_for(batch: int, n_hidden: int, n_neurons: int) -> GateUpBlocks:
     """The table's blocks for this batch, fitted to the shape (no block longer than its axis)."""
     b = TABLE[min(next_pow2(batch), max(TABLE))]
-    low = 16 if b.dot else 1
+    low = 16 if batch > 1 else 1
     return dataclasses.replace(
         b, rows=max(min(b.rows, next_pow2(n_neurons)), low), cols=max(block_along(n_hidden, b.cols), low)
     )
@@ -85,96 +82,60 @@ def kernel_pays(batch: int) -> bool:
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH
 
 
-def _gate_up_kernel(x_ref, wg_ref, wu_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons):
-    if blk.fuse_down:
-        wd_ref, h_ref, y_ref = refs
-    else:
-        (h_ref,) = refs
+def _gate_up_kernel(x_ref, w_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_neurons):
+    dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
     row_ok = iota(rows, i0) < n_neurons if n_neurons % rows else None
     batch_ok = iota(bp) < batch if bp != batch else None
 
-    def matvec(w_ref, row_mask):
-        """[bp, rows] = x @ w_ref[rows of this program]^T, loading only the rows in row_mask."""
+    def matvec(first, row_mask):
+        """[bp, rows] = x @ w_ref[first + rows of this program]^T, loading only the rows in row_mask."""
 
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-            w = load(w_ref.at[pl.ds(i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
-            if blk.dot:
+            w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
+            if dot:
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, w, trans_b=True)
             # Batch 1: multiply-add into a [rows, cols] accumulator, reduced once after the loop.
             x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
             return acc + w.astype(f32) * x.astype(f32)
 
-        init = jnp.zeros((bp, rows) if blk.dot else (rows, cols), f32)
+        init = jnp.zeros((bp, rows) if dot else (rows, cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
-        return acc if blk.dot else jnp.sum(acc, axis=1)[None, :]
+        return acc if dot else jnp.sum(acc, axis=1)[None, :]
 
-    a = cats_activation(matvec(wg_ref, row_ok), t_ref[0])  # [bp, rows]; padding rows and neurons give 0
+    a = cats_activation(matvec(0, row_ok), t_ref[0])  # [bp, rows]; padding rows and neurons give 0
     live = jnp.max(jnp.abs(a), axis=0) > 0  # neurons kept by some batch row (implies row_ok)
-    u = matvec(wu_ref, live)
+    u = matvec(n_neurons, live)
     # a and u are rounded to the activation dtype before their product, as in the model's jnp path
     # (a.astype(x.dtype) * up_proj(x)): decoding through the kernel then gives the jnp path's tokens.
     dt = h_ref.dtype
     h = (a.astype(dt).astype(f32) * u.astype(dt).astype(f32)).astype(dt)
     plgpu.store(h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)], h, mask=mask2d(batch_ok, row_ok))
-    if not blk.fuse_down:
-        return
-
-    # y += h @ W_down[this program's neurons], over the kept neurons' rows only, added in fp32
-    # into y (padded to whole column blocks, so the adds need no mask)
-    h_col = None if blk.dot else jnp.sum(h.astype(f32), axis=0)[:, None]  # batch 1: [rows, 1]
-
-    def down(k, carry):
-        c0 = pl.multiple_of(k * cols, cols)
-        col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-        w = load(wd_ref.at[pl.ds(i0, rows), pl.ds(c0, cols)], mask=mask2d(live, col_ok))
-        part = plgpu.dot(h, w) if blk.dot else jnp.sum(h_col * w.astype(f32), axis=0)[None, :]
-        plgpu.atomic_add(y_ref, (pl.ds(0, part.shape[0]), pl.ds(c0, cols)), part)
-        return carry
-
-    jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), down, 0)
 
 
-def gate_up(x, wg_t, wu_t, threshold, w_down=None, *, blocks: GateUpBlocks | None = None):
-    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from neuron-major weights.
-    With w_down and fuse_down blocks, also y = h @ w_down [B, H] (fp32): returns (h, y)."""
-    if x.ndim != 2 or wg_t.ndim != 2 or wg_t.shape != wu_t.shape or wg_t.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"gate_up: x {x.shape}, wg_t {wg_t.shape}, wu_t {wu_t.shape}; expected [B, H], [I, H], [I, H]"
-        )
+def gate_up(x, w_gu, threshold, *, blocks: GateUpBlocks | None = None):
+    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from w_gu = [W_gate^T; W_up^T] [2I, H]."""
+    if x.ndim != 2 or w_gu.ndim != 2 or w_gu.shape[0] % 2 or w_gu.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_up: x {x.shape}, w_gu {w_gu.shape}; expected [B, H], [2I, H]")
     batch, n_hidden = x.shape
-    n_neurons = wg_t.shape[0]
+    n_neurons = w_gu.shape[0] // 2
     blk = blocks or blocks_for(batch, n_hidden, n_neurons)
-    if batch > 1 and not blk.dot:
-        raise ValueError(f"gate_up: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
-    if blk.fuse_down != (w_down is not None):
-        raise ValueError("gate_up: pass w_down exactly when the blocks fuse the down projection")
-    bp = padded_batch(batch, blk.dot)
+    bp = padded_batch(batch, batch > 1)
     kernel = functools.partial(_gate_up_kernel, batch=batch, bp=bp, blk=blk, n_hidden=n_hidden, n_neurons=n_neurons)
-    args = (x.astype(wg_t.dtype), wg_t, wu_t, jnp.asarray(threshold, f32).reshape(1))
-    h_shape = jax.ShapeDtypeStruct((batch, n_neurons), x.dtype)
-    params = dict(grid=(pl.cdiv(n_neurons, blk.rows),), num_warps=blk.num_warps, num_stages=blk.num_stages,
-                  name="cats_gate_up")
-    if not blk.fuse_down:
-        return call(kernel, h_shape, **params)(*args)
-    y_shape = jax.ShapeDtypeStruct((bp if blk.dot else 1, pl.cdiv(n_hidden, blk.cols) * blk.cols), f32)
-    h, y = call(kernel, (h_shape, y_shape), accumulate=(1,), **params)(*args, w_down)
-    return h, y[:batch, :n_hidden]
+    return call(kernel, jax.ShapeDtypeStruct((batch, n_neurons), x.dtype), grid=(pl.cdiv(n_neurons, blk.rows),),
+                num_warps=blk.num_warps, num_stages=blk.num_stages, name="cats_gate_up")(
+        x.astype(w_gu.dtype), w_gu, jnp.asarray(threshold, f32).reshape(1))
 
 
-def cats_mlp(x, wg_t, wu_t, w_down, threshold, *, blocks: GateUpBlocks | None = None,
+def cats_mlp(x, w_gu, w_down, threshold, *, blocks: GateUpBlocks | None = None,
              down_blocks: GemvBlocks | None = None):
-    """The CATS MLP of decode rows x [B, H] with neuron-major weights: (y [B, H] in x.dtype, the
-    hidden activations h [B, I], zero where dropped)."""
-    if w_down.shape != wg_t.shape:
-        raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] like wg_t {wg_t.shape}")
-    blk = blocks or blocks_for(x.shape[0], x.shape[1], wg_t.shape[0])
-    if blk.fuse_down:
-        h, y = gate_up(x, wg_t, wu_t, threshold, w_down, blocks=blk)
-        return y.astype(x.dtype), h
-    h = gate_up(x, wg_t, wu_t, threshold, blocks=blk)
+    """The CATS MLP of decode rows x [B, H] with neuron-major weights w_gu [2I, H], w_down [I, H]:
+    (y [B, H] in x.dtype, the hidden activations h [B, I], zero where dropped)."""
+    if w_gu.shape != (2 * w_down.shape[0], w_down.shape[1]):
+        raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] for w_gu {w_gu.shape} = [2I, H]")
+    h = gate_up(x, w_gu, threshold, blocks=blocks)
     return sparse_gemv(h, w_down, blocks=down_blocks), h

@@ -8,9 +8,10 @@ rule); without it, the inputs are already sparse (the CATS MLP's hidden activati
 
 Grid: (output column blocks, split-K). A program walks its share of the input rows in steps of
 `rows`, loading a [rows, cols] tile of W with a per-row mask: predicated-off rows issue no memory
-traffic, so skipped rows cost nothing but the mask test. Each split either writes fp32 partials
-[splits, B, out] that one small XLA reduction sums (deterministic), or atomic-adds into one fp32
-output (many short splits, TEAL's layout: more loads in flight). Never atomics on bf16.
+traffic, so skipped rows cost nothing but the mask test. Batch 1 multiplies and adds elementwise
+and its many short splits atomic-add into one fp32 output (more loads in flight); batches 2..8
+feed tensor-core dots on rows padded to 16, each split writing fp32 partials [splits, B, out]
+that one small XLA reduction sums (deterministic). Never atomics on bf16.
 
 Batch 1 can instead take the gather path (GatherBlocks), whose work scales with the kept rows
 rather than with the matrix: the masked tiles above still issue every tile, test every row and
@@ -39,33 +40,30 @@ from pallas_kernels.common import block_along, call, iota, kernels_enabled, load
 
 f32 = jnp.float32
 
-# TEAL decode steps of up to this many rows use the kernel. Rows threshold independently, so the
-# union of B rows at 50% keeps ~1 - 0.5^B of the weight rows: at B = 4 (94%) the kernel has
-# nothing left to skip (the CATS MLP kernel measured 1.00-1.08x there; docs/benchmarks.md).
+# TEAL decode steps of up to this many rows use the kernel. Rows threshold independently, so a
+# batch's union of kept rows is nearly dense beyond a few rows; real text's unions are only a
+# little sparser than random ones (docs/batching.md).
 MAX_KERNEL_BATCH = 1
-# Smaller weight matrices stay with XLA: the kernels' fixed cost (masked tiles: ~16k programs and
-# their fp32 atomics, 12 us even at 90% sparsity; the gather path: two launches) exceeds XLA's
-# dense GEMV there. Mistral-7B's o_proj (4096 x 4096 = 16.8M) lost at 50% (H200: masked 0.61x,
-# gather 0.90x; H100: 0.92x); q|k|v (25M) at least tied and larger won (docs/benchmarks.md).
-# Timed without L2 reuse the H200 gather beats XLA on o (1.12x), but decode did not get faster.
-# Tests set it to 0 to run the kernels on tiny models.
+# Smaller weight matrices stay with XLA: the kernels' fixed cost exceeds XLA's dense GEMV there
+# (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200; docs/benchmarks.md). Tests set
+# it to 0 to run the kernels on tiny models.
 MIN_KERNEL_WEIGHTS = 20_000_000
 
 
 def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:
-    """Whether the model should route a TEAL decode step of `batch` rows through the kernel."""
+    """Whether a TEAL decode step of `batch` rows should run the kernel."""
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH and n_in * n_out >= MIN_KERNEL_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)
 class GemvBlocks:
+    """Blocks of the masked-tile path (module docstring): batch 1 adds atomically, batches 2..8
+    use dots and partials."""
     rows: int  # input rows (rows of W) per loop step
     cols: int  # output columns per program
     splits: int  # programs along the input axis (split-K)
     num_warps: int = 4
     num_stages: int = 3
-    dot: bool = False  # tensor-core dot on batch rows padded to 16, instead of multiply-add
-    atomic: bool = False  # splits atomic-add into one fp32 output, instead of writing partials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,39 +76,32 @@ class GatherBlocks:
     num_stages: int = 3
 
 
-# Per padded batch size: the winners of `python -m bench.kernels --tune` (and `--teal
-# --tune`) on an H100 at 50% sparsity; blocks_for fits them to other shapes. Batch 1: one
-# 128 x 128 tile per program, atomic adds (best on all four Mistral-7B projection shapes and the
-# CATS down projection); batches 2-8: looping splits with fp32 partials.
+# Per padded batch size: the winners of `python -m bench.kernels --tune` (and `--teal --tune`) on
+# an H100 at 50% sparsity; blocks_for fits them to other shapes. Batch 1: one 128 x 128 tile per
+# program; batches 2 and 4 (the CATS down projection): looping splits.
 TABLE = {
-    1: GemvBlocks(rows=128, cols=128, splits=1024, num_warps=4, num_stages=1, atomic=True),
-    2: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
-    4: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
-    8: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3, dot=True),
+    1: GemvBlocks(rows=128, cols=128, splits=1024, num_warps=4, num_stages=1),
+    2: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3),
+    4: GemvBlocks(rows=32, cols=256, splits=16, num_warps=4, num_stages=3),
 }
 
 
-# Per device kind, per (padded batch, in, out): the fastest blocks at 50% sparsity (`python -m
-# bench.kernels --teal --tune` times the candidates; docs/benchmarks.md); other devices and
-# shapes take TABLE's. On the H200 the Mistral-7B shapes take the gather path.
-_A = functools.partial(GemvBlocks, num_stages=1, atomic=True)
+# Per device kind, per (padded batch, in, out) that decode reaches (TEAL's fused q|k|v and gate|up,
+# down; o stays with XLA): the fastest blocks at 50% sparsity (`python -m bench.kernels --teal
+# --tune`; docs/benchmarks.md); other devices and shapes take TABLE's.
 TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
-        (1, 4096, 6144): _A(128, 64, 1024, 4),  # Mistral-7B q|k|v
-        (1, 4096, 4096): _A(256, 64, 1024, 8),  # o
-        (1, 4096, 28672): _A(128, 64, 1024, 4),  # gate|up
-        (1, 14336, 4096): _A(128, 64, 1024, 4),  # down
+        (1, 4096, 6144): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # Mistral-7B q|k|v
+        (1, 4096, 28672): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # gate|up
+        (1, 14336, 4096): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # down
     },
     "NVIDIA H200": {
-        (1, 4096, 6144): GatherBlocks(32, 128, 256, 4, 3),
-        (1, 4096, 4096): _A(32, 256, 112, 4, num_stages=3),
-        (1, 4096, 28672): GatherBlocks(16, 128, 512, 4, 3),
-        (1, 4096, 14336): _A(64, 64, 1024, 2),
-        (1, 14336, 4096): GatherBlocks(32, 128, 512, 4, 3),
-        (1, 4096, 12288): _A(128, 64, 1024, 4),  # Llama-2-7B q|k|v
-        (1, 4096, 22016): _A(64, 256, 224, 8),  # gate|up
-        (1, 4096, 11008): _A(128, 128, 112, 4),
-        (1, 11008, 4096): _A(128, 64, 1024, 4),  # down
+        (1, 4096, 6144): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),  # Mistral-7B q|k|v
+        (1, 4096, 28672): GatherBlocks(rows=16, cols=128, chunk=512, num_warps=4, num_stages=3),  # gate|up
+        (1, 14336, 4096): GatherBlocks(rows=32, cols=128, chunk=512, num_warps=4, num_stages=3),  # down
+        (1, 4096, 12288): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # Llama-2-7B q|k|v
+        (1, 4096, 22016): GemvBlocks(rows=64, cols=256, splits=224, num_warps=8, num_stages=1),  # gate|up
+        (1, 11008, 4096): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # down
     },
 }
 
@@ -123,7 +114,7 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     """The tuned or table blocks for this batch, fitted to the shape (no block longer than its
     axis). col_multiple: a length every column block must divide (segment boundaries)."""
     b = _tuned().get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
-    low = 16 if getattr(b, "dot", False) else 1
+    low = 16 if batch > 1 and isinstance(b, GemvBlocks) else 1  # tensor-core dots need 16
     cols = max(block_along(n_out, b.cols), low)
     if col_multiple is not None:
         cols = min(cols, col_multiple & -col_multiple)  # the largest power of two dividing it
@@ -151,6 +142,7 @@ def _threshold(t_refs, seg):
 
 
 def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, bounds):
+    dot = batch > 1  # tensor-core dots on padded batch rows and partials; batch 1: multiply-add, atomics
     *t_refs, o_ref = refs
     rows, cols = blk.rows, blk.cols
     c0 = pl.program_id(0) * cols
@@ -163,7 +155,7 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
     def step(k, acc):
         r0 = pl.multiple_of(split * rows_per_split + k * rows, rows)
         row_ok = iota(rows, r0) < n_in if row_tail else None
-        if blk.dot:
+        if dot:
             x = load(x_ref.at[pl.ds(0, bp), pl.ds(r0, rows)], mask=mask2d(batch_ok, row_ok))
         else:
             # batch 1: x arrives as a column [in, 1], so a tile of it broadcasts over W's rows
@@ -172,21 +164,19 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         if thresholded:
             xf = jnp.where(jnp.abs(xf) > t, xf, 0.0)
         # [rows, 1]: the weight row is needed by some batch row
-        live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if blk.dot else xf != 0
+        live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if dot else xf != 0
         w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=live if col_ok is None else live & col_ok[None, :],
                  eviction_policy="evict_first")  # W is streamed once; keep x in cache
-        if blk.dot:
+        if dot:
             return acc + plgpu.dot(xf.astype(w.dtype), w)  # [bp, cols]; x is exact in w's dtype
         # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
         # end (a cross-warp reduction per step would cost more than the loads).
         return acc + xf * w.astype(f32)
 
-    init = jnp.zeros((bp, cols) if blk.dot else (rows, cols), f32)
+    init = jnp.zeros((bp, cols) if dot else (rows, cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
-    if not blk.dot:
-        acc = jnp.sum(acc, axis=0)[None, :]  # [1, cols]
-    if blk.atomic:  # the output is padded to whole blocks: no mask (padding columns add zeros)
-        plgpu.atomic_add(o_ref, (pl.ds(0, acc.shape[0]), pl.ds(c0, cols)), acc)
+    if not dot:  # atomic adds; the output is padded to whole blocks: no mask (padding columns add zeros)
+        plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
     else:
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
@@ -291,25 +281,23 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
         return _gather_gemv(x, w, ts, threshold is not None, bounds, blk).astype(out_dtype)
-    if batch > 1 and not blk.dot:
-        raise ValueError(f"sparse_gemv: batch {batch} needs dot=True blocks (multiply-add is for batch 1)")
-    bp = padded_batch(batch, blk.dot)
+    dot = batch > 1
+    bp = padded_batch(batch, dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
     splits = pl.cdiv(n_in, rows_per_split)
     kernel = functools.partial(
         _kernel, batch=batch, bp=bp, blk=blk, n_in=n_in, n_out=n_out,
         rows_per_split=rows_per_split, thresholded=threshold is not None, bounds=bounds,
     )
-    if not blk.dot:  # batch 1: x as a column
-        x = x.reshape(n_in, 1)
     col_blocks = pl.cdiv(n_out, blk.cols)
-    if blk.atomic:  # one fp32 sum, padded to whole blocks, zeroed before the kernel adds into it
-        shape, accumulate = (bp, col_blocks * blk.cols), (0,)
+    if not dot:  # batch 1: x as a column; one fp32 sum, padded to whole blocks, zeroed before the adds
+        x = x.reshape(n_in, 1)
+        shape, accumulate = (1, col_blocks * blk.cols), (0,)
     else:  # fp32 partials per split, summed by XLA: deterministic
-        shape, accumulate = (splits, bp if blk.dot else 1, n_out), ()
+        shape, accumulate = (splits, bp, n_out), ()
     out = call(
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
     )(x, w, *ts)
-    y = out[:batch, :n_out] if blk.atomic else jnp.sum(out[:, :batch], axis=0)
+    y = jnp.sum(out[:, :batch], axis=0) if dot else out[:, :n_out]
     return y.astype(out_dtype)

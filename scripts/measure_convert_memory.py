@@ -34,9 +34,12 @@ def hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
               "lm_head.weight": (cfg.vocab_size, h)}
     for n in range(cfg.num_layers):
         p = f"model.layers.{n}."
-        shapes |= {p + "self_attn.q_proj.weight": (cfg.num_heads * d, h), p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
-                   p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        shapes |= {p + "self_attn.q_proj.weight": (cfg.num_heads * d, h),
+                   p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
+                   p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h),
+                   p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
+                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                   p + "mlp.down_proj.weight": (h, i),
                    p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
     return shapes
 

@@ -228,7 +228,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=256, help="random cross-document batches per B (default 256)")
     ap.add_argument("--batch-sizes", type=_ints, default=BATCH_SIZES, help="B (default 1,2,4,8,16,32)")
     ap.add_argument("--rows-per-call", type=int, default=2, help="documents per forward pass (default 2)")
-    ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="bfloat16", help="compute dtype (default bfloat16)")
+    ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="bfloat16",
+                    help="compute dtype (default bfloat16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write every number (per layer and site) to this JSON")
     args = ap.parse_args(argv)

@@ -33,6 +33,7 @@ def test_load_dense_and_errors(word_ckpt):
 
 
 def test_import_is_cheap():
-    code = "import sys, cats_jax; print(sorted(m for m in ('jax', 'transformers', 'orbax', 'flax') if m in sys.modules))"
+    code = ("import sys, cats_jax; "
+            "print(sorted(m for m in ('jax', 'transformers', 'orbax', 'flax') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout == "[]\n"

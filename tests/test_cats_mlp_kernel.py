@@ -32,8 +32,9 @@ def test_cats_mlp_equals_reference(b, h, i, sparsity):
     a = cats_activation(g, t)
     dead = np.asarray(jnp.all(a == 0, axis=0))[:, None]  # neurons no batch row keeps
     hidden, y = _poisoned(
-        lambda x, wg_t, wu_t, wd, t: (lambda h: (h, sparse_gemv(h, wd)))(gate_up(x, wg_t, wu_t, t)),
-        x, wg.T, jnp.where(dead, jnp.nan, wu.T).astype(bf16), jnp.where(dead, jnp.nan, wd).astype(bf16), t,
+        lambda x, w_gu, wd, t: (lambda h: (h, sparse_gemv(h, wd)))(gate_up(x, w_gu, t)),
+        x, jnp.concatenate([wg.T, jnp.where(dead, jnp.nan, wu.T).astype(bf16)]),
+        jnp.where(dead, jnp.nan, wd).astype(bf16), t,
     )
     np.testing.assert_array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0)  # the same neurons kept
     assert _rel(hidden, a * jnp.dot(x.astype(f32), wu.astype(f32))) < 1e-2

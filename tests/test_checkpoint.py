@@ -34,7 +34,8 @@ def test_damaged_params_file(ckpt, size):
 
 def test_deleted_tensor_directory(ckpt):
     shutil.rmtree(ckpt / "params" / "layers.1.mlp.up_proj.kernel")
-    with pytest.raises(InputError, match=r"1 of its tensors are missing \(layers\.1\.mlp\.up_proj\.kernel\).*re-convert"):
+    missing = r"1 of its tensors are missing \(layers\.1\.mlp\.up_proj\.kernel\).*re-convert"
+    with pytest.raises(InputError, match=missing):
         checkpoint.load_model(ckpt)
 
 

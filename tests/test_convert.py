@@ -177,7 +177,8 @@ def test_truncated_safetensors(tiny_model, tmp_path, shards):
     src = write_hf_dir(tmp_path / "hf", cfg, hf_tensors(cfg, params), shards=shards)
     damaged = sorted(src.glob("*.safetensors"))[-1]
     damaged.write_bytes(damaged.read_bytes()[:-1000])
-    with pytest.raises(InputError, match=rf"{damaged}: not a readable safetensors file .*download the checkpoint again"):
+    unreadable = rf"{damaged}: not a readable safetensors file .*download the checkpoint again"
+    with pytest.raises(InputError, match=unreadable):
         hf_conv.convert_hf(src, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 

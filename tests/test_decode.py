@@ -23,10 +23,12 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
                   num_kv_heads=2, head_dim=16, name="tiny")
 
 
-def _model(mode, sparsity=0.5, dtype=f32):
+def _model(mode, sparsity=0.5, dtype=f32, shared=True):
+    """Thresholds from a uniform calibration: q, k, v (and gate, up) share one per layer; with
+    shared=False each site's is moved apart, as a greedy allocation would."""
     m = M.init_random(CFG, seed=3, dtype=dtype)
-    for site, t in random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items():
-        m.set_thresholds(site, t)
+    for i, (site, t) in enumerate(random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items()):
+        m.set_thresholds(site, np.asarray(t) * (1 if shared else 1 + 0.1 * i))
     m.set_mode(mode)
     return m
 
@@ -39,12 +41,15 @@ def kernels_on_tiny_weights(monkeypatch):
     monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
 
 
-@pytest.mark.parametrize("mode", ["dense", "cats", "teal", "cats+teal-attn"])
+@pytest.mark.parametrize("mode,shared", [("dense", True), ("cats", True), ("teal", True), ("teal", False),
+                                         ("cats+teal-attn", False)])
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
-def test_forward_equals_the_model(kernels_on_tiny_weights, mode, impl):
-    """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's logits."""
-    m = _model(mode)
+def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, impl):
+    """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's
+    logits, with thresholds shared by the fused projections or each its own."""
+    m = _model(mode, shared=shared)
     dec = decode.prepare(m, impl)
+    assert dec.plan.shared == (("qkv", "gate_up") if mode == "teal" and shared else ())
     toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
     pos = jnp.arange(9)[None]
     want, cache = m(toks, pos, M.init_cache(CFG, 1, 16, f32))
@@ -112,19 +117,34 @@ WIDE = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_la
                    num_kv_heads=2, head_dim=64, name="wide")  # weights well above a step's activations
 
 
-def _weight_slices(mode, batch) -> list[str]:
-    """The ops of the decode step's StableHLO that slice a fused weight matrix (q|k|v or gate|up)."""
+def _step_hlo(mode, batch, shared=False) -> tuple[str, set[str]]:
+    """The decode step's StableHLO on WIDE, and the shapes of its fused weight matrices."""
     m = M.init_random(WIDE, seed=3, dtype=bf16)
-    for site in MODES[mode]:
-        m.set_thresholds(site, np.full(WIDE.num_layers, 0.5))
+    for i, site in enumerate(MODES[mode]):  # shared=False: each site its own threshold
+        m.set_thresholds(site, np.full(WIDE.num_layers, 0.5 + (0 if shared else 0.01 * i)))
     m.set_mode(mode)
     dec = decode.prepare(m, "jnp")
     args = (dec.weights, jnp.zeros((batch, 1), jnp.int32), jnp.zeros((batch, 1), jnp.int32),
             M.init_cache(WIDE, batch, 8, bf16))
     fused = {"x".join(map(str, dec.weights["layers"][0][k].shape)) for k in ("qkv", "gate_up")}
     step = jax.jit(lambda *a, plan: decode.forward(*a, plan=plan), static_argnames="plan")  # traced anew
-    text = step.lower(*args, plan=dec.plan).as_text()
+    return step.lower(*args, plan=dec.plan).as_text(), fused
+
+
+def _weight_slices(mode, batch) -> list[str]:
+    """The ops of the decode step's StableHLO that slice a fused weight matrix (q|k|v or gate|up)."""
+    text, fused = _step_hlo(mode, batch)
     return [ln for ln in text.splitlines() if "slice" in ln and any(f"tensor<{s}xbf16>" in ln for s in fused)]
+
+
+def test_shared_thresholds_take_one_plain_product_per_matrix():
+    """Uniform TEAL (q, k, v share a threshold, as gate and up do): the step multiplies as many
+    matrices as dense does, each once, with one thresholded input."""
+    dense, _ = _step_hlo("dense", 4)
+    teal, _ = _step_hlo("teal", 4, shared=True)
+    apart, _ = _step_hlo("teal", 4)
+    assert teal.count("stablehlo.dot_general") == dense.count("stablehlo.dot_general")
+    assert apart.count("stablehlo.concatenate") > teal.count("stablehlo.concatenate")  # the stacked inputs
 
 
 @pytest.mark.parametrize("batch", [2, 4, 8])
@@ -157,7 +177,8 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
                               val.reshape(b, 1, kv_heads, d), pos[:, None], (ck, cv))
     with interpret_on_cpu(), poisoned_outputs():
         got, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window))(qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+                                                          sliding_window=window))(
+            qkv, pos, ck, cv, M.rope_inv_freq(cfg))
     assert rel_err(got, want[:, 0]) < (1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_allclose(np.asarray(gk, f32), np.asarray(wk, f32), atol=1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_array_equal(np.asarray(gv, f32), np.asarray(wv, f32))

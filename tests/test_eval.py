@@ -33,12 +33,14 @@ def test_release_files_give_lm_eval_prompts():
     ex, src = tasks.load_examples("piqa", str(FILES["piqa"]))
     assert src["records"] == 3 and [e.gold for e in ex] == [0, 0, 1]  # labels from valid-labels.lst
     assert ex[1].requests == (("Question: To cool a hot drink quickly,\nAnswer:", " add a few ice cubes to it."),
-                              ("Question: To cool a hot drink quickly,\nAnswer:", " put it in the oven for ten minutes."))
+                              ("Question: To cool a hot drink quickly,\nAnswer:",
+                               " put it in the oven for ten minutes."))
     ex, _ = tasks.load_examples("arc_easy", str(FILES["arc_easy"]))
     assert ex[1].requests[0] == ("Question: What do plants need to make food?\nAnswer:", " sunlight")
     assert [e.gold for e in ex] == [1, 0, 1] and len(ex[1].choices) == 3
     ex, _ = tasks.load_examples("hellaswag", str(FILES["hellaswag"]))
-    assert ex[0].requests[1] == ("Making tea: A woman fills a kettle with water. She", " puts the kettle on the stove to boil.")
+    assert ex[0].requests[1] == ("Making tea: A woman fills a kettle with water. She",
+                                 " puts the kettle on the stove to boil.")
     # lm-eval keeps the space left where "[step]" was removed: the continuation starts with two
     assert ex[1].requests[0] == ("Home and Garden: How to water a plant. Check the soil.",
                                  "  If the soil is dry, pour water slowly around the base.")
@@ -47,7 +49,8 @@ def test_release_files_give_lm_eval_prompts():
                               ("The trophy did not fit in the suitcase because the suitcase", " was too small."))
     assert [e.gold for e in ex] == [0, 1] and ex[0].choices[0].endswith("the trophy")
     ex, _ = tasks.load_examples("boolq", str(FILES["boolq"]))
-    assert ex[0].requests[1] == ("Sun -- The Sun is the star at the center of the Solar System.\nQuestion: is the sun a star?\nAnswer:", " yes")
+    assert ex[0].requests[1] == ("Sun -- The Sun is the star at the center of the Solar System.\n"
+                                 "Question: is the sun a star?\nAnswer:", " yes")
     assert [e.gold for e in ex] == [1, 0]
     ex, _ = tasks.load_examples("openbookqa", str(FILES["openbookqa"]))
     assert ex[0].requests[1] == ("A magnet will stick to", " an iron nail") and ex[0].gold == 1
@@ -70,7 +73,8 @@ def test_hub_schema_from_a_save_to_disk_dir_matches_the_release_format(tmp_path)
     piqa_hub = [{"goal": "To cool a hot drink quickly,", "sol1": "add a few ice cubes to it.",
                  "sol2": "put it in the oven for ten minutes.", "label": "0"}]
     datasets.Dataset.from_list(piqa_hub).save_to_disk(str(tmp_path / "piqa"))
-    assert tasks.load_examples("piqa", str(tmp_path / "piqa"))[0][0] == tasks.load_examples("piqa", str(FILES["piqa"]))[0][1]
+    saved = tasks.load_examples("piqa", str(tmp_path / "piqa"))[0][0]
+    assert saved == tasks.load_examples("piqa", str(FILES["piqa"]))[0][1]
 
 
 def test_task_data_errors(monkeypatch, tmp_path):
@@ -200,7 +204,8 @@ def test_cli_table_json_and_plot(calibrated, tmp_path, capsys):
     assert res["model"]["name"] == TINY.name and res["data"]["piqa"]["records"] == 3
     assert res["versions"]["jax"] == jax.__version__ and res["limit"] is None
     table = (tmp_path / "res.md").read_text()
-    assert table.splitlines()[0].startswith("| setting | sparsity mean / min / max (%) | ppl | piqa acc | piqa acc_norm")
+    head = "| setting | sparsity mean / min / max (%) | ppl | piqa acc | piqa acc_norm"
+    assert table.splitlines()[0].startswith(head)
     assert (tmp_path / "res.png").stat().st_size > 10_000
     assert "examples/s" in capsys.readouterr().out
 

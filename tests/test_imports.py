@@ -32,7 +32,10 @@ def imported(name: str, path: Path) -> set[str]:
     def add(dotted: str):
         parts = dotted.split(".")
         for i in range(1, len(parts) + 1):  # importing a.b.c runs a, a.b and a.b.c
-            if (prefix := ".".join(parts[:i])) in MODULES:
+            prefix = ".".join(parts[:i])
+            # a module's own packages ran before it did: naming them again adds no dependency (so a
+            # package's __init__ may call into its submodules)
+            if prefix in MODULES and not name.startswith(prefix + "."):
                 found.add(prefix)
 
     def visit(node):

@@ -23,7 +23,7 @@ def _thresholded(x, t):
 
 
 # (batch, in, segments, sparsities): ragged inputs, q|k|v-like segments with their own thresholds,
-# batch 1 (atomic multiply-add) and 2..8 (dot, padded batch rows), 0..95% sparsity
+# batch 1 (atomic multiply-add) and 2..8 (dot, padded batch rows, partials), 0..95% sparsity
 SEGMENT_CASES = [
     (1, 200, (64, 32, 32), (0.0, 0.5, 0.95)),
     (2, 96, (32, 16, 16), (0.3, 0.6, 0.9)),
@@ -50,13 +50,12 @@ def test_sparse_gemv_segments_have_their_own_thresholds(b, n_in, segments, spars
     assert _rel(got, want) < 1e-2
 
 
-@pytest.mark.parametrize("atomic", [True, False])
-def test_batch_one_partials_and_atomic_adds_agree(atomic):
+def test_batch_one_splits_add_atomically():
     n_in, n_out = 300, 80  # several splits per column block, tails on both axes
     w, _, _ = random_mlp(n_in, n_out, seed=7)
     x = jax.random.normal(jax.random.key(7), (1, n_in), f32).astype(bf16)
     t = threshold_for(x, 0.5)
-    blocks = dataclasses.replace(TABLE[1], rows=32, cols=32, splits=4, atomic=atomic)
+    blocks = dataclasses.replace(TABLE[1], rows=32, cols=32, splits=4)
     with poisoned_outputs():
         got = jax.jit(lambda x, w, t: sparse_gemv(x, w, t, blocks=blocks))(x, w.astype(bf16), t)
     assert _rel(got, _thresholded(x, t) @ w.astype(f32)) < 1e-2

@@ -237,7 +237,8 @@ def test_full_finetune_keeps_fp32_masters_of_a_bf16_model_and_exports(ckpt, data
 def test_sigterm_saves_a_restorable_checkpoint(ckpt, data_file, tmp_path, compilation_cache):
     args = {**BASE, "steps": 100_000, "log_every": 1}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
-    cmd = [sys.executable, "-m", "train", f"--ckpt={ckpt}", f"--run={tmp_path}", f"--data={data_file}", "--quiet", *flags]
+    cmd = [sys.executable, "-m", "train", f"--ckpt={ckpt}", f"--run={tmp_path}", f"--data={data_file}", "--quiet",
+           *flags]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compilation_cache,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

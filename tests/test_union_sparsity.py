@@ -14,7 +14,8 @@ from cats_jax import cli
 from cats_jax.model import init_random, sown_by_site
 from cats_jax.sparsity import CATS_SITE, TEAL_SITES
 
-_spec = importlib.util.spec_from_file_location("union_sparsity", Path(__file__).parents[1] / "scripts" / "union_sparsity.py")
+_SCRIPT = Path(__file__).parents[1] / "scripts" / "union_sparsity.py"
+_spec = importlib.util.spec_from_file_location("union_sparsity", _SCRIPT)
 us = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(us)
 
