@@ -109,6 +109,8 @@ def shard(decoder, mesh: jax.sharding.Mesh):
     """decoder (decode.prepare's) with its weights re-ordered (module docstring) and placed on the mesh,
     each device holding only its shard; its plan carries the mesh, so decode.forward runs per shard."""
     plan = decoder.plan
+    if plan.mesh is not None:  # its columns are in blocks already
+        raise ValueError("this decoder is sharded already; shard the one decode.prepare returned")
     cfg, tp = plan.cfg, tp_size(mesh)
     local_config(cfg, tp)  # the shapes divide
     d, size = cfg.head_dim, cfg.intermediate_size

@@ -151,19 +151,14 @@ def _run_cases():
         odd = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
                           num_kv_heads=2, head_dim=16, name="odd")
         dec = decode.prepare(M.init_random(odd, dtype=f32), "jnp")
-        try:
+        with pytest.raises(ValueError) as e:
             sharding.shard(dec, sharding.make_mesh(tp))
-        except ValueError as e:
-            assert str(e) == (f"odd: tensor parallelism over {tp} devices needs heads, KV heads and intermediate size "
-                              f"divisible by {tp}; KV heads 2 not (choose a tp that divides them)"), e
-        else:
-            raise AssertionError("no error")
-        try:  # the benchmark says so before any work
+        assert str(e.value) == (f"odd: tensor parallelism over {tp} devices needs heads, KV heads and intermediate "
+                                f"size divisible by {tp}; KV heads 2 not (choose a tp that divides them)")
+        with pytest.raises(ValueError, match="sharded already"):  # twice would re-order the fused columns again
+            sharding.shard(sharding.shard(dec, sharding.make_mesh(1)), sharding.make_mesh(1))
+        with pytest.raises(SystemExit, match="2"):  # the benchmark says so before any work
             parse_args(["--config", "mistral-7b", "--tp", "3"])
-        except SystemExit as e:
-            assert e.code == 2
-        else:
-            raise AssertionError("no error")
 
     checks = {"jnp": tp_equals_one_device, "pallas": kernels_per_shard, "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
