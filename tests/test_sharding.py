@@ -86,8 +86,8 @@ def _run_cases():
 
     m = M.init_random(cfg, seed=3, dtype=f32)  # fp32: no argmax ties flipped by the psums' rounding
     for site, t in random_thresholds(m, [0.5], tokens=64, seed=0)[0.5].items():  # every site, ~half kept
-        # k's and up's own thresholds: each fused segment tests its own (decode.Plan.shared otherwise)
-        m.set_thresholds(site, np.asarray(t) * (0.8 if site in ("attn.k_proj", "mlp.up_proj") else 1.0))
+        # k's own threshold: q|k|v's segments test their own; gate|up keeps one shared (decode.Plan.shared)
+        m.set_thresholds(site, np.asarray(t) * (0.8 if site == "attn.k_proj" else 1.0))
 
     def prepare(mode, impl):
         m.set_mode(mode)
@@ -121,6 +121,7 @@ def _run_cases():
     def tp_equals_one_device(mode, tp):
         mesh = sharding.make_mesh(tp)
         dec = sharding.shard(prepare(mode, "jnp"), mesh)
+        assert dec.plan.shared == (("gate_up",) if mode == "teal" else ())
         k = cfg.num_kv_heads
         qkv = dec.weights["layers"][0]["qkv"]
         assert {s.data.shape for s in qkv.addressable_shards} == {(cfg.hidden_size, qkv.shape[1] // tp)}
