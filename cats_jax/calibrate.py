@@ -28,7 +28,7 @@ import numpy as np
 
 from cats_jax import checkpoint, cli, data, quantiles, teal, thresholds
 from cats_jax.model import Transformer
-from cats_jax.sparsity import CATS_SITE
+from cats_jax.sparsity import CATS_SITE, CRITERIA
 
 
 @dataclasses.dataclass
@@ -62,12 +62,13 @@ def calibrate(model: Transformer, rows: Iterable[np.ndarray], sparsities: list[f
 
 def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: int = 102_400,
         holdout_tokens: int = 16_384, seq_len: int = 1024, batch_size: int = 2, reservoir: int = 1_000_000,
-        seed: int = 0, dtype: str | None = "float32", progress: bool = True, force: bool = False) -> thresholds.Thresholds:
+        seed: int = 0, dtype: str | None = "float32", progress: bool = True, force: bool = False,
+        criterion: str = "magnitude") -> thresholds.Thresholds:
     """Calibrate a checkpoint on `tokens` tokens of `source`, add the levels to DIR/thresholds.json
     (replacing levels it holds only with force), then measure them on the next `holdout_tokens`."""
     model, calib_rows, held_rows = quantiles.prepare(ckpt_dir, "cats", sparsities, source, tokens=tokens,
                                                      holdout_tokens=holdout_tokens, seq_len=seq_len, dtype=dtype,
-                                                     force=force)
+                                                     force=force, criterion=criterion)
     quantiles.plan(calib_rows, held_rows, len(sparsities), progress)
     cal = calibrate(model, calib_rows, sparsities, batch_size=batch_size, reservoir=reservoir, seed=seed,
                     progress=progress)
@@ -81,7 +82,9 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
         "held_out_tokens": sum(r.size for r in held_rows),
         "seq_len": seq_len,
         "dtype": dtype or "as stored",
-        "activation": "|SiLU(x W_gate)| in fp32, dense model",
+        "criterion": criterion,
+        "activation": "|SiLU(x W_gate)| in fp32, dense model"
+                      + (", times the L2 norm of the neuron's W_down row" if criterion == "weighted" else ""),
         "values_per_layer": cal.values_per_layer,
         "sample_per_layer": cal.sample_per_layer,
         "exact_quantile": cal.exact,
@@ -143,6 +146,9 @@ def main(argv=None):
                     help="replace levels thresholds.json already holds for this method (or a file of another "
                          "model); without it calibration refuses before its pass. Other levels are kept")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
+    ap.add_argument("--criterion", choices=CRITERIA, default="magnitude",
+                    help="what is compared with a threshold: |value| (magnitude, the papers', default) or |value| times "
+                         "the L2 norm of the weight row it multiplies (weighted)")
     tg = ap.add_argument_group("TEAL")
     tg.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
                     help="per-site sparsities: TEAL's block-wise greedy search (default) or every site at the target")
@@ -155,7 +161,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     source = data.TextSource(args.data_file or args.data, args.split, args.field, args.config)
     common = dict(holdout_tokens=args.holdout_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                  reservoir=args.reservoir, seed=args.seed, dtype=args.dtype, force=args.force)
+                  reservoir=args.reservoir, seed=args.seed, dtype=args.dtype, force=args.force, criterion=args.criterion)
     try:
         if args.method == "teal":
             result = teal.run(args.ckpt, args.sparsity, source, allocation=args.allocation, tokens=args.tokens or 20_480,

@@ -93,6 +93,10 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
             "down": m.down_proj.kernel[...],
             "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
         }
+        if model.criterion == "weighted":  # the model's factors, one [in] row per fused segment
+            fa, fm = ({p: f[...] for p, f in mod.input_factor.items()} for mod in (a, m))
+            lw["factors"] = {"qkv": jnp.stack([fa["q_proj"], fa["k_proj"], fa["v_proj"]]), "o": fa["o_proj"][None],
+                             "gate_up": jnp.stack([fm["gate_proj"], fm["up_proj"]]), "down": fm["down_proj"][None]}
         if cats and kernels:  # the CATS kernel skips neurons: each neuron's weights one contiguous row
             lw["gate_up_t"] = jnp.concatenate([m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T], axis=0)
         else:
@@ -103,16 +107,18 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
     return Decoder(weights, Plan(model.cfg, sites, kernels))
 
 
-def _product(plan: Plan, x, w, thresholds, widths):
+def _product(plan: Plan, x, w, thresholds, widths, factors=None):
     """x [B, T, in] @ w [in, out], where the columns of w come in segments of `widths`, each
-    reading x thresholded by its own TEAL threshold (None: x as it is)."""
+    reading x thresholded by its own TEAL threshold (None: x as it is) and, under the weighted
+    criterion, its own factors (factors [segments, in]; None: magnitude)."""
     b, t, n_in = x.shape
     if all(th is None for th in thresholds):
         return jnp.dot(x, w)
     if plan.gemv_kernel(x, w):  # -1: keep every input of an unthresholded segment
         ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
-        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths).reshape(b, t, -1)
-    xs = [x if th is None else sparsity.teal_input(x, th) for th in thresholds]
+        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors).reshape(b, t, -1)
+    xs = [x if th is None else sparsity.teal_input(x, th, None if factors is None else factors[i])
+          for i, th in enumerate(thresholds)]
     if len(xs) == 1:
         return jnp.dot(xs[0], w)
     cuts = list(itertools.accumulate(widths))[:-1]
@@ -126,11 +132,15 @@ def _site(lw, site):
     return lw["thresholds"].get(site)
 
 
+def _factors(lw, name):
+    return lw["factors"][name] if "factors" in lw else None
+
+
 def _attention(plan: Plan, lw, x, positions, kv):
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = _product(plan, x, lw["qkv"], [_site(lw, s) for s in QKV], (n * d, k * d, k * d))
+    qkv = _product(plan, x, lw["qkv"], [_site(lw, s) for s in QKV], (n * d, k * d, k * d), _factors(lw, "qkv"))
     if kv is not None and plan.attention_kernel(x):
         out, ck, cv = attention.decode_attention(qkv[:, 0], positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
                                                  num_kv_heads=k, sliding_window=cfg.sliding_window)
@@ -138,7 +148,8 @@ def _attention(plan: Plan, lw, x, positions, kv):
     else:
         q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=-1)
         out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
-    return _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,)), kv
+    o = _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,), _factors(lw, "o"))
+    return o, kv
 
 
 def _mlp(plan: Plan, lw, x):
@@ -147,11 +158,14 @@ def _mlp(plan: Plan, lw, x):
     size = plan.cfg.intermediate_size
     down_t = [_site(lw, "mlp.down_proj")]
     if not plan.cats:
-        g, u = jnp.split(_product(plan, x, lw["gate_up"], [_site(lw, s) for s in GATE_UP], (size, size)), 2, axis=-1)
-        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,)), None
+        gu = _product(plan, x, lw["gate_up"], [_site(lw, s) for s in GATE_UP], (size, size), _factors(lw, "gate_up"))
+        g, u = jnp.split(gu, 2, axis=-1)
+        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,), _factors(lw, "down")), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
+    down = _factors(lw, "down")
+    factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]||
     if plan.cats_kernel(x):
-        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold)
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor)
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
@@ -160,7 +174,7 @@ def _mlp(plan: Plan, lw, x):
     else:  # neuron-major weights (a batch too large for the kernel, or prefill): one product too
         gu = jnp.einsum("bth,ih->bti", x, lw["gate_up_t"], preferred_element_type=f32)
     g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
-    a = sparsity.cats_activation(g, threshold)
+    a = sparsity.cats_activation(g, threshold, factor)
     return jnp.dot(a.astype(x.dtype) * u, lw["down"]), sparsity.active_fraction(a, axis=-1)
 
 

@@ -23,8 +23,9 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
                   num_kv_heads=2, head_dim=16, name="tiny")
 
 
-def _model(mode, sparsity=0.5, dtype=f32):
+def _model(mode, sparsity=0.5, dtype=f32, criterion="magnitude"):
     m = M.init_random(CFG, seed=3, dtype=dtype)
+    m.set_criterion(criterion)  # before the thresholds: they are quantiles of the criterion's score
     for site, t in random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items():
         m.set_thresholds(site, t)
     m.set_mode(mode)
@@ -39,11 +40,12 @@ def kernels_on_tiny_weights(monkeypatch):
     monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
 
 
-@pytest.mark.parametrize("mode", ["dense", "cats", "teal", "cats+teal-attn"])
+@pytest.mark.parametrize("mode,criterion", [("dense", "magnitude"), ("cats", "magnitude"), ("teal", "magnitude"),
+                                            ("cats+teal-attn", "magnitude"), ("cats", "weighted"), ("teal", "weighted")])
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
-def test_forward_equals_the_model(kernels_on_tiny_weights, mode, impl):
+def test_forward_equals_the_model(kernels_on_tiny_weights, mode, criterion, impl):
     """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's logits."""
-    m = _model(mode)
+    m = _model(mode, criterion=criterion)
     dec = decode.prepare(m, impl)
     toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
     pos = jnp.arange(9)[None]
@@ -59,6 +61,23 @@ def test_forward_equals_the_model(kernels_on_tiny_weights, mode, impl):
         np.testing.assert_allclose(gk, wk, atol=1e-5)
         np.testing.assert_allclose(gv, wv, atol=1e-5)
     assert (kept is not None) == ("cats" in mode)
+
+
+@pytest.mark.parametrize("mode", ["cats", "teal"])
+def test_weighted_decode_applies_the_weighted_rule(kernels_on_tiny_weights, mode):
+    """The weighted model's thresholds read under the magnitude rule keep other inputs: the decode
+    path (kernels included) follows the model's criterion, not only its thresholds."""
+    m = _model(mode, criterion="weighted")
+    toks = jax.random.randint(jax.random.key(1), (1, 1), 0, CFG.vocab_size)
+    pos, cache = jnp.zeros((1, 1), jnp.int32), M.init_cache(CFG, 1, 4, f32)
+    dec = decode.prepare(m, "pallas")
+    m.set_criterion("magnitude")
+    mag = decode.prepare(m, "pallas")
+    assert "factors" in dec.weights["layers"][0] and "factors" not in mag.weights["layers"][0]
+    with interpret_on_cpu(), poisoned_outputs():
+        got = forward(dec.weights, toks, pos, cache, plan=dec.plan)[0]
+        other = forward(mag.weights, toks, pos, cache, plan=mag.plan)[0]
+    assert not np.allclose(got, other, atol=1e-4)
 
 
 def test_prepare_leaves_the_model_as_it_was():
