@@ -167,21 +167,21 @@ def _tail(block, x, start: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _dense_block(graphdef, state, x, start):
+def dense_block(graphdef, state, x, start):
     """(the whole output, the output of tokens start..) of a block at thresholds 0: dense."""
     block = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     return block(x, positions)[0], _tail(block, x, start)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _block_errors(graphdef, state, x, y_tail, th, start):
-    """th [C, sites]: TEAL_SITES' thresholds of C candidates. Per candidate, the L2 norm of the
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def block_errors(graphdef, state, x, y_tail, th, start, sites=TEAL_SITES):
+    """th [C, sites]: the thresholds of `sites` of C candidates. Per candidate, the L2 norm of the
     block's output minus the dense y_tail over tokens start.. of every row [C]."""
 
     def error(state, t):  # state passed in (unbatched) so that the merged block is of vmap's trace
         block = nnx.merge(graphdef, state)
-        for i, site in enumerate(TEAL_SITES):
+        for i, site in enumerate(sites):
             site_threshold(block, site)[...] = t[i]
         return jnp.sqrt(jnp.sum(jnp.square((_tail(block, x, start) - y_tail).astype(f32))))
 
@@ -214,12 +214,12 @@ def greedy(model: Transformer, sample: quantiles.Sample, rows: np.ndarray, targe
     steps = 0
     for layer in tqdm(range(num_layers), desc="greedy allocation", unit="layer", disable=not progress):
         graphdef, state = nnx.split(model.layers[layer])
-        y, y_tail = _dense_block(graphdef, state, x, start)
+        y, y_tail = dense_block(graphdef, state, x, start)
         scale = float(jnp.sqrt(jnp.sum(jnp.square(y_tail.astype(f32)))))
 
         def evaluate(cand):
             th = [[sample.threshold(s, layer, lv)[0] for s, lv in zip(TEAL_SITES, row)] for row in cand]
-            return np.asarray(_block_errors(graphdef, state, x, y_tail, jnp.asarray(th, f32), start)) / scale
+            return np.asarray(block_errors(graphdef, state, x, y_tail, jnp.asarray(th, f32), start)) / scale
 
         path, _ = greedy_path(evaluate, weights, base_step, float(targets.max()))
         levels[:, layer] = [levels_at(path, weights, p) for p in targets]

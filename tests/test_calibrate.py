@@ -343,3 +343,19 @@ def test_clis_refuse_thresholds_of_the_other_criterion(calibrated, capsys):
         assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
         assert "calibrated with the magnitude criterion, not weighted" in err
 
+
+# ---- per-layer allocation ---------------------------------------------------------------------
+def test_greedy_allocation_spreads_cats_sparsity_over_layers_at_the_target_mean(tiny_ckpt, tmp_path):
+    ckpt, text = own_ckpt(tiny_ckpt, tmp_path)
+    th = calibrate.run(ckpt, [0.3, 0.5], data.TextSource(str(text)), tokens=2048, holdout_tokens=512, seq_len=128,
+                       batch_size=8, progress=False, allocation="greedy", greedy_tokens=512)
+    for lv in th.levels:
+        per_layer = np.asarray(lv.site_sparsity[CATS])
+        assert abs(per_layer.mean() - lv.sparsity) < 1e-6  # the model-wide skipped rows of uniform CATS
+        assert np.ptp(per_layer) > 0.1  # spread over the layers
+        np.testing.assert_allclose(lv.realised[CATS]["calibration"], per_layer, atol=0.01)  # each at its level
+    assert th.calibration["allocation"] == "greedy" and thresholds.load(ckpt).calibration["allocation"] == "greedy"
+    errors = th.calibration["greedy"]["layer_error"]["0.5"]
+    assert sum(errors["greedy"]) < sum(errors["uniform"])  # what the search minimises
+    with pytest.raises(ValueError, match="unknown allocation 'best'"):
+        calibrate.run(ckpt, [0.5], data.TextSource(str(text)), tokens=256, allocation="best")
