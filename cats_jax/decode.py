@@ -105,6 +105,10 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
             "down": m.down_proj.kernel[...],
             "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
         }
+        if model.criterion == "weighted":  # the model's factors, one [in] row per fused segment
+            fa, fm = ({p: f[...] for p, f in mod.input_factor.items()} for mod in (a, m))
+            lw["factors"] = {"qkv": jnp.stack([fa["q_proj"], fa["k_proj"], fa["v_proj"]]), "o": fa["o_proj"][None],
+                             "gate_up": jnp.stack([fm["gate_proj"], fm["up_proj"]]), "down": fm["down_proj"][None]}
         if cats and kernels:  # the CATS kernel skips neurons: each neuron's weights one contiguous row
             lw["gate_up_t"] = jnp.concatenate([m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T], axis=0)
         else:
@@ -113,20 +117,22 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
     head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
     weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...], "head": head}
     shared = tuple(g for g, group in GROUPS.items() if set(group) <= set(sites) and all(
-        len({float(lw["thresholds"][s]) for s in group}) == 1 for lw in layers))
+        "factors" not in lw and len({float(lw["thresholds"][s]) for s in group}) == 1 for lw in layers))
     return Decoder(weights, Plan(model.cfg, sites, kernels, shared))
 
 
-def _product(plan: Plan, x, w, thresholds, widths):
+def _product(plan: Plan, x, w, thresholds, widths, factors=None):
     """x [B, T, in] @ w [in, out], where the columns of w come in segments of `widths`, each
-    reading x thresholded by its own TEAL threshold (None: x as it is)."""
+    reading x thresholded by its own TEAL threshold (None: x as it is) and, under the weighted
+    criterion, its own factors (factors [segments, in]; None: magnitude)."""
     b, t, n_in = x.shape
     if all(th is None for th in thresholds):
         return jnp.dot(x, w)
     if plan.gemv_kernel(x, w):  # -1: keep every input of an unthresholded segment
         ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
-        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths).reshape(b, t, -1)
-    xs = [x if th is None else sparsity.teal_input(x, th) for th in thresholds]
+        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors).reshape(b, t, -1)
+    xs = [x if th is None else sparsity.teal_input(x, th, None if factors is None else factors[i])
+          for i, th in enumerate(thresholds)]
     if len(xs) == 1:
         return jnp.dot(xs[0], w)
     cuts = list(itertools.accumulate(widths))[:-1]
@@ -140,12 +146,16 @@ def _site(lw, site):
     return lw["thresholds"].get(site)
 
 
+def _factors(lw, name):
+    return lw["factors"][name] if "factors" in lw else None
+
+
 def _grouped(plan: Plan, lw, x, w, group: str, widths):
     """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
-    threshold, or all with the one they share (Plan.shared)."""
+    threshold (and weighted-criterion factors), or all with the one threshold they share (Plan.shared)."""
     if group in plan.shared:
         return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),))
-    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths)
+    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group))
 
 
 def _attention(plan: Plan, lw, x, positions, kv):
@@ -160,7 +170,8 @@ def _attention(plan: Plan, lw, x, positions, kv):
     else:
         q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=-1)
         out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
-    return _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,)), kv
+    o = _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,), _factors(lw, "o"))
+    return o, kv
 
 
 def _mlp(plan: Plan, lw, x):
@@ -170,10 +181,12 @@ def _mlp(plan: Plan, lw, x):
     down_t = [_site(lw, "mlp.down_proj")]
     if not plan.cats:
         g, u = jnp.split(_grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size)), 2, axis=-1)
-        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,)), None
+        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,), _factors(lw, "down")), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
+    down = _factors(lw, "down")
+    factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]||
     if plan.cats_kernel(x):
-        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold)
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor)
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
@@ -182,7 +195,7 @@ def _mlp(plan: Plan, lw, x):
     else:  # neuron-major weights (a batch too large for the kernel, or prefill): one product too
         gu = jnp.einsum("bth,ih->bti", x, lw["gate_up_t"], preferred_element_type=f32)
     g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
-    a = sparsity.cats_activation(g, threshold)
+    a = sparsity.cats_activation(g, threshold, factor)
     return jnp.dot(a.astype(x.dtype) * u, lw["down"]), sparsity.active_fraction(a, axis=-1)
 
 

@@ -46,7 +46,7 @@ from cats_jax import decode, sharding
 from cats_jax.decode import Decoder, Plan
 from cats_jax.model import Transformer, init_cache
 from cats_jax.sampling import Sampling, sample
-from cats_jax.sparsity import MODES
+from cats_jax.sparsity import CRITERIA, MODES
 
 PAD_ID = 0  # fills prompt padding and the steps after a row is done; never read as a real token
 
@@ -329,9 +329,11 @@ def generate_text(
     return texts, gen
 
 
-def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp", dtype: str = "bfloat16"):
+def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp", dtype: str = "bfloat16",
+         criterion: str | None = None):
     """(Decoder, tokenizer) of a converted checkpoint, dense or at a calibrated `sparsity` of its
-    thresholds.json (cats_jax.load's and the CLI's one way to load)."""
+    thresholds.json (cats_jax.load's and the CLI's one way to load). criterion: the selection
+    criterion the thresholds must have (None: theirs, whichever)."""
     from cats_jax import checkpoint, data, thresholds  # orbax and transformers: not needed above
 
     if dtype not in checkpoint.DTYPES:
@@ -341,7 +343,7 @@ def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: 
     tokenizer = data.load_tokenizer(ckpt)
     model = checkpoint.load_model(ckpt, dtype=checkpoint.DTYPES[dtype])
     if sparsity is not None:
-        thresholds.load_into(model, ckpt, sparsity, mode=mode)
+        thresholds.load_into(model, ckpt, sparsity, mode=mode, criterion=criterion)
     return decode.prepare(model, impl), tokenizer
 
 
@@ -373,6 +375,8 @@ def main(argv=None) -> None:
     mode.add_argument("--dense", action="store_true", help="no sparsity (the default)")
     ap.add_argument("--mode", choices=[m for m in MODES if m != "dense"],
                     help="sparsity sites for --sparsity (default: the calibration's method, cats or teal)")
+    ap.add_argument("--criterion", choices=CRITERIA,
+                    help="the selection criterion the thresholds must have been calibrated with (default: theirs)")
     ap.add_argument("--impl", choices=("jnp", "pallas"), default="jnp",
                     help="jnp (any device) or pallas (GPU kernels for decode steps)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and KV cache dtype")
@@ -386,11 +390,14 @@ def main(argv=None) -> None:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     except ValueError as e:
         ap.error(str(e))
+    if args.criterion and args.sparsity is None:
+        ap.error(f"--criterion {args.criterion} needs --sparsity (the calibrated level to run at)")
     try:
         mesh = sharding.make_mesh(args.tp) if args.tp != 1 else None
     except ValueError as e:
         ap.error(f"--tp {args.tp}: {e}")
-    decoder, tokenizer = load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype)
+    decoder, tokenizer = load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype,
+                              criterion=args.criterion)
     if mesh is not None:
         try:
             decoder = sharding.shard(decoder, mesh)

@@ -29,10 +29,16 @@ class Threshold(nnx.Variable):
     """A calibrated sparsity threshold: model state that is saved and loaded, never trained."""
 
 
+class Factor(nnx.Variable):
+    """The weighted criterion's factors of a projection's inputs (sparsity.weight_factors of its
+    weights, fp32 [in]), derived by Transformer.set_criterion; not saved with the weights."""
+
+
 class Activation(nnx.Variable):
     """What a sparse site tests, whole: a CATS MLP's activation a (fp32 [B, T, I], "act") or a
-    TEAL projection's input ("<proj>_input"), sown only under nnx.capture(fn, Activation):
-    calibration takes its |.| quantiles (cats_jax.calibrate, cats_jax.teal).
+    TEAL projection's input ("<proj>_input"), times its factors under the weighted criterion
+    (fp32; the factors are >= 0, so |sown| is the score the rule compares), sown only under
+    nnx.capture(fn, Activation): calibration takes its |.| quantiles (cats_jax.calibrate, cats_jax.teal).
     Its own type, so that capturing nnx.Intermediate (generation statistics) never collects it."""
 
 
@@ -91,14 +97,29 @@ def _input_thresholds(projs) -> nnx.Dict:
     return nnx.Dict({p: Threshold(jnp.zeros((), f32)) for p in projs})
 
 
+def _input_factors(module, projs) -> nnx.Dict:
+    return nnx.Dict({p: Factor(jnp.ones((getattr(module, p).kernel.shape[0],), f32)) for p in projs})
+
+
+def _factor(module, proj: str):
+    """The criterion's factors of module.<proj>'s inputs: None under the magnitude criterion."""
+    return module.input_factor[proj][...] if module.criterion == "weighted" else None
+
+
+def _weighed(v, factor):
+    """v as the rule weighs it (Activation): v itself, or v * factor in fp32."""
+    return v if factor is None else v.astype(f32) * factor
+
+
 def _sparse_input(module, proj: str, x):
     """The input of module.<proj>: TEAL's rule with its threshold if proj is one of the module's
     `sparse_inputs` (static), else x untouched. Under nnx.capture it sows x (Activation, for
     calibration) and the per-token fraction of kept inputs [B, T] (nnx.Intermediate)."""
     if proj not in module.sparse_inputs:
         return x
-    module.sow(Activation, f"{proj}_input", x, capture_noop=True)
-    x = sparsity.teal_input(x, module.input_threshold[proj][...])
+    factor = _factor(module, proj)
+    module.sow(Activation, f"{proj}_input", _weighed(x, factor), capture_noop=True)
+    x = sparsity.teal_input(x, module.input_threshold[proj][...], factor)
     module.sow(nnx.Intermediate, f"{proj}_active_fraction", sparsity.active_fraction(x, axis=-1), capture_noop=True)
     return x
 
@@ -191,6 +212,8 @@ class Attention(nnx.Module):
         # TEAL: the projections whose inputs are thresholded (static), each with its own threshold
         self.sparse_inputs: tuple[str, ...] = ()
         self.input_threshold = _input_thresholds(("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.criterion = "magnitude"  # static: sparsity.CRITERIA (Transformer.set_criterion)
+        self.input_factor = _input_factors(self, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
     def _qkv(self, x):
         """q [B, T, N D], k, v [B, T, K D] of the (normed) input x, each projection reading its TEAL input."""
@@ -225,6 +248,9 @@ class MLP(nnx.Module):
         self.impl = "dense"
         self.sparse_inputs: tuple[str, ...] = ()
         self.input_threshold = _input_thresholds(("gate_proj", "up_proj", "down_proj"))
+        # static: sparsity.CRITERIA; CATS's factor of neuron i is down_proj's of input i (||W_down[i, :]||)
+        self.criterion = "magnitude"
+        self.input_factor = _input_factors(self, ("gate_proj", "up_proj", "down_proj"))
 
     def __call__(self, x):
         if self.impl == "dense":
@@ -236,11 +262,12 @@ class MLP(nnx.Module):
         gate = self.gate_proj  # an adapter (train.lora.LoRALinear) takes preferred_element_type itself
         g = (jnp.dot(xg, gate.kernel[...], preferred_element_type=f32) if type(gate) is nnx.Linear
              else gate(xg, preferred_element_type=f32))
-        a = sparsity.cats_activation(g, self.threshold[...])
+        factor = _factor(self, "down_proj")
+        a = sparsity.cats_activation(g, self.threshold[...], factor)
         # Measured sparsity: the per-token fraction of kept neurons [B, T], recorded only
         # under nnx.capture(nnx.Intermediate); a no-op otherwise.
         self.sow(nnx.Intermediate, "active_fraction", sparsity.active_fraction(a, axis=-1), capture_noop=True)
-        self.sow(Activation, "act", a, capture_noop=True)
+        self.sow(Activation, "act", _weighed(a, factor), capture_noop=True)
         return _projection(self, "down_proj", a.astype(x.dtype) * self.up_proj(xu))
 
 
@@ -301,6 +328,22 @@ class Transformer(nnx.Module):
             for name in ("attn", "mlp"):
                 teal = (s for s in sites if s in sparsity.TEAL_SITES and s.startswith(name + "."))
                 getattr(layer, name).sparse_inputs = tuple(s.split(".")[1] for s in teal)
+
+    def set_criterion(self, criterion: str):
+        """What every site compares with its threshold (sparsity.CRITERIA): weighted derives each
+        projection's input factors from its weights now (rederive after changing the weights)."""
+        if criterion not in sparsity.CRITERIA:
+            raise ValueError(f"unknown selection criterion {criterion!r} (choose from {', '.join(sparsity.CRITERIA)})")
+        for layer in self.layers:
+            for module in (layer.attn, layer.mlp):
+                module.criterion = criterion
+                if criterion == "weighted":
+                    for proj, factor in module.input_factor.items():
+                        factor[...] = sparsity.weight_factors(getattr(module, proj).kernel[...])
+
+    @property
+    def criterion(self) -> str:
+        return self.layers[0].mlp.criterion
 
     @property
     def sites(self) -> tuple[str, ...]:

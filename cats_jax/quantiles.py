@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cats_jax import checkpoint, data, thresholds
 from cats_jax.model import Activation, Transformer, sown_by_site
-from cats_jax.sparsity import CATS_SITE, TEAL_SITES
+from cats_jax.sparsity import CATS_SITE, CRITERIA, TEAL_SITES
 
 f32 = jnp.float32
 
@@ -158,7 +158,8 @@ def set_dense_sites(model: Transformer, sites=TEAL_SITES + (CATS_SITE,)) -> None
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def abs_inputs(graphdef, state, tokens, sites: tuple[str, ...]):
-    """|what each of `sites` tests| (set_dense_sites): {site: fp32 [L, B * T, n]}."""
+    """The score each of `sites` tests (set_dense_sites; |value|, or |value| * factor under the
+    weighted criterion): {site: fp32 [L, B * T, n]}."""
     model = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     _, acts = nnx.capture(model.hidden, Activation)(tokens, positions)
@@ -169,7 +170,7 @@ def abs_inputs(graphdef, state, tokens, sites: tuple[str, ...]):
 def sample_sites(model: Transformer, rows: list[np.ndarray], sites: tuple[str, ...], *, batch_size: int = 2,
                  reservoir: int = 1_000_000, seed: int = 0, same_input: dict | None = None,
                  progress: bool = True) -> Sample:
-    """Samples of the |values| each of `sites` tests in the dense model over rows (int32 [T] each)."""
+    """Samples of the scores (|values|, or weighted) each of `sites` tests in the dense model over rows (int32 [T] each)."""
     set_dense_sites(model, sites)
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(seed)
@@ -218,15 +219,18 @@ def measure_sparsity(model: Transformer, rows: list[np.ndarray], batch_size: int
 
 # ---- a calibration run ---------------------------------------------------------------------------
 def prepare(ckpt_dir, method: str, sparsities: list[float], source: data.TextSource, *, tokens: int,
-            holdout_tokens: int, seq_len: int, dtype: str | None, force: bool = False):
+            holdout_tokens: int, seq_len: int, dtype: str | None, force: bool = False, criterion: str = "magnitude"):
     """(model, calibration rows, held-apart rows): everything a calibration checks before its pass,
-    that the text suffices and that saving `method` at `sparsities` replaces no calibration
-    without force (thresholds.check_merge)."""
+    that the text suffices and that saving `method` at `sparsities` of `criterion` replaces no
+    calibration without force (thresholds.check_merge). The model is set to `criterion`."""
     for p in sparsities:
         if not 0 < p < 1:
             raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown selection criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
     model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
-    thresholds.check_merge(ckpt_dir, thresholds.model_identity(model), method, sparsities, force)
+    thresholds.check_merge(ckpt_dir, thresholds.model_identity(model), method, sparsities, force, criterion)
+    model.set_criterion(criterion)
     cal, held = calibration_rows(data.load_tokenizer(ckpt_dir), source, tokens, holdout_tokens, seq_len)
     return model, cal, held
 

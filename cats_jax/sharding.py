@@ -111,6 +111,9 @@ def shard(decoder, mesh: jax.sharding.Mesh):
     plan = decoder.plan
     if plan.mesh is not None:  # its columns are in blocks already
         raise ValueError("this decoder is sharded already; shard the one decode.prepare returned")
+    if any("factors" in lw for lw in decoder.weights["layers"]):
+        raise ValueError("tensor parallelism takes the magnitude criterion only for now (the weighted "
+                         "criterion's factors are not split over devices)")
     cfg, tp = plan.cfg, tp_size(mesh)
     local_config(cfg, tp)  # the shapes divide
     d, size = cfg.head_dim, cfg.intermediate_size

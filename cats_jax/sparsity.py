@@ -9,6 +9,13 @@ of W (Flax layout [in, out]) of zeroed inputs need not be read. Seven sites per 
 (one input, three thresholds), o (the attention output), gate, up (one input, two thresholds)
 and down (SiLU(gate) * up).
 
+The *criterion* says what is compared with the threshold: "magnitude" (both papers) tests |v|;
+"weighted" (WINA, arXiv 2505.19427) tests |v| * c, where c is the L2 norm of the weight row that v
+multiplies (weight_factors): CATS keeps neuron i when |a_i| * ||W_down[i, :]|| > t, TEAL keeps input
+j of a projection W [in, out] when |x_j| * ||W[j, :]|| > t. The factors are derived from the
+weights when the criterion is set (model.Transformer.set_criterion), never stored on disk; the
+weight rows skipped, and so the kernels' speed, are the same either way.
+
 A *site* is where a threshold applies, one threshold per (layer, site); a *mode* is the set of
 sites a model thresholds. How they are computed (jnp or a Pallas kernel) is chosen separately.
 """
@@ -18,8 +25,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# The CATS rule is defined beside its kernel, which imports nothing from cats_jax.
+# The rules are defined beside their kernels, which import nothing from cats_jax.
 from pallas_kernels.cats_mlp import cats_activation  # noqa: F401
+from pallas_kernels.sparse_gemv import keep, score  # noqa: F401
+
+CRITERIA = ("magnitude", "weighted")  # magnitude: the papers' (default); weighted: |v| * weight row norm
 
 # How the model's gated MLP is computed: dense SiLU or the CATS activation (cats_jax.decode runs
 # decode steps of the latter through the Pallas kernel, pallas_kernels.cats_mlp).
@@ -37,11 +47,18 @@ MODES = {
 }
 
 
-def teal_input(x: jax.Array, threshold: jax.Array) -> jax.Array:
-    """x_j := 0 where |x_j| <= threshold, in x's own dtype: the test reads the value that the
-    layer multiplies (bf16 models: the bf16 input, compared exactly in fp32). threshold 0 is
-    exactly dense: it only zeroes zeros."""
-    return jnp.where(jnp.abs(x) > threshold, x, jnp.zeros((), x.dtype))
+def teal_input(x: jax.Array, threshold: jax.Array, factor=None) -> jax.Array:
+    """x_j := 0 where |x_j| <= threshold (factor None) or |x_j| * factor_j <= threshold (the
+    weighted criterion), in x's own dtype: the test reads the value that the layer multiplies
+    (bf16 models: the bf16 input, compared in fp32). threshold 0 is exactly dense: it only zeroes zeros."""
+    return jnp.where(keep(x, threshold, factor), x, jnp.zeros((), x.dtype))
+
+
+def weight_factors(w: jax.Array) -> jax.Array:
+    """The weighted criterion's factors of a weight matrix w [in, out] (Flax layout): the L2 norm
+    of each input's row, fp32 [in]."""
+    w = w.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(w * w, axis=1))
 
 
 def site_weights(cfg) -> dict[str, float]:

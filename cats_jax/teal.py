@@ -47,17 +47,25 @@ from cats_jax.sparsity import CATS_SITE, TEAL_SITES, site_weights, weighted_mean
 
 f32 = jnp.float32
 ALLOCATIONS = ("greedy", "uniform")
-# Sites that read another site's input: they share its sample (their own thresholds still differ).
+# Sites that read another site's input: they share its sample (their own thresholds still differ),
+# under the magnitude criterion; under the weighted one each projection weighs the input its own way.
 SAME_INPUT = {"attn.k_proj": "attn.q_proj", "attn.v_proj": "attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
 SAMPLED = tuple(s for s in TEAL_SITES if s not in SAME_INPUT) + (CATS_SITE,)
+
+
+def sampled(criterion: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the sites whose scores are sampled, site -> the sampled site it shares) under `criterion`."""
+    return (SAMPLED, SAME_INPUT) if criterion == "magnitude" else (TEAL_SITES + (CATS_SITE,), {})
 
 
 # ---- 1. quantiles --------------------------------------------------------------------------------
 def sample_inputs(model: Transformer, rows, *, batch_size: int = 2, reservoir: int = 1_000_000, seed: int = 0,
                   progress: bool = True) -> quantiles.Sample:
-    """Samples of |x| of every distinct site input (and |a| of CATS) of the dense model over rows."""
-    return quantiles.sample_sites(model, list(rows), SAMPLED, batch_size=batch_size, reservoir=reservoir, seed=seed,
-                                  same_input=SAME_INPUT, progress=progress)
+    """Samples of the score (|x|, or weighted) of every distinct site input (and of CATS's a) of the
+    dense model over rows."""
+    sites, same = sampled(model.criterion)
+    return quantiles.sample_sites(model, list(rows), sites, batch_size=batch_size, reservoir=reservoir, seed=seed,
+                                  same_input=same, progress=progress)
 
 
 def exact_thresholds(model: Transformer, rows, sample: quantiles.Sample, wanted, *, batch_size: int = 2,
@@ -66,7 +74,8 @@ def exact_thresholds(model: Transformer, rows, sample: quantiles.Sample, wanted,
     the sample's. The sample brackets each quantile (6 standard deviations of its rank either
     side); a second pass over the rows counts the values under the bracket and keeps those in it,
     where the quantile is read (with quantiles.quantile_threshold's choice between tied values)."""
-    keys = sorted({(SAME_INPUT.get(site, site), layer, float(level)) for site, layer, level in wanted})
+    same, sites = sample.same_input, tuple(sample.sorted)
+    keys = sorted({(same.get(site, site), layer, float(level)) for site, layer, level in wanted})
     bounds = {}
     for site, layer, level in keys:
         s = sample.sorted[site][layer]
@@ -76,11 +85,11 @@ def exact_thresholds(model: Transformer, rows, sample: quantiles.Sample, wanted,
         bounds[site, layer, level] = lo, hi
     below = dict.fromkeys(keys, 0)
     inside = {k: [] for k in keys}
-    quantiles.set_dense_sites(model, SAMPLED)
+    quantiles.set_dense_sites(model, sites)
     graphdef, state = nnx.split(model)
     with quantiles.rows_bar(rows, "exact quantiles", progress) as bar:
         for batch in quantiles.batches(rows, batch_size):
-            values = {s: np.asarray(v) for s, v in quantiles.abs_inputs(graphdef, state, jnp.asarray(batch), SAMPLED).items()}
+            values = {s: np.asarray(v) for s, v in quantiles.abs_inputs(graphdef, state, jnp.asarray(batch), sites).items()}
             for key, (lo, hi) in bounds.items():
                 v = values[key[0]][key[1]]
                 below[key] += int(np.count_nonzero(v < lo))
@@ -90,7 +99,7 @@ def exact_thresholds(model: Transformer, rows, sample: quantiles.Sample, wanted,
     for key in keys:
         w, n = np.sort(np.concatenate(inside[key])), sample.values_per_layer[key[0]]
         out[key] = _bracketed_quantile(w, below[key], n, key[2], key)
-    return {(site, layer, float(level)): out[SAME_INPUT.get(site, site), layer, float(level)]
+    return {(site, layer, float(level)): out[same.get(site, site), layer, float(level)]
             for site, layer, level in wanted}
 
 
@@ -158,21 +167,21 @@ def _tail(block, x, start: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _dense_block(graphdef, state, x, start):
+def dense_block(graphdef, state, x, start):
     """(the whole output, the output of tokens start..) of a block at thresholds 0: dense."""
     block = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     return block(x, positions)[0], _tail(block, x, start)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _block_errors(graphdef, state, x, y_tail, th, start):
-    """th [C, sites]: TEAL_SITES' thresholds of C candidates. Per candidate, the L2 norm of the
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def block_errors(graphdef, state, x, y_tail, th, start, sites=TEAL_SITES):
+    """th [C, sites]: the thresholds of `sites` of C candidates. Per candidate, the L2 norm of the
     block's output minus the dense y_tail over tokens start.. of every row [C]."""
 
     def error(state, t):  # state passed in (unbatched) so that the merged block is of vmap's trace
         block = nnx.merge(graphdef, state)
-        for i, site in enumerate(TEAL_SITES):
+        for i, site in enumerate(sites):
             site_threshold(block, site)[...] = t[i]
         return jnp.sqrt(jnp.sum(jnp.square((_tail(block, x, start) - y_tail).astype(f32))))
 
@@ -205,12 +214,12 @@ def greedy(model: Transformer, sample: quantiles.Sample, rows: np.ndarray, targe
     steps = 0
     for layer in tqdm(range(num_layers), desc="greedy allocation", unit="layer", disable=not progress):
         graphdef, state = nnx.split(model.layers[layer])
-        y, y_tail = _dense_block(graphdef, state, x, start)
+        y, y_tail = dense_block(graphdef, state, x, start)
         scale = float(jnp.sqrt(jnp.sum(jnp.square(y_tail.astype(f32)))))
 
         def evaluate(cand):
             th = [[sample.threshold(s, layer, lv)[0] for s, lv in zip(TEAL_SITES, row)] for row in cand]
-            return np.asarray(_block_errors(graphdef, state, x, y_tail, jnp.asarray(th, f32), start)) / scale
+            return np.asarray(block_errors(graphdef, state, x, y_tail, jnp.asarray(th, f32), start)) / scale
 
         path, _ = greedy_path(evaluate, weights, base_step, float(targets.max()))
         levels[:, layer] = [levels_at(path, weights, p) for p in targets]
@@ -225,8 +234,8 @@ def greedy(model: Transformer, sample: quantiles.Sample, rows: np.ndarray, targe
 def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocation: str = "greedy",
         tokens: int = 20_480, holdout_tokens: int = 16_384, seq_len: int = 1024, batch_size: int = 2,
         reservoir: int = 1_000_000, greedy_tokens: int = 2048, base_step: float = 0.05, last_fraction: float = 0.25,
-        seed: int = 0, dtype: str | None = "float32", progress: bool = True,
-        force: bool = False) -> thresholds.Thresholds:
+        seed: int = 0, dtype: str | None = "float32", progress: bool = True, force: bool = False,
+        criterion: str = "magnitude") -> thresholds.Thresholds:
     """Calibrate TEAL thresholds of a checkpoint on `tokens` tokens of `source` (the greedy search
     on the first `greedy_tokens` of them), add the levels to DIR/thresholds.json (replacing levels
     it holds only with force), then measure them on the next `holdout_tokens`."""
@@ -234,7 +243,7 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocatio
         raise ValueError(f"unknown allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
     model, calib_rows, held_rows = quantiles.prepare(ckpt_dir, "teal", sparsities, source, tokens=tokens,
                                                      holdout_tokens=holdout_tokens, seq_len=seq_len, dtype=dtype,
-                                                     force=force)
+                                                     force=force, criterion=criterion)
     cfg = model.cfg
     greedy_rows = calib_rows[:math.ceil(greedy_tokens / seq_len)]
     quantiles.plan(calib_rows, held_rows, len(sparsities), progress,
@@ -287,7 +296,9 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, allocatio
         "seq_len": seq_len,
         "dtype": dtype or "as stored",
         "allocation": allocation,
-        "activation": "|input| of each linear layer, and |SiLU(x W_gate)| for mlp.act; fp32, dense model",
+        "criterion": criterion,
+        "activation": "|input| of each linear layer, and |SiLU(x W_gate)| for mlp.act; fp32, dense model"
+                      + (", times the L2 norm of the weight row it multiplies" if criterion == "weighted" else ""),
         "values_per_layer": sample.values_per_layer,
         "exact_quantile": True,  # over all values_per_layer (a second pass where the sample is not all)
         "sample_per_layer": {s: len(a[0]) for s, a in sample.sorted.items()},

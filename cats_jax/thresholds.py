@@ -27,6 +27,11 @@ layer's effective sparsity under realised["effective"]. Its "calibration" holds 
 for greedy, the search's settings and per-layer output errors (cats_jax.teal). A TEAL file also
 holds "mlp.act", so it serves the modes cats and (uniform allocation) cats+teal-attn too.
 
+The selection criterion (sparsity.CRITERIA) is the method's calibration["criterion"]; absent (files
+written before it existed) means "magnitude". Applying thresholds sets the model's criterion to
+theirs; asking for the other one is an error. A method's levels share one criterion: calibrating
+it with the other replaces all of that method's levels, and only with force.
+
 Calibrating adds to the file: each method keeps its levels, and a new run replaces only the levels
 it calibrates (with force; without, calibrate refuses before its pass). A level kept from an
 earlier run carries that run's "calibration". Version 1 files (one method, no "methods") are read.
@@ -49,7 +54,7 @@ import numpy as np
 
 from cats_jax import fileio
 from cats_jax.cli import InputError
-from cats_jax.sparsity import CATS_SITE, MODES, TEAL_SITES
+from cats_jax.sparsity import CATS_SITE, CRITERIA, MODES, TEAL_SITES
 
 FILENAME = "thresholds.json"
 FORMAT = "cats-jax-thresholds"
@@ -100,6 +105,20 @@ class Thresholds:
     def sparsities(self) -> list[float]:
         return [lv.sparsity for lv in self.levels]
 
+    @property
+    def criterion(self) -> str:
+        """The selection criterion these thresholds were calibrated with (sparsity.CRITERIA)."""
+        return self.calibration.get("criterion", "magnitude")
+
+    def check_criterion(self, criterion: str | None) -> None:
+        """Raise ThresholdsError if `criterion` (None: any) is not the one these were calibrated with."""
+        if criterion is not None and criterion not in CRITERIA:
+            raise ThresholdsError(f"unknown selection criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
+        if criterion not in (None, self.criterion):
+            raise ThresholdsError(f"these {self.method} thresholds were calibrated with the {self.criterion} criterion, "
+                                  f"not {criterion}; pass --criterion {self.criterion} or calibrate with "
+                                  f"--criterion {criterion}")
+
     def level(self, sparsity: float) -> Level:
         if not 0 < sparsity < 1:  # no calibration can give it: do not suggest running one
             raise ThresholdsError(f"sparsity {sparsity:g} is not a fraction in (0, 1)")
@@ -149,7 +168,7 @@ class Thresholds:
         existing = {} if force and _other_model(ckpt_dir, self.model) else (read(ckpt_dir) or {})
         merged = dict(existing)
         old = existing.get(self.method)
-        if old is not None:
+        if old is not None and old.criterion == self.criterion:
             kept = [dataclasses.replace(lv, calibration=lv.calibration or old.calibration)
                     for lv in old.levels if not any(abs(lv.sparsity - p) < 1e-9 for p in self.sparsities)]
             levels = sorted(kept + self.levels, key=lambda lv: lv.sparsity)
@@ -244,9 +263,10 @@ def _other_model(ckpt_dir, model: dict) -> bool:
     return bool(methods) and next(iter(methods.values())).model != model
 
 
-def check_merge(ckpt_dir: str | Path, model: dict, method: str, sparsities: list[float], force: bool = False) -> None:
-    """Raise ThresholdsError (unless force) if saving `method` levels at `sparsities` for `model`
-    would replace calibrations in DIR/thresholds.json. Calibration calls it before its pass."""
+def check_merge(ckpt_dir: str | Path, model: dict, method: str, sparsities: list[float], force: bool = False,
+                criterion: str = "magnitude") -> None:
+    """Raise ThresholdsError (unless force) if saving `method` levels at `sparsities` of `criterion`
+    for `model` would replace calibrations in DIR/thresholds.json. Calibration calls it before its pass."""
     methods = read(ckpt_dir)
     if force or not methods:
         return
@@ -256,16 +276,23 @@ def check_merge(ckpt_dir: str | Path, model: dict, method: str, sparsities: list
         diff = ", ".join(k for k in model if mine.get(k) != model[k])
         raise ThresholdsError(f"{path} holds thresholds of another model (differs in {diff}); pass --force to "
                               "replace them, or move the file away")
+    if method in methods and methods[method].criterion != criterion:
+        raise ThresholdsError(f"{path} holds {method} levels of the {methods[method].criterion} criterion; pass --force "
+                              f"to replace them all by these of the {criterion} criterion, or calibrate a copy of the "
+                              "checkpoint")
     same = [p for p in sparsities if method in methods and any(abs(p - q) < 1e-9 for q in methods[method].sparsities)]
     if same:
         raise ThresholdsError(f"{path} already holds {method} levels {', '.join(f'{p:g}' for p in same)}; pass --force "
                               "to replace them (other levels are kept either way)")
 
 
-def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = None) -> Level:
-    """Set the model's thresholds for `sparsity` (after checking they belong to it) and its mode
-    (sparsity.MODES; default: the file's method)."""
+def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = None,
+          criterion: str | None = None) -> Level:
+    """Set the model's thresholds for `sparsity` (after checking they belong to it), its mode
+    (sparsity.MODES; default: the file's method) and its selection criterion (the thresholds'; one
+    given must be theirs)."""
     thresholds.check_model(model)
+    thresholds.check_criterion(criterion)
     mode = mode or thresholds.method
     if mode not in MODES or mode == "dense":
         raise ThresholdsError(f"unknown sparsity mode {mode!r} (choose from {', '.join(m for m in MODES if m != 'dense')})")
@@ -282,12 +309,14 @@ def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = Non
             raise ThresholdsError(f"level {sparsity:g} has no thresholds for site {site!r}")
         model.set_thresholds(site, level.thresholds[site])
     model.set_mode(mode)
+    model.set_criterion(thresholds.criterion)
     return level
 
 
-def load_into(model, ckpt_dir: str | Path, sparsity: float, mode: str | None = None) -> Level:
+def load_into(model, ckpt_dir: str | Path, sparsity: float, mode: str | None = None,
+              criterion: str | None = None) -> Level:
     """Apply DIR/thresholds.json at `sparsity`; an error names the missing calibration."""
     thresholds = load(ckpt_dir, mode)
     if thresholds is None:
         raise ThresholdsError(f"{ckpt_dir}: no {FILENAME}; run python -m cats_jax.calibrate --ckpt {ckpt_dir} first")
-    return apply(model, thresholds, sparsity, mode)
+    return apply(model, thresholds, sparsity, mode, criterion)

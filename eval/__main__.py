@@ -8,16 +8,18 @@ import sys
 from pathlib import Path
 
 from cats_jax import checkpoint, cli, data, fileio, thresholds
-from cats_jax.sparsity import MODES
+from cats_jax.sparsity import CRITERIA, MODES
 from eval import harness
 from eval import tasks as task_lib
 
 WIKITEXT = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", "page")  # lm-eval's wikitext
 
 
-def _settings(text: str | None, ckpt: str, mode: str | None) -> list:
+def _settings(text: str | None, ckpt: str, mode: str | None, criterion: str | None) -> list:
+    th = thresholds.load(ckpt, mode)
+    if th is not None:  # sparse rows apply the thresholds' criterion; one asked for must be it
+        th.check_criterion(criterion)
     if text is None:  # dense and every calibrated level
-        th = thresholds.load(ckpt, mode)
         return [harness.DENSE] + (th.sparsities if th else [])
     out = []
     for s in text.split(","):
@@ -55,6 +57,8 @@ def main(argv=None):
     ap.add_argument("--mode", choices=[m for m in MODES if m != "dense"],
                     help="which sites the calibrated levels threshold (default: the thresholds' method; TEAL "
                          "thresholds also serve cats, and with uniform allocation cats+teal-attn)")
+    ap.add_argument("--criterion", choices=CRITERIA,
+                    help="the selection criterion the thresholds must have been calibrated with (default: theirs)")
     ap.add_argument("--tasks", default="all", help=f"comma-separated tasks, 'all' or 'none' (known: {', '.join(task_lib.TASKS)})")
     ap.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
                     help="a task's local data: its original release file (e.g. piqa=valid.jsonl) or a "
@@ -95,7 +99,7 @@ def main(argv=None):
 
     try:
         result = harness.evaluate(
-            args.ckpt, settings=_settings(args.sparsity, args.ckpt, args.mode),
+            args.ckpt, settings=_settings(args.sparsity, args.ckpt, args.mode, args.criterion),
             task_files=_task_files(args.tasks, args.data_file), limit=args.limit, ppl_source=ppl_source,
             ppl_tokens=args.ppl_tokens, context_length=args.context_length, stride=args.stride,
             batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress, mode=args.mode,

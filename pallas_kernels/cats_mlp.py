@@ -33,16 +33,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
-from pallas_kernels.sparse_gemv import GemvBlocks, sparse_gemv
+from pallas_kernels.sparse_gemv import GemvBlocks, keep, sparse_gemv
 
 f32 = jnp.float32
 
 
-def cats_activation(gate: jax.Array, threshold: jax.Array) -> jax.Array:
-    """SiLU then zero |a| <= threshold; computed in fp32 (the threshold test must not depend on
-    the storage dtype of the gate output). threshold 0 is exactly dense: it only zeroes zeros."""
+def cats_activation(gate: jax.Array, threshold: jax.Array, factor=None) -> jax.Array:
+    """SiLU then zero |a| <= threshold (factor None: the magnitude criterion) or
+    |a| * factor <= threshold (the weighted criterion: factor [I], each neuron's W_down row norm);
+    computed in fp32 (the threshold test must not depend on the storage dtype of the gate output).
+    threshold 0 is exactly dense: it only zeroes zeros."""
     a = jax.nn.silu(gate.astype(jnp.float32))
-    return jnp.where(jnp.abs(a) > threshold, a, 0.0)
+    return jnp.where(keep(a, threshold, factor), a, 0.0)
 
 
 # Decode batches up to this size use the kernels; larger ones take the dense path: the union of
@@ -82,7 +84,8 @@ def kernel_pays(batch: int) -> bool:
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH
 
 
-def _gate_up_kernel(x_ref, w_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_neurons):
+def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons, weighted):
+    *f_ref, h_ref = refs  # f_ref: [the factors [I]] if weighted
     dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
@@ -107,7 +110,8 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_n
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
         return acc if dot else jnp.sum(acc, axis=1)[None, :]
 
-    a = cats_activation(matvec(0, row_ok), t_ref[0])  # [bp, rows]; padding rows and neurons give 0
+    f = load(f_ref[0].at[pl.ds(i0, rows)], mask=row_ok)[None, :] if weighted else None
+    a = cats_activation(matvec(0, row_ok), t_ref[0], f)  # [bp, rows]; padding rows and neurons give 0
     live = jnp.max(jnp.abs(a), axis=0) > 0  # neurons kept by some batch row (implies row_ok)
     u = matvec(n_neurons, live)
     # a and u are rounded to the activation dtype before their product, as in the model's jnp path
@@ -117,25 +121,30 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, h_ref, *, batch, bp, blk, n_hidden, n_n
     plgpu.store(h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)], h, mask=mask2d(batch_ok, row_ok))
 
 
-def gate_up(x, w_gu, threshold, *, blocks: GateUpBlocks | None = None):
-    """h = cats_activation(x W_gate, t) * (x W_up) [B, I] in x.dtype, from w_gu = [W_gate^T; W_up^T] [2I, H]."""
+def gate_up(x, w_gu, threshold, factor=None, *, blocks: GateUpBlocks | None = None):
+    """h = cats_activation(x W_gate, t, factor) * (x W_up) [B, I] in x.dtype, from w_gu = [W_gate^T; W_up^T] [2I, H]."""
     if x.ndim != 2 or w_gu.ndim != 2 or w_gu.shape[0] % 2 or w_gu.shape[1] != x.shape[1]:
         raise ValueError(f"gate_up: x {x.shape}, w_gu {w_gu.shape}; expected [B, H], [2I, H]")
     batch, n_hidden = x.shape
     n_neurons = w_gu.shape[0] // 2
     blk = blocks or blocks_for(batch, n_hidden, n_neurons)
     bp = padded_batch(batch, batch > 1)
-    kernel = functools.partial(_gate_up_kernel, batch=batch, bp=bp, blk=blk, n_hidden=n_hidden, n_neurons=n_neurons)
+    if factor is not None and jnp.shape(factor) != (n_neurons,):
+        raise ValueError(f"gate_up: factor {jnp.shape(factor)}; expected one per neuron ({n_neurons},)")
+    kernel = functools.partial(_gate_up_kernel, batch=batch, bp=bp, blk=blk, n_hidden=n_hidden, n_neurons=n_neurons,
+                               weighted=factor is not None)
+    factors = () if factor is None else (jnp.asarray(factor, f32),)
     return call(kernel, jax.ShapeDtypeStruct((batch, n_neurons), x.dtype), grid=(pl.cdiv(n_neurons, blk.rows),),
                 num_warps=blk.num_warps, num_stages=blk.num_stages, name="cats_gate_up")(
-        x.astype(w_gu.dtype), w_gu, jnp.asarray(threshold, f32).reshape(1))
+        x.astype(w_gu.dtype), w_gu, jnp.asarray(threshold, f32).reshape(1), *factors)
 
 
-def cats_mlp(x, w_gu, w_down, threshold, *, blocks: GateUpBlocks | None = None,
+def cats_mlp(x, w_gu, w_down, threshold, factor=None, *, blocks: GateUpBlocks | None = None,
              down_blocks: GemvBlocks | None = None):
-    """The CATS MLP of decode rows x [B, H] with neuron-major weights w_gu [2I, H], w_down [I, H]:
-    (y [B, H] in x.dtype, the hidden activations h [B, I], zero where dropped)."""
+    """The CATS MLP of decode rows x [B, H] with neuron-major weights w_gu [2I, H], w_down [I, H]
+    (factor: None, or the weighted criterion's [I]): (y [B, H] in x.dtype, the hidden activations
+    h [B, I], zero where dropped)."""
     if w_gu.shape != (2 * w_down.shape[0], w_down.shape[1]):
         raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] for w_gu {w_gu.shape} = [2I, H]")
-    h = gate_up(x, w_gu, threshold, blocks=blocks)
+    h = gate_up(x, w_gu, threshold, factor, blocks=blocks)
     return sparse_gemv(h, w_down, blocks=down_blocks), h

@@ -50,6 +50,20 @@ MAX_KERNEL_BATCH = 1
 MIN_KERNEL_WEIGHTS = 20_000_000
 
 
+def score(value, factor=None):
+    """What a sparsity threshold is compared with, in fp32: |value| (the papers' magnitude
+    criterion) or |value| * factor (the weighted criterion: factor is the L2 norm of the weight row
+    that the value multiplies, cats_jax.sparsity.weight_factors). One definition for the kernels
+    and the jnp path (cats_jax.sparsity re-exports it)."""
+    s = jnp.abs(value.astype(f32))
+    return s if factor is None else s * factor
+
+
+def keep(value, threshold, factor=None):
+    """The sparsity rule: a value is kept where its score exceeds the threshold."""
+    return score(value, factor) > threshold
+
+
 def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:
     """Whether a TEAL decode step of `batch` rows should run the kernel."""
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH and n_in * n_out >= MIN_KERNEL_WEIGHTS
@@ -141,16 +155,18 @@ def _threshold(t_refs, seg):
     return t
 
 
-def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, bounds):
+def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds):
     dot = batch > 1  # tensor-core dots on padded batch rows and partials; batch 1: multiply-add, atomics
     *t_refs, o_ref = refs
+    f_ref = t_refs.pop() if weighted else None  # [segments, in]
     rows, cols = blk.rows, blk.cols
     c0 = pl.program_id(0) * cols
     split = pl.program_id(1)
     col_ok = iota(cols, c0) < n_out if n_out % cols else None
     batch_ok = iota(bp) < batch if bp != batch else None
     row_tail = (n_in % rows_per_split) != 0  # the last split runs past the end of x / W
-    t = _threshold(t_refs, _segment(c0, bounds))
+    seg = _segment(c0, bounds)
+    t = _threshold(t_refs, seg)
 
     def step(k, acc):
         r0 = pl.multiple_of(split * rows_per_split + k * rows, rows)
@@ -162,7 +178,11 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
             x = load(x_ref.at[pl.ds(r0, rows), pl.ds(0, 1)], mask=mask2d(row_ok, None))
         xf = x.astype(f32)
         if thresholded:
-            xf = jnp.where(jnp.abs(xf) > t, xf, 0.0)
+            f = None
+            if weighted:  # this segment's factors of the tile's rows, along x's row axis
+                f = load(f_ref.at[seg, pl.ds(r0, rows)], mask=row_ok)
+                f = f[None, :] if dot else f[:, None]
+            xf = jnp.where(keep(xf, t, f), xf, 0.0)
         # [rows, 1]: the weight row is needed by some batch row
         live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if dot else xf != 0
         w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=live if col_ok is None else live & col_ok[None, :],
@@ -181,11 +201,12 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
 
-def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, span):
+def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, weighted, span):
     """Program (segment, chunk): the chunk's row numbers and values, kept rows first (val 0 for
     the others), and the number kept. It also zeroes its `span` of the gather's fp32 output (one
     launch fewer than an XLA memset)."""
     *t_refs, idx_ref, val_ref, cnt_ref, zero_ref = refs
+    f_ref = t_refs.pop() if weighted else None  # [segments, in]
     seg, c = pl.program_id(0), pl.program_id(1)
     p = seg * pl.num_programs(1) + c
     plgpu.store(zero_ref.at[pl.ds(0, 1), pl.ds(p * span, span)], jnp.zeros((1, span), f32))
@@ -193,7 +214,8 @@ def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, span):
     ok = j < n_in
     x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
     xf = x.astype(f32)
-    live = ((jnp.abs(xf) > _threshold(t_refs, seg)) if thresholded else (xf != 0)) & ok
+    f = load(f_ref.at[seg, pl.ds(c * chunk, chunk)], mask=ok) if weighted else None
+    live = (keep(xf, _threshold(t_refs, seg), f) if thresholded else (xf != 0)) & ok
     n_live = jnp.sum(live.astype(jnp.int32))
     before = jnp.cumsum(live.astype(jnp.int32))  # kept rows up to and including this one
     # kept rows in order, then the dropped ones (a permutation: every slot is written)
@@ -228,9 +250,11 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
 
 
 def _gather_gemv(x, w, ts, thresholded, bounds, blk: GatherBlocks):
-    """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32."""
+    """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32.
+    ts: the thresholds, then the factors [segments, in] if weighted (len(ts) > segments)."""
     n_in, n_out = w.shape
     n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
+    weighted = len(ts) > n_seg
     col_blocks = pl.cdiv(n_out, blk.cols)
     # the output, padded to whole column blocks and to a whole power-of-two span per compact program
     span = next_pow2(pl.cdiv(col_blocks * blk.cols, n_seg * chunks))
@@ -238,7 +262,8 @@ def _gather_gemv(x, w, ts, thresholded, bounds, blk: GatherBlocks):
     listed = (jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), jnp.int32),
               jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), x.dtype),
               jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32), out)
-    kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded, span=span)
+    kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded,
+                               weighted=weighted, span=span)
     idx, val, count, zeros = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
         x.reshape(n_in), *ts)
     kernel = functools.partial(_gather_kernel, blk=blk, n_out=n_out, bounds=bounds)
@@ -247,15 +272,17 @@ def _gather_gemv(x, w, ts, thresholded, bounds, blk: GatherBlocks):
     return y[:, :n_out]
 
 
-def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None,
+def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None, factors=None,
                 blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None):
-    """y = x' @ w with x' = x (threshold None) or x * (|x| > threshold), x' rounded to w's dtype.
+    """y = x' @ w with x' = x (threshold None) or x * keep(x, threshold, factors), x' rounded to w's dtype.
 
     x [B, in], w [in, out]. Returns [B, out] in out_dtype (default x.dtype), accumulated in fp32.
     Rows of w are read only where some batch row's x' is non-zero (in that column block).
     segments: widths of consecutive output-column segments with their own thresholds (threshold
     then has one value per segment, best a sequence of scalars: an array is split per call):
     w = [W_q | W_k | W_v] reads x once for three projections.
+    factors: None (magnitude criterion) or [segments, in] fp32, each segment's factor per input
+    (the weighted criterion); needs a threshold.
     """
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"sparse_gemv: x {x.shape} and w {w.shape} do not chain as [B, in] @ [in, out]")
@@ -272,6 +299,11 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
               (threshold if isinstance(threshold, (tuple, list)) else jnp.asarray(threshold, f32).reshape(-1))]
         if len(ts) != len(segments):
             raise ValueError(f"sparse_gemv: {len(ts)} thresholds for {len(segments)} output segments")
+    if factors is not None:
+        if threshold is None or jnp.shape(factors) != (len(segments), n_in):
+            raise ValueError(f"sparse_gemv: factors {jnp.shape(factors)} need a threshold and the shape "
+                             f"[segments, in] = {(len(segments), n_in)}")
+        ts = ts + [jnp.asarray(factors, f32)]
     blk = blocks or blocks_for(batch, n_in, n_out, math.gcd(*bounds) if bounds else None)
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
@@ -287,7 +319,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     splits = pl.cdiv(n_in, rows_per_split)
     kernel = functools.partial(
         _kernel, batch=batch, bp=bp, blk=blk, n_in=n_in, n_out=n_out,
-        rows_per_split=rows_per_split, thresholded=threshold is not None, bounds=bounds,
+        rows_per_split=rows_per_split, thresholded=threshold is not None, weighted=factors is not None, bounds=bounds,
     )
     col_blocks = pl.cdiv(n_out, blk.cols)
     if not dot:  # batch 1: x as a column; one fp32 sum, padded to whole blocks, zeroed before the adds

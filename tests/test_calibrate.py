@@ -282,3 +282,80 @@ def test_thresholds_are_saved_before_the_held_apart_measurement(tiny_ckpt, tmp_p
                       batch_size=4, progress=False)
     saved = thresholds.load(ckpt)
     assert saved.sparsities == [0.4, 0.6] and "held_out" not in saved.levels[0].realised[CATS]
+
+
+# ---- the selection criterion -----------------------------------------------------------------
+def test_weighted_calibration_records_its_criterion_and_takes_quantiles_of_the_weighted_score(calibrated, tmp_path,
+                                                                                              capsys):
+    src, text, magnitude = calibrated
+    ckpt, _ = own_ckpt((src, text), tmp_path)
+    args = ["--ckpt", str(ckpt), "--data-file", str(text), "--tokens", "1024", "--holdout-tokens", "256",
+            "--seq-len", "64", "--batch-size", "4", "--sparsity", "0.5"]
+    calibrate.main(args + ["--criterion", "weighted"])
+    th = thresholds.load(ckpt)
+    assert th.criterion == "weighted" and magnitude.criterion == "magnitude"
+    assert json.loads((ckpt / thresholds.FILENAME).read_text())["methods"]["cats"]["calibration"]["criterion"] == "weighted"
+    # realised on the calibration text: the weighted score's quantile, measured with the weighted rule
+    model = checkpoint.load_model(ckpt)
+    level = thresholds.apply(model, th, 0.5)
+    assert model.criterion == "weighted"
+    realised = level.realised[CATS]
+    np.testing.assert_allclose(realised["calibration"], 0.5, atol=0.005)
+    np.testing.assert_allclose(realised["held_out"], 0.5, atol=0.1)
+    rows = calibration_rows(ckpt, text, 1024, 64)
+    quantiles.set_dense_sites(model, (CATS,))  # the dense model's weighted scores
+    scores = np.asarray(quantiles.abs_inputs(*nnx.split(model), jnp.asarray(np.stack(rows)), (CATS,))[CATS])
+    kept = scores.reshape(TINY.num_layers, -1) > np.asarray(level.thresholds[CATS])[:, None]
+    np.testing.assert_allclose(1 - kept.mean(axis=1), realised["calibration"], atol=1e-6)
+    # a file of one criterion asked for with the other: a clear error
+    with pytest.raises(thresholds.ThresholdsError, match="calibrated with the weighted criterion, not magnitude; "
+                                                         "pass --criterion weighted"):
+        thresholds.apply(model, th, 0.5, criterion="magnitude")
+    with pytest.raises(SystemExit) as exit:  # mixing criteria in one method's levels needs --force
+        cli.run(calibrate.main, args + ["--sparsity", "0.3"])
+    assert exit.value.code == 2 and "holds cats levels of the weighted criterion; pass --force" in capsys.readouterr().err
+    calibrate.main(args + ["--sparsity", "0.3", "--force"])
+    after = thresholds.load(ckpt)
+    assert after.criterion == "magnitude" and after.sparsities == [0.3]  # the weighted levels went with --force
+
+
+def test_a_file_without_a_criterion_is_magnitude(calibrated):
+    _, _, th = calibrated
+    section = json.loads(th.to_json())
+    del section["methods"]["cats"]["calibration"]["criterion"]
+    old = thresholds.Thresholds.from_json(json.dumps(section))
+    assert old.criterion == "magnitude"
+    model = M.init_random(TINY, seed=0, dtype=jnp.float32)
+    thresholds.apply(model, old, 0.5, criterion="magnitude")
+    with pytest.raises(thresholds.ThresholdsError, match="magnitude criterion, not weighted"):
+        thresholds.apply(model, old, 0.5, criterion="weighted")
+
+
+def test_clis_refuse_thresholds_of_the_other_criterion(calibrated, capsys):
+    from cats_jax import generate
+    from eval import __main__ as eval_cli
+
+    ckpt, _, _ = calibrated
+    for main, extra in ((generate.main, ["--prompt", "hi"]), (eval_cli.main, ["--tasks", "none", "--ppl", "none"])):
+        with pytest.raises(SystemExit) as exit:
+            cli.run(main, ["--ckpt", str(ckpt), "--sparsity", "0.5", "--criterion", "weighted", *extra])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "calibrated with the magnitude criterion, not weighted" in err
+
+
+# ---- per-layer allocation ---------------------------------------------------------------------
+def test_greedy_allocation_spreads_cats_sparsity_over_layers_at_the_target_mean(tiny_ckpt, tmp_path):
+    ckpt, text = own_ckpt(tiny_ckpt, tmp_path)
+    th = calibrate.run(ckpt, [0.3, 0.5], data.TextSource(str(text)), tokens=2048, holdout_tokens=512, seq_len=128,
+                       batch_size=8, progress=False, allocation="greedy", greedy_tokens=512)
+    for lv in th.levels:
+        per_layer = np.asarray(lv.site_sparsity[CATS])
+        assert abs(per_layer.mean() - lv.sparsity) < 1e-6  # the model-wide skipped rows of uniform CATS
+        assert np.ptp(per_layer) > 0.1  # spread over the layers
+        np.testing.assert_allclose(lv.realised[CATS]["calibration"], per_layer, atol=0.01)  # each at its level
+    assert th.calibration["allocation"] == "greedy" and thresholds.load(ckpt).calibration["allocation"] == "greedy"
+    errors = th.calibration["greedy"]["layer_error"]["0.5"]
+    assert sum(errors["greedy"]) < sum(errors["uniform"])  # what the search minimises
+    with pytest.raises(ValueError, match="unknown allocation 'best'"):
+        calibrate.run(ckpt, [0.5], data.TextSource(str(text)), tokens=256, allocation="best")

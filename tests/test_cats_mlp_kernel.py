@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.kernels import random_mlp, threshold_for
-from cats_jax.sparsity import cats_activation, gated_mlp
+from cats_jax.sparsity import cats_activation, gated_mlp, weight_factors
 from conftest import poisoned as _poisoned
 from conftest import rel_err as _rel
 from pallas_kernels.cats_mlp import gate_up
@@ -40,6 +40,32 @@ def test_cats_mlp_equals_reference(b, h, i, sparsity):
     assert _rel(hidden, a * jnp.dot(x.astype(f32), wu.astype(f32))) < 1e-2
     assert y.shape == (b, h) and y.dtype == bf16
     assert _rel(y, gated_mlp(x, wg, wu, wd, t)) < 1e-2
+
+
+@pytest.mark.parametrize("b,h,i,sparsity", [(1, 72, 200, 0.6), (3, 96, 80, 0.5)])
+def test_cats_mlp_weighted_criterion_equals_reference(b, h, i, sparsity):
+    """Neuron i is kept where |a_i| * ||W_down[i, :]|| > t: the kernel's choice is the jnp rule's."""
+    wg, wu, wd = random_mlp(h, i, seed=b + h + i)
+    wd = wd * jax.random.uniform(jax.random.key(i), (i, 1), f32, 0.1, 3.0)  # rows of different norms
+    f = weight_factors(wd)
+    x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(bf16)
+    g = jnp.dot(x.astype(f32), wg.astype(f32))
+    t = threshold_for(jnp.abs(jax.nn.silu(g)) * f, sparsity)
+    a = cats_activation(g, t, f)
+    assert not np.array_equal(np.asarray(a) == 0, np.asarray(cats_activation(g, t)) == 0)
+    dead = np.asarray(jnp.all(a == 0, axis=0))[:, None]
+    hidden, y = _poisoned(
+        lambda x, w_gu, wd, t, f: (lambda h: (h, sparse_gemv(h, wd)))(gate_up(x, w_gu, t, f)),
+        x, jnp.concatenate([wg.T, jnp.where(dead, jnp.nan, wu.T).astype(bf16)]), jnp.where(dead, jnp.nan, wd).astype(bf16),
+        t, f,
+    )
+    np.testing.assert_array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0)  # the same neurons kept
+    u = jnp.dot(x.astype(f32), wu.astype(f32))
+    assert _rel(y, (a * u) @ wd.astype(f32)) < 1e-2
+    # all factors 1: the magnitude criterion, bit for bit
+    w_gu = jnp.concatenate([wg.T, wu.T]).astype(bf16)
+    np.testing.assert_array_equal(_poisoned(lambda x, w, t: gate_up(x, w, t, jnp.ones(i, f32)), x, w_gu, t),
+                                  _poisoned(lambda x, w, t: gate_up(x, w, t), x, w_gu, t))
 
 
 @pytest.mark.parametrize("b,n_in,n_out,sparsity", [(1, 96, 72, 0.5), (3, 200, 64, 0.9)])

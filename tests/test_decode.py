@@ -23,10 +23,11 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
                   num_kv_heads=2, head_dim=16, name="tiny")
 
 
-def _model(mode, sparsity=0.5, dtype=f32, shared=True):
+def _model(mode, sparsity=0.5, dtype=f32, shared=True, criterion="magnitude"):
     """Thresholds from a uniform calibration: q, k, v (and gate, up) share one per layer; with
     shared=False each site's is moved apart, as a greedy allocation would."""
     m = M.init_random(CFG, seed=3, dtype=dtype)
+    m.set_criterion(criterion)  # before the thresholds: they are quantiles of the criterion's score
     for i, (site, t) in enumerate(random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items()):
         m.set_thresholds(site, np.asarray(t) * (1 if shared else 1 + 0.1 * i))
     m.set_mode(mode)
@@ -41,15 +42,17 @@ def kernels_on_tiny_weights(monkeypatch):
     monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
 
 
-@pytest.mark.parametrize("mode,shared", [("dense", True), ("cats", True), ("teal", True), ("teal", False),
-                                         ("cats+teal-attn", False)])
+@pytest.mark.parametrize("mode,shared,criterion", [
+    ("dense", True, "magnitude"), ("cats", True, "magnitude"), ("teal", True, "magnitude"),
+    ("teal", False, "magnitude"), ("cats+teal-attn", False, "magnitude"), ("cats", True, "weighted"),
+    ("teal", True, "weighted")])
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
-def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, impl):
+def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criterion, impl):
     """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's
-    logits, with thresholds shared by the fused projections or each its own."""
-    m = _model(mode, shared=shared)
+    logits, with thresholds shared by the fused projections or each its own, under either criterion."""
+    m = _model(mode, shared=shared, criterion=criterion)
     dec = decode.prepare(m, impl)
-    assert dec.plan.shared == (("qkv", "gate_up") if mode == "teal" and shared else ())
+    assert dec.plan.shared == (("qkv", "gate_up") if mode == "teal" and shared and criterion == "magnitude" else ())
     toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
     pos = jnp.arange(9)[None]
     want, cache = m(toks, pos, M.init_cache(CFG, 1, 16, f32))
@@ -64,6 +67,23 @@ def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, impl):
         np.testing.assert_allclose(gk, wk, atol=1e-5)
         np.testing.assert_allclose(gv, wv, atol=1e-5)
     assert (kept is not None) == ("cats" in mode)
+
+
+@pytest.mark.parametrize("mode", ["cats", "teal"])
+def test_weighted_decode_applies_the_weighted_rule(kernels_on_tiny_weights, mode):
+    """The weighted model's thresholds read under the magnitude rule keep other inputs: the decode
+    path (kernels included) follows the model's criterion, not only its thresholds."""
+    m = _model(mode, criterion="weighted")
+    toks = jax.random.randint(jax.random.key(1), (1, 1), 0, CFG.vocab_size)
+    pos, cache = jnp.zeros((1, 1), jnp.int32), M.init_cache(CFG, 1, 4, f32)
+    dec = decode.prepare(m, "pallas")
+    m.set_criterion("magnitude")
+    mag = decode.prepare(m, "pallas")
+    assert "factors" in dec.weights["layers"][0] and "factors" not in mag.weights["layers"][0]
+    with interpret_on_cpu(), poisoned_outputs():
+        got = forward(dec.weights, toks, pos, cache, plan=dec.plan)[0]
+        other = forward(mag.weights, toks, pos, cache, plan=mag.plan)[0]
+    assert not np.allclose(got, other, atol=1e-4)
 
 
 def test_prepare_leaves_the_model_as_it_was():

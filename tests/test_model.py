@@ -74,3 +74,27 @@ def test_config_round_trips_through_hf_and_json():
         back = ModelConfig.from_hf(cfg.to_hf(), name=cfg.name)
         assert back == cfg
         assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("mode", ["cats", "teal"])
+def test_weighted_criterion_with_unit_factors_reproduces_magnitude_exactly(mode):
+    from cats_jax import sparsity
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, name="tiny")
+    m = M.init_random(cfg, seed=1, dtype=jnp.float32)
+    m.set_mode(mode)
+    for site in m.sites:
+        m.set_thresholds(site, [0.3, 0.5])
+    toks = jax.random.randint(jax.random.key(0), (2, 7), 0, cfg.vocab_size)
+    magnitude = m(toks)[0]
+    m.set_criterion("weighted")
+    np.testing.assert_array_equal(m.layers[0].mlp.input_factor["down_proj"][...],
+                                  sparsity.weight_factors(m.layers[0].mlp.down_proj.kernel[...]))
+    assert not np.allclose(m(toks)[0], magnitude)
+    for layer in m.layers:
+        for module in (layer.attn, layer.mlp):
+            for f in module.input_factor.values():
+                f[...] = jnp.ones_like(f[...])
+    np.testing.assert_array_equal(m(toks)[0], magnitude)
+    with pytest.raises(ValueError, match="unknown selection criterion 'wina'"):
+        m.set_criterion("wina")

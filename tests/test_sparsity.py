@@ -55,6 +55,34 @@ def test_cats_compares_magnitudes():
     np.testing.assert_array_equal(a, [silu[0], 0, 0, silu[3]])
 
 
+# ---- the selection criterion ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_weighted_criterion_with_unit_factors_is_magnitude(dtype):
+    g = jnp.concatenate([gates().astype(dtype), jnp.zeros(2, dtype)])
+    ones = jnp.ones(g.shape, f32)
+    for t in (0.0, 0.1, 0.5):
+        np.testing.assert_array_equal(cats_activation(g, t, ones), cats_activation(g, t))
+        np.testing.assert_array_equal(sparsity.teal_input(g, t, ones), sparsity.teal_input(g, t))
+        assert sparsity.teal_input(g, t, ones).dtype == dtype
+
+
+def test_weighted_criterion_keeps_where_value_times_factor_exceeds_the_threshold():
+    x = jnp.asarray([0.5, -0.5, 2.0, -2.0, 0.0], bf16)
+    c = jnp.asarray([3.0, 1.0, 0.1, 0.25, 9.0], f32)  # scores 1.5, 0.5, 0.2, 0.5, 0
+    np.testing.assert_array_equal(sparsity.teal_input(x, 0.5, c), np.asarray([0.5, 0, 0, 0, 0], bf16))
+    np.testing.assert_array_equal(sparsity.teal_input(x, 0.5), np.asarray([0, 0, 2.0, -2.0, 0], bf16))  # magnitude
+    g = jnp.asarray([4.0, 4.0, -1.0], f32)
+    a = np.asarray(jax.nn.silu(g))
+    np.testing.assert_array_equal(cats_activation(g, 1.0, jnp.asarray([0.2, 1.0, 9.0])), [0, a[1], a[2]])
+
+
+def test_weight_factors_are_the_l2_norms_of_the_input_rows():
+    w = jnp.asarray([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], bf16)  # Flax layout [in, out]
+    f = sparsity.weight_factors(w)
+    assert f.dtype == f32
+    np.testing.assert_array_equal(f, [5.0, 0.0, 1.0])
+
+
 # ---- the reference gated MLP ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mlp():

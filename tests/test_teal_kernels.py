@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bench.kernels import random_mlp, threshold_for
+from cats_jax import sparsity
 from conftest import rel_err as _rel
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.common import poisoned_outputs
@@ -94,6 +95,42 @@ def test_gather_path_skips_zero_inputs_without_a_threshold():
     assert _rel(got, h.astype(f32) @ w.astype(f32)) < 1e-2
     with pytest.raises(ValueError, match="gather path .* batch 1, not 2"):
         sparse_gemv(jnp.ones((2, n_in), bf16), w, blocks=blocks)
+
+
+# the weighted criterion: each segment keeps input j where |x_j| * factor[segment, j] > its threshold
+@pytest.mark.parametrize("b,n_in,segments,blocks", [
+    (1, 200, (64, 32, 32), None),  # batch 1, masked tiles with atomic adds
+    (3, 130, (32, 32, 32), None),  # dots and partials
+    (1, 300, (64, 32, 32), G.GatherBlocks(rows=16, cols=16, chunk=128)),  # the gather path
+])
+def test_sparse_gemv_weighted_criterion_matches_the_rule(b, n_in, segments, blocks):
+    n_out, n_seg = sum(segments), len(segments)
+    w, _, _ = random_mlp(n_in, n_out, seed=b + n_in)
+    x = jax.random.normal(jax.random.key(b), (b, n_in), f32).astype(bf16)
+    f = jax.random.uniform(jax.random.key(n_in), (n_seg, n_in), f32, 0.1, 3.0)
+    t = jnp.stack([threshold_for(jnp.abs(x.astype(f32)) * f[i], 0.6) for i in range(n_seg)])
+    kept = [np.asarray(sparsity.keep(x, t[i], f[i])) for i in range(n_seg)]
+    assert not np.array_equal(kept[0], np.asarray(sparsity.keep(x, t[0])))  # the factors change the choice
+    dropped = ~np.any(np.stack(kept), axis=(0, 1))[:, None]  # rows no segment keeps: NaN
+    with poisoned_outputs():
+        got = jax.jit(lambda x, w, t, f: sparse_gemv(x, w, t, segments=segments, factors=f, blocks=blocks))(
+            x, jnp.where(dropped, jnp.nan, w).astype(bf16), t, f)
+    cuts = np.cumsum(segments)[:-1]
+    want = jnp.concatenate([sparsity.teal_input(x, ti, fi).astype(f32) @ wi.astype(f32)
+                            for ti, fi, wi in zip(t, f, jnp.split(w, cuts, axis=1))], axis=1)
+    assert got.shape == (b, n_out) and _rel(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_sparse_gemv_unit_factors_give_the_magnitude_result(b):
+    w, _, _ = random_mlp(96, 64, seed=b)
+    x = jax.random.normal(jax.random.key(b), (b, 96), f32).astype(bf16)
+    t = jnp.stack([threshold_for(x, 0.5), threshold_for(x, 0.8)])
+    y = jax.jit(lambda x, w, t, f: sparse_gemv(x, w, t, segments=(32, 32), factors=f))
+    np.testing.assert_array_equal(y(x, w.astype(bf16), t, jnp.ones((2, 96), f32)),
+                                  jax.jit(lambda x, w, t: sparse_gemv(x, w, t, segments=(32, 32)))(x, w.astype(bf16), t))
+    with pytest.raises(ValueError, match="factors .* need a threshold"):
+        sparse_gemv(x, w, segments=(32, 32), factors=jnp.ones((2, 96)))
 
 
 def test_sparse_gemv_rejects_bad_segments():
