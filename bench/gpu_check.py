@@ -187,8 +187,8 @@ def main(argv=None):
     if not a.no_kernels:
         ok &= all([check_attention(*c, seed=seed + k) for k, c in enumerate(attention_cases)])
         ok &= all([check_mlp(*c, seed=seed + k) for k, c in enumerate(mlp_cases)])
-        ok &= all([check_gemv(*c, seed=seed + k, variant=v) for k, c in enumerate(gemv_cases)
-                   for c in (c, (1, *c[1:])) for v in ("masked", "gather")])
+        ok &= all([check_gemv(*c, seed=seed + k, variant=v) for k, (b, *shape) in enumerate(gemv_cases)
+                   for c, v in (((b, *shape), "masked"), ((1, *shape), "masked"), ((1, *shape), "gather"))])
     if not a.no_model:
         for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 4))
