@@ -8,7 +8,8 @@
 Each batch runs cats_jax.generate.generate (the same jitted prefill and while_loop decode as
 text generation) on random prompts of --prompt-len tokens, with EOS disabled so that every row
 runs all --new-tokens: the first comes from prefill, the others from new_tokens - 1 decode steps.
-Compilation is kept out of every timing; each figure is the median of --repeats runs.
+Compilation is kept out of every timing; each figure is the median of --repeats runs. "launches":
+the kernels one decode step launches, counted in the decode loop's optimized HLO (kernel_launches).
 
 Bytes per decode step, the roofline's minimum: every weight matrix once (the embedding table is
 only gathered, B rows, so it counts only as a tied LM head) plus, per row, the K and V of the
@@ -22,8 +23,8 @@ bytes read and written counted) and read (a sum: bytes read). Decode reads far m
 writes, and on an H200 reading alone runs faster than copying, so both are shown. "vs dense": the
 dense row's ms/step of the same batch in the same run over this row's.
 
-Weights are created on the device in bf16 by one jitted init, never as fp32 host arrays, and
-q/k/v are fused (Transformer.prepare_for_decode), as generation runs them. For sparse modes the
+Weights are created on the device in bf16 by one jitted init, never as fp32 host arrays; each
+setting runs cats_jax.decode.prepare (fused q|k|v and gate|up), as generation does. For sparse modes the
 thresholds come from a quick calibration of that random model on one row of random tokens: per
 layer and site, the quantile of the dense model's |values| at --sparsity (uniform allocation;
 cats_jax.teal.sample_inputs). --impl pallas runs decode steps through the kernels.
