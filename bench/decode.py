@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from bench.kernels import copy_bandwidth, read_bandwidth
-from cats_jax import decode, sharding
+from cats_jax import cli, decode, sharding
 from cats_jax.config import PRESETS, ModelConfig
 from cats_jax.generate import generate
 from cats_jax.model import Transformer
@@ -213,7 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mode", type=lambda s: s.split(","), default=["dense"],
                     help=f"sparsity modes, comma-separated ({', '.join(MODES)}); e.g. dense,cats,teal")
     ap.add_argument("--impl", choices=("pallas", "jnp"), default="pallas", help="sparse decode steps: kernels or jnp")
-    ap.add_argument("--sparsity", type=lambda s: [float(p) for p in s.split(",")], default=[0.5],
+    ap.add_argument("--sparsity", type=cli.fractions, default=[0.5],
                     help="target sparsities of every site of the sparse modes, e.g. 0.4,0.5")
     ap.add_argument("--calib-tokens", type=int, default=256, help="random tokens for the calibration")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
@@ -228,9 +228,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for m in args.mode:
         if m not in MODES:
             ap.error(f"--mode: unknown mode {m!r} (choose from {', '.join(MODES)})")
-    for p in args.sparsity:
-        if not 0 < p < 1:
-            ap.error(f"--sparsity {p} must be in (0, 1)")
     try:  # the devices and the shapes, before any work
         sharding.make_mesh(args.tp)
         sharding.local_config(PRESETS[args.config], args.tp)

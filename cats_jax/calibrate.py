@@ -59,9 +59,7 @@ def calibrate(model: Transformer, rows: Iterable[np.ndarray], sparsities: list[f
               reservoir: int = 1_000_000, seed: int = 0, progress: bool = True) -> Calibration:
     """Thresholds at each sparsity from the activations of the model over rows (int32 [seq_len]
     each), every layer at the target. The model is left dense-equivalent (impl cats-jnp, thresholds 0)."""
-    for p in sparsities:
-        if not 0 < p < 1:
-            raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
+    quantiles.check_sparsities(sparsities)
     sample = sample_activations(model, rows, batch_size=batch_size, reservoir=reservoir, seed=seed, progress=progress)
     return thresholds_of(sample, sparsities)
 
@@ -192,16 +190,6 @@ def summary(th: thresholds.Thresholds) -> str:
     return "\n".join(lines)
 
 
-def parse_sparsities(text: str) -> list[float]:
-    try:
-        values = sorted({float(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sparsity {text!r}: expected comma-separated fractions, e.g. 0.3,0.5") from None
-    if not values or any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"--sparsity {text!r}: each value must be a fraction in (0, 1)")
-    return values
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m cats_jax.calibrate",
@@ -210,7 +198,7 @@ def main(argv=None):
     )
     ap.add_argument("--method", choices=("cats", "teal"), default="cats", help="sparsity method (default cats)")
     ap.add_argument("--ckpt", required=True, help="converted checkpoint directory")
-    ap.add_argument("--sparsity", type=parse_sparsities, default=[0.5],
+    ap.add_argument("--sparsity", type=cli.fractions, default=[0.5],
                     help="target sparsities, comma-separated fractions (default 0.5), e.g. 0.3,0.4,0.5,0.6,0.7")
     src = ap.add_argument_group("calibration text (default: RefinedWeb streamed from the hub, as CATS)")
     src.add_argument("--data-file", help="local .txt (one document) or .jsonl / .jsonl.gz (one document per line)")

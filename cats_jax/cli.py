@@ -32,6 +32,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def fractions(text: str) -> list[float]:
+    """argparse type of several sparsities: comma-separated fractions in (0, 1), sorted, each once."""
+    values = sorted({fraction(s.strip()) for s in text.split(",") if s.strip()})
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions, e.g. 0.3,0.5")
+    return values
+
+
 def note_impl(impl: str) -> None:
     """One line on stderr when the Pallas kernels were asked for but cannot run (no GPU)."""
     from pallas_kernels.common import kernels_enabled

@@ -218,14 +218,18 @@ def measure_sparsity(model: Transformer, rows: list[np.ndarray], batch_size: int
 
 
 # ---- a calibration run ---------------------------------------------------------------------------
+def check_sparsities(sparsities) -> None:
+    for p in sparsities:
+        if not 0 < p < 1:
+            raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
+
+
 def prepare(ckpt_dir, method: str, sparsities: list[float], source: data.TextSource, *, tokens: int,
             holdout_tokens: int, seq_len: int, dtype: str | None, force: bool = False, criterion: str = "magnitude"):
     """(model, calibration rows, held-apart rows): everything a calibration checks before its pass,
     that the text suffices and that saving `method` at `sparsities` of `criterion` replaces no
     calibration without force (thresholds.check_merge). The model is set to `criterion`."""
-    for p in sparsities:
-        if not 0 < p < 1:
-            raise ValueError(f"sparsity {p} is not a fraction in (0, 1)")
+    check_sparsities(sparsities)
     if criterion not in CRITERIA:
         raise ValueError(f"unknown selection criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
     model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)

@@ -249,12 +249,11 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
-def _gather_gemv(x, w, ts, thresholded, bounds, blk: GatherBlocks):
+def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks):
     """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32.
-    ts: the thresholds, then the factors [segments, in] if weighted (len(ts) > segments)."""
+    ts: the thresholds, then (weighted) the factors [segments, in]."""
     n_in, n_out = w.shape
     n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
-    weighted = len(ts) > n_seg
     col_blocks = pl.cdiv(n_out, blk.cols)
     # the output, padded to whole column blocks and to a whole power-of-two span per compact program
     span = next_pow2(pl.cdiv(col_blocks * blk.cols, n_seg * chunks))
@@ -312,7 +311,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     if isinstance(blk, GatherBlocks):
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
-        return _gather_gemv(x, w, ts, threshold is not None, bounds, blk).astype(out_dtype)
+        return _gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk).astype(out_dtype)
     dot = batch > 1
     bp = padded_batch(batch, dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows

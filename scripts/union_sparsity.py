@@ -194,16 +194,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions, e.g. 0.4,0.5") from None
-    if not values or not all(0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: each sparsity must be a fraction in (0, 1)")
-    return values
-
-
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -217,7 +207,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cats", metavar="CKPT", help="checkpoint whose thresholds.json holds CATS levels")
     ap.add_argument("--teal", metavar="CKPT", help="checkpoint whose thresholds.json holds TEAL levels")
-    ap.add_argument("--sparsity", type=_fractions, default=(0.4, 0.5, 0.7), help="levels (default 0.4,0.5,0.7)")
+    ap.add_argument("--sparsity", type=cli.fractions, default=[0.4, 0.5, 0.7], help="levels (default 0.4,0.5,0.7)")
     ap.add_argument("--data-file", required=True, help=".jsonl / .jsonl.gz (one document per line) or .txt")
     ap.add_argument("--field", default=None, help="text field of .jsonl records (default text)")
     ap.add_argument("--docs", type=int, default=128, help="documents (default 128)")
