@@ -5,7 +5,8 @@
 1. cats_mlp and sparse_gemv (masked tiles, and the batch-1 gather path) on fresh random inputs:
    real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative
    error against the fp32 reference (sparsity.gated_mlp at full fp32 matmul precision) and the
-   exact set of kept neurons.
+   exact set of kept neurons; the same with int8 weights (one fp32 scale per output channel)
+   against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel.
 2. The decode-attention kernel against model.attend: GQA ratios 1..8, sliding windows, positions
    near the cache's capacity, caches updated in place.
 3. Greedy decoding of a SmolLM2-sized random model: the kernel decode path (cats_jax.decode with
@@ -41,51 +42,68 @@ def rel_err(y, ref) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def check_mlp(b, h, i, sparsity, seed) -> bool:
-    """gate_up, then sparse_gemv of the down projection."""
+def int8(w):
+    """w [in, out] as int8 rows and one fp32 scale per output column, and the dequantized fp32 matrix."""
+    scale = jnp.maximum(jnp.max(jnp.abs(w.astype(f32)), axis=0), 1e-12) / 127
+    q = jnp.clip(jnp.round(w.astype(f32) / scale), -127, 127).astype(jnp.int8)
+    return q, scale, q.astype(f32) * scale
+
+
+def check_mlp(b, h, i, sparsity, seed, quantized=False) -> bool:
+    """gate_up, then sparse_gemv of the down projection (quantized: int8 weights, fp32 scales)."""
     wg, wu, wd = random_mlp(h, i, seed)
+    scales = None
+    if quantized:
+        (qg, sg, wg), (qu, su, wu), (qd, sd, wd) = int8(wg), int8(wu), int8(wd)
     x = jax.random.normal(jax.random.key(seed + 1), (b, h), f32).astype(jnp.bfloat16)
     with jax.default_matmul_precision("highest"):
         g = jnp.dot(x.astype(f32), wg.astype(f32))
         t = threshold_for(jax.nn.silu(g), sparsity)
         a = cats_activation(g, t)
         ref = gated_mlp(x, wg, wu, wd, t)
+    w_gu, w_down = jnp.concatenate([wg.T, wu.T]).astype(x.dtype), wd.astype(x.dtype)
+    if quantized:
+        w_gu, w_down, scales = jnp.concatenate([qg.T, qu.T]), qd, (jnp.concatenate([sg, su]), sd)
     with poisoned_outputs():
-        y, hidden = K.cats_mlp(x, jnp.concatenate([wg.T, wu.T]), wd, t)
+        y, hidden = K.cats_mlp(x, w_gu, w_down, t, scales=scales)
     same_kept = bool(np.array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0))
     err = rel_err(y, ref)
     ok = same_kept and err < TOL
     union = float(jnp.mean(jnp.all(a == 0, axis=0)))
-    print(f"cats_mlp B={b} H={h:5d} I={i:5d} sparsity {sparsity:.2f} (union {union:.2f}): "
+    print(f"cats_mlp{' int8' if quantized else ''} B={b} H={h:5d} I={i:5d} sparsity {sparsity:.2f} (union {union:.2f}): "
           f"rel err {err:.2e}, same kept neurons {same_kept} -> {'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
-def check_gemv(b, n_in, n_out, sparsity, seed, variant="masked") -> bool:
+def check_gemv(b, n_in, n_out, sparsity, seed, variant="masked", quantized=False) -> bool:
     """variant: "masked" (masked tiles: batch 1 atomic adds, larger batches partials), batch 1 and
-    b rows; or "gather" (batch 1 only: compact, then gather)."""
+    b rows; or "gather" (batch 1 only: compact, then gather). quantized: int8 rows."""
     b = 1 if variant == "gather" else b
     w, _, _ = random_mlp(n_in, n_out, seed)
+    scale = None
+    if quantized:
+        q, scale, w = int8(w)
     x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
     blk = G.GatherBlocks() if variant == "gather" else G.blocks_for(b, n_in, n_out)
     with poisoned_outputs():
-        y = G.sparse_gemv(x, w, t, blocks=blk)
+        y = G.sparse_gemv(x, q if quantized else w, t, blocks=blk, scale=scale)
     err = rel_err(y, ref)
-    print(f"sparse_gemv {variant} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
+    print(f"sparse_gemv {variant}{' int8' if quantized else ''} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
           f"{'ok' if err < TOL else 'FAIL'}", flush=True)
     return err < TOL
 
 
-def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat16) -> bool:
+def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat16, one_span=False) -> bool:
     """The decode-attention kernel against model.attend (fp32 inputs at full precision) on fresh
     random q|k|v and caches, positions anywhere in the cache (near capacity too): the output and
-    the updated caches."""
+    the updated caches. one_span: one program per row and kv head (no combine of splits)."""
     from cats_jax import model as M
     from cats_jax.config import ModelConfig
-    from pallas_kernels.attention import decode_attention
+    from pallas_kernels.attention import AttentionBlocks, decode_attention
+    from pallas_kernels.common import next_pow2
 
     cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=heads,
                       num_kv_heads=kv_heads, head_dim=d, sliding_window=window, name="check")
@@ -98,14 +116,34 @@ def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat
         ref, (rk, rv) = M.attend(cfg, q.reshape(b, 1, heads, d), key.reshape(b, 1, kv_heads, d),
                                  val.reshape(b, 1, kv_heads, d), pos[:, None], (ck.astype(f32), cv.astype(f32)))
     with poisoned_outputs():
+        blk = AttentionBlocks(block=16, span=next_pow2(slots)) if one_span else None
         out, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window))(
+                                                          sliding_window=window, blocks=blk))(
         qkv, pos, ck, cv, M.rope_inv_freq(cfg))
     err, kerr, verr = rel_err(out, ref[:, 0]), rel_err(gk, rk), rel_err(gv, rv)
     ok = max(err, kerr, verr) < TOL
-    print(f"decode_attention B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
+    print(f"decode_attention{' one span' if one_span else ''} B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
           f"{np.asarray(pos).tolist()[:4]}: rel err out {err:.2e}, k cache {kerr:.2e}, v cache {verr:.2e} -> "
           f"{'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def check_norm(b, n, seed) -> bool:
+    """add_rms_norm (residual add + RMSNorm) against the fp32 reference."""
+    from cats_jax.model import rms_norm
+    from pallas_kernels.norm import add_rms_norm
+
+    ks = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(ks[0], (b, n), f32).astype(jnp.bfloat16)
+    h = jax.random.normal(ks[1], (b, n), f32) * 2
+    scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(jnp.bfloat16)
+    want_x = x.astype(f32) + h.astype(jnp.bfloat16).astype(f32)
+    want_y = rms_norm(want_x, scale.astype(f32), 1e-5)
+    with poisoned_outputs():
+        got_x, got_y = add_rms_norm(x, h, scale, 1e-5)
+    ex, ey = rel_err(got_x, want_x), rel_err(got_y, want_y)
+    ok = ex < TOL and ey < TOL
+    print(f"add_rms_norm B={b} H={n}: rel err sum {ex:.2e}, norm {ey:.2e} -> {'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
@@ -185,10 +223,14 @@ def main(argv=None):
                        (2, 24, 3, 128, 1000, None), (8, 8, 8, 64, 77, 16)][: 2 if a.quick else None]
     ok = True
     if not a.no_kernels:
-        ok &= all([check_attention(*c, seed=seed + k) for k, c in enumerate(attention_cases)])
+        ok &= all([check_attention(*c, seed=seed + k, one_span=one) for k, c in enumerate(attention_cases)
+                   for one in (False, True)])
         ok &= all([check_mlp(*c, seed=seed + k) for k, c in enumerate(mlp_cases)])
-        ok &= all([check_gemv(*c, seed=seed + k, variant=v) for k, (b, *shape) in enumerate(gemv_cases)
-                   for c, v in (((b, *shape), "masked"), ((1, *shape), "masked"), ((1, *shape), "gather"))])
+        ok &= all([check_gemv(*c, seed=seed + k, variant=v, quantized=qz) for k, (b, *shape) in enumerate(gemv_cases)
+                   for c, v in (((b, *shape), "masked"), ((1, *shape), "masked"), ((1, *shape), "gather"))
+                   for qz in (False, True)])
+        ok &= all([check_mlp(*c, seed=seed + k, quantized=True) for k, c in enumerate(mlp_cases)])
+        ok &= all([check_norm(b, n, seed + k) for k, (b, n) in enumerate([(1, 4096), (5, 576), (2, 8192)])])
     if not a.no_model:
         for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 4))

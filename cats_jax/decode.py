@@ -68,7 +68,7 @@ class Plan:
 
     def attention_kernel(self, x) -> bool:
         d = self.cfg.head_dim
-        return self._step_kernels(x) and d >= 2 and not d & (d - 1)
+        return self._step_kernels(x) and d >= 16 and not d & (d - 1)
 
     def gemv_kernel(self, x, w) -> bool:
         return self._step_kernels(x) and sparse_gemv.kernel_pays(x.shape[0], *w.shape)

@@ -13,11 +13,13 @@ power of two), S cache slots.
 Grid (B, K, splits): a program takes one row, one kv head (its G query heads share every key it
 loads) and one span of `span` slots. It walks the filled slots of its span in blocks of `block`
 (blocks past p are never loaded, so the cost grows with the context, not with S), keeping an
-online softmax; the program whose span holds p also folds in the new key and value from registers
+online softmax; the scores and the weighted values are tensor-core dots, the G query heads padded
+to 16 rows; the program whose span holds p also folds in the new key and value from registers
 and writes them to the cache. With one span (short contexts, enough rows and heads to fill the
 GPU) the program normalises and stores the output itself; with several, each stores its partial
-max, sum and [G, D] accumulator and the splits are combined in jnp (a few KB, two more launches). RoPE works on the two halves of each head (rotate-half), so no
-lane permutation is needed: q . k = q1 . k1 + q2 . k2.
+max, sum and [G, D] accumulator and the splits are combined in jnp (a few KB, two more
+launches). RoPE works on the two halves of each head (rotate-half), so no lane permutation is
+needed: q . k = q1 . k1 + q2 . k2.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import call, iota, load, next_pow2
+from pallas_kernels.common import call, iota, load, mask2d, next_pow2
 
 f32 = jnp.float32
 _NEG = -1e30  # a finite "minus infinity": empty spans give exp(_NEG - m) = 0, never NaN
@@ -38,16 +40,15 @@ _NEG = -1e30  # a finite "minus infinity": empty spans give exp(_NEG - m) = 0, n
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBlocks:
-    block: int  # cache slots per loop step
+    block: int  # cache slots per loop step (at least 16: a dot operand)
     span: int  # cache slots per program (a multiple of block)
     num_warps: int = 4
     num_stages: int = 2
 
 
 def blocks_for(batch: int, num_kv_heads: int, groups: int, slots: int) -> AttentionBlocks:
-    """Enough programs to spread the cache reads over the GPU (~128), at least one block each.
-    The [G, block, D] products are held in registers, so the block shrinks as G grows."""
-    block = max(8, 64 // next_pow2(groups))
+    """Enough programs to spread the cache reads over the GPU (~128), at least one block each."""
+    block = min(64, max(16, next_pow2(slots)))
     want = max(1, 128 // (batch * num_kv_heads))
     span = max(block, next_pow2(pl.cdiv(slots, want)))
     return AttentionBlocks(block=block, span=span)
@@ -63,23 +64,25 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
     *outs, kc_ref, vc_ref = refs
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     h = d // 2
+    hp = max(h, 16)  # a half as a dot operand: at least 16 columns, the padding zeros
+    h_ok = iota(hp) < h if hp != h else None
     pos = load(pos_ref.at[pl.ds(b, 1)])[0]
-    freqs = pos.astype(f32) * load(inv_ref.at[pl.ds(0, h)])
+    freqs = pos.astype(f32) * load(inv_ref.at[iota(hp)], mask=h_ok)
     cos, sin = jnp.cos(freqs)[None, :], jnp.sin(freqs)[None, :]
     dt = kc_ref.dtype
 
-    g_ok = iota(gp) < groups
-    q_cols = (kh * groups + iota(gp))[:, None] * d + iota(h)[None, :]  # [gp, h]: the first halves
-    q1 = load(qkv_ref.at[b, q_cols], mask=g_ok[:, None]).astype(f32)
-    q2 = load(qkv_ref.at[b, q_cols + h], mask=g_ok[:, None]).astype(f32)
+    g_ok = iota(gp) < groups  # query rows padded to gp (>= 16: tensor-core dots), the padding zeros
+    q_ok = mask2d(g_ok, h_ok)
+    q_cols = (kh * groups + iota(gp))[:, None] * d + iota(hp)[None, :]  # [gp, hp]: the first halves
+    q1 = load(qkv_ref.at[b, q_cols], mask=q_ok).astype(f32)
+    q2 = load(qkv_ref.at[b, q_cols + h], mask=q_ok).astype(f32)
     q1, q2 = _rope(q1, q2, cos, sin)
-    # rounded to the activation dtype, as the jnp path's q is, then scaled in fp32
-    q1, q2 = q1.astype(dt).astype(f32) * scale, q2.astype(dt).astype(f32) * scale
+    q1, q2 = q1.astype(dt), q2.astype(dt)  # rounded to the activation dtype, as the jnp path's q is
 
     k_col = n_heads * d + kh * d
     v_col = (n_heads + n_kv) * d + kh * d
-    kn1 = load(qkv_ref.at[b, pl.ds(k_col, h)]).astype(f32)[None, :]
-    kn2 = load(qkv_ref.at[b, pl.ds(k_col + h, h)]).astype(f32)[None, :]
+    kn1 = load(qkv_ref.at[b, iota(hp, k_col)], mask=h_ok).astype(f32)[None, :]
+    kn2 = load(qkv_ref.at[b, iota(hp, k_col + h)], mask=h_ok).astype(f32)[None, :]
     kn1, kn2 = _rope(kn1, kn2, cos, sin)
     kn1, kn2 = kn1.astype(dt), kn2.astype(dt)
     vn = load(qkv_ref.at[b, pl.ds(v_col, d)]).astype(dt)[None, :]
@@ -94,15 +97,17 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
         s0 = start + k * blk.block
         slots = iota(blk.block, s0)
         ok = (slots >= lo) & (slots < hi)
-        k1 = load(kc_ref.at[b, slots[:, None], kh, iota(h)[None, :]], mask=ok[:, None]).astype(f32)
-        k2 = load(kc_ref.at[b, slots[:, None], kh, iota(h, h)[None, :]], mask=ok[:, None]).astype(f32)
-        s = jnp.sum(q1[:, None, :] * k1[None, :, :] + q2[:, None, :] * k2[None, :, :], axis=2)  # [gp, block]
+        k_ok = mask2d(ok, h_ok)
+        k1 = load(kc_ref.at[b, slots[:, None], kh, iota(hp)[None, :]], mask=k_ok)
+        k2 = load(kc_ref.at[b, slots[:, None], kh, iota(hp, h)[None, :]], mask=k_ok)
+        v = load(vc_ref.at[b, pl.ds(s0, blk.block), kh, pl.ds(0, d)], mask=ok[:, None])
+        # [gp, block] on the tensor cores: q . k = q1 . k1 + q2 . k2 (rotate-half halves)
+        s = (plgpu.dot(q1, k1, trans_b=True) + plgpu.dot(q2, k2, trans_b=True)) * scale
         s = jnp.where(ok[None, :], s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
-        v = load(vc_ref.at[b, slots[:, None], kh, iota(d)[None, :]], mask=ok[:, None]).astype(f32)
-        acc = acc * alpha[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(dt), v)  # p rounded as the jnp path's probs are
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((gp,), _NEG, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, d), f32))
@@ -110,19 +115,20 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
 
     # the new token: in the span that holds slot pos only
     here = (pos >= lo_span) & (pos < lo_span + blk.span)
-    s_new = jnp.sum(q1 * kn1.astype(f32) + q2 * kn2.astype(f32), axis=1)  # [gp]
+    s_new = jnp.sum(q1.astype(f32) * kn1.astype(f32) + q2.astype(f32) * kn2.astype(f32), axis=1) * scale  # [gp]
     s_new = jnp.where(here, s_new, _NEG)
     m_new = jnp.maximum(m, s_new)
     alpha, p_new = jnp.exp(m - m_new), jnp.exp(s_new - m_new)
-    acc = acc * alpha[:, None] + p_new[:, None] * vn.astype(f32)
+    acc = acc * alpha[:, None] + p_new.astype(dt).astype(f32)[:, None] * vn.astype(f32)
     l = l * alpha + p_new
     m = m_new
 
-    mine = jnp.full((1, h), here)
-    plgpu.store(kc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(0, h)], kn1, mask=mine)
-    plgpu.store(kc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(h, h)], kn2, mask=mine)
+    mine = jnp.full((1, hp), here) if h_ok is None else here & h_ok[None, :]
+    at = iota(1, pos)[:, None]
+    plgpu.store(kc_ref.at[b, at, kh, iota(hp)[None, :]], kn1, mask=mine)
+    plgpu.store(kc_ref.at[b, at, kh, iota(hp, h)[None, :]], kn2, mask=mine)
     plgpu.store(vc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(0, d)], vn, mask=jnp.full((1, d), here))
-    if single:  # the whole context in this program: the output itself, [gp, d] of row b
+    if single:  # the whole context in this program: the output itself, [groups, d] of row b
         (o_ref,) = outs
         cols = (kh * groups + iota(gp))[:, None] * d + iota(d)[None, :]
         plgpu.store(o_ref.at[b, cols], (acc / l[:, None]).astype(o_ref.dtype), mask=g_ok[:, None])
@@ -137,15 +143,17 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
                      sliding_window: int | None = None, blocks: AttentionBlocks | None = None):
     """One decode token per row (module docstring): (out [B, N D] in k_cache's dtype, k_cache, v_cache)."""
     b, s, k, d = k_cache.shape
-    if k != num_kv_heads or v_cache.shape != k_cache.shape or d & (d - 1) or d < 2:
+    if k != num_kv_heads or v_cache.shape != k_cache.shape or d & (d - 1) or d < 16:
         raise ValueError(f"decode_attention: caches {k_cache.shape} / {v_cache.shape} need [B, S, {num_kv_heads}, D] "
-                         "with D a power of two")
+                         "with D a power of two, at least 16")
     if qkv.shape != (b, (num_heads + 2 * k) * d) or positions.shape != (b,) or num_heads % k:
         raise ValueError(f"decode_attention: qkv {qkv.shape}, positions {positions.shape} do not fit {num_heads} "
                          f"heads over caches {k_cache.shape}")
     groups = num_heads // k
-    gp = next_pow2(groups)
+    gp = max(16, next_pow2(groups))  # tensor-core dots take at least 16 rows
     blk = blocks or blocks_for(b, k, groups, s)
+    if blk.block < 16 or blk.span % blk.block:
+        raise ValueError(f"decode_attention: {blk} needs a block of at least 16 slots that divides the span")
     splits = pl.cdiv(s, blk.span)
     kernel = functools.partial(_kernel, n_heads=num_heads, n_kv=k, groups=groups, gp=gp, d=d, blk=blk,
                                window=sliding_window, scale=d ** -0.5, single=splits == 1)
