@@ -54,7 +54,8 @@ class Plan:
     sites: tuple[str, ...]
     kernels: bool  # impl "pallas": decode steps (one token per row) through the Pallas kernels on GPU
     # fused groups ("qkv", "gate_up") whose sites hold one threshold in every layer (uniform TEAL
-    # allocation: one input, one quantile): one thresholded input and one plain product serve them
+    # allocation: one input, one quantile): off the kernels one thresholded input and one plain
+    # product serve them
     shared: tuple[str, ...] = ()
     mesh: jax.sharding.Mesh | None = None  # tensor parallel over its axis "tp" (sharding.shard)
     axis: str | None = None  # inside shard_map: the mesh axis whose partial sums are added
@@ -155,8 +156,9 @@ def _factors(lw, name):
 
 def _grouped(plan: Plan, lw, x, w, group: str, widths):
     """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
-    threshold (and weighted-criterion factors), or all with the one threshold they share (Plan.shared)."""
-    if group in plan.shared:
+    threshold (and weighted-criterion factors), or all with the one threshold they share (Plan.shared)
+    off the kernels: on them one segment ran slower than three equal ones (docs/decisions.md)."""
+    if group in plan.shared and not plan.gemv_kernel(x, w):
         return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),))
     return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group))
 
