@@ -17,6 +17,11 @@ the model is prepared for decoding (cats_jax.decode.prepare), not per call.
    are rounded to that dtype where the model's jnp path rounds them.
 2. sparse_gemv(h, w_down): skips the W_down rows where h is zero for every batch row.
 
+int8 weights (symmetric, one fp32 scale per output channel: per row of w_gu, so each neuron's
+gate and up rows have their own, and per column of w_down): the kernels read int8 rows (half the
+bytes) and apply the scales to the fp32 sums after the accumulation, never dequantizing a matrix.
+gate_up scales the gate before the CATS rule, which must read the real activation.
+
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
 activations. Batches beyond `MAX_KERNEL_BATCH` take the dense path: their union is nearly dense and
 the kernel has nothing left to skip (docs/benchmarks.md, docs/batching.md).
@@ -32,7 +37,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
+from pallas_kernels.common import (
+    block_along,
+    call,
+    check_scale,
+    iota,
+    kernels_enabled,
+    load,
+    mask2d,
+    next_pow2,
+    padded_batch,
+)
 from pallas_kernels.sparse_gemv import GemvBlocks, keep, sparse_gemv
 
 f32 = jnp.float32
@@ -84,8 +99,8 @@ def kernel_pays(batch: int) -> bool:
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH
 
 
-def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons, weighted):
-    *f_ref, h_ref = refs  # f_ref: [the factors [I]] if weighted
+def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons, weighted, scaled):
+    *opt, h_ref = refs  # the factors [I] if weighted, then the scales [2I] if scaled
     dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
@@ -99,19 +114,23 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
             w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
-            if dot:
+            if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
-                return acc + plgpu.dot(x, w, trans_b=True)
+                return acc + plgpu.dot(x, w.astype(x.dtype), trans_b=True)
             # Batch 1: multiply-add into a [rows, cols] accumulator, reduced once after the loop.
             x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
             return acc + w.astype(f32) * x.astype(f32)
 
         init = jnp.zeros((bp, rows) if dot else (rows, cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
-        return acc if dot else jnp.sum(acc, axis=1)[None, :]
+        acc = acc if dot else jnp.sum(acc, axis=1)[None, :]
+        if scaled:  # int8: each row's scale, once on the fp32 sums
+            acc = acc * load(opt[-1].at[pl.ds(first + i0, rows)], mask=row_ok)[None, :]
+        return acc
 
-    f = load(f_ref[0].at[pl.ds(i0, rows)], mask=row_ok)[None, :] if weighted else None
-    a = cats_activation(matvec(0, row_ok), t_ref[0], f)  # [bp, rows]; padding rows and neurons give 0
+    f = load(opt[0].at[pl.ds(i0, rows)], mask=row_ok)[None, :] if weighted else None
+    # [bp, rows]; padding rows and neurons give 0. The gate is scaled before the rule reads it.
+    a = cats_activation(matvec(0, row_ok), t_ref[0], f)
     live = jnp.max(jnp.abs(a), axis=0) > 0  # neurons kept by some batch row (implies row_ok)
     u = matvec(n_neurons, live)
     # a and u are rounded to the activation dtype before their product, as in the model's jnp path
@@ -121,8 +140,11 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
     plgpu.store(h_ref.at[pl.ds(0, bp), pl.ds(i0, rows)], h, mask=mask2d(batch_ok, row_ok))
 
 
-def gate_up(x, w_gu, threshold, factor=None, *, blocks: GateUpBlocks | None = None):
-    """h = cats_activation(x W_gate, t, factor) * (x W_up) [B, I] in x.dtype, from w_gu = [W_gate^T; W_up^T] [2I, H]."""
+def gate_up(x, w_gu, threshold, factor=None, scale=None, *, blocks: GateUpBlocks | None = None):
+    """h = cats_activation(x W_gate, t, factor) * (x W_up) [B, I] in x.dtype, from w_gu = [W_gate^T; W_up^T] [2I, H].
+
+    w_gu float (x is rounded to its dtype), or int8 with scale fp32 [2I], one per row:
+    x W_gate[:, i] = (x . q[i]) * scale[i] and x W_up[:, i] = (x . q[I + i]) * scale[I + i]."""
     if x.ndim != 2 or w_gu.ndim != 2 or w_gu.shape[0] % 2 or w_gu.shape[1] != x.shape[1]:
         raise ValueError(f"gate_up: x {x.shape}, w_gu {w_gu.shape}; expected [B, H], [2I, H]")
     batch, n_hidden = x.shape
@@ -131,20 +153,25 @@ def gate_up(x, w_gu, threshold, factor=None, *, blocks: GateUpBlocks | None = No
     bp = padded_batch(batch, batch > 1)
     if factor is not None and jnp.shape(factor) != (n_neurons,):
         raise ValueError(f"gate_up: factor {jnp.shape(factor)}; expected one per neuron ({n_neurons},)")
+    scale = check_scale("gate_up", w_gu, scale, 2 * n_neurons)
     kernel = functools.partial(_gate_up_kernel, batch=batch, bp=bp, blk=blk, n_hidden=n_hidden, n_neurons=n_neurons,
-                               weighted=factor is not None)
-    factors = () if factor is None else (jnp.asarray(factor, f32),)
+                               weighted=factor is not None, scaled=scale is not None)
+    opt = tuple(jnp.asarray(v, f32) for v in (factor, scale) if v is not None)
     return call(kernel, jax.ShapeDtypeStruct((batch, n_neurons), x.dtype), grid=(pl.cdiv(n_neurons, blk.rows),),
                 num_warps=blk.num_warps, num_stages=blk.num_stages, name="cats_gate_up")(
-        x.astype(w_gu.dtype), w_gu, jnp.asarray(threshold, f32).reshape(1), *factors)
+        x if scale is not None else x.astype(w_gu.dtype), w_gu, jnp.asarray(threshold, f32).reshape(1), *opt)
 
 
-def cats_mlp(x, w_gu, w_down, threshold, factor=None, *, blocks: GateUpBlocks | None = None,
+def cats_mlp(x, w_gu, w_down, threshold, factor=None, scales=None, *, blocks: GateUpBlocks | None = None,
              down_blocks: GemvBlocks | None = None):
     """The CATS MLP of decode rows x [B, H] with neuron-major weights w_gu [2I, H], w_down [I, H]
-    (factor: None, or the weighted criterion's [I]): (y [B, H] in x.dtype, the hidden activations
-    h [B, I], zero where dropped)."""
+    (factor: None, or the weighted criterion's [I]; scales: None for float weights, or for int8
+    ones (s_gu [2I], s_down [H]), gate_up's and sparse_gemv's scale): (y [B, H] in x.dtype, the
+    hidden activations h [B, I], zero where dropped)."""
     if w_gu.shape != (2 * w_down.shape[0], w_down.shape[1]):
         raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] for w_gu {w_gu.shape} = [2I, H]")
-    h = gate_up(x, w_gu, threshold, factor, blocks=blocks)
-    return sparse_gemv(h, w_down, blocks=down_blocks), h
+    if scales is not None and len(scales) != 2:
+        raise ValueError(f"cats_mlp: scales must be the pair (s_gu [2I], s_down [H]), not {len(scales)} arrays")
+    s_gu, s_down = scales or (None, None)
+    h = gate_up(x, w_gu, threshold, factor, s_gu, blocks=blocks)
+    return sparse_gemv(h, w_down, blocks=down_blocks, scale=s_down), h

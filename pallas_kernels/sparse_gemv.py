@@ -22,6 +22,13 @@ add every partial sum, which left a floor that grows with the matrix (docs/bench
 2. gather: grid (column blocks, chunks); a program walks its chunk's kept rows in steps of
    `rows`, loading those rows of W (each a contiguous run of `cols` weights), and atomic-adds its
    fp32 sums into the output.
+
+int8 weights (weight-only quantization, symmetric, one fp32 scale per output column:
+W ~ q * scale[None, :]): the kernels read the int8 rows as they are (a kept row is half the
+bytes of a bf16 one; which rows are skipped does not change) and convert each loaded tile, to
+fp32 for the multiply-adds, to x's dtype (exact: |q| <= 127) for the tensor-core dots. x keeps
+its own dtype, and since x @ W = (x @ q) * scale, the scale multiplies the fp32 sums once, after
+the accumulation: no matrix is ever dequantized.
 """
 
 from __future__ import annotations
@@ -36,7 +43,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
+from pallas_kernels.common import (
+    block_along,
+    call,
+    check_scale,
+    iota,
+    kernels_enabled,
+    load,
+    mask2d,
+    next_pow2,
+    padded_batch,
+)
 
 f32 = jnp.float32
 
@@ -187,8 +204,9 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if dot else xf != 0
         w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=live if col_ok is None else live & col_ok[None, :],
                  eviction_policy="evict_first")  # W is streamed once; keep x in cache
-        if dot:
-            return acc + plgpu.dot(xf.astype(w.dtype), w)  # [bp, cols]; x is exact in w's dtype
+        if dot:  # [bp, cols]; x' is exact in x's dtype; int8 w converts exactly to it
+            dt = x_ref.dtype
+            return acc + plgpu.dot(xf.astype(dt), w.astype(dt))
         # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
         # end (a cross-warp reduction per step would cost more than the loads).
         return acc + xf * w.astype(f32)
@@ -250,7 +268,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
 
 
 def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks):
-    """Batch 1: compact, then gather (module docstring). x [1, in] in w's dtype -> [1, out] fp32.
+    """Batch 1: compact, then gather (module docstring). x [1, in] -> [1, out] fp32 (unscaled).
     ts: the thresholds, then (weighted) the factors [segments, in]."""
     n_in, n_out = w.shape
     n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
@@ -272,10 +290,12 @@ def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks):
 
 
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None, factors=None,
-                blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None):
-    """y = x' @ w with x' = x (threshold None) or x * keep(x, threshold, factors), x' rounded to w's dtype.
+                blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None, scale=None):
+    """y = x' @ w with x' = x (threshold None) or x * keep(x, threshold, factors), x' rounded to w's
+    dtype; or, for int8 w, y = (x' @ w) * scale with x' in x's own dtype.
 
-    x [B, in], w [in, out]. Returns [B, out] in out_dtype (default x.dtype), accumulated in fp32.
+    x [B, in], w [in, out] (float, or int8 with scale: fp32 [out], one per output column). Returns
+    [B, out] in out_dtype (default x.dtype), accumulated in fp32.
     Rows of w are read only where some batch row's x' is non-zero (in that column block).
     segments: widths of consecutive output-column segments with their own thresholds (threshold
     then has one value per segment, best a sequence of scalars: an array is split per call):
@@ -306,12 +326,21 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     blk = blocks or blocks_for(batch, n_in, n_out, math.gcd(*bounds) if bounds else None)
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
+    scale = check_scale("sparse_gemv", w, scale, n_out)
     out_dtype = out_dtype or x.dtype
-    x = x.astype(w.dtype)
+    if scale is None:
+        x = x.astype(w.dtype)
+
+    def finish(y):
+        """[B, out] fp32 sums -> out_dtype. The scale is applied here rather than in the kernels:
+        XLA fuses the multiply into the slice / reduction and cast that follow the kernels anyway,
+        while in-kernel it would scale every split's partial sums (and load the scale per program)."""
+        return (y if scale is None else y * scale).astype(out_dtype)
+
     if isinstance(blk, GatherBlocks):
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
-        return _gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk).astype(out_dtype)
+        return finish(_gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk))
     dot = batch > 1
     bp = padded_batch(batch, dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
@@ -330,5 +359,4 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
     )(x, w, *ts)
-    y = jnp.sum(out[:, :batch], axis=0) if dot else out[:, :n_out]
-    return y.astype(out_dtype)
+    return finish(jnp.sum(out[:, :batch], axis=0) if dot else out[:, :n_out])
