@@ -105,6 +105,8 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
 def _mismatch(name: str, got, spec, says: str) -> str | None:
     """What is wrong with tensor got (an array or its metadata) against spec: its shape, or int8
     where the config says float or the reverse (a quantized kernel); None if nothing."""
+    if got is None:  # a directory in params/ that its metadata does not list
+        return f"tensor {name} is not in the checkpoint's metadata"
     if tuple(got.shape) != tuple(spec.shape):
         return f"tensor {name} has shape {tuple(got.shape)}, {says} {tuple(spec.shape)}"
     if (got.dtype == jnp.int8) != (spec.dtype == jnp.int8):
@@ -170,7 +172,7 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None) -> dict:
             meta = meta.item_metadata if hasattr(meta, "item_metadata") else meta
             target = param_shapes(cfg, meta["embed"]["embedding"].dtype)
             stored = dict(jax.tree_util.tree_flatten_with_path(meta)[0])
-            wrong = [_mismatch(".".join(str(k.key) for k in key), stored[key], spec, "config.json says")
+            wrong = [_mismatch(".".join(str(k.key) for k in key), stored.get(key), spec, "config.json says")
                      for key, spec in jax.tree_util.tree_flatten_with_path(target)[0]]  # orbax would cast them
             wrong = [w for w in wrong if w]
             params = None if wrong else ckptr.restore(path, target)

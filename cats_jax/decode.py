@@ -142,9 +142,8 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None):
         return dot(x, w, scale)
     if plan.gemv_kernel(x, w):  # -1: keep every input of an unthresholded segment
         ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
-        int8 = {} if scale is None else {"scale": scale}
         return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors,
-                                       **int8).reshape(b, t, -1)
+                                       scale=scale).reshape(b, t, -1)
     xs = [x if th is None else sparsity.teal_input(x, th, None if factors is None else factors[i])
           for i, th in enumerate(thresholds)]
     if len(xs) == 1:
@@ -208,8 +207,8 @@ def _mlp(plan: Plan, lw, x):
     down = _factors(lw, "down")
     factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]||
     if plan.cats_kernel(x):
-        int8 = {} if _scale(lw, "down") is None else {"scales": (_scale(lw, "gate_up_t"), _scale(lw, "down"))}
-        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, **int8)
+        scales = None if _scale(lw, "down") is None else (_scale(lw, "gate_up_t"), _scale(lw, "down"))
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, scales)
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate

@@ -1,0 +1,239 @@
+"""int8 weight-only quantization (cats_jax.quantize): the quantizer's bound, the int8 model against
+its dequantized float twin, decode (jnp and the kernels in interpret mode) against the int8 model,
+convert --quantize, thresholds tied to the quantization, and the errors of bad input."""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cats_jax
+from bench.decode import random_thresholds
+from cats_jax import calibrate, checkpoint, data, decode, quantize, sparsity, thresholds
+from cats_jax import model as M
+from cats_jax.cli import InputError, run
+from cats_jax.config import ModelConfig
+from cats_jax.generate import generate
+from convert.__main__ import main as convert_main
+from pallas_kernels import sparse_gemv as G
+from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
+
+f32 = jnp.float32
+CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, name="tiny")
+
+
+def test_quantizer_error_is_at_most_half_a_step_and_zero_columns_are_safe():
+    w = np.random.default_rng(0).normal(size=(48, 40)).astype(np.float32)
+    w[:, 3] = 0.0  # a zero column: scale 1, q 0 (not 0 / 0)
+    w[5, 7] = 40.0  # an outlier sets its column's step, and only its column's
+    q, s = quantize.quantize_int8(jnp.asarray(w))
+    q, s = np.asarray(q), np.asarray(s)
+    assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (40,)
+    assert np.abs(q).max() == 127 and np.isfinite(s).all() and (s > 0).all()
+    assert s[3] == 1.0 and not q[:, 3].any()
+    peak = np.abs(w).max(axis=0)
+    np.testing.assert_allclose(s, np.where(peak > 0, peak / 127, 1.0), rtol=1e-6)
+    assert (np.abs(w - q * s) <= s / 2 * (1 + 1e-6)).all()
+    assert np.abs(q[5, 7]) == 127 and np.abs(q[:, 7]).sum() < np.abs(q[:, 8]).sum()
+
+
+def _dequantized_twin(qm):
+    """The float model (fp32) whose kernels are qm's dequantized weights."""
+    cfg = dataclasses.replace(qm.cfg, quantization=None)
+    params = checkpoint.model_params(qm)
+
+    def walk(node):
+        if "scales" in node:
+            return {"kernel": quantize.dequantize(node["kernel"], node["scales"])}
+        return {k: walk(v) if isinstance(v, dict) else v.astype(f32) for k, v in node.items()}
+
+    return checkpoint.from_params(cfg, walk(params))
+
+
+@pytest.mark.parametrize("mode,criterion", [("dense", "magnitude"), ("cats", "weighted")])
+def test_int8_model_is_its_dequantized_twin(mode, criterion):
+    """The int8 model's forward (x @ q) * s is the float forward of q * s: same logits, and the
+    weighted criterion's factors are those of the dequantized weights."""
+    m = M.init_random(CFG, seed=3, dtype=f32)
+    qm = quantize.quantize_model(m)
+    assert m.layers[0].mlp.up_proj.kernel.dtype == f32  # the source is left as it was
+    assert qm.layers[0].mlp.up_proj.kernel.dtype == jnp.int8 and qm.cfg.quantization == "int8"
+    twin = _dequantized_twin(qm)
+    for model in (qm, twin):
+        model.set_criterion(criterion)
+    levels = random_thresholds(twin, [0.5], tokens=64, seed=0)[0.5] if mode != "dense" else {}
+    for site, t in levels.items():
+        for model in (qm, twin):
+            model.set_thresholds(site, t)
+    for model in (qm, twin):
+        model.set_mode(mode)
+    for a, b in zip(qm.layers[0].mlp.input_factor.values(), twin.layers[0].mlp.input_factor.values()):
+        np.testing.assert_allclose(a[...], b[...], rtol=1e-6)
+    toks = jax.random.randint(jax.random.key(1), (2, 9), 0, CFG.vocab_size)
+    np.testing.assert_allclose(qm(toks)[0], twin(toks)[0], atol=1e-4)
+    if mode == "dense":  # and near the float source
+        np.testing.assert_allclose(qm(toks)[0], m(toks)[0], atol=0.1)
+
+
+@pytest.fixture
+def kernels_on_tiny_weights(monkeypatch):
+    monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
+
+
+def _int8_model(mode, criterion="magnitude"):
+    """The int8 copy of a random fp32 model, each site's thresholds moved apart (each fused segment its own)."""
+    qm = quantize.quantize_model(M.init_random(CFG, seed=3, dtype=f32))
+    qm.set_criterion(criterion)
+    for i, (site, t) in enumerate(random_thresholds(qm, [0.5], tokens=64, seed=0)[0.5].items()):
+        qm.set_thresholds(site, np.asarray(t) * (1 + 0.1 * i))
+    qm.set_mode(mode)
+    return qm
+
+
+forward = jax.jit(decode.forward, static_argnames="plan")
+
+
+@pytest.mark.parametrize("impl,mode,criterion", [("jnp", "cats", "magnitude"), ("jnp", "teal", "weighted"),
+                                                 ("pallas", "cats", "weighted")])  # pallas teal: the greedy test
+def test_int8_decode_equals_the_int8_model(kernels_on_tiny_weights, impl, mode, criterion):
+    """Prefill and a batch-1 decode step (every kernel, reading int8 rows) give the int8 model's
+    logits; the decode weights stay int8."""
+    m = _int8_model(mode, criterion)
+    dec = decode.prepare(m, impl)
+    lw = dec.weights["layers"][0]
+    assert {lw[k].dtype for k in ("qkv", "o", "down", "gate_up_t" if "gate_up_t" in lw else "gate_up")} == {
+        jnp.dtype(jnp.int8)}
+    assert lw["qkv_scale"].shape == (lw["qkv"].shape[1],)
+    toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
+    pos = jnp.arange(9)[None]
+    want, cache = m(toks, pos, M.init_cache(CFG, 1, 16, f32))
+    step, step_pos = toks[:, :1], jnp.full((1, 1), 9)
+    want_step, _ = m(step, step_pos, cache)
+    with interpret_on_cpu(), poisoned_outputs():
+        got, got_cache, _ = forward(dec.weights, toks, pos, M.init_cache(CFG, 1, 16, f32), plan=dec.plan)
+        got_step, _, _ = forward(dec.weights, step, step_pos, got_cache, plan=dec.plan)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(got_step, want_step, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["cats", "teal"])
+def test_int8_kernel_decode_gives_the_int8_jnp_greedy_tokens(kernels_on_tiny_weights, mode):
+    m = _int8_model(mode)
+    prompt = [[5, 17, 3, 88, 41, 9, 2]]
+    want = generate(decode.prepare(m, "jnp"), prompt, 10, eos_ids=())
+    with interpret_on_cpu(), poisoned_outputs():
+        got = generate(decode.prepare(m, "pallas"), prompt, 10, eos_ids=())
+    assert got.tokens == want.tokens
+    assert got.mlp_sparsity == want.mlp_sparsity
+
+
+@pytest.fixture(scope="module")
+def int8_ckpt(word_ckpt, tmp_path_factory):
+    """word_ckpt (fp32, CATS thresholds at 0.5) quantized by the convert CLI."""
+    out = tmp_path_factory.mktemp("int8") / "ckpt"
+    convert_main(["--ckpt", str(word_ckpt), "--quantize", "int8", "--dtype", "float32", "--out", str(out)])
+    return out
+
+
+def test_convert_quantize_writes_a_checkpoint_that_loads_and_generates(word_ckpt, int8_ckpt):
+    assert json.loads((int8_ckpt / "config.json").read_text())["quantization"] == "int8"
+    assert not (int8_ckpt / thresholds.FILENAME).exists()  # calibrated for the float weights: left behind
+    model = checkpoint.load_model(int8_ckpt, jnp.bfloat16)  # the dtype of the float weights only
+    q_proj = model.layers[0].attn.q_proj
+    assert (q_proj.kernel.dtype, q_proj.scales.dtype, model.embed.embedding.dtype) == (jnp.int8, f32, jnp.bfloat16)
+    lm = cats_jax.load(int8_ckpt, dtype="float32")
+    text = lm.generate("w5 w6 w7", 6)
+    want = quantize.quantize_model(checkpoint.load_model(word_ckpt, f32))
+    (expected,), _ = cats_jax.generate.generate_text(want, data.load_tokenizer(word_ckpt), ["w5 w6 w7"], 6)
+    assert text == expected and text.strip()
+
+
+def test_float_thresholds_on_the_int8_checkpoint_only_when_asked(word_ckpt, int8_ckpt, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(int8_ckpt, ckpt)
+    shutil.copy(word_ckpt / thresholds.FILENAME, ckpt)  # the float model's thresholds
+    with pytest.raises(thresholds.ThresholdsError, match="calibrated for the same weights with no quantization, "
+                                                         "this model has int8: calibrate it"):
+        cats_jax.load(ckpt, sparsity=0.5)
+    with pytest.raises(SystemExit) as e:
+        run(cats_jax.generate.main, ["--ckpt", str(ckpt), "--prompt", "w5", "--sparsity", "0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--allow-quantization-mismatch" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        run(cats_jax.generate.main, ["--ckpt", str(ckpt), "--prompt", "w5", "--sparsity", "0.5", "--max-new-tokens",
+                                     "2", "--allow-quantization-mismatch"])
+    assert e.value.code == 0 and "measured MLP sparsity" in capsys.readouterr().err
+    # and the int8 model's thresholds on the float model: refused too
+    int8_th = thresholds.Thresholds(thresholds.model_identity(checkpoint.load_model(ckpt)), "cats",
+                                    [thresholds.Level(0.5, {sparsity.CATS_SITE: [0.05] * 3})], {})
+    float_model = checkpoint.load_model(word_ckpt)
+    with pytest.raises(thresholds.ThresholdsError, match="with int8, this model has no quantization"):
+        thresholds.apply(float_model, int8_th, 0.5)
+    thresholds.apply(float_model, int8_th, 0.5, allow_quantization_mismatch=True)
+
+
+def test_calibrating_the_int8_checkpoint(tiny_ckpt, tmp_path):
+    """The int8 model calibrates as usual; its thresholds name it and apply to it with no flag."""
+    src, text = tiny_ckpt
+    ckpt = tmp_path / "int8"
+    convert_main(["--ckpt", str(src), "--quantize", "int8", "--out", str(ckpt)])
+    th = calibrate.run(ckpt, [0.5], data.TextSource(str(text)), tokens=512, holdout_tokens=128, seq_len=64,
+                       batch_size=8, progress=False)
+    assert th.model["quantization"] == "int8"
+    level = thresholds.load_into(checkpoint.load_model(ckpt), ckpt, 0.5)
+    assert 0.3 < np.mean(level.realised[sparsity.CATS_SITE]["calibration"]) < 0.7
+
+
+def test_missing_or_misshapen_scales_are_one_clear_line(int8_ckpt, word_ckpt, tmp_path):
+    missing = tmp_path / "missing"
+    shutil.copytree(int8_ckpt, missing)
+    shutil.rmtree(missing / "params" / "layers.1.mlp.down_proj.scales")
+    with pytest.raises(InputError, match=r"1 of its quantization scales are missing \(layers.1.mlp.down_proj.scales\)"):
+        checkpoint.load_model(missing)
+
+    cfg = ModelConfig.load(int8_ckpt)
+    params = checkpoint.load_params(int8_ckpt, cfg)
+    params["layers"]["0"]["attn"]["k_proj"]["scales"] = jnp.ones((cfg.num_kv_heads * cfg.head_dim + 1,), f32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(cfg.to_json())
+    checkpoint.write_params(bad, params)
+    with pytest.raises(InputError) as e:
+        checkpoint.load_model(bad)
+    assert "tensor layers.0.attn.k_proj.scales has shape (33,), config.json says (32,)" in str(e.value)
+    assert "\n" not in str(e.value)
+
+    claimed = tmp_path / "claimed"  # a float checkpoint whose config.json says int8
+    shutil.copytree(word_ckpt, claimed)
+    (claimed / "config.json").write_text(cfg.to_json())
+    with pytest.raises(InputError, match="quantization scales are missing"):
+        checkpoint.load_model(claimed)
+    params = checkpoint.load_params(int8_ckpt, cfg)  # one kernel float, its scales there
+    params["layers"]["0"]["attn"]["k_proj"]["kernel"] = jnp.ones((cfg.hidden_size, 32), f32)
+    shutil.rmtree(bad / "params")
+    checkpoint.write_params(bad, params)
+    with pytest.raises(InputError, match="tensor layers.0.attn.k_proj.kernel is float32, config.json says int8"):
+        checkpoint.load_model(bad)
+
+
+def test_bad_quantize_value_and_quantized_sources_are_refused(int8_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert_main(["--ckpt", str(int8_ckpt), "--quantize", "int4", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="is quantized already"):
+        convert_main(["--ckpt", str(int8_ckpt), "--quantize", "int8", "--out", str(tmp_path / "y")])
+
+
+def test_training_an_int8_base_is_refused(int8_ckpt, tmp_path, capsys):
+    from train.__main__ import main as train_main
+
+    with pytest.raises(SystemExit) as e:
+        run(train_main, ["--ckpt", str(int8_ckpt), "--run", str(tmp_path / "run"), "--data", "x.txt"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds int8 weights: fine-tuning (LoRA or full) needs a float checkpoint" in err
+    assert not (tmp_path / "run").exists()
