@@ -54,16 +54,16 @@ import numpy as np
 from flax import nnx
 
 from bench.kernels import copy_bandwidth, read_bandwidth
-from cats_jax import cli, decode, quantize, sharding
+from cats_jax import cli, decode, sharding
 from cats_jax.config import PRESETS, QUANTIZATIONS, ModelConfig
 from cats_jax.generate import generate
-from cats_jax.model import Transformer
+from cats_jax.model import Transformer, quantize_model
 from cats_jax.sparsity import MODES
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
     """Random weights made on the default device by one jitted init (bf16 in, bf16 out); quantize
-    them with cats_jax.quantize.quantize_model."""
+    them with cats_jax.model.quantize_model."""
     make = functools.partial(Transformer, cfg, dtype=dtype)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed))))
     state = jax.jit(lambda: nnx.split(make(rngs=nnx.Rngs(seed)))[1])()
@@ -82,6 +82,11 @@ def bytes_per_step(cfg: ModelConfig, model: Transformer, batch: int, prompt_len:
         ctx = np.minimum(ctx, cfg.sliding_window)
     kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
     return weights + batch * kv_per_pos * float(ctx.mean())
+
+
+def weight_bytes(decoder: decode.Decoder) -> int:
+    """Bytes of the decode weights on the device(s) (int8 kernels: 1 per weight, plus their fp32 scales)."""
+    return sum(w.nbytes for w in jax.tree.leaves(decoder.weights))
 
 
 def random_thresholds(model: Transformer, sparsity: list[float], tokens: int, seed: int) -> dict:
@@ -155,7 +160,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     rows, dense_ms = [], {}
     settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
     for quant in args.quantize:
-        model = base if quant == "none" else quantize.quantize_model(base)
+        model = base if quant == "none" else quantize_model(base)
         thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
         for mode, level in settings:
             for site in MODES[mode]:
@@ -164,7 +169,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
             decoder = decode.prepare(model, args.impl)
             if mesh is not None:
                 decoder = sharding.shard(decoder, mesh)
-            weight_gb = sum(w.nbytes for w in jax.tree.leaves(decoder.weights)) / 1e9
+            weight_gb = weight_bytes(decoder) / 1e9
             label = ("" if quant == "none" else f"{quant} ") + (
                 mode if mode == "dense" else f"{mode} ({args.impl}) {level:g}")
             for batch in args.batch:

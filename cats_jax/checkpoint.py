@@ -30,7 +30,7 @@ from flax import nnx
 from cats_jax import thresholds
 from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
-from cats_jax.model import Transformer
+from cats_jax.model import Transformer, from_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -49,9 +49,10 @@ def _plain_keys(tree):
     return tree
 
 
-def _model_keys(tree, like):
-    if isinstance(like, dict):
-        return {k: _model_keys(tree[str(k)], v) for k, v in like.items()}
+def _model_keys(tree):
+    # back to the model's keys: nnx.List children (the layers) have int keys
+    if isinstance(tree, dict):
+        return {int(k) if k.isdigit() else k: _model_keys(v) for k, v in tree.items()}
     return tree
 
 
@@ -200,22 +201,7 @@ def _first_line(e: BaseException) -> str:
 def load_model(ckpt_dir: str | Path, dtype=None) -> Transformer:
     """Build the model of a converted checkpoint (thresholds, if any, are loaded by the caller)."""
     cfg = ModelConfig.load(ckpt_dir)
-    return from_params(cfg, load_params(ckpt_dir, cfg, dtype))
-
-
-def from_params(cfg: ModelConfig, params: dict) -> Transformer:
-    """The model of config cfg holding params (checkpoint layout; the float weights' dtype is the model's)."""
-    param_dtype = params["embed"]["embedding"].dtype
-    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=param_dtype, rngs=nnx.Rngs(0)))
-    state = nnx.state(model)
-    param_state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(param_state, _model_keys(params, nnx.to_pure_dict(param_state)))
-    nnx.update(model, param_state)
-    # Non-param state (thresholds) starts at its initial values: threshold 0 is dense.
-    other = nnx.state(model, nnx.Not(nnx.Param))
-    nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), other))
-    del state
-    return model
+    return from_params(cfg, _model_keys(load_params(ckpt_dir, cfg, dtype)))
 
 
 def model_params(model: Transformer) -> dict:

@@ -93,7 +93,7 @@ class RMSNorm(nnx.Module):
 class QLinear(nnx.Module):
     """A linear layer of int8 weights: kernel int8 [in, out] and its per-output-channel scales fp32
     [out] (cats_jax.quantize); x @ W = (x @ kernel) * scales, accumulated in fp32, in x's dtype.
-    Made empty (zeros): its weights come from a checkpoint or quantize.quantize_model."""
+    Made empty (zeros): its weights come from a checkpoint or quantize_model."""
 
     def __init__(self, n_in: int, n_out: int):
         self.kernel = nnx.Param(jnp.zeros((n_in, n_out), jnp.int8))
@@ -406,3 +406,22 @@ def forward(graphdef, state, tokens, positions, cache=None):
 def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
     """A model with random weights (benchmarks and tests)."""
     return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def from_params(cfg: ModelConfig, params: dict) -> Transformer:
+    """The model of config cfg holding params (nnx.to_pure_dict of its nnx.Param state; the float
+    weights' dtype is the model's), its other state (thresholds: 0, dense) at initial values."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=params["embed"]["embedding"].dtype, rngs=nnx.Rngs(0)))
+    param_state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(param_state, params)
+    nnx.update(model, param_state)
+    other = nnx.state(model, nnx.Not(nnx.Param))
+    nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), other))
+    return model
+
+
+def quantize_model(model: Transformer) -> Transformer:
+    """The int8 copy of a float model (cats_jax.quantize; weights on the model's device), dense;
+    the model itself is unchanged."""
+    params = quantize.quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return from_params(quantize.quantized_config(model.cfg), params)

@@ -9,7 +9,7 @@ accumulated in fp32, the scale applied after the accumulation.
 What is quantized: every linear layer of the blocks (q, k, v, o, gate, up, down), as
 model.QLinear when the config's `quantization` is "int8"; the embedding, norms and LM head stay
 in the model's dtype. A checkpoint records it in config.json; `quantize_params` turns a float
-params tree into the int8 one (python -m convert --quantize int8), `quantize_model` a model.
+params tree into the int8 one (python -m convert --quantize int8), model.quantize_model a model.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, dtype=None) 
 
 
 def quantized_config(cfg, scheme: str = "int8"):
-    """cfg of the same model with its linear layers quantized."""
+    """cfg of the same model with its blocks' linear layers quantized."""
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {scheme!r} (choose from {', '.join(QUANTIZATIONS)})")
     if cfg.quantization is not None:
@@ -58,28 +58,19 @@ def quantized_config(cfg, scheme: str = "int8"):
     return dataclasses.replace(cfg, quantization=scheme)
 
 
-def quantize_params(params: dict, cfg) -> dict:
-    """A float params tree (checkpoint layout) quantized in place for cfg (a quantized config):
-    every linear whose params there are {"kernel", "scales"} gets its kernel quantized, one at a
-    time, each float kernel dropped as it is replaced (one model's weights in memory, not two).
-    Returns params."""
-    from cats_jax import checkpoint  # checkpoint builds the model, which holds the quantized layers
+def quantize_params(params: dict) -> dict:
+    """A float params tree (nested dicts, the model's or the checkpoint's keys) quantized in place:
+    every linear layer under "layers" ({"kernel": W}) becomes {"kernel": q, "scales": scale}, one
+    at a time, each float kernel dropped as it is replaced (one model's weights in memory, not
+    two). Returns params."""
 
-    def walk(node: dict, like: dict):
-        if "scales" in like:
+    def walk(node: dict):
+        if "kernel" in node:
             node["kernel"], node["scales"] = quantize_int8(node["kernel"])
             return
-        for key, sub in like.items():
+        for sub in node.values():
             if isinstance(sub, dict):
-                walk(node[key], sub)
+                walk(sub)
 
-    walk(params, checkpoint.param_shapes(cfg))
+    walk(params["layers"])
     return params
-
-
-def quantize_model(model):
-    """The int8 copy of a float model (weights on the model's device); the model itself is unchanged."""
-    from cats_jax import checkpoint
-
-    cfg = quantized_config(model.cfg)
-    return checkpoint.from_params(cfg, quantize_params(checkpoint.model_params(model), cfg))

@@ -25,7 +25,7 @@ def write(out, cfg: ModelConfig, params: dict, tokenizer_dir, force: bool, quant
     """checkpoint.save of params, quantized first if quantization is given ("int8")."""
     if quantization is not None:
         cfg = quantize.quantized_config(cfg, quantization)
-        params = quantize.quantize_params(params, cfg)
+        params = quantize.quantize_params(params)
     return checkpoint.save(out, cfg, params, tokenizer_dir=tokenizer_dir, force=force)
 
 

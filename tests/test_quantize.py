@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import cats_jax
 from bench.decode import random_thresholds
@@ -45,14 +46,14 @@ def test_quantizer_error_is_at_most_half_a_step_and_zero_columns_are_safe():
 def _dequantized_twin(qm):
     """The float model (fp32) whose kernels are qm's dequantized weights."""
     cfg = dataclasses.replace(qm.cfg, quantization=None)
-    params = checkpoint.model_params(qm)
+    params = nnx.to_pure_dict(nnx.state(qm, nnx.Param))
 
     def walk(node):
         if "scales" in node:
             return {"kernel": quantize.dequantize(node["kernel"], node["scales"])}
         return {k: walk(v) if isinstance(v, dict) else v.astype(f32) for k, v in node.items()}
 
-    return checkpoint.from_params(cfg, walk(params))
+    return M.from_params(cfg, walk(params))
 
 
 @pytest.mark.parametrize("mode,criterion", [("dense", "magnitude"), ("cats", "weighted")])
@@ -60,7 +61,7 @@ def test_int8_model_is_its_dequantized_twin(mode, criterion):
     """The int8 model's forward (x @ q) * s is the float forward of q * s: same logits, and the
     weighted criterion's factors are those of the dequantized weights."""
     m = M.init_random(CFG, seed=3, dtype=f32)
-    qm = quantize.quantize_model(m)
+    qm = M.quantize_model(m)
     assert m.layers[0].mlp.up_proj.kernel.dtype == f32  # the source is left as it was
     assert qm.layers[0].mlp.up_proj.kernel.dtype == jnp.int8 and qm.cfg.quantization == "int8"
     twin = _dequantized_twin(qm)
@@ -87,7 +88,7 @@ def kernels_on_tiny_weights(monkeypatch):
 
 def _int8_model(mode, criterion="magnitude"):
     """The int8 copy of a random fp32 model, each site's thresholds moved apart (each fused segment its own)."""
-    qm = quantize.quantize_model(M.init_random(CFG, seed=3, dtype=f32))
+    qm = M.quantize_model(M.init_random(CFG, seed=3, dtype=f32))
     qm.set_criterion(criterion)
     for i, (site, t) in enumerate(random_thresholds(qm, [0.5], tokens=64, seed=0)[0.5].items()):
         qm.set_thresholds(site, np.asarray(t) * (1 + 0.1 * i))
@@ -148,7 +149,7 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_and_generates(word_ckpt
     assert (q_proj.kernel.dtype, q_proj.scales.dtype, model.embed.embedding.dtype) == (jnp.int8, f32, jnp.bfloat16)
     lm = cats_jax.load(int8_ckpt, dtype="float32")
     text = lm.generate("w5 w6 w7", 6)
-    want = quantize.quantize_model(checkpoint.load_model(word_ckpt, f32))
+    want = M.quantize_model(checkpoint.load_model(word_ckpt, f32))
     (expected,), _ = cats_jax.generate.generate_text(want, data.load_tokenizer(word_ckpt), ["w5 w6 w7"], 6)
     assert text == expected and text.strip()
 
@@ -237,3 +238,20 @@ def test_training_an_int8_base_is_refused(int8_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "holds int8 weights: fine-tuning (LoRA or full) needs a float checkpoint" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_runs_int8_after_bf16_and_reports_the_weight_bytes():
+    from bench import decode as bench_decode
+
+    args = bench_decode.parse_args(["--batch", "1", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1",
+                                    "--copy-mib", "4", "--mode", "dense", "--impl", "jnp", "--quantize", "none,int8"])
+    table = bench_decode.run(CFG, args).splitlines()
+    assert "| weight GB |" in table[4] and [r.split("|")[1] for r in table[6:8]] == [" dense ", " int8 dense "]
+    model = bench_decode.random_model(CFG)
+    bf16, int8 = (bench_decode.weight_bytes(decode.prepare(m)) for m in (model, M.quantize_model(model)))
+    linear = 2 * CFG.hidden_size * (CFG.num_heads + CFG.num_kv_heads) * CFG.head_dim + 3 * CFG.hidden_size * \
+        CFG.intermediate_size  # per layer; their outputs: one fp32 scale each
+    outputs = (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim + CFG.hidden_size * 2 + 2 * CFG.intermediate_size
+    assert bf16 - int8 == CFG.num_layers * (linear * (2 - 1) - 4 * outputs)
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--quantize", "int4"])
