@@ -1,6 +1,7 @@
 """int8 weight-only quantization (cats_jax.quantize): the quantizer's bound, the int8 model against
-its dequantized float twin, decode (jnp and the kernels in interpret mode) against the int8 model,
-convert --quantize, thresholds tied to the quantization, and the errors of bad input."""
+its dequantized float twin, convert --quantize, thresholds tied to the quantization, the benchmark's
+int8 rows, and the errors of bad input. Decode of int8 weights (jnp and the kernels in interpret
+mode) against the int8 model: test_decode.py, test_sharding.py."""
 
 import dataclasses
 import json
@@ -18,10 +19,7 @@ from cats_jax import calibrate, checkpoint, data, decode, quantize, sparsity, th
 from cats_jax import model as M
 from cats_jax.cli import InputError, run
 from cats_jax.config import ModelConfig
-from cats_jax.generate import generate
 from convert.__main__ import main as convert_main
-from pallas_kernels import sparse_gemv as G
-from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 
 f32 = jnp.float32
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -79,58 +77,6 @@ def test_int8_model_is_its_dequantized_twin(mode, criterion):
     np.testing.assert_allclose(qm(toks)[0], twin(toks)[0], atol=1e-4)
     if mode == "dense":  # and near the float source
         np.testing.assert_allclose(qm(toks)[0], m(toks)[0], atol=0.1)
-
-
-@pytest.fixture
-def kernels_on_tiny_weights(monkeypatch):
-    monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
-
-
-def _int8_model(mode, criterion="magnitude"):
-    """The int8 copy of a random fp32 model, each site's thresholds moved apart (each fused segment its own)."""
-    qm = M.quantize_model(M.init_random(CFG, seed=3, dtype=f32))
-    qm.set_criterion(criterion)
-    for i, (site, t) in enumerate(random_thresholds(qm, [0.5], tokens=64, seed=0)[0.5].items()):
-        qm.set_thresholds(site, np.asarray(t) * (1 + 0.1 * i))
-    qm.set_mode(mode)
-    return qm
-
-
-forward = jax.jit(decode.forward, static_argnames="plan")
-
-
-@pytest.mark.parametrize("impl,mode,criterion", [("jnp", "cats", "magnitude"), ("jnp", "teal", "weighted"),
-                                                 ("pallas", "cats", "weighted")])  # pallas teal: the greedy test
-def test_int8_decode_equals_the_int8_model(kernels_on_tiny_weights, impl, mode, criterion):
-    """Prefill and a batch-1 decode step (every kernel, reading int8 rows) give the int8 model's
-    logits; the decode weights stay int8."""
-    m = _int8_model(mode, criterion)
-    dec = decode.prepare(m, impl)
-    lw = dec.weights["layers"][0]
-    assert {lw[k].dtype for k in ("qkv", "o", "down", "gate_up_t" if "gate_up_t" in lw else "gate_up")} == {
-        jnp.dtype(jnp.int8)}
-    assert lw["qkv_scale"].shape == (lw["qkv"].shape[1],)
-    toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
-    pos = jnp.arange(9)[None]
-    want, cache = m(toks, pos, M.init_cache(CFG, 1, 16, f32))
-    step, step_pos = toks[:, :1], jnp.full((1, 1), 9)
-    want_step, _ = m(step, step_pos, cache)
-    with interpret_on_cpu(), poisoned_outputs():
-        got, got_cache, _ = forward(dec.weights, toks, pos, M.init_cache(CFG, 1, 16, f32), plan=dec.plan)
-        got_step, _, _ = forward(dec.weights, step, step_pos, got_cache, plan=dec.plan)
-    np.testing.assert_allclose(got, want, atol=2e-5)
-    np.testing.assert_allclose(got_step, want_step, atol=2e-5)
-
-
-@pytest.mark.parametrize("mode", ["cats", "teal"])
-def test_int8_kernel_decode_gives_the_int8_jnp_greedy_tokens(kernels_on_tiny_weights, mode):
-    m = _int8_model(mode)
-    prompt = [[5, 17, 3, 88, 41, 9, 2]]
-    want = generate(decode.prepare(m, "jnp"), prompt, 10, eos_ids=())
-    with interpret_on_cpu(), poisoned_outputs():
-        got = generate(decode.prepare(m, "pallas"), prompt, 10, eos_ids=())
-    assert got.tokens == want.tokens
-    assert got.mlp_sparsity == want.mlp_sparsity
 
 
 @pytest.fixture(scope="module")
