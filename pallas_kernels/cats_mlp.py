@@ -37,18 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (
-    block_along,
-    call,
-    check_scale,
-    iota,
-    kernels_enabled,
-    load,
-    mask2d,
-    next_pow2,
-    padded_batch,
-)
-from pallas_kernels.sparse_gemv import GemvBlocks, keep, sparse_gemv
+from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
+from pallas_kernels.sparse_gemv import GemvBlocks, check_scale, keep, sparse_gemv
 
 f32 = jnp.float32
 

@@ -94,21 +94,6 @@ def load(ref, mask=None, **kw):
     return plgpu.load(ref, mask=mask, other=None if mask is None else 0, **kw)
 
 
-def check_scale(name: str, w, scale, n: int):
-    """The fp32 per-output-channel scale [n] of int8 weights w (W ~ w * scale), or None for float
-    weights; a ValueError naming the problem for a missing, stray or misshapen scale."""
-    if w.dtype == jnp.int8:
-        if scale is None:
-            raise ValueError(f"{name}: int8 weights need their fp32 scale [{n}] (one per output channel)")
-        if jnp.shape(scale) != (n,):
-            raise ValueError(f"{name}: scale {jnp.shape(scale)} for int8 weights {w.shape}; expected ({n},), "
-                             "one per output channel")
-        return jnp.asarray(scale, jnp.float32)
-    if scale is not None:
-        raise ValueError(f"{name}: a scale is only for int8 weights; these are {w.dtype} (pass scale=None)")
-    return None
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -43,17 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (
-    block_along,
-    call,
-    check_scale,
-    iota,
-    kernels_enabled,
-    load,
-    mask2d,
-    next_pow2,
-    padded_batch,
-)
+from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
 
 f32 = jnp.float32
 
@@ -79,6 +69,21 @@ def score(value, factor=None):
 def keep(value, threshold, factor=None):
     """The sparsity rule: a value is kept where its score exceeds the threshold."""
     return score(value, factor) > threshold
+
+
+def check_scale(name: str, w, scale, n: int):
+    """The fp32 per-output-channel scale [n] of int8 weights w (W ~ w * scale), or None for float
+    weights; a ValueError naming the problem for a missing, stray or misshapen scale."""
+    if w.dtype == jnp.int8:
+        if scale is None:
+            raise ValueError(f"{name}: int8 weights need their fp32 scale [{n}] (one per output channel)")
+        if jnp.shape(scale) != (n,):
+            raise ValueError(f"{name}: scale {jnp.shape(scale)} for int8 weights {w.shape}; expected ({n},), "
+                             "one per output channel")
+        return jnp.asarray(scale, jnp.float32)
+    if scale is not None:
+        raise ValueError(f"{name}: a scale is only for int8 weights; these are {w.dtype} (pass scale=None)")
+    return None
 
 
 def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:

@@ -2,6 +2,7 @@
 9.0), and verified: catches what interpret mode cannot (e.g. an scf.for whose bounds differ in
 type), without a GPU. Compiling the IR to PTX still needs the GPU machine (gpu_check)."""
 
+import re
 import types
 
 import jax
@@ -14,7 +15,7 @@ from pallas_kernels import cats_mlp as K
 from pallas_kernels import common
 from pallas_kernels import sparse_gemv as G
 
-S, f32, bf16 = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16
+S, f32, bf16, i8 = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16, jnp.int8
 
 
 @pytest.fixture
@@ -45,8 +46,14 @@ def _lower(fn, *args):
     export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(*args)
 
 
+def _int8_loads(lowered):
+    """How many of the lowered modules load int8 tiles (the weights, read as they are stored)."""
+    return sum(bool(re.search(r"tt\.load [^\n]*!tt\.ptr<i8>", str(r.module))) for r in lowered)
+
+
 H, I = 200, 300  # tails on both axes
 MLP = (S((2 * I, H), bf16), S((I, H), bf16), S((), f32))
+INT8_MLP = (S((2 * I, H), i8), S((I, H), i8), S((), f32), S((2 * I,), f32), S((H,), f32))  # and the scales
 
 
 @pytest.mark.parametrize("batch", [1, 3])  # the tables: multiply-add (batch 1), tensor-core dot (batch 2..4)
@@ -55,15 +62,35 @@ def test_cats_mlp_lowers(lowered_for_gpu, batch):
     assert len(lowered_for_gpu) == 2  # gate_up, then the down GEMV
 
 
-@pytest.mark.parametrize("batch,blocks", [
+@pytest.mark.parametrize("dtype", [bf16, f32])  # the activations'
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cats_mlp_int8_lowers(lowered_for_gpu, batch, dtype):
+    _lower(lambda x, w_gu, wd, t, s_gu, s_d: K.cats_mlp(x, w_gu, wd, t, scales=(s_gu, s_d))[0],
+           S((batch, H), dtype), *INT8_MLP)
+    assert len(lowered_for_gpu) == 2 and _int8_loads(lowered_for_gpu) == 2
+
+
+GEMV_BLOCKS = [
     (1, G.GemvBlocks(64, 32, 4)), (3, G.GemvBlocks(32, 32, 2)), (8, G.GemvBlocks(32, 32, 2)),
     (1, G.GatherBlocks(16, 32, 128)), (1, G.GatherBlocks(32, 32, 256, 8, 2)),
-])
+]
+
+
+@pytest.mark.parametrize("batch,blocks", GEMV_BLOCKS)
 def test_sparse_gemv_lowers(lowered_for_gpu, batch, blocks):
     segments = (64, 96, 96)  # q|k|v-like: three thresholds
     _lower(lambda x, w, t: G.sparse_gemv(x, w, (t, t, t), segments=segments, blocks=blocks),
            S((batch, H), bf16), S((H, sum(segments)), bf16), S((), f32))
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)  # compact + gather
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])  # the activations': int8 tiles convert to fp32 or to x's dtype
+@pytest.mark.parametrize("batch,blocks", GEMV_BLOCKS)
+def test_sparse_gemv_int8_lowers(lowered_for_gpu, batch, blocks, dtype):
+    _lower(lambda x, w, t, s: G.sparse_gemv(x, w, t, blocks=blocks, scale=s),
+           S((batch, H), dtype), S((H, 160), i8), S((), f32), S((160,), f32))
+    assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)
+    assert _int8_loads(lowered_for_gpu) == 1  # the GEMV or the gather reads W's int8 rows
 
 
 @pytest.mark.parametrize("heads,kv_heads,d,window", [(32, 8, 128, None), (9, 3, 64, 4096), (4, 4, 16, None)])

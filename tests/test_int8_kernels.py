@@ -1,0 +1,127 @@
+"""The Pallas kernels on int8 weights (one fp32 scale per output channel), interpret mode on the
+CPU, against fp32 references on the dequantized weights q * scale. Outputs are NaN-poisoned, so
+an unwritten element fails. (int8 holds no NaN, so unlike the float tests these cannot poison
+the rows a kernel must skip; which rows are skipped is the float kernels' logic, tested there.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench.kernels import threshold_for
+from cats_jax.sparsity import cats_activation, gated_mlp
+from conftest import poisoned as _poisoned
+from conftest import rel_err as _rel
+from pallas_kernels import sparse_gemv as G
+from pallas_kernels.cats_mlp import cats_mlp, gate_up
+from pallas_kernels.sparse_gemv import sparse_gemv
+
+f32, bf16, i8 = jnp.float32, jnp.bfloat16, jnp.int8
+
+
+def int8_weights(n_in, n_out, seed):
+    """q int8 [in, out] uniform in [-127, 127] and positive scales fp32 [out] that spread the
+    columns' magnitudes over 10x around a trained layer's (std ~ 1 / sqrt(in))."""
+    kq, ks = jax.random.split(jax.random.key(seed))
+    q = jax.random.randint(kq, (n_in, n_out), -127, 128).astype(i8)
+    scale = jax.random.uniform(ks, (n_out,), f32, 0.3, 3.0) / (73.0 * np.sqrt(n_in))
+    return q, scale
+
+
+def dequantized(q, scale):
+    """The fp32 weights that int8 q with per-column scale stands for (the references' weights)."""
+    return q.astype(f32) * scale
+
+
+def _thresholded(x, t):
+    return jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0)
+
+
+# (batch, in, segments, sparsities, blocks, activation dtype): ragged inputs and columns,
+# q|k|v-like segments with their own thresholds, 0..95% sparsity; batch 1 on the masked tiles
+# (multiply-add, atomics) and on the gather path, batches 2..8 on the dot path
+GEMV_CASES = [
+    (1, 200, (64, 32, 32), (0.0, 0.5, 0.95), None, bf16),
+    (1, 300, (48, 40), (0.9, 0.3), G.GatherBlocks(rows=16, cols=16, chunk=128), bf16),
+    (1, 130, (32, 32), (0.5, 0.95), G.GatherBlocks(rows=16, cols=32, chunk=64), f32),
+    (2, 96, (32, 16, 16), (0.3, 0.6, 0.9), None, bf16),
+    (5, 72, (48, 16), (0.8, 0.2), None, f32),
+    (8, 130, (32, 32, 32), (0.95, 0.95, 0.5), None, bf16),
+]
+
+
+@pytest.mark.parametrize("b,n_in,segments,sparsities,blocks,dtype", GEMV_CASES)
+def test_sparse_gemv_int8_matches_the_dequantized_reference(b, n_in, segments, sparsities, blocks, dtype):
+    n_out = sum(segments)
+    q, scale = int8_weights(n_in, n_out, seed=b + n_in)
+    x = jax.random.normal(jax.random.key(b), (b, n_in), f32).astype(dtype)
+    t = jnp.stack([threshold_for(x, s) for s in sparsities])
+    got = _poisoned(lambda x, q, t, s: sparse_gemv(x, q, t, segments=segments, blocks=blocks, scale=s), x, q, t, scale)
+    assert got.shape == (b, n_out) and got.dtype == dtype
+    cuts = np.cumsum(segments)[:-1]
+    want = jnp.concatenate([_thresholded(x, ti) @ wi for ti, wi in
+                            zip(t, jnp.split(dequantized(q, scale), cuts, axis=1))], axis=1)
+    assert _rel(got, want) < (1e-2 if dtype == bf16 else 1e-5)
+
+
+def _int8_mlp(h, i, seed):
+    """Neuron-major int8 weights and their scales, w_gu [2I, H] with s_gu [2I] (a scale per row),
+    w_down [I, H] with s_down [H]; and the dequantized Flax-layout wg, wu [H, I], wd [I, H]."""
+    q_gu, s_gu = int8_weights(h, 2 * i, seed)  # [H, 2I]: a scale per output channel
+    q_d, s_d = int8_weights(i, h, seed + 1)
+    w_gu = dequantized(q_gu, s_gu)
+    return (q_gu.T, s_gu, q_d, s_d), (w_gu[:, :i], w_gu[:, i:], dequantized(q_d, s_d))
+
+
+# (batch, hidden, intermediate, sparsity): ragged shapes, 0..95% sparsity, batch 1 (multiply-add)
+# and 2..4 (dots on padded batch rows)
+MLP_CASES = [(1, 72, 200, 0.95), (1, 64, 128, 0.5), (2, 96, 80, 0.0), (3, 200, 96, 0.8), (4, 40, 144, 0.6)]
+
+
+@pytest.mark.parametrize("b,h,i,sparsity", MLP_CASES)
+def test_cats_mlp_int8_matches_the_dequantized_reference(b, h, i, sparsity):
+    (w_gu, s_gu, w_d, s_d), (wg, wu, wd) = _int8_mlp(h, i, seed=b * 1000 + h + i)
+    x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(bf16)
+    g = jnp.dot(x.astype(f32), wg)
+    t = threshold_for(jax.nn.silu(g), sparsity)
+    a = cats_activation(g, t)
+    y, hidden = _poisoned(lambda x, w_gu, w_d, t, s_gu, s_d: cats_mlp(x, w_gu, w_d, t, scales=(s_gu, s_d)),
+                          x, w_gu, w_d, t, s_gu, s_d)
+    # the same neurons kept: the rule reads the scaled gate (scales differ per neuron)
+    np.testing.assert_array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0)
+    assert _rel(hidden, a * jnp.dot(x.astype(f32), wu)) < 1e-2
+    assert y.shape == (b, h) and y.dtype == bf16
+    assert _rel(y, gated_mlp(x, wg, wu, wd, t)) < 1e-2
+
+
+def test_gate_up_int8_weighted_criterion_and_fp32_activations():
+    """fp32 activations keep their precision against int8 weights (no rounding to the weights'
+    dtype), and the weighted criterion reads the scaled gate as the magnitude one does."""
+    b, h, i = 3, 72, 96
+    (w_gu, s_gu, _, _), (wg, wu, _) = _int8_mlp(h, i, seed=11)
+    x = jax.random.normal(jax.random.key(b), (b, h), f32)
+    f = jax.random.uniform(jax.random.key(i), (i,), f32, 0.1, 3.0)
+    g = jnp.dot(x, wg)
+    t = threshold_for(jnp.abs(jax.nn.silu(g)) * f, 0.6)
+    a = cats_activation(g, t, f)
+    hidden = _poisoned(lambda x, w, t, f, s: gate_up(x, w, t, f, s), x, w_gu, t, f, s_gu)
+    np.testing.assert_array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0)
+    assert _rel(hidden, a * jnp.dot(x, wu)) < 1e-5
+
+
+def test_int8_kernels_reject_bad_scales():
+    x = jnp.ones((1, 8), bf16)
+    q, scale = int8_weights(8, 48, seed=0)
+    with pytest.raises(ValueError, match="int8 weights need their fp32 scale"):
+        sparse_gemv(x, q)
+    with pytest.raises(ValueError, match=r"scale \(47,\) .* expected \(48,\)"):
+        sparse_gemv(x, q, scale=scale[:47])
+    with pytest.raises(ValueError, match="only for int8 weights; these are bfloat16"):
+        sparse_gemv(x, q.astype(bf16), scale=scale)
+    w_gu, s_gu = q.T, scale  # [2I, H] = [48, 8]: 24 neurons
+    with pytest.raises(ValueError, match=r"gate_up: scale \(24,\) .* expected \(48,\)"):
+        gate_up(x, w_gu, 0.1, scale=s_gu[:24])
+    with pytest.raises(ValueError, match="gate_up: int8 weights need"):
+        gate_up(x, w_gu, 0.1)
+    with pytest.raises(ValueError, match="pair"):
+        cats_mlp(x, w_gu, w_gu[24:], 0.1, scales=(s_gu,))
