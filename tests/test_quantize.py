@@ -100,6 +100,20 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_and_generates(word_ckpt
     assert text == expected and text.strip()
 
 
+def test_convert_hf_quantize_int8_stores_the_quantized_kernels(tmp_path):
+    from test_convert import hf_tensors, write_hf_dir
+
+    params = checkpoint.numpy_params(M.init_random(CFG, seed=3, dtype=f32))
+    src = write_hf_dir(tmp_path / "hf", CFG, hf_tensors(CFG, params))
+    convert_main(["--hf", str(src), "--quantize", "int8", "--dtype", "float32", "--out", str(tmp_path / "out")])
+    got = checkpoint.load_params(tmp_path / "out", ModelConfig.load(tmp_path / "out"))
+    for proj in ("q_proj", "o_proj"):
+        q, s = quantize.quantize_int8(params["layers"]["1"]["attn"][proj]["kernel"])
+        np.testing.assert_array_equal(got["layers"]["1"]["attn"][proj]["kernel"], q)
+        np.testing.assert_array_equal(got["layers"]["1"]["attn"][proj]["scales"], s)
+    assert got["lm_head"]["kernel"].dtype == f32 and "scales" not in got["lm_head"]  # the LM head stays float
+
+
 def test_float_thresholds_on_the_int8_checkpoint_only_when_asked(word_ckpt, int8_ckpt, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(int8_ckpt, ckpt)
