@@ -3,6 +3,7 @@
     python -m bench.kernels                     # CATS MLP: shapes x sparsity x batch
     python -m bench.kernels --tune              # first pick block sizes per batch size (timed)
     python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
+    python -m bench.kernels --attention         # decode attention: block candidates per context
 
 Per (shape, batch, sparsity): kernel time, XLA dense time (jnp, jitted), their ratio, the union
 sparsity (neurons / input rows no batch row keeps), and the ideal time: the bytes that must be
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cats_jax.config import PRESETS
+from pallas_kernels import attention as A
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.common import next_pow2
@@ -375,6 +377,69 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
     return dict(meta=_meta(copy, bw), rows=rows, kind="teal")
 
 
+ATTENTION_CANDIDATES = [A.AttentionBlocks(block, span, warps) for block in (16, 32) for span in (16, 64, 256, 1024, 4096)
+                        for warps in (2, 4) if span >= block]
+
+
+def bench_attention(models=("mistral-7b",), contexts=(256, 4096), batch=(1,)):
+    """decode_attention at the last slot of caches of `contexts` slots, per candidate blocks (a span
+    of at least the context: one program per row and kv head, no combine), against the blocks
+    blocks_for picks and XLA's attend (model.attend, jitted). The caches are threaded through the
+    loop, as in decode; 8 copies (layers) are cycled."""
+    from cats_jax import model as M
+
+    rows = []
+    for name in models:
+        cfg = PRESETS[name]
+        n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        inv = M.rope_inv_freq(cfg)
+        for b in batch:
+            for s in contexts:
+                keys = jax.random.split(jax.random.key(s), 3)
+                qkv = jax.random.normal(keys[0], (b, (n + 2 * k) * d), f32).astype(jnp.bfloat16)
+                caches = [tuple(jax.random.normal(kk, (b, s, k, d), f32).astype(jnp.bfloat16) for kk in keys[1:])
+                          for _ in range(8)]
+                pos = jnp.full((b,), s - 1, jnp.int32)
+
+                def attend_jnp(qkv, pos, kc, vc):
+                    q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=1)
+                    out, (kc, vc) = M.attend(cfg, q.reshape(b, 1, n, d), key.reshape(b, 1, k, d),
+                                             val.reshape(b, 1, k, d), pos[:, None], (kc, vc))
+                    return out.reshape(b, n * d), kc, vc
+
+                def timed(f):
+                    def make(t):
+                        @jax.jit
+                        def loop(qkv, caches):
+                            def body(_, c):
+                                qkv, caches = c
+                                out = []
+                                for kc, vc in caches:
+                                    o, kc, vc = f(qkv, pos, kc, vc)
+                                    qkv = qkv.at[0, 0].add((jnp.sum(o.astype(f32)) * 1e-30).astype(qkv.dtype))
+                                    out.append((kc, vc))
+                                return qkv, out
+                            return jax.lax.fori_loop(0, t, body, (qkv, caches))
+                        return lambda: loop(qkv, caches)
+                    try:
+                        return _slope_us(make, (4, 16), 5) / len(caches)
+                    except Exception as e:  # a candidate that does not compile
+                        print(f"failed: {type(e).__name__}: {str(e)[:200]}")
+                        return None
+
+                dense = timed(attend_jnp)
+                auto = A.blocks_for(b, k, n // k, s)
+                for blk in [auto] + [c for c in ATTENTION_CANDIDATES if c.span <= s]:
+                    us = timed(lambda qkv, pos, kc, vc, blk=blk: A.decode_attention(
+                        qkv, pos, kc, vc, inv, num_heads=n, num_kv_heads=k, sliding_window=cfg.sliding_window,
+                        blocks=blk))
+                    rows.append(dict(shape=name, batch=b, slots=s, blocks=dataclasses.asdict(blk), auto=blk == auto,
+                                     kernel_us=us, xla_us=dense))
+                    print(f"{name} B={b} slots={s} {'auto ' if blk == auto else ''}{blk}: "
+                          f"{us if us is None else round(us, 2)} us (XLA attend {dense:.2f})", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="presets whose MLP shapes to time (comma-separated)")
@@ -388,6 +453,8 @@ def main(argv=None):
     p.add_argument("--teal", action="store_true",
                    help="TEAL: time the sparse-input GEMV of every projection (fused q/k/v, o, fused gate/up, down) "
                         "instead of the CATS MLP; with --tune, block candidates per projection at 50%%")
+    p.add_argument("--attention", action="store_true",
+                   help="time decode attention (block candidates) at 256 and 4096 slots instead")
     a = p.parse_args(argv)
     models = a.models.split(",")
     for m in models:
@@ -397,6 +464,11 @@ def main(argv=None):
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
     levels = [float(s) for s in a.sparsity.split(",")]
+    if a.attention:
+        rows = bench_attention(models[:1], batch=batch)
+        if a.json:
+            a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
+        return
     if a.teal:
         result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None)
         tuned = None

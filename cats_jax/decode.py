@@ -42,7 +42,7 @@ from cats_jax import sharding, sparsity
 from cats_jax.config import ModelConfig
 from cats_jax.model import QLinear, Transformer, attend, rms_norm, rope_inv_freq, site_threshold
 from cats_jax.quantize import dot
-from pallas_kernels import attention, cats_mlp, sparse_gemv
+from pallas_kernels import attention, cats_mlp, norm, sparse_gemv
 from pallas_kernels.common import kernels_enabled
 
 f32 = jnp.float32
@@ -80,6 +80,9 @@ class Plan:
 
     def cats_kernel(self, x) -> bool:
         return self._step_kernels(x) and cats_mlp.kernel_pays(x.shape[0])
+
+    def norm_kernel(self, x, scale) -> bool:
+        return self._step_kernels(x) and scale.dtype == x.dtype
 
 
 class Decoder(NamedTuple):
@@ -242,21 +245,34 @@ def forward(weights, tokens, positions, cache, *, plan: Plan, last=None):
     return per_shard(weights, tokens, positions, cache, last)
 
 
+def _add_norm(plan: Plan, x, h, scale):
+    """(x + h, rms_norm(x + h, scale)): the residual stream and the next block's input; h None: x
+    itself. Decode steps on the kernels take one launch for both (pallas_kernels.norm)."""
+    eps = plan.cfg.rms_norm_eps
+    if h is not None and plan.norm_kernel(x, scale):
+        b, t, n = x.shape
+        x, y = norm.add_rms_norm(x.reshape(b, n), h.reshape(b, n), scale, eps)
+        return x.reshape(b, t, n), y.reshape(b, t, n)
+    x = x if h is None else x + h
+    return x, rms_norm(x, scale, eps)
+
+
 def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
-    cfg = plan.cfg
-    eps = cfg.rms_norm_eps
-    x = weights["embed"][tokens]
+    x, h = weights["embed"][tokens], None  # h: the last block's output, not yet added to x
     new_cache, kept = [], []
     for lw, kv in zip(weights["layers"], cache):
-        h, kv = _attention(plan, lw, rms_norm(x, lw["attn_norm"], eps), positions, kv)
-        x = x + _all_reduce(plan, h)
-        h, frac = _mlp(plan, lw, rms_norm(x, lw["mlp_norm"], eps))
-        x = x + _all_reduce(plan, h)
+        x, y = _add_norm(plan, x, h, lw["attn_norm"])
+        h, kv = _attention(plan, lw, y, positions, kv)
+        x, y = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"])
+        h, frac = _mlp(plan, lw, y)
+        h = _all_reduce(plan, h)
         new_cache.append(kv)
         kept.append(frac)
-    if last is not None:
-        x = x[jnp.arange(x.shape[0]), last]
-    h = rms_norm(x, weights["norm"], eps)
+    if last is None:
+        _, h = _add_norm(plan, x, h, weights["norm"])
+    else:  # prefill: only each row's last token
+        x = (x + h)[jnp.arange(x.shape[0]), last]
+        h = rms_norm(x, weights["norm"], plan.cfg.rms_norm_eps)
     logits = jnp.dot(h, weights["head"], preferred_element_type=f32)
     if not plan.cats:
         return logits, new_cache, None

@@ -14,8 +14,9 @@ Grid (B, K, splits): a program takes one row, one kv head (its G query heads sha
 loads) and one span of `span` slots. It walks the filled slots of its span in blocks of `block`
 (blocks past p are never loaded, so the cost grows with the context, not with S), keeping an
 online softmax; the program whose span holds p also folds in the new key and value from registers
-and writes them to the cache. It stores its partial max, sum and [G, D] accumulator; the splits
-are combined in jnp (a few KB). RoPE works on the two halves of each head (rotate-half), so no
+and writes them to the cache. With one span (short contexts, enough rows and heads to fill the
+GPU) the program normalises and stores the output itself; with several, each stores its partial
+max, sum and [G, D] accumulator and the splits are combined in jnp (a few KB, two more launches). RoPE works on the two halves of each head (rotate-half), so no
 lane permutation is needed: q . k = q1 . k1 + q2 . k2.
 """
 
@@ -57,9 +58,9 @@ def _rope(x1, x2, cos, sin):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-def _kernel(qkv_ref, pos_ref, inv_ref, m_ref, l_ref, acc_ref, kc_ref, vc_ref, *,
-            n_heads, n_kv, groups, gp, d, blk, window, scale):
+def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk, window, scale, single):
     # kc_ref / vc_ref are the caches themselves (outputs aliased to the inputs): read, and slot pos written
+    *outs, kc_ref, vc_ref = refs
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     h = d // 2
     pos = load(pos_ref.at[pl.ds(b, 1)])[0]
@@ -121,6 +122,12 @@ def _kernel(qkv_ref, pos_ref, inv_ref, m_ref, l_ref, acc_ref, kc_ref, vc_ref, *,
     plgpu.store(kc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(0, h)], kn1, mask=mine)
     plgpu.store(kc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(h, h)], kn2, mask=mine)
     plgpu.store(vc_ref.at[b, pl.ds(pos, 1), kh, pl.ds(0, d)], vn, mask=jnp.full((1, d), here))
+    if single:  # the whole context in this program: the output itself, [gp, d] of row b
+        (o_ref,) = outs
+        cols = (kh * groups + iota(gp))[:, None] * d + iota(d)[None, :]
+        plgpu.store(o_ref.at[b, cols], (acc / l[:, None]).astype(o_ref.dtype), mask=g_ok[:, None])
+        return
+    m_ref, l_ref, acc_ref = outs
     plgpu.store(m_ref.at[b, kh, sp, pl.ds(0, gp)], m)
     plgpu.store(l_ref.at[b, kh, sp, pl.ds(0, gp)], l)
     plgpu.store(acc_ref.at[b, kh, sp, pl.ds(0, gp), pl.ds(0, d)], acc)
@@ -141,13 +148,20 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
     blk = blocks or blocks_for(b, k, groups, s)
     splits = pl.cdiv(s, blk.span)
     kernel = functools.partial(_kernel, n_heads=num_heads, n_kv=k, groups=groups, gp=gp, d=d, blk=blk,
-                               window=sliding_window, scale=d ** -0.5)
-    shapes = (jax.ShapeDtypeStruct((b, k, splits, gp), f32), jax.ShapeDtypeStruct((b, k, splits, gp), f32),
-              jax.ShapeDtypeStruct((b, k, splits, gp, d), f32), k_cache, v_cache)
-    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in shapes)
-    m, l, acc, k_cache, v_cache = call(kernel, shapes, grid=(b, k, splits), num_warps=blk.num_warps,
-                                       num_stages=blk.num_stages, name="decode_attention", given=(3, 4))(
+                               window=sliding_window, scale=d ** -0.5, single=splits == 1)
+    if splits == 1:
+        outs = (jax.ShapeDtypeStruct((b, num_heads * d), k_cache.dtype),)
+    else:
+        outs = (jax.ShapeDtypeStruct((b, k, splits, gp), f32), jax.ShapeDtypeStruct((b, k, splits, gp), f32),
+                jax.ShapeDtypeStruct((b, k, splits, gp, d), f32))
+    caches = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in (k_cache, v_cache))
+    *parts, k_cache, v_cache = call(kernel, (*outs, *caches), grid=(b, k, splits), num_warps=blk.num_warps,
+                                    num_stages=blk.num_stages, name="decode_attention",
+                                    given=(len(outs), len(outs) + 1))(
         qkv, positions.astype(jnp.int32), jnp.asarray(inv_freq, f32), k_cache, v_cache)
+    if splits == 1:
+        return parts[0], k_cache, v_cache
+    m, l, acc = parts
     # combine the splits: softmax weights relative to the global max of each query head
     top = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - top)

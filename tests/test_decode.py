@@ -16,8 +16,9 @@ from cats_jax.generate import generate
 from cats_jax.sparsity import MODES
 from conftest import rel_err
 from pallas_kernels import sparse_gemv as G
-from pallas_kernels.attention import decode_attention
+from pallas_kernels.attention import AttentionBlocks, decode_attention
 from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
+from pallas_kernels.norm import add_rms_norm
 
 f32, bf16 = jnp.float32, jnp.bfloat16
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -120,9 +121,10 @@ def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monk
     with interpret_on_cpu():
         jaxpr = str(jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), cache,
                                                             plan=dec.plan))(jnp.array(prompt)[:, :1]))
-    # per layer: attention, and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down)
+    # per layer: attention, two residual adds + norms (the first layer's first norm has no add, the
+    # final norm has one), and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down)
     gemvs = 4 * (2 if path == "gather" else 1) if mode == "teal" else 1 + (2 if path == "gather" else 1)
-    assert jaxpr.count("pallas_call") == (1 + gemvs) * CFG.num_layers
+    assert jaxpr.count("pallas_call") == (3 + gemvs) * CFG.num_layers
     with interpret_on_cpu(), poisoned_outputs():
         got = generate(dec, prompt, 10, eos_ids=())
     assert got.tokens == want.tokens
@@ -209,6 +211,43 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
     assert rel_err(got, want[:, 0]) < (1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_allclose(np.asarray(gk, f32), np.asarray(wk, f32), atol=1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_array_equal(np.asarray(gv, f32), np.asarray(wv, f32))
+
+
+@pytest.mark.parametrize("n", [576, 96, 8])  # SmolLM2's hidden size, a tail, a whole row in one block
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_add_rms_norm_equals_the_model(n, dtype):
+    """The kernel's residual add and RMSNorm equal the jnp path's x + h, rms_norm(x + h) (the
+    projection output h arrives in fp32 and is rounded to x's dtype first, as the jnp path's is)."""
+    ks = jax.random.split(jax.random.key(n), 3)
+    x = jax.random.normal(ks[0], (3, n), f32).astype(dtype)
+    h = jax.random.normal(ks[1], (3, n), f32) * 3
+    scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(dtype)
+    want_x = x + h.astype(dtype)
+    want_y = M.rms_norm(want_x, scale, 1e-5)
+    with interpret_on_cpu(), poisoned_outputs():
+        got_x, got_y = jax.jit(lambda *a: add_rms_norm(*a, 1e-5))(x, h, scale)
+    np.testing.assert_array_equal(np.asarray(got_x, f32), np.asarray(want_x, f32))
+    assert rel_err(got_y, want_y) < (1e-6 if dtype == f32 else 1e-2)
+
+
+def test_decode_attention_one_span_equals_splits():
+    """One program per row and kv head (the output stored by the kernel) equals the split sequence
+    combined in jnp."""
+    heads, kv_heads, d, slots = 8, 2, 32, 130
+    ks = jax.random.split(jax.random.key(3), 3)
+    qkv = jax.random.normal(ks[0], (2, (heads + 2 * kv_heads) * d), f32)
+    ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32) for k in ks[1:])
+    pos = jnp.asarray([129, 40], jnp.int32)
+    inv = M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                                      num_heads=heads, num_kv_heads=kv_heads, head_dim=d, name="t"))
+    run = lambda blk: jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads, blocks=blk))(
+        qkv, pos, ck, cv, inv)
+    with interpret_on_cpu(), poisoned_outputs():
+        one, k1, v1 = run(AttentionBlocks(block=16, span=256))
+        split, k2, v2 = run(AttentionBlocks(block=16, span=32))
+    assert rel_err(one, split) < 1e-6
+    np.testing.assert_array_equal(np.asarray(k1), np.asarray(k2))
+    np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2))
 
 
 def test_decode_attention_rejects_bad_shapes():

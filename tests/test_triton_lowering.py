@@ -13,6 +13,7 @@ from jax import export
 from pallas_kernels import attention as A
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import common
+from pallas_kernels import norm as N
 from pallas_kernels import sparse_gemv as G
 
 S, f32, bf16, i8 = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16, jnp.int8
@@ -93,11 +94,19 @@ def test_sparse_gemv_int8_lowers(lowered_for_gpu, batch, blocks, dtype):
     assert _int8_loads(lowered_for_gpu) == 1  # the GEMV or the gather reads W's int8 rows
 
 
-@pytest.mark.parametrize("heads,kv_heads,d,window", [(32, 8, 128, None), (9, 3, 64, 4096), (4, 4, 16, None)])
-def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window):
+@pytest.mark.parametrize("n", [4096, 576])
+def test_add_rms_norm_lowers(lowered_for_gpu, n):
+    _lower(lambda x, h, s: N.add_rms_norm(x, h, s, 1e-5), S((2, n), bf16), S((2, n), jnp.float32), S((n,), bf16))
+    assert len(lowered_for_gpu) == 1
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,window,span", [(32, 8, 128, None, None), (9, 3, 64, 4096, None),
+                                                          (4, 4, 16, None, None), (32, 8, 128, None, 512)])
+def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, span):
     b, s = 2, 384
+    blk = None if span is None else A.AttentionBlocks(block=16, span=span)  # span: one program per kv head
     _lower(lambda qkv, pos, k, v, inv: A.decode_attention(qkv, pos, k, v, inv, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window),
+                                                          sliding_window=window, blocks=blk),
            S((b, (heads + 2 * kv_heads) * d), bf16), S((b,), jnp.int32), S((b, s, kv_heads, d), bf16),
            S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
     assert len(lowered_for_gpu) == 1

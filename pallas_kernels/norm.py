@@ -1,0 +1,52 @@
+"""The residual add and the RMSNorm after it, in one Pallas (Triton) launch per decode step.
+
+    x, y = add_rms_norm(x, h, scale, eps)   # x + h, and rms_norm(x + h, scale, eps)
+
+XLA runs this as three kernels (the add, the mean of squares, the scaling), each a launch of a
+few bytes' work; a decode step has two per layer. The jnp definition is cats_jax.model.rms_norm
+after a residual add in the activation dtype, and the kernel rounds where it does: x + h to
+x's dtype, the normalised row to x's dtype before the scale, the product to x's dtype.
+
+x, h [B, H] (h may be another float dtype: it is rounded to x's first, as a projection's output
+is), scale [H]. One program per row holds the whole row (H up to a few thousand per 4 warps).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import call, iota, load, next_pow2
+
+f32 = jnp.float32
+
+
+def _kernel(x_ref, h_ref, s_ref, sum_ref, y_ref, *, n, eps):
+    b = pl.program_id(0)
+    cols = iota(next_pow2(n))
+    ok = cols < n if n & (n - 1) else None
+    dt = x_ref.dtype
+    x = load(x_ref.at[b, cols], mask=ok).astype(f32)
+    h = load(h_ref.at[b, cols], mask=ok).astype(dt).astype(f32)
+    s = (x + h).astype(dt)
+    sf = s.astype(f32)
+    y = (sf * jax.lax.rsqrt(jnp.sum(sf * sf) / n + eps)).astype(dt)
+    out = (load(s_ref.at[cols], mask=ok).astype(f32) * y.astype(f32)).astype(dt)
+    plgpu.store(sum_ref.at[b, cols], s, mask=ok)
+    plgpu.store(y_ref.at[b, cols], out, mask=ok)
+
+
+def add_rms_norm(x, h, scale, eps: float):
+    """(x + h, rms_norm(x + h, scale, eps)) for x, h [B, H] (module docstring)."""
+    b, n = x.shape
+    if h.shape != x.shape or scale.shape != (n,) or scale.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: x {x.shape} {x.dtype}, h {h.shape}, scale {scale.shape} {scale.dtype} "
+                         "need h [B, H] and scale [H] in x's dtype")
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    warps = max(1, min(8, next_pow2(n) // 1024))
+    kernel = functools.partial(_kernel, n=n, eps=eps)
+    return call(kernel, (out, out), grid=(b,), num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale)
