@@ -19,6 +19,7 @@ from cats_jax import calibrate, checkpoint, data, decode, quantize, sparsity, th
 from cats_jax import model as M
 from cats_jax.cli import InputError, run
 from cats_jax.config import ModelConfig
+from conftest import hf_tensors, write_hf_dir
 from convert.__main__ import main as convert_main
 
 f32 = jnp.float32
@@ -101,8 +102,6 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_and_generates(word_ckpt
 
 
 def test_convert_hf_quantize_int8_stores_the_quantized_kernels(tmp_path):
-    from test_convert import hf_tensors, write_hf_dir
-
     params = checkpoint.numpy_params(M.init_random(CFG, seed=3, dtype=f32))
     src = write_hf_dir(tmp_path / "hf", CFG, hf_tensors(CFG, params))
     convert_main(["--hf", str(src), "--quantize", "int8", "--dtype", "float32", "--out", str(tmp_path / "out")])
