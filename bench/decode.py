@@ -24,7 +24,12 @@ writes, and on an H200 reading alone runs faster than copying, so both are shown
 dense row's ms/step of the same batch in the same run over this row's.
 
 Weights are created on the device in bf16 by one jitted init, never as fp32 host arrays; each
-setting runs cats_jax.decode.prepare (fused q|k|v and gate|up), as generation does. For sparse modes the
+setting runs cats_jax.decode.prepare (fused q|k|v and gate|up), as generation does. --quantize
+none,int8 runs every setting on the bf16 weights, then on their int8 copy (cats_jax.quantize: the
+linear layers int8, the embedding and LM head bf16), whose rows are labelled "int8 ..."; "vs dense"
+is always against the first dense row of the batch, so the bf16 one when both run. "weight GB":
+the bytes of the decode weights on the device (decode.prepare's, a tied embedding counted twice:
+as the table and as the LM head). For sparse modes the
 thresholds come from a quick calibration of that random model on one row of random tokens: per
 layer and site, the quantile of the dense model's |values| at --sparsity (uniform allocation;
 cats_jax.teal.sample_inputs). --impl pallas runs decode steps through the kernels.
@@ -50,14 +55,15 @@ from flax import nnx
 
 from bench.kernels import copy_bandwidth, read_bandwidth
 from cats_jax import cli, decode, sharding
-from cats_jax.config import PRESETS, ModelConfig
+from cats_jax.config import PRESETS, QUANTIZATIONS, ModelConfig
 from cats_jax.generate import generate
-from cats_jax.model import Transformer
+from cats_jax.model import Transformer, quantize_model
 from cats_jax.sparsity import MODES
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
-    """Random weights made on the default device by one jitted init (bf16 in, bf16 out)."""
+    """Random weights made on the default device by one jitted init (bf16 in, bf16 out); quantize
+    them with cats_jax.model.quantize_model."""
     make = functools.partial(Transformer, cfg, dtype=dtype)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed))))
     state = jax.jit(lambda: nnx.split(make(rngs=nnx.Rngs(seed)))[1])()
@@ -67,14 +73,20 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transfo
 def bytes_per_step(cfg: ModelConfig, model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Minimum bytes a dense decode step reads: weights once + each row's attended K/V (mean)."""
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
-    weights = sum(p.size * p.dtype.itemsize for p in params)
+    weights = sum(p.size * p.dtype.itemsize for p in params)  # an int8 model's int8 kernels and fp32 scales
+    itemsize = model.embed.embedding.dtype.itemsize  # the float weights' and the cache's
     if not cfg.tie_word_embeddings:  # the table is gathered (B rows), not read
-        weights -= cfg.vocab_size * cfg.hidden_size * params[0].dtype.itemsize
+        weights -= cfg.vocab_size * cfg.hidden_size * itemsize
     ctx = np.arange(prompt_len + 1, prompt_len + new_tokens)  # keys seen by decode steps 1..new-1
     if cfg.sliding_window is not None:
         ctx = np.minimum(ctx, cfg.sliding_window)
-    kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * params[0].dtype.itemsize  # cache dtype
+    kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
     return weights + batch * kv_per_pos * float(ctx.mean())
+
+
+def weight_bytes(decoder: decode.Decoder) -> int:
+    """Bytes of the decode weights on the device(s) (int8 kernels: 1 per weight, plus their fp32 scales)."""
+    return sum(w.nbytes for w in jax.tree.leaves(decoder.weights))
 
 
 def random_thresholds(model: Transformer, sparsity: list[float], tokens: int, seed: int) -> dict:
@@ -143,48 +155,53 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     ceiling, read = (args.tp * f(args.copy_mib / 1024) for f in (copy_bandwidth, read_bandwidth))  # aggregate
     mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
     print(f"copy ceiling: {ceiling / 1e9:.1f} GB/s, read ceiling {read / 1e9:.1f} GB/s", flush=True)
-    model = random_model(cfg, args.seed)
+    base = random_model(cfg, args.seed)
     sparse = [m for m in args.mode if m != "dense"]
-    thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
-
     rows, dense_ms = [], {}
     settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
-    for mode, level in settings:
-        for site in MODES[mode]:
-            model.set_thresholds(site, thresholds[level][site])
-        model.set_mode(mode)
-        decoder = decode.prepare(model, args.impl)
-        if mesh is not None:
-            decoder = sharding.shard(decoder, mesh)
-        label = mode if mode == "dense" else f"{mode} ({args.impl}) {level:g}"
-        for batch in args.batch:
-            rng = np.random.default_rng(args.seed + batch)
-            prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-            bench = functools.partial(generate, decoder, prompts, args.new_tokens, eos_ids=(),
-                                      prefill_chunk=args.prefill_chunk)
-            compile_s = bench().compile_s  # first run: compiles and warms up
-            runs = [bench() for _ in range(args.repeats)]
-            steps = runs[0].decode_steps
-            decode_s = statistics.median(r.decode_s for r in runs)
-            prefill_s = statistics.median(r.prefill_s for r in runs)
-            nbytes = bytes_per_step(cfg, model, batch, args.prompt_len, args.new_tokens)
-            gbs = nbytes * steps / decode_s
-            measured = runs[0].mlp_sparsity
-            launches = len(kernel_launches(latest_decode_hlo()))
-            ms = decode_s / steps * 1e3
-            if mode == "dense":
-                dense_ms[batch] = ms
-            speedup = f"{dense_ms[batch] / ms:.3f}x" if batch in dense_ms else "-"
-            rows.append(
-                f"| {label} | {'-' if measured is None else f'{measured:.3f}'} | {batch} "
-                f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {ms:.3f} | {speedup} "
-                f"| {batch * steps / decode_s:.1f} | {nbytes / 1e9:.3f} | {gbs / 1e9:.1f} | {100 * gbs / ceiling:.1f}% "
-                f"| {100 * gbs / read:.1f}% | {launches} ({launches / cfg.num_layers:.1f}) | {compile_s:.1f} |"
-            )
-            print(rows[-1], flush=True)
+    for quant in args.quantize:
+        model = base if quant == "none" else quantize_model(base)
+        thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
+        for mode, level in settings:
+            for site in MODES[mode]:
+                model.set_thresholds(site, thresholds[level][site])
+            model.set_mode(mode)
+            decoder = decode.prepare(model, args.impl)
+            if mesh is not None:
+                decoder = sharding.shard(decoder, mesh)
+            weight_gb = weight_bytes(decoder) / 1e9
+            label = ("" if quant == "none" else f"{quant} ") + (
+                mode if mode == "dense" else f"{mode} ({args.impl}) {level:g}")
+            for batch in args.batch:
+                rng = np.random.default_rng(args.seed + batch)
+                prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+                bench = functools.partial(generate, decoder, prompts, args.new_tokens, eos_ids=(),
+                                          prefill_chunk=args.prefill_chunk)
+                compile_s = bench().compile_s  # first run: compiles and warms up
+                runs = [bench() for _ in range(args.repeats)]
+                steps = runs[0].decode_steps
+                decode_s = statistics.median(r.decode_s for r in runs)
+                prefill_s = statistics.median(r.prefill_s for r in runs)
+                nbytes = bytes_per_step(cfg, model, batch, args.prompt_len, args.new_tokens)
+                gbs = nbytes * steps / decode_s
+                measured = runs[0].mlp_sparsity
+                launches = len(kernel_launches(latest_decode_hlo()))
+                ms = decode_s / steps * 1e3
+                if mode == "dense":
+                    dense_ms.setdefault(batch, ms)
+                speedup = f"{dense_ms[batch] / ms:.3f}x" if batch in dense_ms else "-"
+                rows.append(
+                    f"| {label} | {'-' if measured is None else f'{measured:.3f}'} | {batch} "
+                    f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {ms:.3f} | {speedup} "
+                    f"| {batch * steps / decode_s:.1f} | {nbytes / 1e9:.3f} | {weight_gb:.3f} | {gbs / 1e9:.1f} "
+                    f"| {100 * gbs / ceiling:.1f}% "
+                    f"| {100 * gbs / read:.1f}% | {launches} ({launches / cfg.num_layers:.1f}) | {compile_s:.1f} |"
+                )
+                print(rows[-1], flush=True)
 
     return "\n".join([
-        f"### decode: {cfg.name}, random bf16 weights" + (f", tensor parallel over {args.tp} devices" if mesh else ""),
+        f"### decode: {cfg.name}, random bf16 weights" + "".join(f", their {q} copy" for q in args.quantize if q != "none")
+        + (f", tensor parallel over {args.tp} devices" if mesh else ""),
         "",
         f"{dev.device_kind} ({dev.platform}), {date}, jax {jax.__version__}, flax {flax.__version__}. "
         f"Copy ceiling {ceiling / 1e9:.1f} GB/s (y = x + 1, {args.copy_mib} MiB bf16, read + write); "
@@ -192,8 +209,8 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
         + (f"; both {args.tp} x one device's." if mesh else "."),
         "",
         "| mode (impl) sparsity | measured MLP sparsity | batch | prompt | new | prefill ms | ms/step | vs dense | tokens/s "
-        "| GB/step (dense) | GB/s | % of copy | % of read | launches/step (/layer) | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GB/step (dense) | weight GB | GB/s | % of copy | % of read | launches/step (/layer) | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])
@@ -215,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--impl", choices=("pallas", "jnp"), default="pallas", help="sparse decode steps: kernels or jnp")
     ap.add_argument("--sparsity", type=cli.fractions, default=[0.5],
                     help="target sparsities of every site of the sparse modes, e.g. 0.4,0.5")
+    ap.add_argument("--quantize", type=lambda s: s.split(","), default=["none"],
+                    help=f"weights, comma-separated: none (bf16) and/or {', '.join(QUANTIZATIONS)} (their quantized copy), "
+                         "e.g. none,int8")
     ap.add_argument("--calib-tokens", type=int, default=256, help="random tokens for the calibration")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
     ap.add_argument("--copy-mib", type=int, default=None, help="copy-ceiling array size (default 1024 on GPU, 64 on CPU)")
@@ -228,6 +248,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for m in args.mode:
         if m not in MODES:
             ap.error(f"--mode: unknown mode {m!r} (choose from {', '.join(MODES)})")
+    for q in args.quantize:
+        if q not in ("none", *QUANTIZATIONS):
+            ap.error(f"--quantize: unknown quantization {q!r} (choose from none, {', '.join(QUANTIZATIONS)})")
     try:  # the devices and the shapes, before any work
         sharding.make_mesh(args.tp)
         sharding.local_config(PRESETS[args.config], args.tp)

@@ -40,17 +40,19 @@ class LM:
 
 
 def load(ckpt: str | Path, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp",
-         dtype: str = "bfloat16", criterion: str | None = None) -> LM:
+         dtype: str = "bfloat16", criterion: str | None = None, allow_quantization_mismatch: bool = False) -> LM:
     """Load a converted checkpoint, dense or at a calibrated `sparsity` of its thresholds.json.
 
     mode: the sparsity sites (default: the calibration's method, "cats" or "teal"); impl "jnp" (any
     device) or "pallas" (GPU kernels for decode steps); dtype "bfloat16" or "float32" (float32
     reproduces the HF transformers reference's greedy text); criterion: the selection criterion
-    ("magnitude" or "weighted") the thresholds must have (default: theirs)."""
+    ("magnitude" or "weighted") the thresholds must have (default: theirs); allow_quantization_mismatch:
+    apply thresholds of the same weights at another quantization (the bf16 model's on its int8 copy)."""
     from cats_jax import cli, generate
 
     cli.quiet()  # transformers' banner and orbax's warnings tell a caller nothing either
-    decoder, tokenizer = generate.load(ckpt, sparsity, mode=mode, impl=impl, dtype=dtype, criterion=criterion)
+    decoder, tokenizer = generate.load(ckpt, sparsity, mode=mode, impl=impl, dtype=dtype, criterion=criterion,
+                                       allow_quantization_mismatch=allow_quantization_mismatch)
     return LM(decoder, tokenizer, Path(ckpt))
 
 

@@ -1,7 +1,8 @@
 """The converted-checkpoint layout, written by the converters and read by everything else.
 
-    DIR/config.json       ModelConfig (ours, not HF's)
-    DIR/params/           orbax checkpoint of the model's nnx.Param state as a nested dict
+    DIR/config.json       ModelConfig (ours, not HF's; its "quantization": null or "int8")
+    DIR/params/           orbax checkpoint of the model's nnx.Param state as a nested dict (int8:
+                          each linear layer's int8 kernel and fp32 scales, cats_jax.quantize)
     DIR/tokenizer*.json   HF tokenizer files (tokenizer.json, tokenizer_config.json, ...)
     DIR/thresholds.json   sparsity thresholds, added by calibration (cats_jax.thresholds)
 
@@ -29,13 +30,14 @@ from flax import nnx
 from cats_jax import thresholds
 from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
-from cats_jax.model import Transformer
+from cats_jax.model import Transformer, from_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.bfloat16) -> dict:
-    """Nested dict of jax.ShapeDtypeStruct: the exact tree a checkpoint's params must have."""
+    """Nested dict of jax.ShapeDtypeStruct: the exact tree a checkpoint's params must have (dtype:
+    that of the float weights; a quantized config's int8 kernels and fp32 scales keep theirs)."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     return _plain_keys(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
 
@@ -47,9 +49,10 @@ def _plain_keys(tree):
     return tree
 
 
-def _model_keys(tree, like):
-    if isinstance(like, dict):
-        return {k: _model_keys(tree[str(k)], v) for k, v in like.items()}
+def _model_keys(tree):
+    # back to the model's keys: nnx.List children (the layers) have int keys
+    if isinstance(tree, dict):
+        return {int(k) if k.isdigit() else k: _model_keys(v) for k, v in tree.items()}
     return tree
 
 
@@ -84,18 +87,32 @@ def staged_dir(out_dir: str | Path, force: bool = False):
 
 
 def check_params(params: dict, cfg: ModelConfig) -> None:
-    """Every expected tensor present with the expected shape, nothing extra."""
+    """Every expected tensor present with the expected shape (and int8 where the config says so),
+    nothing extra."""
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
     got = dict(jax.tree_util.tree_flatten_with_path(_plain_keys(params))[0])
     for path, spec in expected:
         name = jax.tree_util.keystr(path)
         if path not in got:
             raise ValueError(f"checkpoint is missing tensor {name}")
-        if tuple(got[path].shape) != tuple(spec.shape):
-            raise ValueError(f"tensor {name} has shape {tuple(got[path].shape)}, config says {tuple(spec.shape)}")
+        wrong = _mismatch(name, got[path], spec, "config says")
+        if wrong:
+            raise ValueError(wrong)
     extra = set(got) - {p for p, _ in expected}
     if extra:
         raise ValueError(f"unexpected tensors: {sorted(jax.tree_util.keystr(p) for p in extra)[:5]}")
+
+
+def _mismatch(name: str, got, spec, says: str) -> str | None:
+    """What is wrong with tensor got (an array or its metadata) against spec: its shape, or int8
+    where the config says float or the reverse (a quantized kernel); None if nothing."""
+    if got is None:  # a directory in params/ that its metadata does not list
+        return f"tensor {name} is not in the checkpoint's metadata"
+    if tuple(got.shape) != tuple(spec.shape):
+        return f"tensor {name} has shape {tuple(got.shape)}, {says} {tuple(spec.shape)}"
+    if (got.dtype == jnp.int8) != (spec.dtype == jnp.int8):
+        return f"tensor {name} is {got.dtype}, {says} {spec.dtype}"
+    return None
 
 
 def write_params(directory: Path, params: dict) -> None:
@@ -136,26 +153,37 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
 
 
 def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None) -> dict:
-    """Params as a nested dict with the model's keys, cast to dtype if given."""
+    """Params as a nested dict with the model's keys, the float weights cast to dtype if given
+    (a quantized checkpoint's int8 kernels and fp32 scales stay as they are)."""
     path = Path(ckpt_dir).absolute() / "params"
     redo = f"re-convert it (python -m convert ... --out {ckpt_dir} --force)"
+    if cfg.quantization is not None:
+        redo = f"re-convert it (python -m convert ... --quantize {cfg.quantization} --out {ckpt_dir} --force)"
     if not path.is_dir():
         raise InputError(f"{path}: no params/ directory (is {ckpt_dir} a converted checkpoint?)")
     missing = [name for name in _tensor_names(cfg) if not (path / name).is_dir()]
     if missing:  # orbax would fail with an IndexError that names nothing
         listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise InputError(f"{path}: {len(missing)} of its tensors are missing ({listed}); the checkpoint is "
+        what = "quantization scales" if all(n.endswith(".scales") for n in missing) else "tensors"
+        raise InputError(f"{path}: {len(missing)} of its {what} are missing ({listed}); the checkpoint is "
                          f"incomplete: {redo}")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(path)
-            stored = jax.tree.leaves(meta.item_metadata if hasattr(meta, "item_metadata") else meta)[0].dtype
-            target = param_shapes(cfg, stored)
-            params = ckptr.restore(path, target)
+            meta = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+            target = param_shapes(cfg, meta["embed"]["embedding"].dtype)
+            stored = dict(jax.tree_util.tree_flatten_with_path(meta)[0])
+            wrong = [_mismatch(".".join(str(k.key) for k in key), stored.get(key), spec, "config.json says")
+                     for key, spec in jax.tree_util.tree_flatten_with_path(target)[0]]  # orbax would cast them
+            wrong = [w for w in wrong if w]
+            params = None if wrong else ckptr.restore(path, target)
     except Exception as e:  # a damaged file; orbax's own message is ~100 lines of TensorStore spec
         raise InputError(f"{path}: cannot read the params ({_first_line(e)}); the checkpoint is damaged: {redo}") from e
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise InputError(f"{path}: {wrong[0]}{more}; the checkpoint does not match its config.json: {redo}")
     if dtype is not None:
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
+        params = jax.tree.map(lambda x, spec: x.astype(spec.dtype), params, param_shapes(cfg, dtype))
     return params
 
 
@@ -173,18 +201,7 @@ def _first_line(e: BaseException) -> str:
 def load_model(ckpt_dir: str | Path, dtype=None) -> Transformer:
     """Build the model of a converted checkpoint (thresholds, if any, are loaded by the caller)."""
     cfg = ModelConfig.load(ckpt_dir)
-    params = load_params(ckpt_dir, cfg, dtype)
-    param_dtype = jax.tree.leaves(params)[0].dtype
-    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=param_dtype, rngs=nnx.Rngs(0)))
-    state = nnx.state(model)
-    param_state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(param_state, _model_keys(params, nnx.to_pure_dict(param_state)))
-    nnx.update(model, param_state)
-    # Non-param state (thresholds) starts at its initial values: threshold 0 is dense.
-    other = nnx.state(model, nnx.Not(nnx.Param))
-    nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), other))
-    del state
-    return model
+    return from_params(cfg, _model_keys(load_params(ckpt_dir, cfg, dtype)))
 
 
 def model_params(model: Transformer) -> dict:

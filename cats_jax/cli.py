@@ -40,6 +40,13 @@ def fractions(text: str) -> list[float]:
     return values
 
 
+def add_allow_quantization_mismatch(ap: argparse.ArgumentParser) -> None:
+    """The flag that applies thresholds of the same weights at another quantization (cats_jax.thresholds)."""
+    ap.add_argument("--allow-quantization-mismatch", action="store_true",
+                    help="apply thresholds calibrated for these weights at another quantization (the bf16 "
+                         "model's on its int8 copy); calibrating this checkpoint is better")
+
+
 def note_impl(impl: str) -> None:
     """One line on stderr when the Pallas kernels were asked for but cannot run (no GPU)."""
     from pallas_kernels.common import kernels_enabled

@@ -10,6 +10,7 @@ from typing import Any
 from cats_jax.cli import InputError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+QUANTIZATIONS = ("int8",)  # of the linear layers' weights (cats_jax.quantize); None: float weights
 
 
 class ConfigError(InputError):
@@ -47,6 +48,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
     model_type: str = "llama"
     name: str = ""
+    quantization: str | None = None  # QUANTIZATIONS or None
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -57,6 +59,9 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ConfigError(f"quantization={self.quantization!r} is not supported "
+                              f"(supported: {', '.join(QUANTIZATIONS)}, or none)")
 
     # ---- HF config.json -------------------------------------------------------------
     @classmethod

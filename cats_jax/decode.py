@@ -7,10 +7,14 @@
 (set_mode, set_thresholds) and builds a plain pytree of the layouts each kernel wants:
 q|k|v fused into one [H, (N + 2K) D] matrix (one GEMV reads x once for three projections; XLA
 would otherwise rewrite the narrow k / v GEMVs), gate|up fused [H, 2I] (dense and TEAL), or held
-neuron-major [2I, H] for the CATS kernel, and one fp32 scalar threshold per layer and site. The
-model is not changed. `Plan` (static) says which sites are thresholded and whether decode steps
-may run the Pallas kernels; which kernel runs where is then decided from the shapes at trace time
-(`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds.
+neuron-major [2I, H] for the CATS kernel, and one fp32 scalar threshold per layer and site. An
+int8 model's matrices stay int8, each with its fp32 per-output-channel scales beside it
+("<name>_scale", concatenated as the columns are; per row of the neuron-major gate|up), applied
+after the fp32 accumulation of every product (cats_jax.quantize.dot; the kernels take them too),
+so no step dequantizes a matrix. The model is not changed. `Plan` (static) says which sites are
+thresholded and whether decode steps may run the Pallas kernels; which kernel runs where is then
+decided from the shapes at trace time (`Plan.*_kernel`). Rebuild the decoder after changing the
+model's thresholds.
 
 The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
 greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
@@ -36,7 +40,8 @@ from jax.sharding import PartitionSpec as P
 
 from cats_jax import sharding, sparsity
 from cats_jax.config import ModelConfig
-from cats_jax.model import Transformer, attend, rms_norm, rope_inv_freq, site_threshold
+from cats_jax.model import QLinear, Transformer, attend, rms_norm, rope_inv_freq, site_threshold
+from cats_jax.quantize import dot
 from pallas_kernels import attention, cats_mlp, norm, sparse_gemv
 from pallas_kernels.common import kernels_enabled
 
@@ -91,6 +96,15 @@ GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 GROUPS = {"qkv": QKV, "gate_up": GATE_UP}
 
 
+def _fuse(layout: dict, name: str, *linears, neuron_major: bool = False) -> None:
+    """layout[name]: the linears' kernels side by side [in, sum of outs] (neuron_major: transposed,
+    stacked [sum of outs, in]); int8 ones with their scales concatenated as layout[name + "_scale"]."""
+    kernels = [lin.kernel[...] for lin in linears]
+    layout[name] = jnp.concatenate([k.T for k in kernels]) if neuron_major else jnp.concatenate(kernels, axis=1)
+    if isinstance(linears[0], QLinear):
+        layout[f"{name}_scale"] = jnp.concatenate([lin.scales[...] for lin in linears])
+
+
 def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
     """Decode weights and plan from the model's weights, mode and thresholds (module docstring)."""
     if impl not in IMPLS:
@@ -103,20 +117,18 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
         a, m = layer.attn, layer.mlp
         lw = {
             "attn_norm": layer.input_norm.scale[...],
-            "qkv": jnp.concatenate([a.q_proj.kernel[...], a.k_proj.kernel[...], a.v_proj.kernel[...]], axis=1),
-            "o": a.o_proj.kernel[...],
             "mlp_norm": layer.post_attn_norm.scale[...],
-            "down": m.down_proj.kernel[...],
             "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
         }
+        _fuse(lw, "qkv", a.q_proj, a.k_proj, a.v_proj)
+        _fuse(lw, "o", a.o_proj)
+        _fuse(lw, "down", m.down_proj)
         if model.criterion == "weighted":  # the model's factors, one [in] row per fused segment
             fa, fm = ({p: f[...] for p, f in mod.input_factor.items()} for mod in (a, m))
             lw["factors"] = {"qkv": jnp.stack([fa["q_proj"], fa["k_proj"], fa["v_proj"]]), "o": fa["o_proj"][None],
                              "gate_up": jnp.stack([fm["gate_proj"], fm["up_proj"]]), "down": fm["down_proj"][None]}
-        if cats and kernels:  # the CATS kernel skips neurons: each neuron's weights one contiguous row
-            lw["gate_up_t"] = jnp.concatenate([m.gate_proj.kernel[...].T, m.up_proj.kernel[...].T], axis=0)
-        else:
-            lw["gate_up"] = jnp.concatenate([m.gate_proj.kernel[...], m.up_proj.kernel[...]], axis=1)
+        # the CATS kernel skips neurons: each neuron's weights one contiguous row (its scale: the row's)
+        _fuse(lw, "gate_up_t" if cats and kernels else "gate_up", m.gate_proj, m.up_proj, neuron_major=cats and kernels)
         layers.append(lw)
     head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
     weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...], "head": head}
@@ -125,29 +137,36 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
     return Decoder(weights, Plan(model.cfg, sites, kernels, shared))
 
 
-def _product(plan: Plan, x, w, thresholds, widths, factors=None):
+def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None):
     """x [B, T, in] @ w [in, out], where the columns of w come in segments of `widths`, each
     reading x thresholded by its own TEAL threshold (None: x as it is) and, under the weighted
-    criterion, its own factors (factors [segments, in]; None: magnitude)."""
+    criterion, its own factors (factors [segments, in]; None: magnitude). w int8: scale fp32 [out]."""
     b, t, n_in = x.shape
     if all(th is None for th in thresholds):
-        return jnp.dot(x, w)
+        return dot(x, w, scale)
     if plan.gemv_kernel(x, w):  # -1: keep every input of an unthresholded segment
         ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
-        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors).reshape(b, t, -1)
+        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors,
+                                       scale=scale).reshape(b, t, -1)
     xs = [x if th is None else sparsity.teal_input(x, th, None if factors is None else factors[i])
           for i, th in enumerate(thresholds)]
     if len(xs) == 1:
-        return jnp.dot(xs[0], w)
+        return dot(xs[0], w, scale)
     cuts = list(itertools.accumulate(widths))[:-1]
     if len(xs) * b * t <= MAX_STACKED_ROWS:  # one product reading w once; each segment keeps its rows
-        y = jnp.einsum("sbti,io->sbto", jnp.stack(xs), w)
+        y = dot(jnp.stack(xs), w, scale)  # [segments, B, T, out]
         return jnp.concatenate([part[i] for i, part in enumerate(jnp.split(y, cuts, axis=-1))], axis=-1)
-    return jnp.concatenate([jnp.dot(xi, wi) for xi, wi in zip(xs, jnp.split(w, cuts, axis=1))], axis=-1)
+    scales = [None] * len(xs) if scale is None else jnp.split(scale, cuts)
+    return jnp.concatenate([dot(xi, wi, si) for xi, wi, si in zip(xs, jnp.split(w, cuts, axis=1), scales)], axis=-1)
 
 
 def _site(lw, site):
     return lw["thresholds"].get(site)
+
+
+def _scale(lw, name):
+    """The fp32 scales of the int8 decode weight lw[name]; None for float weights."""
+    return lw.get(f"{name}_scale")
 
 
 def _factors(lw, name):
@@ -158,9 +177,10 @@ def _grouped(plan: Plan, lw, x, w, group: str, widths):
     """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
     threshold (and weighted-criterion factors), or all with the one threshold they share (Plan.shared)
     off the kernels: on them one segment ran slower than three equal ones (docs/decisions.md)."""
+    scale = _scale(lw, group)
     if group in plan.shared and not plan.gemv_kernel(x, w):
-        return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),))
-    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group))
+        return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),), scale=scale)
+    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale)
 
 
 def _attention(plan: Plan, lw, x, positions, kv):
@@ -175,7 +195,8 @@ def _attention(plan: Plan, lw, x, positions, kv):
     else:
         q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=-1)
         out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
-    o = _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,), _factors(lw, "o"))
+    o = _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,), _factors(lw, "o"),
+                 _scale(lw, "o"))
     return o, kv
 
 
@@ -186,22 +207,23 @@ def _mlp(plan: Plan, lw, x):
     down_t = [_site(lw, "mlp.down_proj")]
     if not plan.cats:
         g, u = jnp.split(_grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size)), 2, axis=-1)
-        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,), _factors(lw, "down")), None
+        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down")), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     down = _factors(lw, "down")
     factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]||
     if plan.cats_kernel(x):
-        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor)
+        scales = None if _scale(lw, "down") is None else (_scale(lw, "gate_up_t"), _scale(lw, "down"))
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, scales)
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
     if "gate_up" in lw:
-        gu = jnp.dot(x, lw["gate_up"], preferred_element_type=f32)
+        gu = dot(x, lw["gate_up"], _scale(lw, "gate_up"), f32)
     else:  # neuron-major weights (a batch too large for the kernel, or prefill): one product too
-        gu = jnp.einsum("bth,ih->bti", x, lw["gate_up_t"], preferred_element_type=f32)
+        gu = dot(x, lw["gate_up_t"].T, _scale(lw, "gate_up_t"), f32)
     g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
     a = sparsity.cats_activation(g, threshold, factor)
-    return jnp.dot(a.astype(x.dtype) * u, lw["down"]), sparsity.active_fraction(a, axis=-1)
+    return dot(a.astype(x.dtype) * u, lw["down"], _scale(lw, "down")), sparsity.active_fraction(a, axis=-1)
 
 
 def _all_reduce(plan: Plan, y):

@@ -330,10 +330,11 @@ def generate_text(
 
 
 def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp", dtype: str = "bfloat16",
-         criterion: str | None = None):
+         criterion: str | None = None, allow_quantization_mismatch: bool = False):
     """(Decoder, tokenizer) of a converted checkpoint, dense or at a calibrated `sparsity` of its
     thresholds.json (cats_jax.load's and the CLI's one way to load). criterion: the selection
-    criterion the thresholds must have (None: theirs, whichever)."""
+    criterion the thresholds must have (None: theirs, whichever); allow_quantization_mismatch:
+    thresholds of the same weights at another quantization are applied (cats_jax.thresholds)."""
     from cats_jax import checkpoint, data, thresholds  # orbax and transformers: not needed above
 
     if dtype not in checkpoint.DTYPES:
@@ -343,7 +344,8 @@ def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: 
     tokenizer = data.load_tokenizer(ckpt)
     model = checkpoint.load_model(ckpt, dtype=checkpoint.DTYPES[dtype])
     if sparsity is not None:
-        thresholds.load_into(model, ckpt, sparsity, mode=mode, criterion=criterion)
+        thresholds.load_into(model, ckpt, sparsity, mode=mode, criterion=criterion,
+                             allow_quantization_mismatch=allow_quantization_mismatch)
     return decode.prepare(model, impl), tokenizer
 
 
@@ -377,9 +379,11 @@ def main(argv=None) -> None:
                     help="sparsity sites for --sparsity (default: the calibration's method, cats or teal)")
     ap.add_argument("--criterion", choices=CRITERIA,
                     help="the selection criterion the thresholds must have been calibrated with (default: theirs)")
+    cli.add_allow_quantization_mismatch(ap)
     ap.add_argument("--impl", choices=("jnp", "pallas"), default="jnp",
                     help="jnp (any device) or pallas (GPU kernels for decode steps)")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and KV cache dtype")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="weights (an int8 checkpoint's embedding and norms) and KV cache dtype")
     ap.add_argument("--stream-every", type=int, default=16, help="decode steps per jitted call between prints")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices (default 1)")
@@ -397,7 +401,7 @@ def main(argv=None) -> None:
     except ValueError as e:
         ap.error(f"--tp {args.tp}: {e}")
     decoder, tokenizer = load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype,
-                              criterion=args.criterion)
+                              criterion=args.criterion, allow_quantization_mismatch=args.allow_quantization_mismatch)
     if mesh is not None:
         try:
             decoder = sharding.shard(decoder, mesh)

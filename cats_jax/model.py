@@ -1,7 +1,8 @@
 """Llama / Mistral decoder in Flax NNX, with a KV cache and a pluggable (CATS) gated MLP.
 
 Shapes: B batch, T tokens in this call, S cache slots, H hidden, I intermediate, N query heads,
-K kv heads, D head dim, V vocab. Weights use the Flax layout [in, out].
+K kv heads, D head dim, V vocab. Weights use the Flax layout [in, out]. A config quantized "int8"
+holds its blocks' linear layers as QLinear (int8 weights, fp32 scales: cats_jax.quantize).
 
 Positions are per row: row b's token t sits at positions[b, t], and its key/value go to cache
 slot positions[b, t]. Prompts of different lengths are right-padded; the causal test
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cats_jax import sparsity
+from cats_jax import quantize, sparsity
 from cats_jax.config import ModelConfig
 
 f32 = jnp.float32
@@ -89,8 +90,33 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
-def _linear(n_in, n_out, dtype, rngs):
+class QLinear(nnx.Module):
+    """A linear layer of int8 weights: kernel int8 [in, out] and its per-output-channel scales fp32
+    [out] (cats_jax.quantize); x @ W = (x @ kernel) * scales, accumulated in fp32, in x's dtype.
+    Made empty (zeros): its weights come from a checkpoint or quantize_model."""
+
+    def __init__(self, n_in: int, n_out: int):
+        self.kernel = nnx.Param(jnp.zeros((n_in, n_out), jnp.int8))
+        self.scales = nnx.Param(jnp.ones((n_out,), f32))
+
+    def __call__(self, x, preferred_element_type=None):
+        return quantize.dot(x, self.kernel[...], self.scales[...], preferred_element_type)
+
+
+def _float_linear(n_in, n_out, dtype, rngs):
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def _linear(cfg: ModelConfig, n_in, n_out, dtype, rngs):
+    """A block's linear layer: float, or int8 if the config is quantized."""
+    return _float_linear(n_in, n_out, dtype, rngs) if cfg.quantization is None else QLinear(n_in, n_out)
+
+
+def weight(linear) -> jax.Array:
+    """A linear layer's weights [in, out] as they act (an int8 layer's dequantized, fp32)."""
+    if isinstance(linear, QLinear):
+        return quantize.dequantize(linear.kernel[...], linear.scales[...])
+    return linear.kernel[...]
 
 
 def _input_thresholds(projs) -> nnx.Dict:
@@ -203,10 +229,10 @@ def attend(cfg: ModelConfig, q, key, val, positions, kv=None):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _linear(h, cfg.num_heads * d, dtype, rngs)
-        self.k_proj = _linear(h, cfg.num_kv_heads * d, dtype, rngs)
-        self.v_proj = _linear(h, cfg.num_kv_heads * d, dtype, rngs)
-        self.o_proj = _linear(cfg.num_heads * d, h, dtype, rngs)
+        self.q_proj = _linear(cfg, h, cfg.num_heads * d, dtype, rngs)
+        self.k_proj = _linear(cfg, h, cfg.num_kv_heads * d, dtype, rngs)
+        self.v_proj = _linear(cfg, h, cfg.num_kv_heads * d, dtype, rngs)
+        self.o_proj = _linear(cfg, cfg.num_heads * d, h, dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.cfg = cfg  # static (hashable); RoPE frequencies are derived from it at trace time
         # TEAL: the projections whose inputs are thresholded (static), each with its own threshold
@@ -241,9 +267,9 @@ class MLP(nnx.Module):
     The decode kernels' layouts live in cats_jax.decode, never here."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
+        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
         self.threshold = Threshold(jnp.zeros((), f32))
         self.impl = "dense"
         self.sparse_inputs: tuple[str, ...] = ()
@@ -259,7 +285,7 @@ class MLP(nnx.Module):
         xg, xu = _sparse_input(self, "gate_proj", x), _sparse_input(self, "up_proj", x)
         # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
         # (the Pallas kernel and sparsity.gated_mlp test the fp32 value too)
-        gate = self.gate_proj  # an adapter (train.lora.LoRALinear) takes preferred_element_type itself
+        gate = self.gate_proj  # QLinear and an adapter (train.lora.LoRALinear) take preferred_element_type
         g = (jnp.dot(xg, gate.kernel[...], preferred_element_type=f32) if type(gate) is nnx.Linear
              else gate(xg, preferred_element_type=f32))
         factor = _factor(self, "down_proj")
@@ -290,7 +316,7 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else _float_linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
         self.remat = False  # training: recompute each block's activations in the backward pass
 
     def hidden(self, tokens, positions, cache: Cache | None = None):
@@ -339,7 +365,7 @@ class Transformer(nnx.Module):
                 module.criterion = criterion
                 if criterion == "weighted":
                     for proj, factor in module.input_factor.items():
-                        factor[...] = sparsity.weight_factors(getattr(module, proj).kernel[...])
+                        factor[...] = sparsity.weight_factors(weight(getattr(module, proj)))
 
     @property
     def criterion(self) -> str:
@@ -380,3 +406,22 @@ def forward(graphdef, state, tokens, positions, cache=None):
 def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
     """A model with random weights (benchmarks and tests)."""
     return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def from_params(cfg: ModelConfig, params: dict) -> Transformer:
+    """The model of config cfg holding params (nnx.to_pure_dict of its nnx.Param state; the float
+    weights' dtype is the model's), its other state (thresholds: 0, dense) at initial values."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=params["embed"]["embedding"].dtype, rngs=nnx.Rngs(0)))
+    param_state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(param_state, params)
+    nnx.update(model, param_state)
+    other = nnx.state(model, nnx.Not(nnx.Param))
+    nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), other))
+    return model
+
+
+def quantize_model(model: Transformer) -> Transformer:
+    """The int8 copy of a float model (cats_jax.quantize; weights on the model's device), dense;
+    the model itself is unchanged."""
+    params = quantize.quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return from_params(quantize.quantized_config(model.cfg), params)

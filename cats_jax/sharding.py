@@ -57,6 +57,12 @@ LOGICAL = {
     "gate_up": ("embed", "mlp"),  # columns in tp blocks (`shard`)
     "gate_up_t": ("mlp", "embed"),  # rows in tp blocks (`shard`)
     "down": ("mlp", "embed"),
+    # an int8 model's per-output-channel scales (decode.prepare): split as their matrix's outputs
+    "qkv_scale": ("qkv_heads",),
+    "o_scale": ("embed",),
+    "gate_up_scale": ("mlp",),
+    "gate_up_t_scale": ("mlp",),
+    "down_scale": ("embed",),
 }
 CACHE = ("batch", "slots", "kv_heads", "head_dim")  # each layer's k and v, model.init_cache
 RULES = {"qkv_heads": TP, "heads": TP, "kv_heads": TP, "mlp": TP}  # any other name: replicated
@@ -118,12 +124,16 @@ def shard(decoder, mesh: jax.sharding.Mesh):
     local_config(cfg, tp)  # the shapes divide
     d, size = cfg.head_dim, cfg.intermediate_size
     layers = []
+    qkv = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
     for lw in decoder.weights["layers"]:
-        lw = dict(lw, qkv=_blocks(lw["qkv"], (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d), tp))
+        lw = dict(lw, qkv=_blocks(lw["qkv"], qkv, tp))
         if "gate_up" in lw:
             lw["gate_up"] = _blocks(lw["gate_up"], (size, size), tp)
         else:  # neuron-major: the same blocks of rows
             lw["gate_up_t"] = _blocks(lw["gate_up_t"].T, (size, size), tp).T
+        for name, widths in (("qkv", qkv), ("gate_up", (size, size)), ("gate_up_t", (size, size))):
+            if f"{name}_scale" in lw:  # int8: the scales follow their columns (rows)
+                lw[f"{name}_scale"] = _blocks(lw[f"{name}_scale"][None], widths, tp)[0]
         layers.append(lw)
     weights = dict(decoder.weights, layers=layers)
     placed = jax.tree.map(lambda w, s: jax.device_put(w, NamedSharding(mesh, s)), weights, weight_specs(weights))

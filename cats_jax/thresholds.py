@@ -36,9 +36,12 @@ Calibrating adds to the file: each method keeps its levels, and a new run replac
 it calibrates (with force; without, calibrate refuses before its pass). A level kept from an
 earlier run carries that run's "calibration". Version 1 files (one method, no "methods") are read.
 
-The "model" entry ties the file to one model: its shapes, its name, and a hash of its first
-embedding row (rounded to bf16, so the same weights loaded in any dtype match). Applying the file
-to another model is an error.
+The "model" entry ties the file to one model: its shapes, its name, a hash of its first
+embedding row (rounded to bf16, so the same weights loaded in any dtype match) and, for a
+quantized model, its "quantization" (the embedding is not quantized: the hash alone would not tell
+the int8 copy from its source). Applying the file to another model is an error; thresholds of the
+same weights at another quantization (the bf16 model's on its int8 copy) only when asked for
+(allow_quantization_mismatch: calibrating the quantized model is better, its activations differ).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def model_identity(model) -> dict:
 def identity(cfg, embedding_row) -> dict:
     """The "model" entry of a model of config cfg whose first embedding row is embedding_row."""
     row = np.asarray(jnp.asarray(embedding_row).astype(jnp.bfloat16)).view(np.uint16)
-    return {
+    model = {
         "name": cfg.name,
         "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -83,6 +86,9 @@ def identity(cfg, embedding_row) -> dict:
         "vocab_size": cfg.vocab_size,
         "embedding_sha256": hashlib.sha256(row.tobytes()).hexdigest(),
     }
+    if cfg.quantization is not None:  # absent for float weights: files written before it still match
+        model["quantization"] = cfg.quantization
+    return model
 
 
 @dataclasses.dataclass
@@ -130,12 +136,22 @@ class Thresholds:
             f"run python -m cats_jax.calibrate --sparsity {sparsity:g}"
         )
 
-    def check_model(self, model) -> None:
-        """Raise ThresholdsError naming every field in which `model` differs from the calibrated one."""
+    def check_model(self, model, allow_quantization_mismatch: bool = False) -> None:
+        """Raise ThresholdsError naming every field in which `model` differs from the calibrated one
+        (its quantization only if not allow_quantization_mismatch)."""
         mine = model_identity(model)
-        diff = [f"{k}: thresholds {self.model.get(k)!r}, model {v!r}" for k, v in mine.items() if self.model.get(k) != v]
+        fields = [k for k in dict.fromkeys([*mine, *self.model]) if k in mine or k == "quantization"]
+        diff = [k for k in fields if self.model.get(k) != mine.get(k)]
+        if diff == ["quantization"]:
+            if allow_quantization_mismatch:
+                return
+            theirs, ours = (q or "no quantization" for q in (self.model.get("quantization"), mine.get("quantization")))
+            raise ThresholdsError(f"these thresholds were calibrated for the same weights with {theirs}, this model has "
+                                  f"{ours}: calibrate it (python -m cats_jax.calibrate), or pass "
+                                  "--allow-quantization-mismatch to apply them anyway")
         if diff:
-            raise ThresholdsError("these thresholds were calibrated for another model (" + "; ".join(diff) + ")")
+            raise ThresholdsError("these thresholds were calibrated for another model (" + "; ".join(
+                f"{k}: thresholds {self.model.get(k)!r}, model {mine.get(k)!r}" for k in diff) + ")")
 
     # ---- JSON ------------------------------------------------------------------------------
     def section(self) -> dict:
@@ -287,11 +303,11 @@ def check_merge(ckpt_dir: str | Path, model: dict, method: str, sparsities: list
 
 
 def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = None,
-          criterion: str | None = None) -> Level:
-    """Set the model's thresholds for `sparsity` (after checking they belong to it), its mode
-    (sparsity.MODES; default: the file's method) and its selection criterion (the thresholds'; one
-    given must be theirs)."""
-    thresholds.check_model(model)
+          criterion: str | None = None, allow_quantization_mismatch: bool = False) -> Level:
+    """Set the model's thresholds for `sparsity` (after checking they belong to it: see
+    Thresholds.check_model), its mode (sparsity.MODES; default: the file's method) and its selection
+    criterion (the thresholds'; one given must be theirs)."""
+    thresholds.check_model(model, allow_quantization_mismatch)
     thresholds.check_criterion(criterion)
     mode = mode or thresholds.method
     if mode not in MODES or mode == "dense":
@@ -314,9 +330,9 @@ def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = Non
 
 
 def load_into(model, ckpt_dir: str | Path, sparsity: float, mode: str | None = None,
-              criterion: str | None = None) -> Level:
+              criterion: str | None = None, allow_quantization_mismatch: bool = False) -> Level:
     """Apply DIR/thresholds.json at `sparsity`; an error names the missing calibration."""
     thresholds = load(ckpt_dir, mode)
     if thresholds is None:
         raise ThresholdsError(f"{ckpt_dir}: no {FILENAME}; run python -m cats_jax.calibrate --ckpt {ckpt_dir} first")
-    return apply(model, thresholds, sparsity, mode, criterion)
+    return apply(model, thresholds, sparsity, mode, criterion, allow_quantization_mismatch)

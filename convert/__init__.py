@@ -1,20 +1,32 @@
 """Converters into the cats-jax checkpoint layout (cats_jax/checkpoint.py): one module per source
-format (hf.py: HF safetensors dirs or hub ids, gguf.py: llama.cpp files), both ending in
-checkpoint.save. Tensors are read and converted one at a time, so the only full copy of the
-model in host RAM is the converted params dict itself."""
+format (hf.py: HF safetensors dirs or hub ids, gguf.py: llama.cpp files, ckpt.py: a cats-jax
+checkpoint, to quantize it), all ending in `write` (checkpoint.save, the linear layers quantized
+first if asked: cats_jax.quantize). Tensors are read and converted one at a time, so the only
+full copy of the model in host RAM is the converted params dict itself (quantized in place)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from cats_jax import checkpoint
+from cats_jax import checkpoint, quantize
+from cats_jax.config import ModelConfig
 
 
 def target_dtype(name: str):
     if name not in checkpoint.DTYPES:
         raise ValueError(f"unsupported dtype {name!r} (choose from: {', '.join(checkpoint.DTYPES)})")
     return checkpoint.DTYPES[name]
+
+
+def write(out, cfg: ModelConfig, params: dict, tokenizer_dir, force: bool, quantization: str | None) -> Path:
+    """checkpoint.save of params, quantized first if quantization is given ("int8")."""
+    if quantization is not None:
+        cfg = quantize.quantized_config(cfg, quantization)
+        params = quantize.quantize_params(params)
+    return checkpoint.save(out, cfg, params, tokenizer_dir=tokenizer_dir, force=force)
 
 
 def put(params: dict, path: tuple[str, ...], w: np.ndarray, dtype, transpose: bool) -> None:

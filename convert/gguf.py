@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cats_jax import checkpoint
 from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
-from convert import put, target_dtype
+from convert import put, target_dtype, write
 
 TOP_LEVEL = {
     "token_embd.weight": ("embed", "embedding"),
@@ -93,8 +93,10 @@ def save_tokenizer(meta: dict, out_dir: Path) -> None:
     TokenizersBackend(tokenizer_object=backend, **tok_config, **extra).save_pretrained(out_dir)
 
 
-def convert_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False) -> Path:
-    """Convert a llama-architecture GGUF file into a cats-jax checkpoint at out."""
+def convert_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False,
+                 quantization: str | None = None) -> Path:
+    """Convert a llama-architecture GGUF file into a cats-jax checkpoint at out (its linear layers
+    quantized if quantization is given: cats_jax.quantize)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -121,4 +123,4 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16", for
             elif target[-2] == "k_proj":
                 w = unpermute_rows(w, cfg.num_kv_heads)
             put(params, target, w, dt, transpose=target[-1] == "kernel")
-        return checkpoint.save(out, cfg, params, tokenizer_dir=tok_dir, force=force)
+        return write(out, cfg, params, tok_dir, force, quantization)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from cats_jax import checkpoint
 from cats_jax.cli import InputError
 from cats_jax.config import ModelConfig
-from convert import put, target_dtype
+from convert import put, target_dtype, write
 
 # HF tensor name -> path in our params tree. Kernels (Linear weights) are transposed.
 TOP_LEVEL = {
@@ -122,8 +122,10 @@ def read_config(src: Path, name: str = "") -> ModelConfig:
     return cfg
 
 
-def convert_hf(src: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False) -> Path:
-    """Convert an HF safetensors checkpoint (dir or hub id) into a cats-jax checkpoint at out."""
+def convert_hf(src: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False,
+               quantization: str | None = None) -> Path:
+    """Convert an HF safetensors checkpoint (dir or hub id) into a cats-jax checkpoint at out
+    (its linear layers quantized if quantization is given: cats_jax.quantize)."""
     dt = target_dtype(dtype)
     checkpoint.check_out_dir(out, force)
     local = resolve(src)
@@ -143,4 +145,4 @@ def convert_hf(src: str | Path, out: str | Path, dtype: str = "bfloat16", force:
             w = f.get_tensor(name)
         put(params, path, w, dt, transpose=path[-1] == "kernel")
         del w
-    return checkpoint.save(out, cfg, params, tokenizer_dir=local, force=force)
+    return write(out, cfg, params, local, force, quantization)

@@ -59,6 +59,7 @@ def main(argv=None):
                          "thresholds also serve cats, and with uniform allocation cats+teal-attn)")
     ap.add_argument("--criterion", choices=CRITERIA,
                     help="the selection criterion the thresholds must have been calibrated with (default: theirs)")
+    cli.add_allow_quantization_mismatch(ap)
     ap.add_argument("--tasks", default="all", help=f"comma-separated tasks, 'all' or 'none' (known: {', '.join(task_lib.TASKS)})")
     ap.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
                     help="a task's local data: its original release file (e.g. piqa=valid.jsonl) or a "
@@ -103,7 +104,7 @@ def main(argv=None):
             task_files=_task_files(args.tasks, args.data_file), limit=args.limit, ppl_source=ppl_source,
             ppl_tokens=args.ppl_tokens, context_length=args.context_length, stride=args.stride,
             batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress, mode=args.mode,
-            on_result=save)
+            on_result=save, allow_quantization_mismatch=args.allow_quantization_mismatch)
     except (data.DataError, task_lib.TaskDataError, thresholds.ThresholdsError, FileNotFoundError) as e:
         raise cli.InputError(str(e)) from e
     except KeyboardInterrupt:

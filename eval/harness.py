@@ -80,12 +80,14 @@ def versions() -> dict:
 def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], limit: int | None = None,
              ppl_source: data.TextSource | None = None, ppl_tokens: int | None = None, context_length: int = 1024,
              stride: int | None = None, batch_tokens: int = 2048, dtype: str | None = "float32",
-             progress: bool = True, mode: str | None = None, on_result: Callable[[dict], None] | None = None) -> dict:
+             progress: bool = True, mode: str | None = None, on_result: Callable[[dict], None] | None = None,
+             allow_quantization_mismatch: bool = False) -> dict:
     """settings: "dense" and/or target sparsities calibrated in DIR/thresholds.json, applied in
     `mode` (sparsity.MODES; default: the file's method).
     task_files: task name -> release-format file / save_to_disk dir, or None for the hub.
     on_result(record): called with the record so far each time a setting finishes a task or the
-    perplexity, and with the whole record ("complete": true) at the end."""
+    perplexity, and with the whole record ("complete": true) at the end. allow_quantization_mismatch:
+    apply thresholds of the same weights at another quantization (cats_jax.thresholds)."""
     model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
     tokenizer = data.load_tokenizer(ckpt_dir)
     th = thresholds.load(ckpt_dir, mode)
@@ -93,11 +95,11 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
         if th is None:
             raise thresholds.ThresholdsError(
                 f"{ckpt_dir}: no {thresholds.FILENAME}; calibrate first (python -m cats_jax.calibrate)")
-        th.check_model(model)
+        th.check_model(model, allow_quantization_mismatch)
         mode = mode or th.method
         for s in settings:
-            if s != DENSE:
-                thresholds.apply(model, th, s, mode=mode)  # fail now, not after the dense run
+            if s != DENSE:  # fail now, not after the dense run
+                thresholds.apply(model, th, s, mode=mode, allow_quantization_mismatch=allow_quantization_mismatch)
     stride = stride or context_length
 
     # Data once, for every setting.
@@ -112,7 +114,7 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
         if setting == DENSE:
             model.set_mode(DENSE)
         else:
-            thresholds.apply(model, th, setting, mode=mode)
+            thresholds.apply(model, th, setting, mode=mode, allow_quantization_mismatch=allow_quantization_mismatch)
 
     # Task-major: the programs compiled for a task's shapes serve every setting, then are dropped
     # (XLA:CPU keeps ~1 GB per program alive). Each setting has its own Scorer for its statistics.

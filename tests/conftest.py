@@ -1,6 +1,6 @@
 """Shared test helpers: tiny configs, a tiny checkpoint with a tokenizer (and its calibrated CATS
-thresholds), the golden fixture directory, the real SmolLM2 checkpoint, and the kernel tests'
-error measure. Test modules import the plain helpers from here (`from conftest import ...`); the
+thresholds), HF checkpoint directories of given params, the golden fixture directory, the real
+SmolLM2 checkpoint, and the kernel tests' error measure. Test modules import the plain helpers from here (`from conftest import ...`); the
 fixtures pytest finds by itself."""
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from cats_jax import calibrate, checkpoint, data
 from cats_jax import model as M
 from cats_jax.config import ModelConfig
+from convert import hf as hf_conv
 from pallas_kernels.common import poisoned_outputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -87,6 +89,40 @@ def calibrated(tiny_ckpt):
     th = calibrate.run(ckpt, CALIBRATED_LEVELS, data.TextSource(str(text)), tokens=4096, holdout_tokens=1024,
                        seq_len=128, batch_size=8, progress=False)
     return ckpt, text, th
+
+
+# ---- HF checkpoint directories (converter tests) -------------------------------------------
+def hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """Our params as HF-named [out, in] tensors: the converter's name map run backwards."""
+    paths = {n: p for n, p in hf_conv.TOP_LEVEL.items() if not (p[0] == "lm_head" and cfg.tie_word_embeddings)}
+    for i in range(cfg.num_layers):
+        paths.update({f"model.layers.{i}.{n}": ("layers", str(i), *p) for n, p in hf_conv.IN_LAYER.items()})
+    return {n: np.ascontiguousarray(at(params, p).T if p[-1] == "kernel" else at(params, p))
+            for n, p in paths.items()}
+
+
+def at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def write_hf_dir(path, cfg, tensors, shards=1, config=None):
+    """An HF checkpoint dir: config.json + one model.safetensors, or shards + index."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config or cfg.to_hf()))
+    if shards == 1:
+        save_file(tensors, path / "model.safetensors")
+        return path
+    names = sorted(tensors)
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[s::shards]
+        save_file({n: tensors[n] for n in part}, path / file)
+        weight_map.update({n: file for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
 
 
 # ---- kernel tests ------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from cats_jax import checkpoint, hub, thresholds
 from cats_jax.cli import InputError, run
 from cats_jax.config import ConfigError, ModelConfig
 from cats_jax.model import init_random
+from conftest import at, hf_tensors, write_hf_dir
 from convert import gguf as gguf_conv
 from convert import hf as hf_conv
 from convert.__main__ import main as cli
@@ -24,39 +24,6 @@ from convert.__main__ import main as cli
 
 def flat(params):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """Our params as HF-named [out, in] tensors: the converter's name map run backwards."""
-    paths = {n: p for n, p in hf_conv.TOP_LEVEL.items() if not (p[0] == "lm_head" and cfg.tie_word_embeddings)}
-    for i in range(cfg.num_layers):
-        paths.update({f"model.layers.{i}.{n}": ("layers", str(i), *p) for n, p in hf_conv.IN_LAYER.items()})
-    return {n: np.ascontiguousarray(_at(params, p).T if p[-1] == "kernel" else _at(params, p))
-            for n, p in paths.items()}
-
-
-def _at(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def write_hf_dir(path, cfg, tensors, shards=1, config=None):
-    """An HF checkpoint dir: config.json + one model.safetensors, or shards + index."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(config or cfg.to_hf()))
-    if shards == 1:
-        save_file(tensors, path / "model.safetensors")
-        return path
-    names = sorted(tensors)
-    weight_map = {}
-    for s in range(shards):
-        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[s::shards]
-        save_file({n: tensors[n] for n in part}, path / file)
-        weight_map.update({n: file for n in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
 
 
 @pytest.fixture
@@ -289,7 +256,7 @@ def test_gguf_weights_types_and_qk_row_order(tiny_cfg, tmp_path, tied):
     got = checkpoint.load_params(out, loaded)
     assert len(flat(got)) == len(expected)
     for path, want in expected.items():
-        np.testing.assert_array_equal(np.asarray(_at(got, path)), want, err_msg=str(path))
+        np.testing.assert_array_equal(np.asarray(at(got, path)), want, err_msg=str(path))
 
 
 def test_gguf_tokenizer_keeps_specials_merges_and_chat_template(tiny_cfg, tmp_path):

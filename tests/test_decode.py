@@ -1,5 +1,6 @@
 """cats_jax.decode (the prepared inference path) against the model, its kernels in interpret mode,
-and the decode-attention kernel against model.attend. Kernel outputs are NaN-poisoned."""
+and the decode-attention kernel against model.attend. Kernel outputs are NaN-poisoned. Some cases
+run the int8 copy of the model (cats_jax.quantize): its decode weights and kernels read int8."""
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,11 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
                   num_kv_heads=2, head_dim=16, name="tiny")
 
 
-def _model(mode, sparsity=0.5, dtype=f32, shared=True, criterion="magnitude"):
+def _model(mode, sparsity=0.5, dtype=f32, shared=True, criterion="magnitude", int8=False):
     """Thresholds from a uniform calibration: q, k, v (and gate, up) share one per layer; with
-    shared=False each site's is moved apart, as a greedy allocation would."""
+    shared=False each site's is moved apart, as a greedy allocation would. int8: the model's int8 copy."""
     m = M.init_random(CFG, seed=3, dtype=dtype)
+    m = M.quantize_model(m) if int8 else m
     m.set_criterion(criterion)  # before the thresholds: they are quantiles of the criterion's score
     for i, (site, t) in enumerate(random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items()):
         m.set_thresholds(site, np.asarray(t) * (1 if shared else 1 + 0.1 * i))
@@ -43,16 +45,20 @@ def kernels_on_tiny_weights(monkeypatch):
     monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", 0)  # a performance rule; these tests check correctness
 
 
-@pytest.mark.parametrize("mode,shared,criterion", [
-    ("dense", True, "magnitude"), ("cats", True, "magnitude"), ("teal", True, "magnitude"),
-    ("teal", False, "magnitude"), ("cats+teal-attn", False, "magnitude"), ("cats", True, "weighted"),
-    ("teal", True, "weighted")])
+@pytest.mark.parametrize("mode,shared,criterion,int8", [
+    ("dense", True, "magnitude", False), ("cats", True, "magnitude", False), ("teal", True, "magnitude", False),
+    ("teal", False, "magnitude", False), ("cats+teal-attn", False, "magnitude", False),
+    ("cats", True, "weighted", False), ("teal", True, "weighted", False),
+    ("cats", True, "weighted", True), ("teal", False, "magnitude", True)])
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
-def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criterion, impl):
+def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criterion, int8, impl):
     """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's
-    logits, with thresholds shared by the fused projections or each its own, under either criterion."""
-    m = _model(mode, shared=shared, criterion=criterion)
+    logits, with thresholds shared by the fused projections or each its own, under either criterion,
+    of float or int8 weights (kept int8 in the decode weights)."""
+    m = _model(mode, shared=shared, criterion=criterion, int8=int8)
     dec = decode.prepare(m, impl)
+    assert {w.dtype == jnp.int8 for k, w in dec.weights["layers"][0].items() if k in ("qkv", "o", "gate_up", "down",
+                                                                                       "gate_up_t")} == {int8}
     assert dec.plan.shared == (("qkv", "gate_up") if mode == "teal" and shared and criterion == "magnitude" else ())
     toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
     pos = jnp.arange(9)[None]
@@ -100,14 +106,15 @@ def test_prepare_rejects_an_unknown_impl():
         decode.prepare(_model("dense"), "cuda")
 
 
-@pytest.mark.parametrize("path", ["masked", "gather"])
-@pytest.mark.parametrize("mode", ["teal", "cats"])
-def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monkeypatch, path, mode):
+@pytest.mark.parametrize("path,mode,int8", [("masked", "teal", False), ("gather", "teal", False),
+                                            ("masked", "cats", False), ("gather", "cats", False),
+                                            ("gather", "teal", True), ("masked", "cats", True)])
+def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monkeypatch, path, mode, int8):
     if path == "gather":  # batch 1 on the gather path: two kernels (compact, gather) per GEMV
         monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
         monkeypatch.setattr(G, "TUNED", {})
     prompt = [[5, 17, 3, 88, 41, 9, 2]]  # batch 1: the rows the TEAL kernels serve
-    m = _model(mode)
+    m = _model(mode, int8=int8)
     want = generate(decode.prepare(m, "jnp"), prompt, 10, eos_ids=())
     dec = decode.prepare(m, "pallas")
     cache = M.init_cache(CFG, 1, 16, f32)

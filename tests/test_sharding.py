@@ -1,7 +1,8 @@
 """Tensor-parallel decode (cats_jax.sharding) on 8 fake CPU devices: TP = 1, 2, 4 and 8 give one
 device's logits (prefill and a decode step), KV cache and greedy tokens, for dense, CATS and TEAL on
-the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; shapes that do not divide the
-mesh give one clear error.
+the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; the int8 model's decode weights,
+split with their scales, at TP = 2 (jnp and kernels); shapes that do not divide the mesh give one
+clear error.
 
 The device count is fixed when jax starts, and the rest of the suite runs in this process on one
 device, so the checks run in a subprocess (this file as a script) that prints one JSON line per case.
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "cats", "teal")
 # (what, mode, tp): the jnp path, the Pallas kernels (interpret mode), the error of shapes that do not divide
 CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
-         + [("pallas", "cats", 2), ("pallas", "teal", 2), ("error", None, 4)])
+         + [("pallas", "cats", 2), ("pallas", "teal", 2), ("int8", "cats", 2), ("int8", "teal", 2), ("error", None, 4)])
 
 
 def _name(case) -> str:
@@ -85,13 +86,15 @@ def _run_cases():
     prompts = [[5, 17, 3, 88, 41, 9, 2], [60, 61, 62]]  # ragged: padding rows too
 
     m = M.init_random(cfg, seed=3, dtype=f32)  # fp32: no argmax ties flipped by the psums' rounding
+    int8 = M.quantize_model(m)
     for site, t in random_thresholds(m, [0.5], tokens=64, seed=0)[0.5].items():  # every site, ~half kept
         # k's own threshold: q|k|v's segments test their own; gate|up keeps one shared (decode.Plan.shared)
-        m.set_thresholds(site, np.asarray(t) * (0.8 if site == "attn.k_proj" else 1.0))
+        for model in (m, int8):
+            model.set_thresholds(site, np.asarray(t) * (0.8 if site == "attn.k_proj" else 1.0))
 
-    def prepare(mode, impl):
-        m.set_mode(mode)
-        return decode.prepare(m, impl)
+    def prepare(mode, impl, model=m):
+        model.set_mode(mode)
+        return decode.prepare(model, impl)
 
     @functools.partial(jax.jit, static_argnames="plan")
     def prefill_and_step(weights, tokens, cache, *, plan):
@@ -148,6 +151,17 @@ def _run_cases():
         assert str(step).count("pallas_call") >= (2 if mode == "cats" else 5) * cfg.num_layers
         assert_close(got, want)
 
+    def int8_per_shard(mode, tp):  # the scales split with their columns (q|k|v's and gate|up's in tp blocks)
+        sparse_gemv.MIN_KERNEL_WEIGHTS = 0
+        mesh = sharding.make_mesh(tp)
+        one = tokens[:1]
+        want = on_one_device(prepare(mode, "jnp", int8), one)
+        for impl in ("jnp", "pallas"):
+            dec = sharding.shard(prepare(mode, impl, int8), mesh)
+            with interpret_on_cpu(), poisoned_outputs():
+                got = on_mesh(dec, one, mesh)
+            assert_close(got, want)
+
     def shapes_that_do_not_divide(_, tp):
         odd = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
                           num_kv_heads=2, head_dim=16, name="odd")
@@ -161,7 +175,8 @@ def _run_cases():
         with pytest.raises(SystemExit, match="2"):  # the benchmark says so before any work
             parse_args(["--config", "mistral-7b", "--tp", "3"])
 
-    checks = {"jnp": tp_equals_one_device, "pallas": kernels_per_shard, "error": shapes_that_do_not_divide}
+    checks = {"jnp": tp_equals_one_device, "pallas": kernels_per_shard, "int8": int8_per_shard,
+              "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
             checks[what](mode, tp)

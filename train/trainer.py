@@ -32,6 +32,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from cats_jax import checkpoint, data, thresholds
+from cats_jax.config import ModelConfig
 from cats_jax.data import REFINEDWEB, TextSource
 from cats_jax.model import Transformer
 from train import data as train_data
@@ -118,6 +119,15 @@ class TrainConfig:
 
 
 # ---- pieces --------------------------------------------------------------------------------
+def check_base(ckpt) -> None:
+    """Refuse a quantized base (ValueError): training updates float weights only."""
+    quantization = ModelConfig.load(ckpt).quantization
+    if quantization is not None:
+        raise ValueError(f"{ckpt} holds {quantization} weights: fine-tuning (LoRA or full) needs a float checkpoint; "
+                         "train on the bf16 / fp32 one, then quantize the result (python -m convert --ckpt DIR "
+                         f"--quantize {quantization} --out DIR2)")
+
+
 def load_base_model(cfg: TrainConfig) -> Transformer:
     """The checkpoint's model in cfg.dtype, with CATS thresholds at cfg.sparsity if asked for."""
     model = checkpoint.load_model(cfg.ckpt, checkpoint.DTYPES[cfg.dtype])
@@ -156,6 +166,7 @@ def token_nll(model, ids, weights):
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
         self.cfg, self.quiet = cfg, quiet
+        check_base(cfg.ckpt)  # before the run dir is made
         self.run_dir = Path(cfg.run_dir).absolute()
         self._check_run_dir(resume)
 

@@ -1,0 +1,216 @@
+"""int8 weight-only quantization (cats_jax.quantize): the quantizer's bound, the int8 model against
+its dequantized float twin, convert --quantize, thresholds tied to the quantization, the benchmark's
+int8 rows, and the errors of bad input. Decode of int8 weights (jnp and the kernels in interpret
+mode) against the int8 model: test_decode.py, test_sharding.py."""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import cats_jax
+from bench.decode import random_thresholds
+from cats_jax import calibrate, checkpoint, data, decode, quantize, sparsity, thresholds
+from cats_jax import model as M
+from cats_jax.cli import InputError, run
+from cats_jax.config import ModelConfig
+from conftest import hf_tensors, write_hf_dir
+from convert.__main__ import main as convert_main
+
+f32 = jnp.float32
+CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, name="tiny")
+
+
+def test_quantizer_error_is_at_most_half_a_step_and_zero_columns_are_safe():
+    w = np.random.default_rng(0).normal(size=(48, 40)).astype(np.float32)
+    w[:, 3] = 0.0  # a zero column: scale 1, q 0 (not 0 / 0)
+    w[5, 7] = 40.0  # an outlier sets its column's step, and only its column's
+    q, s = quantize.quantize_int8(jnp.asarray(w))
+    q, s = np.asarray(q), np.asarray(s)
+    assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (40,)
+    assert np.abs(q).max() == 127 and np.isfinite(s).all() and (s > 0).all()
+    assert s[3] == 1.0 and not q[:, 3].any()
+    peak = np.abs(w).max(axis=0)
+    np.testing.assert_allclose(s, np.where(peak > 0, peak / 127, 1.0), rtol=1e-6)
+    assert (np.abs(w - q * s) <= s / 2 * (1 + 1e-6)).all()
+    assert np.abs(q[5, 7]) == 127 and np.abs(q[:, 7]).sum() < np.abs(q[:, 8]).sum()
+
+
+def _dequantized_twin(qm):
+    """The float model (fp32) whose kernels are qm's dequantized weights."""
+    cfg = dataclasses.replace(qm.cfg, quantization=None)
+    params = nnx.to_pure_dict(nnx.state(qm, nnx.Param))
+
+    def walk(node):
+        if "scales" in node:
+            return {"kernel": quantize.dequantize(node["kernel"], node["scales"])}
+        return {k: walk(v) if isinstance(v, dict) else v.astype(f32) for k, v in node.items()}
+
+    return M.from_params(cfg, walk(params))
+
+
+@pytest.mark.parametrize("mode,criterion", [("dense", "magnitude"), ("cats", "weighted")])
+def test_int8_model_is_its_dequantized_twin(mode, criterion):
+    """The int8 model's forward (x @ q) * s is the float forward of q * s: same logits, and the
+    weighted criterion's factors are those of the dequantized weights."""
+    m = M.init_random(CFG, seed=3, dtype=f32)
+    qm = M.quantize_model(m)
+    assert m.layers[0].mlp.up_proj.kernel.dtype == f32  # the source is left as it was
+    assert qm.layers[0].mlp.up_proj.kernel.dtype == jnp.int8 and qm.cfg.quantization == "int8"
+    twin = _dequantized_twin(qm)
+    for model in (qm, twin):
+        model.set_criterion(criterion)
+    levels = random_thresholds(twin, [0.5], tokens=64, seed=0)[0.5] if mode != "dense" else {}
+    for site, t in levels.items():
+        for model in (qm, twin):
+            model.set_thresholds(site, t)
+    for model in (qm, twin):
+        model.set_mode(mode)
+    for a, b in zip(qm.layers[0].mlp.input_factor.values(), twin.layers[0].mlp.input_factor.values()):
+        np.testing.assert_allclose(a[...], b[...], rtol=1e-6)
+    toks = jax.random.randint(jax.random.key(1), (2, 9), 0, CFG.vocab_size)
+    np.testing.assert_allclose(qm(toks)[0], twin(toks)[0], atol=1e-4)
+    if mode == "dense":  # and near the float source
+        np.testing.assert_allclose(qm(toks)[0], m(toks)[0], atol=0.1)
+
+
+@pytest.fixture(scope="module")
+def int8_ckpt(word_ckpt, tmp_path_factory):
+    """word_ckpt (fp32, CATS thresholds at 0.5) quantized by the convert CLI."""
+    out = tmp_path_factory.mktemp("int8") / "ckpt"
+    convert_main(["--ckpt", str(word_ckpt), "--quantize", "int8", "--dtype", "float32", "--out", str(out)])
+    return out
+
+
+def test_convert_quantize_writes_a_checkpoint_that_loads_and_generates(word_ckpt, int8_ckpt):
+    assert json.loads((int8_ckpt / "config.json").read_text())["quantization"] == "int8"
+    assert not (int8_ckpt / thresholds.FILENAME).exists()  # calibrated for the float weights: left behind
+    model = checkpoint.load_model(int8_ckpt, jnp.bfloat16)  # the dtype of the float weights only
+    q_proj = model.layers[0].attn.q_proj
+    assert (q_proj.kernel.dtype, q_proj.scales.dtype, model.embed.embedding.dtype) == (jnp.int8, f32, jnp.bfloat16)
+    lm = cats_jax.load(int8_ckpt, dtype="float32")
+    text = lm.generate("w5 w6 w7", 6)
+    want = M.quantize_model(checkpoint.load_model(word_ckpt, f32))
+    (expected,), _ = cats_jax.generate.generate_text(want, data.load_tokenizer(word_ckpt), ["w5 w6 w7"], 6)
+    assert text == expected and text.strip()
+
+
+def test_convert_hf_quantize_int8_stores_the_quantized_kernels(tmp_path):
+    params = checkpoint.numpy_params(M.init_random(CFG, seed=3, dtype=f32))
+    src = write_hf_dir(tmp_path / "hf", CFG, hf_tensors(CFG, params))
+    convert_main(["--hf", str(src), "--quantize", "int8", "--dtype", "float32", "--out", str(tmp_path / "out")])
+    got = checkpoint.load_params(tmp_path / "out", ModelConfig.load(tmp_path / "out"))
+    for proj in ("q_proj", "o_proj"):
+        q, s = quantize.quantize_int8(params["layers"]["1"]["attn"][proj]["kernel"])
+        np.testing.assert_array_equal(got["layers"]["1"]["attn"][proj]["kernel"], q)
+        np.testing.assert_array_equal(got["layers"]["1"]["attn"][proj]["scales"], s)
+    assert got["lm_head"]["kernel"].dtype == f32 and "scales" not in got["lm_head"]  # the LM head stays float
+
+
+def test_float_thresholds_on_the_int8_checkpoint_only_when_asked(word_ckpt, int8_ckpt, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(int8_ckpt, ckpt)
+    shutil.copy(word_ckpt / thresholds.FILENAME, ckpt)  # the float model's thresholds
+    with pytest.raises(thresholds.ThresholdsError, match="calibrated for the same weights with no quantization, "
+                                                         "this model has int8: calibrate it"):
+        cats_jax.load(ckpt, sparsity=0.5)
+    with pytest.raises(SystemExit) as e:
+        run(cats_jax.generate.main, ["--ckpt", str(ckpt), "--prompt", "w5", "--sparsity", "0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--allow-quantization-mismatch" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        run(cats_jax.generate.main, ["--ckpt", str(ckpt), "--prompt", "w5", "--sparsity", "0.5", "--max-new-tokens",
+                                     "2", "--allow-quantization-mismatch"])
+    assert e.value.code == 0 and "measured MLP sparsity" in capsys.readouterr().err
+    # and the int8 model's thresholds on the float model: refused too
+    int8_th = thresholds.Thresholds(thresholds.model_identity(checkpoint.load_model(ckpt)), "cats",
+                                    [thresholds.Level(0.5, {sparsity.CATS_SITE: [0.05] * 3})], {})
+    float_model = checkpoint.load_model(word_ckpt)
+    with pytest.raises(thresholds.ThresholdsError, match="with int8, this model has no quantization"):
+        thresholds.apply(float_model, int8_th, 0.5)
+    thresholds.apply(float_model, int8_th, 0.5, allow_quantization_mismatch=True)
+
+
+def test_calibrating_the_int8_checkpoint(tiny_ckpt, tmp_path):
+    """The int8 model calibrates as usual; its thresholds name it and apply to it with no flag."""
+    src, text = tiny_ckpt
+    ckpt = tmp_path / "int8"
+    convert_main(["--ckpt", str(src), "--quantize", "int8", "--out", str(ckpt)])
+    th = calibrate.run(ckpt, [0.5], data.TextSource(str(text)), tokens=512, holdout_tokens=128, seq_len=64,
+                       batch_size=8, progress=False)
+    assert th.model["quantization"] == "int8"
+    level = thresholds.load_into(checkpoint.load_model(ckpt), ckpt, 0.5)
+    assert 0.3 < np.mean(level.realised[sparsity.CATS_SITE]["calibration"]) < 0.7
+
+
+def test_missing_or_misshapen_scales_are_one_clear_line(int8_ckpt, word_ckpt, tmp_path):
+    missing = tmp_path / "missing"
+    shutil.copytree(int8_ckpt, missing)
+    shutil.rmtree(missing / "params" / "layers.1.mlp.down_proj.scales")
+    with pytest.raises(InputError, match=r"1 of its quantization scales are missing \(layers.1.mlp.down_proj.scales\)"):
+        checkpoint.load_model(missing)
+
+    cfg = ModelConfig.load(int8_ckpt)
+    params = checkpoint.load_params(int8_ckpt, cfg)
+    params["layers"]["0"]["attn"]["k_proj"]["scales"] = jnp.ones((cfg.num_kv_heads * cfg.head_dim + 1,), f32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(cfg.to_json())
+    checkpoint.write_params(bad, params)
+    with pytest.raises(InputError) as e:
+        checkpoint.load_model(bad)
+    assert "tensor layers.0.attn.k_proj.scales has shape (33,), config.json says (32,)" in str(e.value)
+    assert "\n" not in str(e.value)
+
+    claimed = tmp_path / "claimed"  # a float checkpoint whose config.json says int8
+    shutil.copytree(word_ckpt, claimed)
+    (claimed / "config.json").write_text(cfg.to_json())
+    with pytest.raises(InputError, match="quantization scales are missing"):
+        checkpoint.load_model(claimed)
+    params = checkpoint.load_params(int8_ckpt, cfg)  # one kernel float, its scales there
+    params["layers"]["0"]["attn"]["k_proj"]["kernel"] = jnp.ones((cfg.hidden_size, 32), f32)
+    shutil.rmtree(bad / "params")
+    checkpoint.write_params(bad, params)
+    with pytest.raises(InputError, match="tensor layers.0.attn.k_proj.kernel is float32, config.json says int8"):
+        checkpoint.load_model(bad)
+
+
+def test_bad_quantize_value_and_quantized_sources_are_refused(int8_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert_main(["--ckpt", str(int8_ckpt), "--quantize", "int4", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="is quantized already"):
+        convert_main(["--ckpt", str(int8_ckpt), "--quantize", "int8", "--out", str(tmp_path / "y")])
+
+
+def test_training_an_int8_base_is_refused(int8_ckpt, tmp_path, capsys):
+    from train.__main__ import main as train_main
+
+    with pytest.raises(SystemExit) as e:
+        run(train_main, ["--ckpt", str(int8_ckpt), "--run", str(tmp_path / "run"), "--data", "x.txt"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds int8 weights: fine-tuning (LoRA or full) needs a float checkpoint" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_runs_int8_after_bf16_and_reports_the_weight_bytes():
+    from bench import decode as bench_decode
+
+    args = bench_decode.parse_args(["--batch", "1", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1",
+                                    "--copy-mib", "4", "--mode", "dense", "--impl", "jnp", "--quantize", "none,int8"])
+    table = bench_decode.run(CFG, args).splitlines()
+    assert "| weight GB |" in table[4] and [r.split("|")[1] for r in table[6:8]] == [" dense ", " int8 dense "]
+    model = bench_decode.random_model(CFG)
+    bf16, int8 = (bench_decode.weight_bytes(decode.prepare(m)) for m in (model, M.quantize_model(model)))
+    linear = 2 * CFG.hidden_size * (CFG.num_heads + CFG.num_kv_heads) * CFG.head_dim + 3 * CFG.hidden_size * \
+        CFG.intermediate_size  # per layer; their outputs: one fp32 scale each
+    outputs = (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim + CFG.hidden_size * 2 + 2 * CFG.intermediate_size
+    assert bf16 - int8 == CFG.num_layers * (linear * (2 - 1) - 4 * outputs)
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--quantize", "int4"])
