@@ -77,6 +77,8 @@ class Plan:
         return self._step_kernels(x) and d >= 16 and not d & (d - 1)
 
     def gemv_kernel(self, x, w) -> bool:
+        if w.dtype == jnp.int8:  # XLA converts a whole int8 matrix before its GEMV: the kernels read int8 rows
+            return self._step_kernels(x) and x.shape[0] <= sparse_gemv.MAX_INT8_BATCH
         return self._step_kernels(x) and sparse_gemv.kernel_pays(x.shape[0], *w.shape)
 
     def cats_kernel(self, x) -> bool:
@@ -142,12 +144,16 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None):
     reading x thresholded by its own TEAL threshold (None: x as it is) and, under the weighted
     criterion, its own factors (factors [segments, in]; None: magnitude). w int8: scale fp32 [out]."""
     b, t, n_in = x.shape
-    if all(th is None for th in thresholds):
-        return dot(x, w, scale)
-    if plan.gemv_kernel(x, w):  # -1: keep every input of an unthresholded segment
-        ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
+    thresholded = any(th is not None for th in thresholds)
+    if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
+        if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact
+            blocks = sparse_gemv.blocks_for(b, n_in, w.shape[1], tuned=False)
+            return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks).reshape(b, t, -1)
+        ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]  # -1: keep every input
         return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors,
                                        scale=scale).reshape(b, t, -1)
+    if not thresholded:
+        return dot(x, w, scale)
     xs = [x if th is None else sparsity.teal_input(x, th, None if factors is None else factors[i])
           for i, th in enumerate(thresholds)]
     if len(xs) == 1:

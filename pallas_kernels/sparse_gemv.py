@@ -55,6 +55,9 @@ MAX_KERNEL_BATCH = 1
 # (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200; docs/benchmarks.md). Tests set
 # it to 0 to run the kernels on tiny models.
 MIN_KERNEL_WEIGHTS = 20_000_000
+# int8 weights take the kernels up to this many rows, thresholded or not: XLA's GEMV of an int8
+# matrix converted in the product ran at a third of the read ceiling (docs/benchmarks.md).
+MAX_INT8_BATCH = 8
 
 
 def score(value, factor=None):
@@ -146,10 +149,11 @@ def _tuned() -> dict[tuple[int, int, int], GemvBlocks | GatherBlocks]:
     return TUNED.setdefault(jax.devices()[0].device_kind, {})
 
 
-def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None) -> GemvBlocks | GatherBlocks:
-    """The tuned or table blocks for this batch, fitted to the shape (no block longer than its
-    axis). col_multiple: a length every column block must divide (segment boundaries)."""
-    b = _tuned().get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
+def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None,
+               tuned: bool = True) -> GemvBlocks | GatherBlocks:
+    """The tuned (tuned=False: the table's) blocks for this batch, fitted to the shape (no block longer
+    than its axis). col_multiple: a length every column block must divide (segment boundaries)."""
+    b = (_tuned().get((next_pow2(batch), n_in, n_out)) if tuned else None) or TABLE[min(next_pow2(batch), max(TABLE))]
     low = 16 if batch > 1 and isinstance(b, GemvBlocks) else 1  # tensor-core dots need 16
     cols = max(block_along(n_out, b.cols), low)
     if col_multiple is not None:

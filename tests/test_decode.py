@@ -49,7 +49,7 @@ def kernels_on_tiny_weights(monkeypatch):
     ("dense", True, "magnitude", False), ("cats", True, "magnitude", False), ("teal", True, "magnitude", False),
     ("teal", False, "magnitude", False), ("cats+teal-attn", False, "magnitude", False),
     ("cats", True, "weighted", False), ("teal", True, "weighted", False),
-    ("cats", True, "weighted", True), ("teal", False, "magnitude", True)])
+    ("cats", True, "weighted", True), ("teal", False, "magnitude", True), ("dense", True, "magnitude", True)])
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
 def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criterion, int8, impl):
     """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's
@@ -122,8 +122,9 @@ def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monk
         jaxpr = str(jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), cache,
                                                             plan=dec.plan))(jnp.array(prompt)[:, :1]))
     # per layer: attention, two residual adds + norms (the first layer's first norm has no add, the
-    # final norm has one), and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down)
-    gemvs = 4 * (2 if path == "gather" else 1) if mode == "teal" else 1 + (2 if path == "gather" else 1)
+    # final norm has one), and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down, and
+    # int8 q|k|v and o on the kernels' masked tiles)
+    gemvs = 4 * (2 if path == "gather" else 1) if mode == "teal" else 1 + (2 if path == "gather" else 1) + 2 * int8
     assert jaxpr.count("pallas_call") == (3 + gemvs) * CFG.num_layers
     with interpret_on_cpu(), poisoned_outputs():
         got = generate(dec, prompt, 10, eos_ids=())
