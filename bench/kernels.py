@@ -4,6 +4,7 @@
     python -m bench.kernels --tune              # first pick block sizes per batch size (timed)
     python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
     python -m bench.kernels --attention         # decode attention: block candidates per context
+    python -m bench.kernels --int8 [--teal] [--tune]   # the kernels on int8 weights (bf16 XLA baseline)
 
 Per (shape, batch, sparsity): kernel time, XLA dense time (jnp, jitted), their ratio, the union
 sparsity (neurons / input rows no batch row keeps), and the ideal time: the bytes that must be
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cats_jax.config import PRESETS
+from cats_jax.quantize import quantize_int8
 from pallas_kernels import attention as A
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import sparse_gemv as G
@@ -135,6 +137,15 @@ def random_mlp(h, i, seed=0, dtype=jnp.bfloat16):
     return wg, wu, wd
 
 
+def kernel_weights(wg, wu, wd, int8=False):
+    """The CATS kernel's weights from Flax-layout ones: (w_gu [2I, H] neuron-major, w_down [I, H],
+    scales: None, or with int8 their per-output-channel scales (s_gu [2I], s_down [H]))."""
+    if not int8:
+        return jnp.concatenate([wg.T, wu.T]), wd, None
+    (qg, sg), (qu, su), (qd, sd) = (quantize_int8(w) for w in (wg, wu, wd))
+    return jnp.concatenate([qg.T, qu.T]), qd, (jnp.concatenate([sg, su]), sd)
+
+
 def dense_mlp(x, wg, wu, wd):
     """What XLA makes of the dense bf16 MLP (the model's dense path)."""
     return (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
@@ -174,22 +185,25 @@ def _ceilings() -> tuple[float, float]:
     return copy, read
 
 
-def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH):
+def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH, int8=False):
+    """int8: the kernel reads the weights' int8 copy (one scale per output channel); XLA's dense
+    MLP stays bf16, the baseline."""
     copy, bw = _ceilings()
     rows = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
-        w_gu = jnp.concatenate([wg.T, wu.T])  # neuron-major, as decode.prepare stores them for the kernel
+        w_gu, w_down, scales = kernel_weights(wg, wu, wd, int8)  # neuron-major, as decode.prepare stores them
         dense_t = loop_timer(dense_mlp)
-        kern_t = loop_timer(lambda x, t, w_gu, wd: K.cats_mlp(x, w_gu, wd, t)[0])
+        kern_t = loop_timer(lambda x, t, w_gu, wd, sc: K.cats_mlp(x, w_gu, wd, t, scales=sc)[0])
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             dense_us = dense_t(x, wg, wu, wd)
             for s, (t, union) in zip(sparsity, thresholds_for(x, wg, sparsity)):
-                us = kern_t(x, t, w_gu, wd)
-                ideal = h * i * 2 * (1 + 2 * (1 - union)) / bw * 1e6
+                us = kern_t(x, t, w_gu, w_down, scales)
+                ideal = h * i * (1 if int8 else 2) * (1 + 2 * (1 - union)) / bw * 1e6
                 rows.append(dict(
-                    shape=label, H=h, I=i, batch=b, sparsity=s, union_sparsity=union, kernel_us=us,
+                    shape=label + (" int8" if int8 else ""), H=h, I=i, batch=b, sparsity=s, union_sparsity=union,
+                    kernel_us=us,
                     dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal, pct_of_ideal=100 * ideal / us,
                 ))
                 print(_fmt_row(rows[-1]), flush=True)
@@ -276,23 +290,24 @@ def _time(label, f, *args, n=(10, 40)):
         return None
 
 
-def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5):
+def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
     """Time every candidate at `sparsity`: gate_up and sparse_gemv (the down projection). Print
     them; the winners replace the tables' entries in this process."""
     copy, bw = _ceilings()
     out = []
     for label, h, i in shapes(models):
         wg, wu, wd = random_mlp(h, i)
-        w_gu = jnp.concatenate([wg.T, wu.T])
+        w_gu, w_down, scales = kernel_weights(wg, wu, wd, int8)
+        s_gu, s_down = scales or (None, None)
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, h), f32).astype(jnp.bfloat16)
             ((t, union),) = thresholds_for(x, wg, [sparsity])
-            hidden = K.gate_up(x, w_gu, t)
+            hidden = K.gate_up(x, w_gu, t, scale=s_gu)
             kinds = (
                 ("gate_up", GATE_UP_CANDIDATES[next_pow2(b)],
-                 lambda blk: (lambda x, t, w: K.gate_up(x, w, t, blocks=blk)), (x, t, w_gu)),
+                 lambda blk: (lambda x, t, w: K.gate_up(x, w, t, scale=s_gu, blocks=blk)), (x, t, w_gu)),
                 ("sparse_gemv", GEMV_CANDIDATES[next_pow2(b)],
-                 lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk)), (hidden, wd)),
+                 lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk, scale=s_down)), (hidden, w_down)),
             )
             for kind, cands, make, args in kinds:
                 for blk in cands:
@@ -341,13 +356,14 @@ def _gemv_thresholds(x, segs, sparsity):
     return tuple(jnp.full((), t, f32) for _ in segs), union  # one scalar per segment, as the model passes them
 
 
-def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None):
+def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None, int8=False):
     """Per projection: sparse_gemv with the fused threshold vs XLA's dense x @ W. With tune_at (a
     sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
     copy, bw = _ceilings()
     rows = []
     for label, n_in, segs in projections(models):
         w = (jax.random.normal(jax.random.key(0), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
+        wk, scale = quantize_int8(w) if int8 else (w, None)  # the kernel's weights; XLA's stay bf16
         for b in batch:
             x = jax.random.normal(jax.random.key(b), (b, n_in), f32).astype(jnp.bfloat16)
             dense_us = loop_timer(lambda x, w: x @ w, n=(20, 100))(x, w)
@@ -357,8 +373,8 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 timed = []
                 for cand in GEMV_CANDIDATES[min(next_pow2(b), 8)]:
                     cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
-                    gemv = lambda x, w, t, c=cand: G.sparse_gemv(x, w, t, segments=segs, blocks=c)
-                    us = _time(f"{label} B={b} {cand}", gemv, x, w, t, n=(20, 100))
+                    gemv = lambda x, w, t, c=cand: G.sparse_gemv(x, w, t, segments=segs, blocks=c, scale=scale)
+                    us = _time(f"{label} B={b} {cand}", gemv, x, wk, t, n=(20, 100))
                     if us is not None:
                         timed.append((us, cand))
                         print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
@@ -368,9 +384,10 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {blk}", flush=True)
             for s in sparsity:
                 t, union = _gemv_thresholds(x, segs, s)
-                us = loop_timer(lambda x, w, t: G.sparse_gemv(x, w, t, segments=segs, blocks=blk), n=(20, 100))(x, w, t)
-                ideal = n_in * (1 - union) * sum(segs) * 2 / bw * 1e6
-                rows.append(dict(shape=label, H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,
+                us = loop_timer(lambda x, w, t: G.sparse_gemv(x, w, t, segments=segs, blocks=blk, scale=scale),
+                                n=(20, 100))(x, wk, t)
+                ideal = n_in * (1 - union) * sum(segs) * (1 if int8 else 2) / bw * 1e6
+                rows.append(dict(shape=label + (" int8" if int8 else ""), H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,
                                  kernel_us=us, dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal,
                                  pct_of_ideal=100 * ideal / us, blocks=dataclasses.asdict(blk) if blk else None))
                 print(_fmt_row(rows[-1]), flush=True)
@@ -453,6 +470,9 @@ def main(argv=None):
     p.add_argument("--teal", action="store_true",
                    help="TEAL: time the sparse-input GEMV of every projection (fused q/k/v, o, fused gate/up, down) "
                         "instead of the CATS MLP; with --tune, block candidates per projection at 50%%")
+    p.add_argument("--int8", action="store_true",
+                   help="the kernels read the weights' int8 copy (one fp32 scale per output channel); XLA's "
+                        "dense baseline stays bf16")
     p.add_argument("--attention", action="store_true",
                    help="time decode attention (block candidates) at 256 and 4096 slots instead")
     a = p.parse_args(argv)
@@ -470,11 +490,11 @@ def main(argv=None):
             a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
         return
     if a.teal:
-        result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None)
+        result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None, int8=a.int8)
         tuned = None
     else:
-        tuned = tune(models[:1], batch) if a.tune else None
-        result = bench(models, levels, batch)
+        tuned = tune(models[:1], batch, int8=a.int8) if a.tune else None
+        result = bench(models, levels, batch, int8=a.int8)
     if tuned:
         result["tune"] = tuned["tune"]
     print("\n" + markdown(result))
