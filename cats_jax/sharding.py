@@ -68,6 +68,10 @@ CACHE = ("batch", "slots", "kv_heads", "head_dim")  # each layer's k and v, mode
 RULES = {"qkv_heads": TP, "heads": TP, "kv_heads": TP, "mlp": TP}  # any other name: replicated
 
 
+class TPError(ValueError):
+    """A split this mesh cannot make (too few devices, shapes that do not divide, weights it cannot split)."""
+
+
 def spec(logical: tuple[str, ...]) -> P:
     return P(*(RULES.get(name) for name in logical))
 
@@ -85,7 +89,7 @@ def make_mesh(tp: int) -> jax.sharding.Mesh:
     """A 1-d mesh over the first tp devices, axis "tp"."""
     n = len(jax.devices())
     if not 1 <= tp <= n:
-        raise ValueError(f"tensor parallelism over {tp} devices: {n} {jax.default_backend()} device(s) here "
+        raise TPError(f"tensor parallelism over {tp} devices: {n} {jax.default_backend()} device(s) here "
                          f"(choose 1..{n})")
     return jax.make_mesh((tp,), (TP,), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:tp])
 
@@ -99,7 +103,7 @@ def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     sizes = {"heads": cfg.num_heads, "KV heads": cfg.num_kv_heads, "intermediate size": cfg.intermediate_size}
     bad = [f"{name} {n}" for name, n in sizes.items() if n % tp]
     if bad:
-        raise ValueError(f"{cfg.name or 'the model'}: tensor parallelism over {tp} devices needs heads, KV heads and "
+        raise TPError(f"{cfg.name or 'the model'}: tensor parallelism over {tp} devices needs heads, KV heads and "
                          f"intermediate size divisible by {tp}; {', '.join(bad)} not (choose a tp that divides them)")
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // tp, num_kv_heads=cfg.num_kv_heads // tp,
                                intermediate_size=cfg.intermediate_size // tp)
@@ -111,32 +115,38 @@ def _blocks(w, widths: tuple[int, ...], tp: int):
     return jnp.concatenate([p.reshape(w.shape[0], tp, -1) for p in parts], axis=2).reshape(w.shape)
 
 
+def split_layer(lw: dict, cfg: ModelConfig, tp: int) -> dict:
+    """One layer's decode weights (decode.prepare's) with the fused columns (rows) in tp blocks."""
+    if "factors" in lw:
+        raise TPError("tensor parallelism takes the magnitude criterion only for now (the weighted "
+                         "criterion's factors are not split over devices)")
+    local_config(cfg, tp)  # the shapes divide
+    d, size = cfg.head_dim, cfg.intermediate_size
+    qkv = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+    lw = dict(lw, qkv=_blocks(lw["qkv"], qkv, tp))
+    if "gate_up" in lw:
+        lw["gate_up"] = _blocks(lw["gate_up"], (size, size), tp)
+    else:  # neuron-major: the same blocks of rows
+        lw["gate_up_t"] = _blocks(lw["gate_up_t"].T, (size, size), tp).T
+    for name, widths in (("qkv", qkv), ("gate_up", (size, size)), ("gate_up_t", (size, size))):
+        if f"{name}_scale" in lw:  # int8: the scales follow their columns (rows)
+            lw[f"{name}_scale"] = _blocks(lw[f"{name}_scale"][None], widths, tp)[0]
+    return lw
+
+
+def place(weights, mesh: jax.sharding.Mesh):
+    """Decode weights (a whole decoder's, one layer's or the rest) on the mesh by their specs."""
+    return jax.tree.map(lambda w, s: jax.device_put(w, NamedSharding(mesh, s)), weights, weight_specs(weights))
+
+
 def shard(decoder, mesh: jax.sharding.Mesh):
     """decoder (decode.prepare's) with its weights re-ordered (module docstring) and placed on the mesh,
     each device holding only its shard; its plan carries the mesh, so decode.forward runs per shard."""
     plan = decoder.plan
     if plan.mesh is not None:  # its columns are in blocks already
-        raise ValueError("this decoder is sharded already; shard the one decode.prepare returned")
-    if any("factors" in lw for lw in decoder.weights["layers"]):
-        raise ValueError("tensor parallelism takes the magnitude criterion only for now (the weighted "
-                         "criterion's factors are not split over devices)")
-    cfg, tp = plan.cfg, tp_size(mesh)
-    local_config(cfg, tp)  # the shapes divide
-    d, size = cfg.head_dim, cfg.intermediate_size
-    layers = []
-    qkv = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
-    for lw in decoder.weights["layers"]:
-        lw = dict(lw, qkv=_blocks(lw["qkv"], qkv, tp))
-        if "gate_up" in lw:
-            lw["gate_up"] = _blocks(lw["gate_up"], (size, size), tp)
-        else:  # neuron-major: the same blocks of rows
-            lw["gate_up_t"] = _blocks(lw["gate_up_t"].T, (size, size), tp).T
-        for name, widths in (("qkv", qkv), ("gate_up", (size, size)), ("gate_up_t", (size, size))):
-            if f"{name}_scale" in lw:  # int8: the scales follow their columns (rows)
-                lw[f"{name}_scale"] = _blocks(lw[f"{name}_scale"][None], widths, tp)[0]
-        layers.append(lw)
-    weights = dict(decoder.weights, layers=layers)
-    placed = jax.tree.map(lambda w, s: jax.device_put(w, NamedSharding(mesh, s)), weights, weight_specs(weights))
+        raise TPError("this decoder is sharded already; shard the one decode.prepare returned")
+    layers = [split_layer(lw, plan.cfg, tp_size(mesh)) for lw in decoder.weights["layers"]]
+    placed = place(dict(decoder.weights, layers=layers), mesh)
     return decoder._replace(weights=placed, plan=dataclasses.replace(plan, mesh=mesh))
 
 
