@@ -1,7 +1,7 @@
 """Tensor-parallel decode: the decode weights and the KV cache split over the devices of one mesh axis, "tp".
 
-    mesh = sharding.make_mesh(4)                                # the first 4 devices
-    decoder = sharding.shard(decode.prepare(model, impl), mesh)
+    decoder, tokenizer = generate.load(ckpt, impl=impl, tp=4)   # the first 4 devices, layer by layer
+    decoder = sharding.shard(decode.prepare(model, impl), sharding.make_mesh(4))  # a model in memory
     generate(decoder, prompts, 64)                              # or decode.forward(..., plan=decoder.plan)
 
 The split (Megatron's): attention over heads, q|k|v column-parallel and o row-parallel; the MLP over
@@ -27,7 +27,19 @@ layouts never need a global re-shuffle in forward, and the collectives are exact
 psums. Without a mesh (tp = 1) forward is unchanged. The psums add bf16 partial sums in bf16 (as
 Megatron does), so bf16 logits differ from one device's by rounding; fp32 agrees to ~1e-6.
 
-Not yet: loading a checkpoint shard by shard (shard() places a decoder held whole on one device).
+Loading (generate.load_sharded): layer by layer, so that no host or device ever holds the whole
+model. Each layer is read from the checkpoint whole onto the default device, prepared (decode.prepare),
+split into its tp blocks (split_layer) and placed on the mesh (place); its whole copies are dropped
+before the next layer is read. The peak beyond the shards is one layer, in a few copies (read, fused,
+in blocks), plus the replicated embedding and LM head. Why not each device reading only its slice
+(orbax restore with a sharding per tensor, as eval does for the model's own weights): a device's block
+of q|k|v is three slices of three tensors fused, and decode.prepare's layouts (fusion, the neuron-major
+gate|up, int8 scales, thresholds) would need a second, per-shard implementation; one layer is ~1/L
+of the model.
+
+eval (the NNX model, not this decoder) takes --tp through `model_shardings`: each device reads its
+own slice of every weight (checkpoint.load_params with these specs) and jit splits the computation by
+them (GSPMD); the same model code, so the same scores up to the order of the partial sums.
 """
 
 from __future__ import annotations

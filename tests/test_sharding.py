@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "cats", "teal")
 # (what, mode, tp): the jnp path, the Pallas kernels (interpret mode), the error of shapes that do not divide
 CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
-         + [("pallas", "cats", 2), ("pallas", "teal", 2), ("int8", "cats", 2), ("int8", "teal", 2), ("error", None, 4)])
+         + [("pallas", "cats", 2), ("pallas", "teal", 2), ("int8", "cats", 2), ("int8", "teal", 2), ("error", None, 4)]
+         # a saved checkpoint loaded layer by layer (generate.load_sharded), fp32 and int8
+         + [("load", "cats", 2), ("load", "teal", 4), ("load int8", "cats", 4), ("load int8", "teal", 2)])
 
 
 def _name(case) -> str:
@@ -70,11 +72,15 @@ def _run_cases():
     import jax.numpy as jnp
     import numpy as np
 
+    import gc
+    import tempfile
+    import weakref
+
     from bench.decode import parse_args, random_thresholds
-    from cats_jax import decode, sharding
+    from cats_jax import checkpoint, decode, sharding, thresholds
     from cats_jax import model as M
     from cats_jax.config import ModelConfig
-    from cats_jax.generate import generate
+    from cats_jax.generate import generate, load_sharded
     from pallas_kernels import sparse_gemv
     from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 
@@ -175,7 +181,69 @@ def _run_cases():
         with pytest.raises(SystemExit, match="2"):  # the benchmark says so before any work
             parse_args(["--config", "mistral-7b", "--tp", "3"])
 
-    checks = {"jnp": tp_equals_one_device, "pallas": kernels_per_shard, "int8": int8_per_shard,
+    @functools.cache
+    def saved(quantized):  # a checkpoint of m (or its int8 copy) with CATS and TEAL thresholds at 0.5
+        model = int8 if quantized else m
+        ckpt = Path(tempfile.mkdtemp()) / "ckpt"
+        checkpoint.save(ckpt, model.cfg, checkpoint.model_params(model))
+        for method, sites in thresholds.METHOD_SITES.items():
+            level = thresholds.Level(0.5, {s: list(map(float, site_threshold_values(model, s))) for s in sites})
+            thresholds.Thresholds(thresholds.model_identity(model), method, [level], {}).save(ckpt)
+        return ckpt
+
+    def site_threshold_values(model, site):
+        return [float(M.site_threshold(layer, site)[...]) for layer in model.layers]
+
+    def loaded_layer_by_layer(quantized, mode, tp):
+        """load_sharded equals the decoder loaded whole then shard()ed (weights, shardings, plan), gives
+        the greedy tokens of one device, and never holds two layers' whole weights at once."""
+        ckpt, mesh = saved(quantized), sharding.make_mesh(tp)
+        configure = functools.partial(thresholds.load_into, ckpt_dir=ckpt, sparsity=0.5, mode=mode)
+        whole = checkpoint.load_model(ckpt, f32)
+        configure(whole)
+        live = []  # weak references to the whole (unsplit) arrays of each layer read or prepared
+
+        def no_earlier_layer_alive():
+            gc.collect()
+            assert all(ref() is None for ref in live), "a layer's whole weights outlived it"
+
+        def read(*args, only=None, **kw):
+            params = read_params(*args, only=only, **kw)
+            if only and only[0][0] == "layers":
+                no_earlier_layer_alive()
+                live.extend(weakref.ref(x) for x in jax.tree.leaves(params))
+            return params
+
+        def prep(model, impl):
+            assert len(model.layers) == 1  # prepared one layer at a time
+            dec = prepare_whole(model, impl)
+            live.extend(weakref.ref(x) for x in jax.tree.leaves(dec.weights["layers"]) if x.ndim == 2)
+            return dec
+
+        read_params, prepare_whole = checkpoint.load_params, decode.prepare
+        for impl in ("jnp", "pallas"):  # pallas: CATS's neuron-major gate|up
+            checkpoint.load_params, decode.prepare = read, prep
+            try:
+                dec = load_sharded(ckpt, mesh, impl, f32, configure)
+            finally:
+                checkpoint.load_params, decode.prepare = read_params, prepare_whole
+            no_earlier_layer_alive()
+            live.clear()
+            want = sharding.shard(decode.prepare(whole, impl), mesh)
+            assert dec.plan == want.plan
+            jax.tree.map(lambda g, w: (np.testing.assert_array_equal(g, w), assert_same(g.sharding, w.sharding)),
+                         dec.weights, want.weights)
+        qkv = dec.weights["layers"][1]["qkv"]
+        assert {s.data.shape for s in qkv.addressable_shards} == {(cfg.hidden_size, qkv.shape[1] // tp)}
+        dec = load_sharded(ckpt, mesh, "jnp", f32, configure)
+        gen = generate(dec, prompts, 8, eos_ids=())
+        assert gen.tokens == generate(decode.prepare(whole), prompts, 8, eos_ids=()).tokens
+
+    def assert_same(a, b):
+        assert a == b, (a, b)
+
+    checks = {"jnp": tp_equals_one_device, "load": functools.partial(loaded_layer_by_layer, False),
+              "load int8": functools.partial(loaded_layer_by_layer, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
