@@ -220,10 +220,11 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_model(ckpt_dir: str | Path, dtype=None) -> Transformer:
-    """Build the model of a converted checkpoint (thresholds, if any, are loaded by the caller)."""
+def load_model(ckpt_dir: str | Path, dtype=None, sharding=None) -> Transformer:
+    """Build the model of a converted checkpoint (thresholds, if any, are loaded by the caller);
+    sharding: each weight's placement, as in load_params."""
     cfg = ModelConfig.load(ckpt_dir)
-    return from_params(cfg, _model_keys(load_params(ckpt_dir, cfg, dtype)))
+    return from_params(cfg, _model_keys(load_params(ckpt_dir, cfg, dtype, sharding=sharding)))
 
 
 def model_params(model: Transformer) -> dict:

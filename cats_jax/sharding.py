@@ -76,6 +76,11 @@ LOGICAL = {
     "gate_up_t_scale": ("mlp",),
     "down_scale": ("embed",),
 }
+# The model's own weights (cats_jax.model, which eval runs): each linear layer's kernel [in, out]
+# and an int8 one's scales [out]; every other weight replicated.
+PARAMS = {"q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
+          "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
+          "down_proj": ("mlp", "embed")}
 CACHE = ("batch", "slots", "kv_heads", "head_dim")  # each layer's k and v, model.init_cache
 RULES = {"qkv_heads": TP, "heads": TP, "kv_heads": TP, "mlp": TP}  # any other name: replicated
 
@@ -91,6 +96,15 @@ def spec(logical: tuple[str, ...]) -> P:
 def weight_specs(weights) -> dict:
     """The PartitionSpec of every decode weight (a pytree like decode.prepare's weights)."""
     return jax.tree_util.tree_map_with_path(lambda path, w: spec(LOGICAL[path[-1].key]) if w.ndim else P(), weights)
+
+
+def model_shardings(mesh: jax.sharding.Mesh):
+    """(key path, shape) -> the NamedSharding of that weight of the model (PARAMS), for
+    checkpoint.load_params: each device reads its own slice of the checkpoint."""
+    def sharding(key: tuple[str, ...], _) -> NamedSharding:
+        logical = PARAMS.get(key[-2], ()) if len(key) > 1 else ()
+        return NamedSharding(mesh, spec({"kernel": logical, "scales": logical[1:]}.get(key[-1], ())))
+    return sharding
 
 
 def cache_specs(cache) -> list:

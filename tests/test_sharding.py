@@ -26,7 +26,9 @@ MODES = ("dense", "cats", "teal")
 CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
          + [("pallas", "cats", 2), ("pallas", "teal", 2), ("int8", "cats", 2), ("int8", "teal", 2), ("error", None, 4)]
          # a saved checkpoint loaded layer by layer (generate.load_sharded), fp32 and int8
-         + [("load", "cats", 2), ("load", "teal", 4), ("load int8", "cats", 4), ("load int8", "teal", 2)])
+         + [("load", "cats", 2), ("load", "teal", 4), ("load int8", "cats", 4), ("load int8", "teal", 2)]
+         # eval's model split by model_shardings (each device reads its slice), fp32 and int8
+         + [("eval", "cats", 2), ("eval int8", "teal", 4)])
 
 
 def _name(case) -> str:
@@ -65,22 +67,38 @@ def test_more_devices_than_there_are_is_one_line(capsys):
     assert f"--tp {n + 1}: tensor parallelism over {n + 1} devices: {n} cpu device(s) here" in capsys.readouterr().err
 
 
+def test_eval_more_devices_than_there_are_is_one_line(tmp_path, capsys):
+    import jax
+
+    from cats_jax.cli import run
+    from eval.__main__ import main
+
+    n = len(jax.devices())
+    with pytest.raises(SystemExit) as e:  # before the checkpoint is read
+        run(main, ["--ckpt", "no-such-dir", "--tasks", "none", "--ppl", "none", "--out", str(tmp_path / "e.json"),
+                   "--tp", str(n + 1)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--tp {n + 1}: tensor parallelism over {n + 1} devices: {n} cpu device(s)" in err
+
+
 # ---- the subprocess ------------------------------------------------------------------------------
 
 def _run_cases():
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     import gc
     import tempfile
     import weakref
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
     from bench.decode import parse_args, random_thresholds
     from cats_jax import checkpoint, decode, sharding, thresholds
     from cats_jax import model as M
     from cats_jax.config import ModelConfig
     from cats_jax.generate import generate, load_sharded
+    from eval import harness, scoring
     from pallas_kernels import sparse_gemv
     from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 
@@ -239,11 +257,35 @@ def _run_cases():
         gen = generate(dec, prompts, 8, eos_ids=())
         assert gen.tokens == generate(decode.prepare(whole), prompts, 8, eos_ids=()).tokens
 
+    def scored_on_mesh(quantized, mode, tp):
+        """eval's Scorer on a model read slice by slice gives one device's scores and sparsity."""
+        ckpt, mesh = saved(quantized), sharding.make_mesh(tp)
+        whole, split = (checkpoint.load_model(ckpt, f32, s) for s in (None, sharding.model_shardings(mesh)))
+        for model in (whole, split):
+            thresholds.load_into(model, ckpt, 0.5, mode=mode)
+        attn, mlp = split.layers[0].attn, split.layers[0].mlp
+        assert {s.data.shape for s in attn.q_proj.kernel[...].addressable_shards} == {
+            (cfg.hidden_size, cfg.num_heads * cfg.head_dim // tp)}
+        assert {s.data.shape for s in mlp.down_proj.kernel[...].addressable_shards} == {
+            (cfg.intermediate_size // tp, cfg.hidden_size)}
+        if quantized:
+            assert {s.data.shape for s in mlp.gate_proj.scales[...].addressable_shards} == {(cfg.intermediate_size // tp,)}
+        groups = [([5, 17, 3], [[88, 41], [9]]), ([60, 61, 62, 63, 1], [[7, 30, 4], [2]])]
+        want, got = (scoring.Scorer(model, progress=False) for model in (whole, split))
+        for (ll_w, greedy_w), (ll_g, greedy_g) in zip(want.score(groups), got.score(groups)):
+            np.testing.assert_allclose(ll_g, ll_w, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(greedy_g, greedy_w)
+        assert_close(got.site_sparsity, want.site_sparsity)
+        assert set(got.site_sparsity) == set(thresholds.MODES[mode])
+        with pytest.raises(sharding.TPError, match="divisible by 3"):  # before any weight is read
+            harness.evaluate(ckpt, settings=["dense"], task_files={}, tp=3)
+
     def assert_same(a, b):
         assert a == b, (a, b)
 
     checks = {"jnp": tp_equals_one_device, "load": functools.partial(loaded_layer_by_layer, False),
-              "load int8": functools.partial(loaded_layer_by_layer, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
+              "load int8": functools.partial(loaded_layer_by_layer, True),
+              "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
