@@ -7,7 +7,8 @@
 The split (Megatron's): attention over heads, q|k|v column-parallel and o row-parallel; the MLP over
 its neurons, gate|up column-parallel (the CATS kernel's neuron-major gate|up over its rows) and down
 row-parallel; the KV cache over KV heads. Each layer then needs one all-reduce after o and one after
-down; the activations, embedding, norms, LM head and thresholds are replicated. The rules live here
+down; the activations, embedding, norms, LM head and thresholds are replicated; the weighted
+criterion's factors split as the inputs they weigh (o's and down's with their rows). The rules live here
 only: LOGICAL names each axis of every decode weight and of the cache, RULES maps names to the mesh axis.
 
 The fused matrices. decode.prepare fuses q|k|v as [q heads | k heads | v heads] columns; a plain
@@ -81,6 +82,9 @@ LOGICAL = {
 PARAMS = {"q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
           "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
           "down_proj": ("mlp", "embed")}
+# The weighted criterion's factors (decode.prepare's "factors", [segments, in]): over the inputs of
+# their products, so o's and down's split with their rows, q|k|v's and gate|up's replicated.
+FACTORS = {"qkv": (None, "embed"), "o": (None, "heads"), "gate_up": (None, "embed"), "down": (None, "mlp")}
 CACHE = ("batch", "slots", "kv_heads", "head_dim")  # each layer's k and v, model.init_cache
 RULES = {"qkv_heads": TP, "heads": TP, "kv_heads": TP, "mlp": TP}  # any other name: replicated
 
@@ -95,7 +99,10 @@ def spec(logical: tuple[str, ...]) -> P:
 
 def weight_specs(weights) -> dict:
     """The PartitionSpec of every decode weight (a pytree like decode.prepare's weights)."""
-    return jax.tree_util.tree_map_with_path(lambda path, w: spec(LOGICAL[path[-1].key]) if w.ndim else P(), weights)
+    def one(path, w):
+        factors = any(getattr(p, "key", None) == "factors" for p in path)
+        return spec((FACTORS if factors else LOGICAL)[path[-1].key]) if w.ndim else P()
+    return jax.tree_util.tree_map_with_path(one, weights)
 
 
 def model_shardings(mesh: jax.sharding.Mesh):
@@ -143,9 +150,6 @@ def _blocks(w, widths: tuple[int, ...], tp: int):
 
 def split_layer(lw: dict, cfg: ModelConfig, tp: int) -> dict:
     """One layer's decode weights (decode.prepare's) with the fused columns (rows) in tp blocks."""
-    if "factors" in lw:
-        raise TPError("tensor parallelism takes the magnitude criterion only for now (the weighted "
-                         "criterion's factors are not split over devices)")
     local_config(cfg, tp)  # the shapes divide
     d, size = cfg.head_dim, cfg.intermediate_size
     qkv = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)

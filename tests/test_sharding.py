@@ -28,7 +28,9 @@ CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
          # a saved checkpoint loaded layer by layer (generate.load_sharded), fp32 and int8
          + [("load", "cats", 2), ("load", "teal", 4), ("load int8", "cats", 4), ("load int8", "teal", 2)]
          # eval's model split by model_shardings (each device reads its slice), fp32 and int8
-         + [("eval", "cats", 2), ("eval int8", "teal", 4)])
+         + [("eval", "cats", 2), ("eval int8", "teal", 4)]
+         # the weighted criterion: o's and down's factors split with their rows
+         + [("weighted", "cats", 2), ("weighted", "teal", 4), ("load weighted", "teal", 2)])
 
 
 def _name(case) -> str:
@@ -200,25 +202,27 @@ def _run_cases():
             parse_args(["--config", "mistral-7b", "--tp", "3"])
 
     @functools.cache
-    def saved(quantized):  # a checkpoint of m (or its int8 copy) with CATS and TEAL thresholds at 0.5
-        model = int8 if quantized else m
+    def saved(quantized, weighted=False):  # a checkpoint of m (its int8 copy, weighted_model()) and its thresholds
+        model = weighted_model() if weighted else int8 if quantized else m
         ckpt = Path(tempfile.mkdtemp()) / "ckpt"
         checkpoint.save(ckpt, model.cfg, checkpoint.model_params(model))
         for method, sites in thresholds.METHOD_SITES.items():
             level = thresholds.Level(0.5, {s: list(map(float, site_threshold_values(model, s))) for s in sites})
-            thresholds.Thresholds(thresholds.model_identity(model), method, [level], {}).save(ckpt)
+            thresholds.Thresholds(thresholds.model_identity(model), method, [level],
+                                  {"criterion": model.criterion}).save(ckpt)
         return ckpt
 
     def site_threshold_values(model, site):
         return [float(M.site_threshold(layer, site)[...]) for layer in model.layers]
 
-    def loaded_layer_by_layer(quantized, mode, tp):
+    def loaded_layer_by_layer(quantized, mode, tp, weighted=False):
         """load_sharded equals the decoder loaded whole then shard()ed (weights, shardings, plan), gives
         the greedy tokens of one device, and never holds two layers' whole weights at once."""
-        ckpt, mesh = saved(quantized), sharding.make_mesh(tp)
+        ckpt, mesh = saved(quantized, weighted), sharding.make_mesh(tp)
         configure = functools.partial(thresholds.load_into, ckpt_dir=ckpt, sparsity=0.5, mode=mode)
         whole = checkpoint.load_model(ckpt, f32)
         configure(whole)
+        assert whole.criterion == ("weighted" if weighted else "magnitude")
         live = []  # weak references to the whole (unsplit) arrays of each layer read or prepared
 
         def no_earlier_layer_alive():
@@ -259,7 +263,7 @@ def _run_cases():
 
     def scored_on_mesh(quantized, mode, tp):
         """eval's Scorer on a model read slice by slice gives one device's scores and sparsity."""
-        ckpt, mesh = saved(quantized), sharding.make_mesh(tp)
+        ckpt, mesh = saved(quantized, weighted), sharding.make_mesh(tp)
         whole, split = (checkpoint.load_model(ckpt, f32, s) for s in (None, sharding.model_shardings(mesh)))
         for model in (whole, split):
             thresholds.load_into(model, ckpt, 0.5, mode=mode)
@@ -280,12 +284,35 @@ def _run_cases():
         with pytest.raises(sharding.TPError, match="divisible by 3"):  # before any weight is read
             harness.evaluate(ckpt, settings=["dense"], task_files={}, tp=3)
 
+    @functools.cache
+    def weighted_model():  # m's weights under the weighted criterion, with thresholds calibrated for it
+        mw = M.init_random(cfg, seed=3, dtype=f32)
+        mw.set_criterion("weighted")
+        for site, t in random_thresholds(mw, [0.5], tokens=64, seed=0)[0.5].items():
+            mw.set_thresholds(site, t)
+        return mw
+
+    def weighted_on_mesh(mode, tp):
+        mw, mesh = weighted_model(), sharding.make_mesh(tp)
+        one = prepare(mode, "jnp", mw)
+        dec = sharding.shard(prepare(mode, "jnp", mw), mesh)
+        factors = dec.weights["layers"][0]["factors"]
+        assert {s.data.shape for s in factors["down"].addressable_shards} == {(1, cfg.intermediate_size // tp)}
+        assert {s.data.shape for s in factors["qkv"].addressable_shards} == {(3, cfg.hidden_size)}
+        want = on_one_device(one, tokens)
+        got = on_mesh(dec, tokens, mesh)
+        assert_close(got, want)
+        if mode == "cats":  # the factors change which neurons are kept: not every one, not none
+            assert 0.1 < float(jnp.mean(want[3])) < 0.9
+        gen, want_gen = (generate(d, prompts, 8, eos_ids=()) for d in (dec, one))
+        assert gen.tokens == want_gen.tokens
+
     def assert_same(a, b):
         assert a == b, (a, b)
 
     checks = {"jnp": tp_equals_one_device, "load": functools.partial(loaded_layer_by_layer, False),
               "load int8": functools.partial(loaded_layer_by_layer, True),
-              "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
+              "weighted": weighted_on_mesh, "load weighted": functools.partial(loaded_layer_by_layer, False, weighted=True), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
