@@ -263,7 +263,7 @@ def _run_cases():
 
     def scored_on_mesh(quantized, mode, tp):
         """eval's Scorer on a model read slice by slice gives one device's scores and sparsity."""
-        ckpt, mesh = saved(quantized, weighted), sharding.make_mesh(tp)
+        ckpt, mesh = saved(quantized), sharding.make_mesh(tp)
         whole, split = (checkpoint.load_model(ckpt, f32, s) for s in (None, sharding.model_shardings(mesh)))
         for model in (whole, split):
             thresholds.load_into(model, ckpt, 0.5, mode=mode)
