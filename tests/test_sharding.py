@@ -1,8 +1,10 @@
 """Tensor-parallel decode (cats_jax.sharding) on 8 fake CPU devices: TP = 1, 2, 4 and 8 give one
 device's logits (prefill and a decode step), KV cache and greedy tokens, for dense, CATS and TEAL on
 the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; the int8 model's decode weights,
-split with their scales, at TP = 2 (jnp and kernels); shapes that do not divide the mesh give one
-clear error.
+split with their scales, at TP = 2 (jnp and kernels); the weighted criterion's factors at TP = 2, 4; a
+saved checkpoint (float and int8, CATS and TEAL thresholds) loaded layer by layer at TP = 2, 4 equal
+to the whole decoder split, with no layer's whole weights outliving it; eval's model read slice by
+slice scores as one device; shapes that do not divide the mesh give one clear error.
 
 The device count is fixed when jax starts, and the rest of the suite runs in this process on one
 device, so the checks run in a subprocess (this file as a script) that prints one JSON line per case.
