@@ -9,7 +9,8 @@ its neurons, gate|up column-parallel (the CATS kernel's neuron-major gate|up ove
 row-parallel; the KV cache over KV heads. Each layer then needs one all-reduce after o and one after
 down; the activations, embedding, norms, LM head and thresholds are replicated; the weighted
 criterion's factors split as the inputs they weigh (o's and down's with their rows). The rules live here
-only: LOGICAL names each axis of every decode weight and of the cache, RULES maps names to the mesh axis.
+only: LOGICAL, FACTORS, PARAMS (the model's own weights, for eval) and CACHE name each axis, RULES maps
+names to the mesh axis.
 
 The fused matrices. decode.prepare fuses q|k|v as [q heads | k heads | v heads] columns; a plain
 column split would hand shard 0 only q columns. `shard` re-orders the columns into tp blocks, block s
