@@ -1,7 +1,7 @@
 """Tensor-parallel decode (cats_jax.sharding) on 8 fake CPU devices: TP = 1, 2, 4 and 8 give one
 device's logits (prefill and a decode step), KV cache and greedy tokens, for dense, CATS and TEAL on
 the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; the int8 model's decode weights,
-split with their scales, at TP = 2 (jnp and kernels); the weighted criterion's factors at TP = 2, 4; a
+split with their scales, at TP = 2 (jnp and kernels); the weighted criterion's factors at TP = 2, 4 (jnp and kernels); a
 saved checkpoint (float and int8, CATS and TEAL thresholds) loaded layer by layer at TP = 2, 4 equal
 to the whole decoder split, with no layer's whole weights outliving it; eval's model read slice by
 slice scores as one device; shapes that do not divide the mesh give one clear error.
@@ -32,7 +32,8 @@ CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
          # eval's model split by model_shardings (each device reads its slice), fp32 and int8
          + [("eval", "cats", 2), ("eval int8", "teal", 4)]
          # the weighted criterion: o's and down's factors split with their rows
-         + [("weighted", "cats", 2), ("weighted", "teal", 4), ("load weighted", "teal", 2)])
+         + [("weighted", "cats", 2), ("weighted", "teal", 4), ("load weighted", "teal", 2),
+            ("pallas weighted", "cats", 2), ("pallas weighted", "teal", 2)])
 
 
 def _name(case) -> str:
@@ -164,12 +165,13 @@ def _run_cases():
         assert gen.tokens == want_gen.tokens
         assert gen.mlp_sparsity == pytest.approx(want_gen.mlp_sparsity)
 
-    def kernels_per_shard(mode, tp):
+    def kernels_per_shard(mode, tp, weighted=False):
         sparse_gemv.MIN_KERNEL_WEIGHTS = 0  # a performance rule; this checks correctness
+        model = weighted_model() if weighted else m
         mesh = sharding.make_mesh(tp)
-        dec = sharding.shard(prepare(mode, "pallas"), mesh)
+        dec = sharding.shard(prepare(mode, "pallas", model), mesh)
         one = tokens[:1]  # batch 1: the rows every kernel serves
-        want = on_one_device(prepare(mode, "jnp"), one)
+        want = on_one_device(prepare(mode, "jnp", model), one)
         with interpret_on_cpu(), poisoned_outputs():
             cache = sharding.place_cache(M.init_cache(cfg, 1, 16, f32), mesh)
             step = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), cache,
@@ -314,7 +316,7 @@ def _run_cases():
 
     checks = {"jnp": tp_equals_one_device, "load": functools.partial(loaded_layer_by_layer, False),
               "load int8": functools.partial(loaded_layer_by_layer, True),
-              "weighted": weighted_on_mesh, "load weighted": functools.partial(loaded_layer_by_layer, False, weighted=True), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
+              "weighted": weighted_on_mesh, "pallas weighted": functools.partial(kernels_per_shard, weighted=True), "load weighted": functools.partial(loaded_layer_by_layer, False, weighted=True), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
