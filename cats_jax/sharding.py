@@ -41,7 +41,8 @@ of the model.
 
 eval (the NNX model, not this decoder) takes --tp through `model_shardings`: each device reads its
 own slice of every weight (checkpoint.load_params with these specs) and jit splits the computation by
-them (GSPMD); the same model code, so the same scores up to the order of the partial sums.
+them (GSPMD: Megatron's all-reduces, no weight gathered, as tests/test_sharding.py checks in the
+compiled program); the same model code, so the same scores up to the order of the partial sums.
 """
 
 from __future__ import annotations

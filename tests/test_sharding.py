@@ -97,6 +97,7 @@ def _run_cases():
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     from bench.decode import parse_args, random_thresholds
     from cats_jax import checkpoint, decode, sharding, thresholds
@@ -284,6 +285,12 @@ def _run_cases():
             np.testing.assert_allclose(ll_g, ll_w, rtol=1e-5, atol=1e-5)
             np.testing.assert_array_equal(greedy_g, greedy_w)
         assert_close(got.site_sparsity, want.site_sparsity)
+        # split as Megatron's: partial sums added, no weight gathered onto a device
+        graphdef, state = nnx.split(split)
+        batch = [jnp.zeros((2, 16), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros((2, 2, 8), jnp.int32),
+                 jnp.ones((2, 2), jnp.int32)]
+        program = scoring._score.lower(graphdef, state, *batch).compile().as_text()
+        assert "all-reduce" in program and "all-gather" not in program
         assert set(got.site_sparsity) == set(thresholds.MODES[mode])
         with pytest.raises(sharding.TPError, match="divisible by 3"):  # before any weight is read
             harness.evaluate(ckpt, settings=["dense"], task_files={}, tp=3)
