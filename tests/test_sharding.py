@@ -33,7 +33,7 @@ CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
          + [("eval", "cats", 2), ("eval int8", "teal", 4)]
          # the weighted criterion: o's and down's factors split with their rows
          + [("weighted", "cats", 2), ("weighted", "teal", 4), ("load weighted", "teal", 2),
-            ("pallas weighted", "cats", 2), ("pallas weighted", "teal", 2)])
+            ("pallas weighted", "cats", 2), ("pallas weighted", "teal", 2), ("cli", "generate", 2)])
 
 
 def _name(case) -> str:
@@ -90,7 +90,10 @@ def test_eval_more_devices_than_there_are_is_one_line(tmp_path, capsys):
 # ---- the subprocess ------------------------------------------------------------------------------
 
 def _run_cases():
+    import contextlib
+    import dataclasses
     import gc
+    import io
     import tempfile
     import weakref
 
@@ -318,12 +321,33 @@ def _run_cases():
         gen, want_gen = (generate(d, prompts, 8, eos_ids=()) for d in (dec, one))
         assert gen.tokens == want_gen.tokens
 
+    def generate_cli(_, tp):
+        """python -m cats_jax.generate --tp: one device's text; a tp that does not divide: one clear error."""
+        sys.path.insert(0, str(ROOT / "tests"))
+        from cats_jax.cli import InputError
+        from cats_jax.generate import main
+        from conftest import make_tokenizer
+
+        root = Path(tempfile.mkdtemp())
+        make_tokenizer(root / "tok")
+        big = dataclasses.replace(cfg, vocab_size=320)  # the tokenizer's ids
+        checkpoint.save(root / "ckpt", big, checkpoint.model_params(M.init_random(big, seed=1, dtype=f32)), root / "tok")
+        args = ["--ckpt", str(root / "ckpt"), "--prompt", "the cat sat", "--max-new-tokens", "6", "--dtype", "float32"]
+        texts = []
+        for n in (1, tp):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+                main(args + ["--tp", str(n)])
+            texts.append(out.getvalue())
+        assert texts[0].strip() and texts[1] == texts[0], texts
+        with pytest.raises(InputError, match="^--tp 3: tiny: tensor parallelism over 3 devices needs heads"):
+            main(args + ["--tp", "3"])
+
     def assert_same(a, b):
         assert a == b, (a, b)
 
     checks = {"jnp": tp_equals_one_device, "load": functools.partial(loaded_layer_by_layer, False),
               "load int8": functools.partial(loaded_layer_by_layer, True),
-              "weighted": weighted_on_mesh, "pallas weighted": functools.partial(kernels_per_shard, weighted=True), "load weighted": functools.partial(loaded_layer_by_layer, False, weighted=True), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
+              "cli": generate_cli, "weighted": weighted_on_mesh, "pallas weighted": functools.partial(kernels_per_shard, weighted=True), "load weighted": functools.partial(loaded_layer_by_layer, False, weighted=True), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
