@@ -152,9 +152,11 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
-def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None) -> dict:
+def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None, *, only=None, sharding=None) -> dict:
     """Params as a nested dict with the model's keys, the float weights cast to dtype if given
-    (a quantized checkpoint's int8 kernels and fp32 scales stay as they are)."""
+    (a quantized checkpoint's int8 kernels and fp32 scales stay as they are). only: the on-disk key
+    paths to read, nothing else (e.g. [("layers", "3")]: one layer); sharding(key path, spec): each
+    tensor's jax.sharding.Sharding, so that every device reads only its own slice (cats_jax.sharding)."""
     path = Path(ckpt_dir).absolute() / "params"
     redo = f"re-convert it (python -m convert ... --out {ckpt_dir} --force)"
     if cfg.quantization is not None:
@@ -176,15 +178,35 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None) -> dict:
             wrong = [_mismatch(".".join(str(k.key) for k in key), stored.get(key), spec, "config.json says")
                      for key, spec in jax.tree_util.tree_flatten_with_path(target)[0]]  # orbax would cast them
             wrong = [w for w in wrong if w]
-            params = None if wrong else ckptr.restore(path, target)
+            params = None if wrong else _restore(ckptr, path, target, only, sharding)
     except Exception as e:  # a damaged file; orbax's own message is ~100 lines of TensorStore spec
         raise InputError(f"{path}: cannot read the params ({_first_line(e)}); the checkpoint is damaged: {redo}") from e
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise InputError(f"{path}: {wrong[0]}{more}; the checkpoint does not match its config.json: {redo}")
     if dtype is not None:
-        params = jax.tree.map(lambda x, spec: x.astype(spec.dtype), params, param_shapes(cfg, dtype))
+        dtypes = {key: spec.dtype for key, spec in jax.tree_util.tree_flatten_with_path(param_shapes(cfg, dtype))[0]}
+        params = jax.tree_util.tree_map_with_path(lambda key, x: x.astype(dtypes[key]), params)
     return params
+
+
+def _restore(ckptr, path: Path, target: dict, only, sharding) -> dict:
+    if sharding is None and only is not None:  # jax arrays, as a whole restore gives
+        sharding = lambda *_: jax.sharding.SingleDeviceSharding(jax.devices()[0])  # noqa: E731
+    if sharding is not None:
+        target = jax.tree_util.tree_map_with_path(lambda key, s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=sharding(tuple(k.key for k in key), s)), target)
+    if only is None:
+        return ckptr.restore(path, target)
+    part: dict = {}
+    for keys in only:
+        src, dst = target, part
+        for k in keys[:-1]:
+            src, dst = src[k], dst.setdefault(k, {})
+        dst[keys[-1]] = src[keys[-1]]
+    with ocp.PyTreeCheckpointer() as reader:  # StandardCheckpointer restores whole trees only
+        restore_args = ocp.checkpoint_utils.construct_restore_args(part)
+        return reader.restore(path, args=ocp.args.PyTreeRestore(part, restore_args, partial_restore=True))
 
 
 def _tensor_names(cfg: ModelConfig) -> list[str]:
@@ -198,10 +220,11 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_model(ckpt_dir: str | Path, dtype=None) -> Transformer:
-    """Build the model of a converted checkpoint (thresholds, if any, are loaded by the caller)."""
+def load_model(ckpt_dir: str | Path, dtype=None, sharding=None) -> Transformer:
+    """Build the model of a converted checkpoint (thresholds, if any, are loaded by the caller);
+    sharding: each weight's placement, as in load_params."""
     cfg = ModelConfig.load(ckpt_dir)
-    return from_params(cfg, _model_keys(load_params(ckpt_dir, cfg, dtype)))
+    return from_params(cfg, _model_keys(load_params(ckpt_dir, cfg, dtype, sharding=sharding)))
 
 
 def model_params(model: Transformer) -> dict:

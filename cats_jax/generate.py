@@ -330,11 +330,12 @@ def generate_text(
 
 
 def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp", dtype: str = "bfloat16",
-         criterion: str | None = None, allow_quantization_mismatch: bool = False):
+         criterion: str | None = None, allow_quantization_mismatch: bool = False, tp: int = 1):
     """(Decoder, tokenizer) of a converted checkpoint, dense or at a calibrated `sparsity` of its
     thresholds.json (cats_jax.load's and the CLI's one way to load). criterion: the selection
     criterion the thresholds must have (None: theirs, whichever); allow_quantization_mismatch:
-    thresholds of the same weights at another quantization are applied (cats_jax.thresholds)."""
+    thresholds of the same weights at another quantization are applied (cats_jax.thresholds).
+    tp > 1: tensor parallel over the first tp devices, the decoder built layer by layer (load_sharded)."""
     from cats_jax import checkpoint, data, thresholds  # orbax and transformers: not needed above
 
     if dtype not in checkpoint.DTYPES:
@@ -342,11 +343,71 @@ def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: 
     if mode is not None and sparsity is None:
         raise ValueError(f"mode={mode!r} needs a sparsity (the calibrated level to run at)")
     tokenizer = data.load_tokenizer(ckpt)
+
+    def configure(model):
+        if sparsity is not None:
+            thresholds.load_into(model, ckpt, sparsity, mode=mode, criterion=criterion,
+                                 allow_quantization_mismatch=allow_quantization_mismatch)
+
+    if tp != 1:
+        return load_sharded(ckpt, sharding.make_mesh(tp), impl, checkpoint.DTYPES[dtype], configure), tokenizer
     model = checkpoint.load_model(ckpt, dtype=checkpoint.DTYPES[dtype])
-    if sparsity is not None:
-        thresholds.load_into(model, ckpt, sparsity, mode=mode, criterion=criterion,
-                             allow_quantization_mismatch=allow_quantization_mismatch)
+    configure(model)
     return decode.prepare(model, impl), tokenizer
+
+
+def load_sharded(ckpt, mesh, impl: str = "jnp", dtype=None, configure: Callable | None = None) -> Decoder:
+    """The decoder of a checkpoint placed on the mesh one layer at a time, so that no device or host
+    ever holds the whole model: each layer is read, prepared (decode.prepare), split into its tp blocks
+    and placed, and its whole copies are dropped before the next is read (cats_jax.sharding).
+    configure(model) sets the sparsity (thresholds, mode, criterion) once, on the model whose layers
+    all hold the first layer's weights until each is read; the weighted criterion's factors are then
+    derived again from each layer's own weights."""
+    from flax import nnx
+
+    from cats_jax import checkpoint
+    from cats_jax.config import ModelConfig
+    from cats_jax.model import from_params
+
+    cfg = ModelConfig.load(ckpt)
+    sharding.local_config(cfg, sharding.tp_size(mesh))  # the shapes divide, before any read
+
+    def read_layer(i):
+        return checkpoint.load_params(ckpt, cfg, dtype, only=[("layers", str(i))])["layers"][str(i)]
+
+    def hold(layer, params):  # the layer's nnx.Params become these arrays (or abstract shapes)
+        state = nnx.state(layer, nnx.Param)
+        nnx.replace_by_pure_dict(state, params)
+        nnx.update(layer, state)
+
+    top = [(k,) for k in checkpoint.param_shapes(cfg) if k != "layers"]  # embedding, final norm, LM head
+    first = read_layer(0)
+    model = from_params(cfg, dict(checkpoint.load_params(ckpt, cfg, dtype, only=top), layers=dict.fromkeys(
+        range(cfg.num_layers), first)))
+    if configure is not None:
+        configure(model)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first)
+    layers, placed, shared = list(model.layers), [], None
+    for layer in layers[1:]:
+        hold(layer, abstract)
+    del first
+    try:
+        for i, layer in enumerate(layers):
+            if i:
+                hold(layer, read_layer(i))
+            model.layers = nnx.List([layer])  # the model seen by prepare: this layer only
+            model.set_criterion(model.criterion)  # weighted: the factors of this layer's weights
+            part = decode.prepare(model, impl)
+            placed.append(sharding.place(sharding.split_layer(part.weights["layers"][0], cfg, sharding.tp_size(mesh)),
+                                         mesh))
+            hold(layer, abstract)
+            shared = set(part.plan.shared) if shared is None else shared & set(part.plan.shared)
+            del part.weights["layers"][0]
+    finally:
+        model.layers = nnx.List(layers)
+    weights = sharding.place(dict(part.weights, layers=[]), mesh)
+    plan = dataclasses.replace(part.plan, shared=tuple(g for g in part.plan.shared if g in shared), mesh=mesh)
+    return Decoder(dict(weights, layers=placed), plan)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -397,16 +458,15 @@ def main(argv=None) -> None:
     if args.criterion and args.sparsity is None:
         ap.error(f"--criterion {args.criterion} needs --sparsity (the calibrated level to run at)")
     try:
-        mesh = sharding.make_mesh(args.tp) if args.tp != 1 else None
+        sharding.make_mesh(args.tp)  # enough devices, before the checkpoint is read
     except ValueError as e:
         ap.error(f"--tp {args.tp}: {e}")
-    decoder, tokenizer = load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype,
-                              criterion=args.criterion, allow_quantization_mismatch=args.allow_quantization_mismatch)
-    if mesh is not None:
-        try:
-            decoder = sharding.shard(decoder, mesh)
-        except ValueError as e:  # shapes that do not divide over the devices
-            raise cli.InputError(f"--tp {args.tp}: {e}") from e
+    try:
+        decoder, tokenizer = load(args.ckpt, args.sparsity, mode=args.mode, impl=args.impl, dtype=args.dtype,
+                                  criterion=args.criterion, allow_quantization_mismatch=args.allow_quantization_mismatch,
+                                  tp=args.tp)
+    except sharding.TPError as e:  # shapes that do not divide over the devices
+        raise cli.InputError(f"--tp {args.tp}: {e}") from e
     cli.note_impl(args.impl)
     try:
         texts, gen = generate_text(

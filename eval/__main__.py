@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cats_jax import checkpoint, cli, data, fileio, thresholds
+from cats_jax import checkpoint, cli, data, fileio, sharding, thresholds
 from cats_jax.sparsity import CRITERIA, MODES
 from eval import harness
 from eval import tasks as task_lib
@@ -75,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--stride", type=int, help="perplexity: new tokens scored per window (default: context length)")
     ap.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass (default 2048)")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
+    ap.add_argument("--tp", type=int, default=1, help="split the model over this many devices (tensor parallel; default 1)")
     ap.add_argument("--out", default="runs/eval.json",
                     help="results JSON, rewritten as each setting finishes each task (an interrupted run keeps what "
                          "it finished); the markdown table goes next to it (.md)")
@@ -104,7 +105,9 @@ def main(argv=None):
             task_files=_task_files(args.tasks, args.data_file), limit=args.limit, ppl_source=ppl_source,
             ppl_tokens=args.ppl_tokens, context_length=args.context_length, stride=args.stride,
             batch_tokens=args.batch_tokens, dtype=args.dtype, progress=not args.no_progress, mode=args.mode,
-            on_result=save, allow_quantization_mismatch=args.allow_quantization_mismatch)
+            on_result=save, allow_quantization_mismatch=args.allow_quantization_mismatch, tp=args.tp)
+    except sharding.TPError as e:
+        raise cli.InputError(f"--tp {args.tp}: {e}") from e
     except (data.DataError, task_lib.TaskDataError, thresholds.ThresholdsError, FileNotFoundError) as e:
         raise cli.InputError(str(e)) from e
     except KeyboardInterrupt:

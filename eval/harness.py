@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cats_jax import checkpoint, data, thresholds
+from cats_jax import checkpoint, data, sharding, thresholds
+from cats_jax.config import ModelConfig
 from eval import scoring
 from eval import tasks as task_lib
 
@@ -81,14 +82,22 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
              ppl_source: data.TextSource | None = None, ppl_tokens: int | None = None, context_length: int = 1024,
              stride: int | None = None, batch_tokens: int = 2048, dtype: str | None = "float32",
              progress: bool = True, mode: str | None = None, on_result: Callable[[dict], None] | None = None,
-             allow_quantization_mismatch: bool = False) -> dict:
+             allow_quantization_mismatch: bool = False, tp: int = 1) -> dict:
     """settings: "dense" and/or target sparsities calibrated in DIR/thresholds.json, applied in
     `mode` (sparsity.MODES; default: the file's method).
     task_files: task name -> release-format file / save_to_disk dir, or None for the hub.
     on_result(record): called with the record so far each time a setting finishes a task or the
     perplexity, and with the whole record ("complete": true) at the end. allow_quantization_mismatch:
-    apply thresholds of the same weights at another quantization (cats_jax.thresholds)."""
-    model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
+    apply thresholds of the same weights at another quantization (cats_jax.thresholds). tp > 1: the
+    model's weights split over the first tp devices, each reading its own slice, and every forward
+    pass split by them (cats_jax.sharding.model_shardings); a tp the shapes do not divide raises
+    sharding.TPError before any weight is read."""
+    placement = None
+    if tp != 1:
+        mesh = sharding.make_mesh(tp)
+        sharding.local_config(ModelConfig.load(ckpt_dir), tp)
+        placement = sharding.model_shardings(mesh)
+    model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None, placement)
     tokenizer = data.load_tokenizer(ckpt_dir)
     th = thresholds.load(ckpt_dir, mode)
     if any(s != DENSE for s in settings):
@@ -129,7 +138,7 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
                 | ({"perplexity": ppl_source.describe()} if ppl_source else {}),
         "limit": limit,
         "options": {"context_length": context_length, "stride": stride, "batch_tokens": batch_tokens,
-                    "dtype": dtype or "as stored", "ppl_tokens": ppl_tokens},
+                    "dtype": dtype or "as stored", "ppl_tokens": ppl_tokens, "tp": tp},
         "versions": versions(),
         "complete": False,
         "results": rows,

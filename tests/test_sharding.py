@@ -1,8 +1,10 @@
 """Tensor-parallel decode (cats_jax.sharding) on 8 fake CPU devices: TP = 1, 2, 4 and 8 give one
 device's logits (prefill and a decode step), KV cache and greedy tokens, for dense, CATS and TEAL on
 the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; the int8 model's decode weights,
-split with their scales, at TP = 2 (jnp and kernels); shapes that do not divide the mesh give one
-clear error.
+split with their scales, at TP = 2 (jnp and kernels); the weighted criterion's factors at TP = 2, 4 (jnp and kernels); a
+saved checkpoint (float and int8, CATS and TEAL thresholds) loaded layer by layer at TP = 2, 4 equal
+to the whole decoder split, with no layer's whole weights outliving it; eval's model read slice by
+slice scores as one device; shapes that do not divide the mesh give one clear error.
 
 The device count is fixed when jax starts, and the rest of the suite runs in this process on one
 device, so the checks run in a subprocess (this file as a script) that prints one JSON line per case.
@@ -24,7 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "cats", "teal")
 # (what, mode, tp): the jnp path, the Pallas kernels (interpret mode), the error of shapes that do not divide
 CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
-         + [("pallas", "cats", 2), ("pallas", "teal", 2), ("int8", "cats", 2), ("int8", "teal", 2), ("error", None, 4)])
+         + [("pallas", "cats", 2), ("pallas", "teal", 2), ("int8", "cats", 2), ("int8", "teal", 2), ("error", None, 4)]
+         # a saved checkpoint loaded layer by layer (generate.load_sharded), fp32 and int8
+         + [("load", "cats", 2), ("load", "teal", 4), ("load int8", "cats", 4), ("load int8", "teal", 2)]
+         # eval's model split by model_shardings (each device reads its slice), fp32 and int8
+         + [("eval", "cats", 2), ("eval int8", "teal", 4)]
+         # the weighted criterion: o's and down's factors split with their rows
+         + [("weighted", "cats", 2), ("load weighted", "teal", 4),
+            ("pallas weighted", "cats", 2), ("pallas weighted", "teal", 2), ("cli", "generate", 2)])
 
 
 def _name(case) -> str:
@@ -63,18 +72,42 @@ def test_more_devices_than_there_are_is_one_line(capsys):
     assert f"--tp {n + 1}: tensor parallelism over {n + 1} devices: {n} cpu device(s) here" in capsys.readouterr().err
 
 
+def test_eval_more_devices_than_there_are_is_one_line(tmp_path, capsys):
+    import jax
+
+    from cats_jax.cli import run
+    from eval.__main__ import main
+
+    n = len(jax.devices())
+    with pytest.raises(SystemExit) as e:  # before the checkpoint is read
+        run(main, ["--ckpt", "no-such-dir", "--tasks", "none", "--ppl", "none", "--out", str(tmp_path / "e.json"),
+                   "--tp", str(n + 1)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--tp {n + 1}: tensor parallelism over {n + 1} devices: {n} cpu device(s)" in err
+
+
 # ---- the subprocess ------------------------------------------------------------------------------
 
 def _run_cases():
+    import contextlib
+    import dataclasses
+    import gc
+    import io
+    import tempfile
+    import weakref
+
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     from bench.decode import parse_args, random_thresholds
-    from cats_jax import decode, sharding
+    from cats_jax import checkpoint, decode, sharding, thresholds
     from cats_jax import model as M
     from cats_jax.config import ModelConfig
-    from cats_jax.generate import generate
+    from cats_jax.generate import generate, load_sharded
+    from eval import harness, scoring
     from pallas_kernels import sparse_gemv
     from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 
@@ -136,12 +169,13 @@ def _run_cases():
         assert gen.tokens == want_gen.tokens
         assert gen.mlp_sparsity == pytest.approx(want_gen.mlp_sparsity)
 
-    def kernels_per_shard(mode, tp):
+    def kernels_per_shard(mode, tp, weighted=False):
         sparse_gemv.MIN_KERNEL_WEIGHTS = 0  # a performance rule; this checks correctness
+        model = weighted_model() if weighted else m
         mesh = sharding.make_mesh(tp)
-        dec = sharding.shard(prepare(mode, "pallas"), mesh)
+        dec = sharding.shard(prepare(mode, "pallas", model), mesh)
         one = tokens[:1]  # batch 1: the rows every kernel serves
-        want = on_one_device(prepare(mode, "jnp"), one)
+        want = on_one_device(prepare(mode, "jnp", model), one)
         with interpret_on_cpu(), poisoned_outputs():
             cache = sharding.place_cache(M.init_cache(cfg, 1, 16, f32), mesh)
             step = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), cache,
@@ -175,7 +209,146 @@ def _run_cases():
         with pytest.raises(SystemExit, match="2"):  # the benchmark says so before any work
             parse_args(["--config", "mistral-7b", "--tp", "3"])
 
-    checks = {"jnp": tp_equals_one_device, "pallas": kernels_per_shard, "int8": int8_per_shard,
+    @functools.cache
+    def saved(quantized, weighted=False):  # a checkpoint of m (its int8 copy, weighted_model()) and its thresholds
+        model = weighted_model() if weighted else int8 if quantized else m
+        ckpt = Path(tempfile.mkdtemp()) / "ckpt"
+        checkpoint.save(ckpt, model.cfg, checkpoint.model_params(model))
+        for method, sites in thresholds.METHOD_SITES.items():
+            level = thresholds.Level(0.5, {s: list(map(float, site_threshold_values(model, s))) for s in sites})
+            thresholds.Thresholds(thresholds.model_identity(model), method, [level],
+                                  {"criterion": model.criterion}).save(ckpt)
+        return ckpt
+
+    def site_threshold_values(model, site):
+        return [float(M.site_threshold(layer, site)[...]) for layer in model.layers]
+
+    def loaded_layer_by_layer(quantized, mode, tp, weighted=False):
+        """load_sharded equals the decoder loaded whole then shard()ed (weights, shardings, plan), gives
+        the greedy tokens of one device, and never holds two layers' whole weights at once."""
+        ckpt, mesh = saved(quantized, weighted), sharding.make_mesh(tp)
+        configure = functools.partial(thresholds.load_into, ckpt_dir=ckpt, sparsity=0.5, mode=mode)
+        whole = checkpoint.load_model(ckpt, f32)
+        configure(whole)
+        assert whole.criterion == ("weighted" if weighted else "magnitude")
+        live = []  # weak references to the whole (unsplit) arrays of each layer read or prepared
+
+        def no_earlier_layer_alive():
+            gc.collect()
+            assert all(ref() is None for ref in live), "a layer's whole weights outlived it"
+
+        def read(*args, only=None, **kw):
+            params = read_params(*args, only=only, **kw)
+            if only and only[0][0] == "layers":
+                no_earlier_layer_alive()
+                live.extend(weakref.ref(x) for x in jax.tree.leaves(params))
+            return params
+
+        def prep(model, impl):
+            assert len(model.layers) == 1  # prepared one layer at a time
+            dec = prepare_whole(model, impl)
+            live.extend(weakref.ref(x) for x in jax.tree.leaves(dec.weights["layers"]) if x.ndim == 2)
+            return dec
+
+        read_params, prepare_whole = checkpoint.load_params, decode.prepare
+        loaded = {}
+        for impl in ("jnp", "pallas"):  # pallas: CATS's neuron-major gate|up
+            checkpoint.load_params, decode.prepare = read, prep
+            try:
+                dec = loaded[impl] = load_sharded(ckpt, mesh, impl, f32, configure)
+            finally:
+                checkpoint.load_params, decode.prepare = read_params, prepare_whole
+            no_earlier_layer_alive()
+            live.clear()
+            want = sharding.shard(decode.prepare(whole, impl), mesh)
+            assert dec.plan == want.plan
+            jax.tree.map(lambda g, w: (np.testing.assert_array_equal(g, w), assert_same(g.sharding, w.sharding)),
+                         dec.weights, want.weights)
+        qkv = dec.weights["layers"][1]["qkv"]
+        assert {s.data.shape for s in qkv.addressable_shards} == {(cfg.hidden_size, qkv.shape[1] // tp)}
+        if not quantized:  # the int8 decoder split by shard() gives one device's logits ("int8" cases)
+            gen = generate(loaded["jnp"], prompts, 8, eos_ids=())
+            assert gen.tokens == generate(decode.prepare(whole), prompts, 8, eos_ids=()).tokens
+
+    def scored_on_mesh(quantized, mode, tp):
+        """eval's Scorer on a model read slice by slice gives one device's scores and sparsity."""
+        ckpt, mesh = saved(quantized), sharding.make_mesh(tp)
+        whole, split = (checkpoint.load_model(ckpt, f32, s) for s in (None, sharding.model_shardings(mesh)))
+        for model in (whole, split):
+            thresholds.load_into(model, ckpt, 0.5, mode=mode)
+        attn, mlp = split.layers[0].attn, split.layers[0].mlp
+        assert {s.data.shape for s in attn.q_proj.kernel[...].addressable_shards} == {
+            (cfg.hidden_size, cfg.num_heads * cfg.head_dim // tp)}
+        assert {s.data.shape for s in mlp.down_proj.kernel[...].addressable_shards} == {
+            (cfg.intermediate_size // tp, cfg.hidden_size)}
+        if quantized:
+            assert {s.data.shape for s in mlp.gate_proj.scales[...].addressable_shards} == {(cfg.intermediate_size // tp,)}
+        groups = [([5, 17, 3], [[88, 41], [9]]), ([60, 61, 62, 63, 1], [[7, 30, 4], [2]])]
+        want, got = (scoring.Scorer(model, progress=False) for model in (whole, split))
+        for (ll_w, greedy_w), (ll_g, greedy_g) in zip(want.score(groups), got.score(groups)):
+            np.testing.assert_allclose(ll_g, ll_w, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(greedy_g, greedy_w)
+        assert_close(got.site_sparsity, want.site_sparsity)
+        # split as Megatron's: partial sums added, no weight gathered onto a device
+        graphdef, state = nnx.split(split)
+        batch = [jnp.zeros((2, 16), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros((2, 2, 8), jnp.int32),
+                 jnp.ones((2, 2), jnp.int32)]
+        program = scoring._score.lower(graphdef, state, *batch).compile().as_text()
+        assert "all-reduce" in program and "all-gather" not in program
+        assert set(got.site_sparsity) == set(thresholds.MODES[mode])
+        with pytest.raises(sharding.TPError, match="divisible by 3"):  # before any weight is read
+            harness.evaluate(ckpt, settings=["dense"], task_files={}, tp=3)
+
+    @functools.cache
+    def weighted_model():  # m's weights under the weighted criterion, with thresholds calibrated for it
+        mw = M.init_random(cfg, seed=3, dtype=f32)
+        mw.set_criterion("weighted")
+        for site, t in random_thresholds(mw, [0.5], tokens=64, seed=0)[0.5].items():
+            mw.set_thresholds(site, t)
+        return mw
+
+    def weighted_on_mesh(mode, tp):
+        mw, mesh = weighted_model(), sharding.make_mesh(tp)
+        one = prepare(mode, "jnp", mw)
+        dec = sharding.shard(prepare(mode, "jnp", mw), mesh)
+        factors = dec.weights["layers"][0]["factors"]
+        assert {s.data.shape for s in factors["down"].addressable_shards} == {(1, cfg.intermediate_size // tp)}
+        assert {s.data.shape for s in factors["qkv"].addressable_shards} == {(3, cfg.hidden_size)}
+        want = on_one_device(one, tokens)
+        got = on_mesh(dec, tokens, mesh)
+        assert_close(got, want)
+        if mode == "cats":  # the factors change which neurons are kept: not every one, not none
+            assert 0.1 < float(jnp.mean(want[3])) < 0.9
+        gen, want_gen = (generate(d, prompts, 8, eos_ids=()) for d in (dec, one))
+        assert gen.tokens == want_gen.tokens
+
+    def generate_cli(_, tp):
+        """python -m cats_jax.generate --tp: one device's text; a tp that does not divide: one clear error."""
+        sys.path.insert(0, str(ROOT / "tests"))
+        from cats_jax.cli import InputError
+        from cats_jax.generate import main
+        from conftest import make_tokenizer
+
+        root = Path(tempfile.mkdtemp())
+        make_tokenizer(root / "tok")
+        big = dataclasses.replace(cfg, vocab_size=320)  # the tokenizer's ids
+        checkpoint.save(root / "ckpt", big, checkpoint.model_params(M.init_random(big, seed=1, dtype=f32)), root / "tok")
+        args = ["--ckpt", str(root / "ckpt"), "--prompt", "the cat sat", "--max-new-tokens", "6", "--dtype", "float32"]
+        texts = []
+        for n in (1, tp):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+                main(args + ["--tp", str(n)])
+            texts.append(out.getvalue())
+        assert texts[0].strip() and texts[1] == texts[0], texts
+        with pytest.raises(InputError, match="^--tp 3: tiny: tensor parallelism over 3 devices needs heads"):
+            main(args + ["--tp", "3"])
+
+    def assert_same(a, b):
+        assert a == b, (a, b)
+
+    checks = {"jnp": tp_equals_one_device, "load": functools.partial(loaded_layer_by_layer, False),
+              "load int8": functools.partial(loaded_layer_by_layer, True),
+              "cli": generate_cli, "weighted": weighted_on_mesh, "pallas weighted": functools.partial(kernels_per_shard, weighted=True), "load weighted": functools.partial(loaded_layer_by_layer, False, weighted=True), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
