@@ -40,19 +40,21 @@ class LM:
 
 
 def load(ckpt: str | Path, sparsity: float | None = None, *, mode: str | None = None, impl: str = "jnp",
-         dtype: str = "bfloat16", criterion: str | None = None, allow_quantization_mismatch: bool = False) -> LM:
+         dtype: str = "bfloat16", criterion: str | None = None, allow_quantization_mismatch: bool = False,
+         tp: int = 1) -> LM:
     """Load a converted checkpoint, dense or at a calibrated `sparsity` of its thresholds.json.
 
     mode: the sparsity sites (default: the calibration's method, "cats" or "teal"); impl "jnp" (any
     device) or "pallas" (GPU kernels for decode steps); dtype "bfloat16" or "float32" (float32
     reproduces the HF transformers reference's greedy text); criterion: the selection criterion
     ("magnitude" or "weighted") the thresholds must have (default: theirs); allow_quantization_mismatch:
-    apply thresholds of the same weights at another quantization (the bf16 model's on its int8 copy)."""
+    apply thresholds of the same weights at another quantization (the bf16 model's on its int8 copy);
+    tp > 1: tensor parallel over the first tp devices, the weights loaded layer by layer."""
     from cats_jax import cli, generate
 
     cli.quiet()  # transformers' banner and orbax's warnings tell a caller nothing either
     decoder, tokenizer = generate.load(ckpt, sparsity, mode=mode, impl=impl, dtype=dtype, criterion=criterion,
-                                       allow_quantization_mismatch=allow_quantization_mismatch)
+                                       allow_quantization_mismatch=allow_quantization_mismatch, tp=tp)
     return LM(decoder, tokenizer, Path(ckpt))
 
 

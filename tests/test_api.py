@@ -26,6 +26,8 @@ def test_load_and_generate_match_the_submodules(word_ckpt):
 
 def test_load_dense_and_errors(word_ckpt):
     assert cats_jax.load(word_ckpt).model.plan.sites == ()
+    with pytest.raises(ValueError, match="tensor parallelism over 2 devices: 1 cpu device"):
+        cats_jax.load(word_ckpt, tp=2)  # tests/test_sharding.py loads with tp on fake devices
     with pytest.raises(thresholds.ThresholdsError, match="no thresholds for sparsity 0.7"):
         cats_jax.load(word_ckpt, sparsity=0.7)
     with pytest.raises(ValueError, match="mode='teal' needs a sparsity"):
