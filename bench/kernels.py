@@ -5,6 +5,7 @@
     python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
     python -m bench.kernels --attention         # decode attention: block candidates per context
     python -m bench.kernels --int8 [--teal] [--tune]   # the kernels on int8 weights (bf16 XLA baseline)
+    python -m bench.kernels --teal --tp 4 --models llama3-70b   # one device's shard under tensor parallelism
 
 Per (shape, batch, sparsity): kernel time, XLA dense time (jnp, jitted), their ratio, the union
 sparsity (neurons / input rows no batch row keeps), and the ideal time: the bytes that must be
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cats_jax import sharding
 from cats_jax.config import PRESETS
 from cats_jax.quantize import quantize_int8
 from pallas_kernels import attention as A
@@ -169,12 +171,17 @@ def thresholds_for(x, wg, sparsity):
     return out
 
 
-def shapes(models):
+def config(model: str, tp: int = 1):
+    """A preset's shapes, or with tp > 1 those of one device's shard (cats_jax.sharding)."""
+    return PRESETS[model] if tp == 1 else sharding.local_config(PRESETS[model], tp)
+
+
+def shapes(models, tp=1):
     """(label, H, I) per distinct MLP shape among the models (mistral-7b and llama3-8b share one)."""
     by_shape: dict[tuple[int, int], list[str]] = {}
     for m in models:
-        cfg = PRESETS[m]
-        by_shape.setdefault((cfg.hidden_size, cfg.intermediate_size), []).append(m)
+        cfg = config(m, tp)
+        by_shape.setdefault((cfg.hidden_size, cfg.intermediate_size), []).append(m + (f" tp{tp} shard" if tp > 1 else ""))
     return [(" / ".join(ms), h, i) for (h, i), ms in by_shape.items()]
 
 
@@ -185,12 +192,12 @@ def _ceilings() -> tuple[float, float]:
     return copy, read
 
 
-def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH, int8=False):
+def bench(models=MODELS, sparsity=SPARSITY, batch=BATCH, int8=False, tp=1):
     """int8: the kernel reads the weights' int8 copy (one scale per output channel); XLA's dense
     MLP stays bf16, the baseline."""
     copy, bw = _ceilings()
     rows = []
-    for label, h, i in shapes(models):
+    for label, h, i in shapes(models, tp):
         wg, wu, wd = random_mlp(h, i)
         w_gu, w_down, scales = kernel_weights(wg, wu, wd, int8)  # neuron-major, as decode.prepare stores them
         dense_t = loop_timer(dense_mlp)
@@ -333,18 +340,19 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
 
 
 # ---- TEAL: sparse-input GEMVs of every projection ---------------------------------------------
-def projections(models):
+def projections(models, tp=1):
     """(label, n_in, segments) per distinct projection GEMV of the models, as TEAL runs them: q/k/v
-    fused (one input, three thresholds), o, gate/up fused (and gate alone, to compare), down."""
+    fused (one input, three thresholds), o, gate/up fused (and gate alone, to compare), down;
+    tp > 1: one device's shard of each."""
     out = {}
     for m in models:
-        c = PRESETS[m]
+        c = config(m, tp)
         qkv = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
         for name, n_in, segs in (("qkv", c.hidden_size, qkv), ("o", c.num_heads * c.head_dim, (c.hidden_size,)),
                                  ("gate|up", c.hidden_size, (c.intermediate_size,) * 2),
                                  ("gate", c.hidden_size, (c.intermediate_size,)),  # gate or up alone
                                  ("down", c.intermediate_size, (c.hidden_size,))):
-            out.setdefault((n_in, segs), f"{m} {name}")
+            out.setdefault((n_in, segs), f"{m} {name}" + (f" tp{tp} shard" if tp > 1 else ""))
     return [(label, n_in, segs) for (n_in, segs), label in out.items()]
 
 
@@ -356,12 +364,12 @@ def _gemv_thresholds(x, segs, sparsity):
     return tuple(jnp.full((), t, f32) for _ in segs), union  # one scalar per segment, as the model passes them
 
 
-def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None, int8=False):
+def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None, int8=False, tp=1):
     """Per projection: sparse_gemv with the fused threshold vs XLA's dense x @ W. With tune_at (a
     sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
     copy, bw = _ceilings()
     rows = []
-    for label, n_in, segs in projections(models):
+    for label, n_in, segs in projections(models, tp):
         w = (jax.random.normal(jax.random.key(0), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
         wk, scale = quantize_int8(w) if int8 else (w, None)  # the kernel's weights; XLA's stay bf16
         for b in batch:
@@ -473,6 +481,8 @@ def main(argv=None):
     p.add_argument("--int8", action="store_true",
                    help="the kernels read the weights' int8 copy (one fp32 scale per output channel); XLA's "
                         "dense baseline stays bf16")
+    p.add_argument("--tp", type=int, default=1,
+                   help="time the shapes one device computes under tensor parallelism over this many (its shard)")
     p.add_argument("--attention", action="store_true",
                    help="time decode attention (block candidates) at 256 and 4096 slots instead")
     a = p.parse_args(argv)
@@ -481,6 +491,10 @@ def main(argv=None):
         if m not in PRESETS:
             p.error(f"unknown model {m!r} (choose from {', '.join(PRESETS)})")
     batch = [int(b) for b in a.batch.split(",")]
+    try:
+        [config(m, a.tp) for m in models]
+    except sharding.TPError as e:
+        p.error(f"--tp {a.tp}: {e}")
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
     levels = [float(s) for s in a.sparsity.split(",")]
@@ -490,11 +504,11 @@ def main(argv=None):
             a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
         return
     if a.teal:
-        result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None, int8=a.int8)
+        result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None, int8=a.int8, tp=a.tp)
         tuned = None
     else:
         tuned = tune(models[:1], batch, int8=a.int8) if a.tune else None
-        result = bench(models, levels, batch, int8=a.int8)
+        result = bench(models, levels, batch, int8=a.int8, tp=a.tp)
     if tuned:
         result["tune"] = tuned["tune"]
     print("\n" + markdown(result))
