@@ -63,6 +63,7 @@ LOGICAL = {
     "gate_up_scale": ("mlp",),
     "gate_up_t_scale": ("mlp",),
     "down_scale": ("embed",),
+    "head_scale": ("vocab",),
 }
 CACHE = ("batch", "slots", "kv_heads", "head_dim")  # each layer's k and v, model.init_cache
 RULES = {"qkv_heads": TP, "heads": TP, "kv_heads": TP, "mlp": TP}  # any other name: replicated
