@@ -209,56 +209,47 @@ def test_calibrating_the_int8_checkpoint(tiny_ckpt, tmp_path):
     assert 0.3 < np.mean(level.realised[sparsity.CATS_SITE]["calibration"]) < 0.7
 
 
-def test_missing_or_misshapen_scales_are_one_clear_line(int8_ckpt, word_ckpt, tmp_path):
-    missing = tmp_path / "missing"
-    shutil.copytree(int8_ckpt, missing)
-    shutil.rmtree(missing / "params" / "layers.1.mlp.down_proj.scales")
-    with pytest.raises(InputError, match=r"1 of its quantization scales are missing \(layers.1.mlp.down_proj.scales\)"):
-        checkpoint.load_model(missing)
-
-    cfg = ModelConfig.load(int8_ckpt)
-    params = checkpoint.load_params(int8_ckpt, cfg)
-    params["layers"]["0"]["attn"]["k_proj"]["scales"] = jnp.ones((cfg.num_kv_heads * cfg.head_dim + 1,), f32)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(cfg.to_json())
-    checkpoint.write_params(bad, params)
+def _load_error(ckpt, out, edit=None, remove=None) -> str:
+    """The one-line InputError of loading a copy of ckpt at out whose params are edited by edit(params)
+    (rewritten) or lack the tensor directory `remove`."""
+    if edit is None:
+        shutil.copytree(ckpt, out)
+        shutil.rmtree(out / "params" / remove)
+    else:
+        cfg = ModelConfig.load(ckpt)
+        params = checkpoint.load_params(ckpt, cfg)
+        edit(params)
+        out.mkdir()
+        (out / "config.json").write_text(cfg.to_json())
+        checkpoint.write_params(out, params)
     with pytest.raises(InputError) as e:
-        checkpoint.load_model(bad)
-    assert "tensor layers.0.attn.k_proj.scales has shape (33,), config.json says (32,)" in str(e.value)
+        checkpoint.load_model(out)
     assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_or_misshapen_scales_are_one_clear_line(int8_ckpt, word_ckpt, tmp_path):
+    said = _load_error(int8_ckpt, tmp_path / "missing", remove="layers.1.mlp.down_proj.scales")
+    assert "1 of its quantization scales are missing (layers.1.mlp.down_proj.scales)" in said
+    k_proj = lambda params: params["layers"]["0"]["attn"]["k_proj"]  # noqa: E731
+    said = _load_error(int8_ckpt, tmp_path / "bad", lambda p: k_proj(p).update(scales=jnp.ones((33,), f32)))
+    assert "tensor layers.0.attn.k_proj.scales has shape (33,), config.json says (32,)" in said
 
     claimed = tmp_path / "claimed"  # a float checkpoint whose config.json says int8
     shutil.copytree(word_ckpt, claimed)
-    (claimed / "config.json").write_text(cfg.to_json())
+    shutil.copy(int8_ckpt / "config.json", claimed)
     with pytest.raises(InputError, match="quantization scales are missing"):
         checkpoint.load_model(claimed)
-    params = checkpoint.load_params(int8_ckpt, cfg)  # one kernel float, its scales there
-    params["layers"]["0"]["attn"]["k_proj"]["kernel"] = jnp.ones((cfg.hidden_size, 32), f32)
-    shutil.rmtree(bad / "params")
-    checkpoint.write_params(bad, params)
-    with pytest.raises(InputError, match="tensor layers.0.attn.k_proj.kernel is float32, config.json says int8"):
-        checkpoint.load_model(bad)
+    said = _load_error(int8_ckpt, tmp_path / "float", lambda p: k_proj(p).update(kernel=jnp.ones((64, 32), f32)))
+    assert "tensor layers.0.attn.k_proj.kernel is float32, config.json says int8" in said  # its scales there
 
 
 def test_missing_or_misshapen_head_scales_are_one_clear_line(head_ckpt, tmp_path):
-    missing = tmp_path / "missing"
-    shutil.copytree(head_ckpt, missing)
-    shutil.rmtree(missing / "params" / "lm_head.scales")
-    with pytest.raises(InputError, match=r"1 of its quantization scales are missing \(lm_head.scales\).*"
-                                         r"--quantize int8 --quantize-head --out"):
-        checkpoint.load_model(missing)
-    cfg = ModelConfig.load(head_ckpt)
-    params = checkpoint.load_params(head_ckpt, cfg)
-    params["lm_head"]["scales"] = jnp.ones((cfg.vocab_size + 1,), f32)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(cfg.to_json())
-    checkpoint.write_params(bad, params)
-    with pytest.raises(InputError) as e:
-        checkpoint.load_model(bad)
-    assert "tensor lm_head.scales has shape (321,), config.json says (320,)" in str(e.value)
-    assert "\n" not in str(e.value)
+    said = _load_error(head_ckpt, tmp_path / "missing", remove="lm_head.scales")
+    assert "1 of its quantization scales are missing (lm_head.scales)" in said
+    assert "--quantize int8 --quantize-head --out" in said  # what to re-run
+    said = _load_error(head_ckpt, tmp_path / "bad", lambda p: p["lm_head"].update(scales=jnp.ones((321,), f32)))
+    assert "tensor lm_head.scales has shape (321,), config.json says (320,)" in said
 
 
 def test_quantize_head_without_a_quantization_is_refused(word_ckpt, tmp_path, capsys):
