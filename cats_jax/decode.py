@@ -11,10 +11,10 @@ neuron-major [2I, H] for the CATS kernel, and one fp32 scalar threshold per laye
 int8 model's matrices stay int8, each with its fp32 per-output-channel scales beside it
 ("<name>_scale", concatenated as the columns are; per row of the neuron-major gate|up), applied
 after the fp32 accumulation of every product (cats_jax.quantize.dot; the kernels take them too),
-so no step dequantizes a matrix; an int8 LM head likewise ("head", "head_scale"). The model is not changed. `Plan` (static) says which sites are
-thresholded and whether decode steps may run the Pallas kernels; which kernel runs where is then
-decided from the shapes at trace time (`Plan.*_kernel`). Rebuild the decoder after changing the
-model's thresholds.
+so no step dequantizes a matrix; an int8 LM head likewise ("head", "head_scale"). The model is not
+changed. `Plan` (static) says which sites are thresholded and whether decode steps may run the
+Pallas kernels; which kernel runs where is then decided from the shapes at trace time
+(`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds.
 
 The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
 greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
@@ -135,7 +135,7 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
     weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...]}
     if model.lm_head is None:  # tied
         weights["head"] = model.embed.embedding[...].T
-    else:  # an int8 head with its "head_scale"
+    else:  # float, or int8 with its "head_scale"
         _fuse(weights, "head", model.lm_head)
     shared = tuple(g for g, group in GROUPS.items() if set(group) <= set(sites) and all(
         "factors" not in lw and len({float(lw["thresholds"][s]) for s in group}) == 1 for lw in layers))

@@ -140,9 +140,12 @@ def test_convert_quantize_head_is_recorded_and_the_checkpoint_generates(word_ckp
     model = checkpoint.load_model(head_ckpt)  # no flag: config.json says it
     assert (model.lm_head.kernel.dtype, model.lm_head.scales.dtype) == (jnp.int8, f32)
     text = cats_jax.load(head_ckpt, dtype="float32").generate("w5 w6 w7", 6)
-    want = M.quantize_model(checkpoint.load_model(word_ckpt, f32), head=True)
+    source = checkpoint.load_model(word_ckpt, f32)
+    want = M.quantize_model(source, head=True)
     (expected,), _ = cats_jax.generate.generate_text(want, data.load_tokenizer(word_ckpt), ["w5 w6 w7"], 6)
     assert text == expected and text.strip()
+    # the head comes after every threshold: the int8 model's thresholds are this one's too
+    assert thresholds.model_identity(model) == thresholds.model_identity(M.quantize_model(source))
 
 
 def test_convert_hf_quantize_head_of_a_tied_model(tmp_path):
