@@ -84,8 +84,8 @@ def test_int8_head_of_a_decode_step_runs_on_the_kernels(kernels_on_tiny_weights)
     products); prefill's last-token logits take it too, and give the model's."""
     step = jnp.zeros((1, 1), jnp.int32)
     calls = []
-    for int8 in (True, "head"):
-        m = _model("dense", int8=int8)
+    for head in (False, True):
+        m = M.quantize_model(M.init_random(CFG, seed=3, dtype=f32), head=head)
         dec = decode.prepare(m, "pallas")
         with interpret_on_cpu():
             calls.append(str(jax.make_jaxpr(lambda t, d=dec: decode.forward(d.weights, t, step, M.init_cache(
