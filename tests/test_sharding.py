@@ -1,7 +1,7 @@
 """Tensor-parallel decode (cats_jax.sharding) on 8 fake CPU devices: TP = 1, 2, 4 and 8 give one
 device's logits (prefill and a decode step), KV cache and greedy tokens, for dense, CATS and TEAL on
-the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; the int8 model's decode weights
-(its LM head int8 too, replicated), split with their scales, at TP = 2 (jnp and kernels); shapes that do not divide the mesh give one
+the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; the int8 model's decode weights,
+split with their scales, at TP = 2 (jnp and kernels); shapes that do not divide the mesh give one
 clear error.
 
 The device count is fixed when jax starts, and the rest of the suite runs in this process on one
@@ -86,7 +86,7 @@ def _run_cases():
     prompts = [[5, 17, 3, 88, 41, 9, 2], [60, 61, 62]]  # ragged: padding rows too
 
     m = M.init_random(cfg, seed=3, dtype=f32)  # fp32: no argmax ties flipped by the psums' rounding
-    int8 = M.quantize_model(m, head=True)
+    int8 = M.quantize_model(m, head=True)  # its LM head too (replicated, as the float one)
     for site, t in random_thresholds(m, [0.5], tokens=64, seed=0)[0.5].items():  # every site, ~half kept
         # k's own threshold: q|k|v's segments test their own; gate|up keeps one shared (decode.Plan.shared)
         for model in (m, int8):
