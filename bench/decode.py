@@ -26,10 +26,11 @@ dense row's ms/step of the same batch in the same run over this row's.
 Weights are created on the device in bf16 by one jitted init, never as fp32 host arrays; each
 setting runs cats_jax.decode.prepare (fused q|k|v and gate|up), as generation does. --quantize
 none,int8 runs every setting on the bf16 weights, then on their int8 copy (cats_jax.quantize: the
-linear layers int8, the embedding and LM head bf16), whose rows are labelled "int8 ..."; "vs dense"
+linear layers int8, the embedding and LM head bf16), whose rows are labelled "int8 ..." (with
+--quantize-head the LM head is int8 too: "int8+head ..."); "vs dense"
 is always against the first dense row of the batch, so the bf16 one when both run. "weight GB":
 the bytes of the decode weights on the device (decode.prepare's, a tied embedding counted twice:
-as the table and as the LM head). For sparse modes the
+as the table and as the LM head, unless the head is int8: its own matrix). For sparse modes the
 thresholds come from a quick calibration of that random model on one row of random tokens: per
 layer and site, the quantile of the dense model's |values| at --sparsity (uniform allocation;
 cats_jax.teal.sample_inputs). --impl pallas runs decode steps through the kernels.
@@ -75,7 +76,7 @@ def bytes_per_step(cfg: ModelConfig, model: Transformer, batch: int, prompt_len:
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     weights = sum(p.size * p.dtype.itemsize for p in params)  # an int8 model's int8 kernels and fp32 scales
     itemsize = model.embed.embedding.dtype.itemsize  # the float weights' and the cache's
-    if not cfg.tie_word_embeddings:  # the table is gathered (B rows), not read
+    if model.lm_head is not None:  # the table is gathered (B rows), not read: the head is lm_head
         weights -= cfg.vocab_size * cfg.hidden_size * itemsize
     ctx = np.arange(prompt_len + 1, prompt_len + new_tokens)  # keys seen by decode steps 1..new-1
     if cfg.sliding_window is not None:
@@ -160,7 +161,8 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     rows, dense_ms = [], {}
     settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
     for quant in args.quantize:
-        model = base if quant == "none" else quantize_model(base)
+        model = base if quant == "none" else quantize_model(base, head=args.quantize_head)
+        quant += "+head" if quant != "none" and args.quantize_head else ""
         thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
         for mode, level in settings:
             for site in MODES[mode]:
@@ -199,8 +201,9 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
                 )
                 print(rows[-1], flush=True)
 
+    head = " (LM head int8 too)" if args.quantize_head else ""
     return "\n".join([
-        f"### decode: {cfg.name}, random bf16 weights" + "".join(f", their {q} copy" for q in args.quantize if q != "none")
+        f"### decode: {cfg.name}, random bf16 weights" + "".join(f", their {q} copy{head}" for q in args.quantize if q != "none")
         + (f", tensor parallel over {args.tp} devices" if mesh else ""),
         "",
         f"{dev.device_kind} ({dev.platform}), {date}, jax {jax.__version__}, flax {flax.__version__}. "
@@ -235,6 +238,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quantize", type=lambda s: s.split(","), default=["none"],
                     help=f"weights, comma-separated: none (bf16) and/or {', '.join(QUANTIZATIONS)} (their quantized copy), "
                          "e.g. none,int8")
+    ap.add_argument("--quantize-head", action="store_true",
+                    help="the int8 copy's LM head int8 too (its own matrix, also when tied); rows 'int8+head ...'")
     ap.add_argument("--calib-tokens", type=int, default=256, help="random tokens for the calibration")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
     ap.add_argument("--copy-mib", type=int, default=None, help="copy-ceiling array size (default 1024 on GPU, 64 on CPU)")
@@ -251,6 +256,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for q in args.quantize:
         if q not in ("none", *QUANTIZATIONS):
             ap.error(f"--quantize: unknown quantization {q!r} (choose from none, {', '.join(QUANTIZATIONS)})")
+    if args.quantize_head and set(args.quantize) == {"none"}:
+        ap.error("--quantize-head quantizes the LM head of the int8 copy: add int8 to --quantize (e.g. none,int8)")
     try:  # the devices and the shapes, before any work
         sharding.make_mesh(args.tp)
         sharding.local_config(PRESETS[args.config], args.tp)

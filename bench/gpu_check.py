@@ -9,7 +9,8 @@
    against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel.
 2. The decode-attention kernel against model.attend: GQA ratios 1..8, sliding windows, positions
    near the cache's capacity, caches updated in place.
-3. Greedy decoding of a SmolLM2-sized random model and of its int8 copy: the kernel decode path
+3. Greedy decoding of a SmolLM2-sized random model and of its int8 copy (LM head int8 too, on the
+   kernels' masked tiles at decode steps): the kernel decode path
    (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32.
 Exits non-zero on any failure.
 """
@@ -149,7 +150,7 @@ def check_norm(b, n, seed) -> bool:
 
 def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4), quantized=False) -> bool:
     """Greedy tokens through the kernels vs the jnp path of `mode` (cats: the MLP kernel; teal:
-    the sparse GEMVs; quantized: the model's int8 copy, thresholds calibrated on it). In fp32 they
+    the sparse GEMVs; quantized: the model's int8 copy, its LM head too, thresholds calibrated on it). In fp32 they
     must be equal; in bf16 the two paths round different accumulation orders, and a near-tie
     between the top two logits of a random model can flip a token, so bf16 is reported only."""
     from bench.decode import random_thresholds
@@ -159,7 +160,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4), quantized=False) ->
     from cats_jax.generate import generate
 
     cfg = preset("smollm2-135m")
-    make = lambda: M.quantize_model(M.init_random(cfg, seed=0, dtype=dtype)) if quantized else M.init_random(
+    make = lambda: M.quantize_model(M.init_random(cfg, seed=0, dtype=dtype), head=True) if quantized else M.init_random(
         cfg, seed=0, dtype=dtype)
     thresholds = random_thresholds(make(), [0.5], 512, 0)[0.5]
 
@@ -184,7 +185,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 4), quantized=False) ->
                      for g, w in zip(got.tokens, want.tokens)]
             # at a mismatch: the reference's margin between its top two logits there (full recompute)
             gaps = [None if k is None else _top2_gap(m, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
-            print(f"greedy {mode}{' int8' if quantized else ''} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
+            print(f"greedy {mode}{' int8+head' if quantized else ''} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
                   f"(first mismatch per row {first}, reference top-2 logit margin there {gaps}); "
                   f"measured MLP sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
                   f"{got.decode_tokens_per_s:.0f} vs {want.decode_tokens_per_s:.0f} tok/s", flush=True)

@@ -1,6 +1,7 @@
 """The converted-checkpoint layout, written by the converters and read by everything else.
 
-    DIR/config.json       ModelConfig (ours, not HF's; its "quantization": null or "int8")
+    DIR/config.json       ModelConfig (ours, not HF's; its "quantization": null or "int8", and
+                          "quantize_head": whether the LM head is int8 too)
     DIR/params/           orbax checkpoint of the model's nnx.Param state as a nested dict (int8:
                           each linear layer's int8 kernel and fp32 scales, cats_jax.quantize)
     DIR/tokenizer*.json   HF tokenizer files (tokenizer.json, tokenizer_config.json, ...)
@@ -160,7 +161,8 @@ def load_params(ckpt_dir: str | Path, cfg: ModelConfig, dtype=None, *, only=None
     path = Path(ckpt_dir).absolute() / "params"
     redo = f"re-convert it (python -m convert ... --out {ckpt_dir} --force)"
     if cfg.quantization is not None:
-        redo = f"re-convert it (python -m convert ... --quantize {cfg.quantization} --out {ckpt_dir} --force)"
+        flags = f"--quantize {cfg.quantization}" + (" --quantize-head" if cfg.quantize_head else "")
+        redo = f"re-convert it (python -m convert ... {flags} --out {ckpt_dir} --force)"
     if not path.is_dir():
         raise InputError(f"{path}: no params/ directory (is {ckpt_dir} a converted checkpoint?)")
     missing = [name for name in _tensor_names(cfg) if not (path / name).is_dir()]

@@ -49,6 +49,7 @@ class ModelConfig:
     model_type: str = "llama"
     name: str = ""
     quantization: str | None = None  # QUANTIZATIONS or None
+    quantize_head: bool = False  # the LM head quantized too (its own matrix even when tied); needs quantization
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -62,6 +63,9 @@ class ModelConfig:
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ConfigError(f"quantization={self.quantization!r} is not supported "
                               f"(supported: {', '.join(QUANTIZATIONS)}, or none)")
+        if self.quantize_head and self.quantization is None:
+            raise ConfigError("quantize_head=true needs a quantization: the LM head is quantized with the linear "
+                              f"layers (choose from {', '.join(QUANTIZATIONS)})")
 
     # ---- HF config.json -------------------------------------------------------------
     @classmethod

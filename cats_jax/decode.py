@@ -11,10 +11,10 @@ neuron-major [2I, H] for the CATS kernel, and one fp32 scalar threshold per laye
 int8 model's matrices stay int8, each with its fp32 per-output-channel scales beside it
 ("<name>_scale", concatenated as the columns are; per row of the neuron-major gate|up), applied
 after the fp32 accumulation of every product (cats_jax.quantize.dot; the kernels take them too),
-so no step dequantizes a matrix. The model is not changed. `Plan` (static) says which sites are
-thresholded and whether decode steps may run the Pallas kernels; which kernel runs where is then
-decided from the shapes at trace time (`Plan.*_kernel`). Rebuild the decoder after changing the
-model's thresholds.
+so no step dequantizes a matrix; an int8 LM head likewise ("head", "head_scale"). The model is not
+changed. `Plan` (static) says which sites are thresholded and whether decode steps may run the
+Pallas kernels; which kernel runs where is then decided from the shapes at trace time
+(`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds.
 
 The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
 greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
@@ -132,38 +132,44 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
         # the CATS kernel skips neurons: each neuron's weights one contiguous row (its scale: the row's)
         _fuse(lw, "gate_up_t" if cats and kernels else "gate_up", m.gate_proj, m.up_proj, neuron_major=cats and kernels)
         layers.append(lw)
-    head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
-    weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...], "head": head}
+    weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...]}
+    if model.lm_head is None:  # tied
+        weights["head"] = model.embed.embedding[...].T
+    else:  # float, or int8 with its "head_scale"
+        _fuse(weights, "head", model.lm_head)
     shared = tuple(g for g, group in GROUPS.items() if set(group) <= set(sites) and all(
         "factors" not in lw and len({float(lw["thresholds"][s]) for s in group}) == 1 for lw in layers))
     return Decoder(weights, Plan(model.cfg, sites, kernels, shared))
 
 
-def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None):
-    """x [B, T, in] @ w [in, out], where the columns of w come in segments of `widths`, each
-    reading x thresholded by its own TEAL threshold (None: x as it is) and, under the weighted
-    criterion, its own factors (factors [segments, in]; None: magnitude). w int8: scale fp32 [out]."""
+def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dtype=None):
+    """x [B, T, in] @ w [in, out] in `dtype` (default x's), where the columns of w come in segments
+    of `widths`, each reading x thresholded by its own TEAL threshold (None: x as it is) and, under
+    the weighted criterion, its own factors (factors [segments, in]; None: magnitude). w int8:
+    scale fp32 [out]."""
     b, t, n_in = x.shape
     thresholded = any(th is not None for th in thresholds)
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
         if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact
             blocks = sparse_gemv.blocks_for(b, n_in, w.shape[1], tuned=False)
-            return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks).reshape(b, t, -1)
+            return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks,
+                                           out_dtype=dtype).reshape(b, t, -1)
         ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]  # -1: keep every input
         return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors,
-                                       scale=scale).reshape(b, t, -1)
+                                       scale=scale, out_dtype=dtype).reshape(b, t, -1)
     if not thresholded:
-        return dot(x, w, scale)
+        return dot(x, w, scale, dtype)
     xs = [x if th is None else sparsity.teal_input(x, th, None if factors is None else factors[i])
           for i, th in enumerate(thresholds)]
     if len(xs) == 1:
-        return dot(xs[0], w, scale)
+        return dot(xs[0], w, scale, dtype)
     cuts = list(itertools.accumulate(widths))[:-1]
     if len(xs) * b * t <= MAX_STACKED_ROWS:  # one product reading w once; each segment keeps its rows
-        y = dot(jnp.stack(xs), w, scale)  # [segments, B, T, out]
+        y = dot(jnp.stack(xs), w, scale, dtype)  # [segments, B, T, out]
         return jnp.concatenate([part[i] for i, part in enumerate(jnp.split(y, cuts, axis=-1))], axis=-1)
     scales = [None] * len(xs) if scale is None else jnp.split(scale, cuts)
-    return jnp.concatenate([dot(xi, wi, si) for xi, wi, si in zip(xs, jnp.split(w, cuts, axis=1), scales)], axis=-1)
+    return jnp.concatenate([dot(xi, wi, si, dtype) for xi, wi, si in zip(xs, jnp.split(w, cuts, axis=1), scales)],
+                           axis=-1)
 
 
 def _site(lw, site):
@@ -278,10 +284,13 @@ def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
         kept.append(frac)
     if last is None:
         _, h = _add_norm(plan, x, h, weights["norm"])
-    else:  # prefill: only each row's last token
-        x = (x + h)[jnp.arange(x.shape[0]), last]
+    else:  # prefill: only each row's last token, [B, 1, H]
+        x = (x + h)[jnp.arange(x.shape[0]), last][:, None]
         h = rms_norm(x, weights["norm"], plan.cfg.rms_norm_eps)
-    logits = jnp.dot(h, weights["head"], preferred_element_type=f32)
+    # an int8 head is a dense int8 product: on the kernels' masked tiles for one token per row
+    head = weights["head"]
+    logits = _product(plan, h, head, [None], (head.shape[1],), scale=weights.get("head_scale"), dtype=f32)
+    logits = logits if last is None else logits[:, 0]
     if not plan.cats:
         return logits, new_cache, None
     kept = jnp.stack(kept)  # each device's fraction of its own neurons (equal shares): their mean

@@ -2,7 +2,8 @@
 
 Shapes: B batch, T tokens in this call, S cache slots, H hidden, I intermediate, N query heads,
 K kv heads, D head dim, V vocab. Weights use the Flax layout [in, out]. A config quantized "int8"
-holds its blocks' linear layers as QLinear (int8 weights, fp32 scales: cats_jax.quantize).
+holds its blocks' linear layers as QLinear (int8 weights, fp32 scales: cats_jax.quantize), and
+with quantize_head its LM head too.
 
 Positions are per row: row b's token t sits at positions[b, t], and its key/value go to cache
 slot positions[b, t]. Prompts of different lengths are right-padded; the causal test
@@ -316,7 +317,11 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _float_linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
+        if cfg.quantize_head:  # its own int8 matrix, tied or not: the embedding gather stays float
+            self.lm_head = QLinear(cfg.hidden_size, cfg.vocab_size)
+        else:
+            tied = cfg.tie_word_embeddings
+            self.lm_head = None if tied else _float_linear(cfg.hidden_size, cfg.vocab_size, dtype, rngs)
         self.remat = False  # training: recompute each block's activations in the backward pass
 
     def hidden(self, tokens, positions, cache: Cache | None = None):
@@ -331,7 +336,9 @@ class Transformer(nnx.Module):
         return self.norm(x), new_cache
 
     def logits(self, h):
-        """fp32 logits of hidden states [..., H]."""
+        """fp32 logits of hidden states [..., H] (an int8 head: (h @ q) * scales, accumulated in fp32)."""
+        if isinstance(self.lm_head, QLinear):
+            return self.lm_head(h, f32)
         w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return jnp.dot(h, w, preferred_element_type=f32)
 
@@ -420,8 +427,8 @@ def from_params(cfg: ModelConfig, params: dict) -> Transformer:
     return model
 
 
-def quantize_model(model: Transformer) -> Transformer:
-    """The int8 copy of a float model (cats_jax.quantize; weights on the model's device), dense;
-    the model itself is unchanged."""
-    params = quantize.quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return from_params(quantize.quantized_config(model.cfg), params)
+def quantize_model(model: Transformer, head: bool = False) -> Transformer:
+    """The int8 copy of a float model (cats_jax.quantize; weights on the model's device; head: its
+    LM head too), dense; the model itself is unchanged."""
+    params = quantize.quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), head)
+    return from_params(quantize.quantized_config(model.cfg, head=head), params)

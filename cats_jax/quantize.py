@@ -7,9 +7,18 @@ q converted to x's dtype (exact: |q| <= 127 fits bf16's 8-bit significand) and t
 accumulated in fp32, the scale applied after the accumulation.
 
 What is quantized: every linear layer of the blocks (q, k, v, o, gate, up, down), as
-model.QLinear when the config's `quantization` is "int8"; the embedding, norms and LM head stay
-in the model's dtype. A checkpoint records it in config.json; `quantize_params` turns a float
-params tree into the int8 one (python -m convert --quantize int8), model.quantize_model a model.
+model.QLinear when the config's `quantization` is "int8"; the embedding and norms stay in the
+model's dtype, and so does the LM head unless the config's `quantize_head` is true (convert
+--quantize int8 --quantize-head). A checkpoint records both in config.json; `quantize_params` turns
+a float params tree into the int8 one, model.quantize_model a model.
+
+The int8 LM head is its own matrix q int8 [H, V] with scales fp32 [V] (one per vocab entry), the
+model's lm_head, and logits are (h @ q) * scale in fp32. A tied model keeps its float embedding
+for the gather, so its checkpoint and model grow by V H + 4 V bytes (the head no longer shares the
+table), while a decode step reads V H + 4 V bytes for the head instead of the table's 2 V H in bf16
+(decode.prepare already held a bf16 model's head as a transposed copy of the table: its decode
+weights shrink by V H - 4 V bytes). An untied model saves V H - 4 V bytes everywhere. The head
+comes after every block, so thresholds calibrated on the int8 model apply with or without it.
 """
 
 from __future__ import annotations
@@ -49,20 +58,21 @@ def dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, dtype=None) 
     return y.astype(dtype or x.dtype)
 
 
-def quantized_config(cfg, scheme: str = "int8"):
-    """cfg of the same model with its blocks' linear layers quantized."""
+def quantized_config(cfg, scheme: str = "int8", head: bool = False):
+    """cfg of the same model with its blocks' linear layers quantized (head: its LM head too)."""
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {scheme!r} (choose from {', '.join(QUANTIZATIONS)})")
     if cfg.quantization is not None:
         raise ValueError(f"{cfg.name or 'the model'} is quantized already ({cfg.quantization})")
-    return dataclasses.replace(cfg, quantization=scheme)
+    return dataclasses.replace(cfg, quantization=scheme, quantize_head=head)
 
 
-def quantize_params(params: dict) -> dict:
+def quantize_params(params: dict, head: bool = False) -> dict:
     """A float params tree (nested dicts, the model's or the checkpoint's keys) quantized in place:
     every linear layer under "layers" ({"kernel": W}) becomes {"kernel": q, "scales": scale}, one
     at a time, each float kernel dropped as it is replaced (one model's weights in memory, not
-    two). Returns params."""
+    two). head: "lm_head" too, made from the embedding's transpose if tied (the embedding stays).
+    Returns params."""
 
     def walk(node: dict):
         if "kernel" in node:
@@ -73,4 +83,8 @@ def quantize_params(params: dict) -> dict:
                 walk(sub)
 
     walk(params["layers"])
+    if head:
+        tied = "lm_head" not in params
+        params["lm_head"] = {"kernel": params["embed"]["embedding"].T if tied else params["lm_head"]["kernel"]}
+        walk(params["lm_head"])
     return params

@@ -78,6 +78,7 @@ LOGICAL = {
     "gate_up_scale": ("mlp",),
     "gate_up_t_scale": ("mlp",),
     "down_scale": ("embed",),
+    "head_scale": ("vocab",),
 }
 # The model's own weights (cats_jax.model, which eval runs): each linear layer's kernel [in, out]
 # and an int8 one's scales [out]; every other weight replicated.

@@ -21,11 +21,15 @@ def target_dtype(name: str):
     return checkpoint.DTYPES[name]
 
 
-def write(out, cfg: ModelConfig, params: dict, tokenizer_dir, force: bool, quantization: str | None) -> Path:
-    """checkpoint.save of params, quantized first if quantization is given ("int8")."""
+def write(out, cfg: ModelConfig, params: dict, tokenizer_dir, force: bool, quantization: str | None,
+          quantize_head: bool = False) -> Path:
+    """checkpoint.save of params, quantized first if quantization is given ("int8"; quantize_head:
+    the LM head too)."""
+    if quantize_head and quantization is None:
+        raise ValueError("quantizing the LM head needs a quantization of the linear layers (--quantize int8)")
     if quantization is not None:
-        cfg = quantize.quantized_config(cfg, quantization)
-        params = quantize.quantize_params(params)
+        cfg = quantize.quantized_config(cfg, quantization, quantize_head)
+        params = quantize.quantize_params(params, quantize_head)
     return checkpoint.save(out, cfg, params, tokenizer_dir=tokenizer_dir, force=force)
 
 

@@ -94,9 +94,9 @@ def save_tokenizer(meta: dict, out_dir: Path) -> None:
 
 
 def convert_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False,
-                 quantization: str | None = None) -> Path:
+                 quantization: str | None = None, quantize_head: bool = False) -> Path:
     """Convert a llama-architecture GGUF file into a cats-jax checkpoint at out (its linear layers
-    quantized if quantization is given: cats_jax.quantize)."""
+    quantized if quantization is given, and its LM head if quantize_head: cats_jax.quantize)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -123,4 +123,4 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16", for
             elif target[-2] == "k_proj":
                 w = unpermute_rows(w, cfg.num_kv_heads)
             put(params, target, w, dt, transpose=target[-1] == "kernel")
-        return write(out, cfg, params, tok_dir, force, quantization)
+        return write(out, cfg, params, tok_dir, force, quantization, quantize_head)

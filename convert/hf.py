@@ -123,9 +123,10 @@ def read_config(src: Path, name: str = "") -> ModelConfig:
 
 
 def convert_hf(src: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False,
-               quantization: str | None = None) -> Path:
+               quantization: str | None = None, quantize_head: bool = False) -> Path:
     """Convert an HF safetensors checkpoint (dir or hub id) into a cats-jax checkpoint at out
-    (its linear layers quantized if quantization is given: cats_jax.quantize)."""
+    (its linear layers quantized if quantization is given, and its LM head if quantize_head:
+    cats_jax.quantize)."""
     dt = target_dtype(dtype)
     checkpoint.check_out_dir(out, force)
     local = resolve(src)
@@ -145,4 +146,4 @@ def convert_hf(src: str | Path, out: str | Path, dtype: str = "bfloat16", force:
             w = f.get_tensor(name)
         put(params, path, w, dt, transpose=path[-1] == "kernel")
         del w
-    return write(out, cfg, params, local, force, quantization)
+    return write(out, cfg, params, local, force, quantization, quantize_head)

@@ -27,9 +27,10 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
 
 def _model(mode, sparsity=0.5, dtype=f32, shared=True, criterion="magnitude", int8=False):
     """Thresholds from a uniform calibration: q, k, v (and gate, up) share one per layer; with
-    shared=False each site's is moved apart, as a greedy allocation would. int8: the model's int8 copy."""
+    shared=False each site's is moved apart, as a greedy allocation would. int8: the model's int8
+    copy (int8="head": its LM head int8 too)."""
     m = M.init_random(CFG, seed=3, dtype=dtype)
-    m = M.quantize_model(m) if int8 else m
+    m = M.quantize_model(m, head=int8 == "head") if int8 else m
     m.set_criterion(criterion)  # before the thresholds: they are quantiles of the criterion's score
     for i, (site, t) in enumerate(random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items()):
         m.set_thresholds(site, np.asarray(t) * (1 if shared else 1 + 0.1 * i))
@@ -49,16 +50,18 @@ def kernels_on_tiny_weights(monkeypatch):
     ("dense", True, "magnitude", False), ("cats", True, "magnitude", False), ("teal", True, "magnitude", False),
     ("teal", False, "magnitude", False), ("cats+teal-attn", False, "magnitude", False),
     ("cats", True, "weighted", False), ("teal", True, "weighted", False),
-    ("cats", True, "weighted", True), ("teal", False, "magnitude", True), ("dense", True, "magnitude", True)])
+    ("cats", True, "weighted", True), ("teal", False, "magnitude", True), ("dense", True, "magnitude", True),
+    ("dense", True, "magnitude", "head")])
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
 def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criterion, int8, impl):
     """Prefill (several tokens) and a decode step (one token, batch 1: every kernel) give the model's
     logits, with thresholds shared by the fused projections or each its own, under either criterion,
-    of float or int8 weights (kept int8 in the decode weights)."""
+    of float or int8 weights (kept int8 in the decode weights; an int8 LM head too)."""
     m = _model(mode, shared=shared, criterion=criterion, int8=int8)
     dec = decode.prepare(m, impl)
     assert {w.dtype == jnp.int8 for k, w in dec.weights["layers"][0].items() if k in ("qkv", "o", "gate_up", "down",
-                                                                                       "gate_up_t")} == {int8}
+                                                                                       "gate_up_t")} == {bool(int8)}
+    assert (dec.weights["head"].dtype == jnp.int8) == ("head_scale" in dec.weights) == (int8 == "head")
     assert dec.plan.shared == (("qkv", "gate_up") if mode == "teal" and shared and criterion == "magnitude" else ())
     toks = jax.random.randint(jax.random.key(1), (1, 9), 0, CFG.vocab_size)
     pos = jnp.arange(9)[None]
@@ -74,6 +77,26 @@ def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criteri
         np.testing.assert_allclose(gk, wk, atol=1e-5)
         np.testing.assert_allclose(gv, wv, atol=1e-5)
     assert (kept is not None) == ("cats" in mode)
+
+
+def test_int8_head_of_a_decode_step_runs_on_the_kernels(kernels_on_tiny_weights):
+    """A decode step's int8 LM head is one more kernel (the masked tiles, as the other dense int8
+    products); prefill's last-token logits take it too, and give the model's."""
+    step = jnp.zeros((1, 1), jnp.int32)
+    calls = []
+    for head in (False, True):
+        m = M.quantize_model(M.init_random(CFG, seed=3, dtype=f32), head=head)
+        dec = decode.prepare(m, "pallas")
+        with interpret_on_cpu():
+            calls.append(str(jax.make_jaxpr(lambda t, d=dec: decode.forward(d.weights, t, step, M.init_cache(
+                CFG, 1, 4, f32), plan=d.plan))(step)).count("pallas_call"))
+    assert calls[1] == calls[0] + 1
+    toks = jax.random.randint(jax.random.key(2), (2, 5), 0, CFG.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    want = m(toks, pos)[0][:, -1]
+    with interpret_on_cpu(), poisoned_outputs():
+        got = forward(dec.weights, toks, pos, M.init_cache(CFG, 2, 8, f32), plan=dec.plan, last=jnp.array([4, 4]))[0]
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 @pytest.mark.parametrize("mode", ["cats", "teal"])

@@ -14,11 +14,12 @@ import pytest
 from flax import nnx
 
 import cats_jax
+import convert
 from bench.decode import random_thresholds
 from cats_jax import calibrate, checkpoint, data, decode, quantize, sparsity, thresholds
 from cats_jax import model as M
 from cats_jax.cli import InputError, run
-from cats_jax.config import ModelConfig
+from cats_jax.config import ConfigError, ModelConfig
 from conftest import hf_tensors, write_hf_dir
 from convert.__main__ import main as convert_main
 
@@ -43,8 +44,9 @@ def test_quantizer_error_is_at_most_half_a_step_and_zero_columns_are_safe():
 
 
 def _dequantized_twin(qm):
-    """The float model (fp32) whose kernels are qm's dequantized weights."""
-    cfg = dataclasses.replace(qm.cfg, quantization=None)
+    """The float model (fp32) whose kernels are qm's dequantized weights (an int8 LM head: an untied float one)."""
+    cfg = dataclasses.replace(qm.cfg, quantization=None, quantize_head=False,
+                              tie_word_embeddings=qm.cfg.tie_word_embeddings and not qm.cfg.quantize_head)
     params = nnx.to_pure_dict(nnx.state(qm, nnx.Param))
 
     def walk(node):
@@ -80,6 +82,28 @@ def test_int8_model_is_its_dequantized_twin(mode, criterion):
         np.testing.assert_allclose(qm(toks)[0], m(toks)[0], atol=0.1)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_head_model_is_its_dequantized_twin(tied):
+    """With head=True the LM head is its own int8 [H, V] with one scale per vocab entry (a tied
+    model's embedding stays float for the gather); the logits (h @ q) * s in fp32 are the twin's."""
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    m = M.init_random(cfg, seed=3, dtype=f32)
+    qm = M.quantize_model(m, head=True)
+    head = qm.lm_head
+    assert qm.cfg.quantize_head and (head.kernel.dtype, head.kernel.shape, head.scales.shape) == (
+        jnp.int8, (cfg.hidden_size, cfg.vocab_size), (cfg.vocab_size,))
+    assert qm.embed.embedding.dtype == f32
+    q, s = quantize.quantize_int8(m.embed.embedding[...].T if tied else m.lm_head.kernel[...])
+    np.testing.assert_array_equal(head.kernel[...], q)
+    np.testing.assert_array_equal(head.scales[...], s)
+    toks = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    logits = qm(toks)[0]
+    assert logits.dtype == f32
+    np.testing.assert_allclose(logits, _dequantized_twin(qm)(toks)[0], atol=1e-4)
+    float_head = M.quantize_model(m)(toks)[0]  # the int8 model with its float head: close, not equal
+    assert 0 < np.abs(logits - float_head).max() < 0.05
+
+
 @pytest.fixture(scope="module")
 def int8_ckpt(word_ckpt, tmp_path_factory):
     """word_ckpt (fp32, CATS thresholds at 0.5) quantized by the convert CLI."""
@@ -99,6 +123,45 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_and_generates(word_ckpt
     want = M.quantize_model(checkpoint.load_model(word_ckpt, f32))
     (expected,), _ = cats_jax.generate.generate_text(want, data.load_tokenizer(word_ckpt), ["w5 w6 w7"], 6)
     assert text == expected and text.strip()
+
+
+@pytest.fixture(scope="module")
+def head_ckpt(word_ckpt, tmp_path_factory):
+    """word_ckpt quantized with its LM head by the convert CLI."""
+    out = tmp_path_factory.mktemp("int8head") / "ckpt"
+    convert_main(["--ckpt", str(word_ckpt), "--quantize", "int8", "--quantize-head", "--dtype", "float32",
+                  "--out", str(out)])
+    return out
+
+
+def test_convert_quantize_head_is_recorded_and_the_checkpoint_generates(word_ckpt, head_ckpt):
+    recorded = json.loads((head_ckpt / "config.json").read_text())
+    assert (recorded["quantization"], recorded["quantize_head"]) == ("int8", True)
+    model = checkpoint.load_model(head_ckpt)  # no flag: config.json says it
+    assert (model.lm_head.kernel.dtype, model.lm_head.scales.dtype) == (jnp.int8, f32)
+    text = cats_jax.load(head_ckpt, dtype="float32").generate("w5 w6 w7", 6)
+    source = checkpoint.load_model(word_ckpt, f32)
+    want = M.quantize_model(source, head=True)
+    (expected,), _ = cats_jax.generate.generate_text(want, data.load_tokenizer(word_ckpt), ["w5 w6 w7"], 6)
+    assert text == expected and text.strip()
+    # the head comes after every threshold: the int8 model's thresholds are this one's too
+    assert thresholds.model_identity(model) == thresholds.model_identity(M.quantize_model(source))
+
+
+def test_convert_hf_quantize_head_of_a_tied_model(tmp_path):
+    """A tied model's int8 head is quantized from the embedding's transpose; the embedding stays float."""
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    params = checkpoint.numpy_params(M.init_random(cfg, seed=3, dtype=f32))
+    src = write_hf_dir(tmp_path / "hf", cfg, hf_tensors(cfg, params))
+    out = tmp_path / "out"
+    convert_main(["--hf", str(src), "--quantize", "int8", "--quantize-head", "--dtype", "float32", "--out", str(out)])
+    loaded = ModelConfig.load(out)
+    assert loaded.tie_word_embeddings and loaded.quantize_head
+    got = checkpoint.load_params(out, loaded)
+    q, s = quantize.quantize_int8(params["embed"]["embedding"].T)
+    np.testing.assert_array_equal(got["lm_head"]["kernel"], q)
+    np.testing.assert_array_equal(got["lm_head"]["scales"], s)
+    np.testing.assert_array_equal(got["embed"]["embedding"], params["embed"]["embedding"])
 
 
 def test_convert_hf_quantize_int8_stores_the_quantized_kernels(tmp_path):
@@ -149,36 +212,68 @@ def test_calibrating_the_int8_checkpoint(tiny_ckpt, tmp_path):
     assert 0.3 < np.mean(level.realised[sparsity.CATS_SITE]["calibration"]) < 0.7
 
 
-def test_missing_or_misshapen_scales_are_one_clear_line(int8_ckpt, word_ckpt, tmp_path):
-    missing = tmp_path / "missing"
-    shutil.copytree(int8_ckpt, missing)
-    shutil.rmtree(missing / "params" / "layers.1.mlp.down_proj.scales")
-    with pytest.raises(InputError, match=r"1 of its quantization scales are missing \(layers.1.mlp.down_proj.scales\)"):
-        checkpoint.load_model(missing)
-
-    cfg = ModelConfig.load(int8_ckpt)
-    params = checkpoint.load_params(int8_ckpt, cfg)
-    params["layers"]["0"]["attn"]["k_proj"]["scales"] = jnp.ones((cfg.num_kv_heads * cfg.head_dim + 1,), f32)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(cfg.to_json())
-    checkpoint.write_params(bad, params)
+def _load_error(ckpt, out, edit=None, remove=None) -> str:
+    """The one-line InputError of loading a copy of ckpt at out whose params are edited by edit(params)
+    (rewritten) or lack the tensor directory `remove`."""
+    if edit is None:
+        shutil.copytree(ckpt, out)
+        shutil.rmtree(out / "params" / remove)
+    else:
+        cfg = ModelConfig.load(ckpt)
+        params = checkpoint.load_params(ckpt, cfg)
+        edit(params)
+        out.mkdir()
+        (out / "config.json").write_text(cfg.to_json())
+        checkpoint.write_params(out, params)
     with pytest.raises(InputError) as e:
-        checkpoint.load_model(bad)
-    assert "tensor layers.0.attn.k_proj.scales has shape (33,), config.json says (32,)" in str(e.value)
+        checkpoint.load_model(out)
     assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_or_misshapen_scales_are_one_clear_line(int8_ckpt, word_ckpt, tmp_path):
+    said = _load_error(int8_ckpt, tmp_path / "missing", remove="layers.1.mlp.down_proj.scales")
+    assert "1 of its quantization scales are missing (layers.1.mlp.down_proj.scales)" in said
+    k_proj = lambda params: params["layers"]["0"]["attn"]["k_proj"]  # noqa: E731
+    said = _load_error(int8_ckpt, tmp_path / "bad", lambda p: k_proj(p).update(scales=jnp.ones((33,), f32)))
+    assert "tensor layers.0.attn.k_proj.scales has shape (33,), config.json says (32,)" in said
 
     claimed = tmp_path / "claimed"  # a float checkpoint whose config.json says int8
     shutil.copytree(word_ckpt, claimed)
-    (claimed / "config.json").write_text(cfg.to_json())
+    shutil.copy(int8_ckpt / "config.json", claimed)
     with pytest.raises(InputError, match="quantization scales are missing"):
         checkpoint.load_model(claimed)
-    params = checkpoint.load_params(int8_ckpt, cfg)  # one kernel float, its scales there
-    params["layers"]["0"]["attn"]["k_proj"]["kernel"] = jnp.ones((cfg.hidden_size, 32), f32)
-    shutil.rmtree(bad / "params")
-    checkpoint.write_params(bad, params)
-    with pytest.raises(InputError, match="tensor layers.0.attn.k_proj.kernel is float32, config.json says int8"):
-        checkpoint.load_model(bad)
+    said = _load_error(int8_ckpt, tmp_path / "float", lambda p: k_proj(p).update(kernel=jnp.ones((64, 32), f32)))
+    assert "tensor layers.0.attn.k_proj.kernel is float32, config.json says int8" in said  # its scales there
+
+
+def test_missing_or_misshapen_head_scales_are_one_clear_line(head_ckpt, tmp_path):
+    said = _load_error(head_ckpt, tmp_path / "missing", remove="lm_head.scales")
+    assert "1 of its quantization scales are missing (lm_head.scales)" in said
+    assert "--quantize int8 --quantize-head --out" in said  # what to re-run
+    said = _load_error(head_ckpt, tmp_path / "bad", lambda p: p["lm_head"].update(scales=jnp.ones((321,), f32)))
+    assert "tensor lm_head.scales has shape (321,), config.json says (320,)" in said
+
+
+def test_quantize_head_without_a_quantization_is_refused(word_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert_main(["--ckpt", str(word_ckpt), "--quantize-head", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--quantize-head quantizes the LM head with the linear layers: add --quantize " \
+                                 "int8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="quantizing the LM head needs a quantization"):
+        convert.write(tmp_path / "y", CFG, {}, None, False, None, quantize_head=True)
+    with pytest.raises(ConfigError, match="quantize_head=true needs a quantization"):  # an edited config.json
+        dataclasses.replace(CFG, quantize_head=True)
+    from bench import decode as bench_decode
+
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--quantize-head"])
+    assert "add int8 to --quantize" in capsys.readouterr().err
+    # a config.json written before the field existed loads as a float head
+    old = {k: v for k, v in json.loads(M.quantize_model(M.init_random(CFG)).cfg.to_json()).items()
+           if k != "quantize_head"}
+    assert ModelConfig.from_json(json.dumps(old)) == dataclasses.replace(CFG, quantization="int8")
 
 
 def test_bad_quantize_value_and_quantized_sources_are_refused(int8_ckpt, tmp_path, capsys):
@@ -214,3 +309,22 @@ def test_bench_runs_int8_after_bf16_and_reports_the_weight_bytes():
     assert bf16 - int8 == CFG.num_layers * (linear * (2 - 1) - 4 * outputs)
     with pytest.raises(SystemExit):
         bench_decode.parse_args(["--quantize", "int4"])
+
+
+def test_bench_int8_head_rows_and_bytes(tiny_cfg):
+    """--quantize-head: rows "int8+head"; a tied model's int8 head is read instead of its table
+    (bytes per step), and the decode weights lose the head's bf16 copy of the table."""
+    from bench import decode as bench_decode
+
+    args = bench_decode.parse_args(["--batch", "1", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
+                                    "--copy-mib", "4", "--impl", "jnp", "--quantize", "int8", "--quantize-head"])
+    table = bench_decode.run(CFG, args).splitlines()
+    assert "(LM head int8 too)" in table[0] and table[6].split("|")[1] == " int8+head dense "
+    cfg = tiny_cfg(tie_word_embeddings=True)
+    v, h = cfg.vocab_size, cfg.hidden_size
+    model = bench_decode.random_model(cfg)
+    int8, head = M.quantize_model(model), M.quantize_model(model, head=True)
+    per_step = [bench_decode.bytes_per_step(cfg, m, 1, 4, 2) for m in (int8, head)]
+    assert per_step[1] - per_step[0] == v * h + 4 * v - 2 * v * h
+    on_device = [bench_decode.weight_bytes(decode.prepare(m)) for m in (int8, head)]
+    assert on_device[1] - on_device[0] == v * h + 4 * v - 2 * v * h

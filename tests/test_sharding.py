@@ -119,7 +119,7 @@ def _run_cases():
     prompts = [[5, 17, 3, 88, 41, 9, 2], [60, 61, 62]]  # ragged: padding rows too
 
     m = M.init_random(cfg, seed=3, dtype=f32)  # fp32: no argmax ties flipped by the psums' rounding
-    int8 = M.quantize_model(m)
+    int8 = M.quantize_model(m, head=True)  # its LM head too (replicated, as the float one)
     for site, t in random_thresholds(m, [0.5], tokens=64, seed=0)[0.5].items():  # every site, ~half kept
         # k's own threshold: q|k|v's segments test their own; gate|up keeps one shared (decode.Plan.shared)
         for model in (m, int8):
