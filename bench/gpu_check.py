@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.kernels import random_mlp, threshold_for
+from bench.kernels import kernel_weights, random_mlp, threshold_for
+from cats_jax.quantize import dequantize, quantize_int8
 from cats_jax.sparsity import MODES, cats_activation, gated_mlp
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import sparse_gemv as G
@@ -43,28 +44,19 @@ def rel_err(y, ref) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def int8(w):
-    """w [in, out] as int8 rows and one fp32 scale per output column, and the dequantized fp32 matrix."""
-    scale = jnp.maximum(jnp.max(jnp.abs(w.astype(f32)), axis=0), 1e-12) / 127
-    q = jnp.clip(jnp.round(w.astype(f32) / scale), -127, 127).astype(jnp.int8)
-    return q, scale, q.astype(f32) * scale
-
-
 def check_mlp(b, h, i, sparsity, seed, quantized=False) -> bool:
     """gate_up, then sparse_gemv of the down projection (quantized: int8 weights, fp32 scales)."""
     wg, wu, wd = random_mlp(h, i, seed)
-    scales = None
-    if quantized:
-        (qg, sg, wg), (qu, su, wu), (qd, sd, wd) = int8(wg), int8(wu), int8(wd)
+    w_gu, w_down, scales = kernel_weights(wg, wu, wd, quantized)
+    if quantized:  # the reference reads the weights the kernel reads: q * scale
+        s_gu, s_down = scales
+        wg, wu, wd = dequantize(w_gu[:i].T, s_gu[:i]), dequantize(w_gu[i:].T, s_gu[i:]), dequantize(w_down, s_down)
     x = jax.random.normal(jax.random.key(seed + 1), (b, h), f32).astype(jnp.bfloat16)
     with jax.default_matmul_precision("highest"):
         g = jnp.dot(x.astype(f32), wg.astype(f32))
         t = threshold_for(jax.nn.silu(g), sparsity)
         a = cats_activation(g, t)
         ref = gated_mlp(x, wg, wu, wd, t)
-    w_gu, w_down = jnp.concatenate([wg.T, wu.T]).astype(x.dtype), wd.astype(x.dtype)
-    if quantized:
-        w_gu, w_down, scales = jnp.concatenate([qg.T, qu.T]), qd, (jnp.concatenate([sg, su]), sd)
     with poisoned_outputs():
         y, hidden = K.cats_mlp(x, w_gu, w_down, t, scales=scales)
     same_kept = bool(np.array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0))
@@ -81,16 +73,15 @@ def check_gemv(b, n_in, n_out, sparsity, seed, variant="masked", quantized=False
     b rows; or "gather" (batch 1 only: compact, then gather). quantized: int8 rows."""
     b = 1 if variant == "gather" else b
     w, _, _ = random_mlp(n_in, n_out, seed)
-    scale = None
-    if quantized:
-        q, scale, w = int8(w)
+    q, scale = quantize_int8(w) if quantized else (w, None)  # the kernel's weights
+    w = dequantize(q, scale) if quantized else w  # the reference's
     x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
     blk = G.GatherBlocks() if variant == "gather" else G.blocks_for(b, n_in, n_out)
     with poisoned_outputs():
-        y = G.sparse_gemv(x, q if quantized else w, t, blocks=blk, scale=scale)
+        y = G.sparse_gemv(x, q, t, blocks=blk, scale=scale)
     err = rel_err(y, ref)
     print(f"sparse_gemv {variant}{' int8' if quantized else ''} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
           f"{'ok' if err < TOL else 'FAIL'}", flush=True)

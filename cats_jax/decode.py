@@ -177,7 +177,7 @@ def _site(lw, site):
 
 
 def _scale(lw, name):
-    """The fp32 scales of the int8 decode weight lw[name]; None for float weights."""
+    """The fp32 scales of the int8 decode weight lw[name] (a layer's, or the head's in weights); None for float."""
     return lw.get(f"{name}_scale")
 
 
@@ -289,7 +289,7 @@ def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
         h = rms_norm(x, weights["norm"], plan.cfg.rms_norm_eps)
     # an int8 head is a dense int8 product: on the kernels' masked tiles for one token per row
     head = weights["head"]
-    logits = _product(plan, h, head, [None], (head.shape[1],), scale=weights.get("head_scale"), dtype=f32)
+    logits = _product(plan, h, head, [None], (head.shape[1],), scale=_scale(weights, "head"), dtype=f32)
     logits = logits if last is None else logits[:, 0]
     if not plan.cats:
         return logits, new_cache, None
