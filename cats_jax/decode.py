@@ -111,35 +111,50 @@ def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
     """Decode weights and plan from the model's weights, mode and thresholds (module docstring)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r} (choose from {', '.join(IMPLS)})")
+    layers = [prepare_layer(model, layer, impl) for layer in model.layers]
+    return Decoder(dict(prepare_top(model), layers=layers), make_plan(model, impl, layers))
+
+
+def prepare_layer(model: Transformer, layer, impl: str) -> dict:
+    """One layer's decode weights under the model's mode, thresholds and criterion."""
     sites = model.sites
     cats = sparsity.CATS_SITE in sites
     kernels = impl == "pallas"
-    layers = []
-    for layer in model.layers:
-        a, m = layer.attn, layer.mlp
-        lw = {
-            "attn_norm": layer.input_norm.scale[...],
-            "mlp_norm": layer.post_attn_norm.scale[...],
-            "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
-        }
-        _fuse(lw, "qkv", a.q_proj, a.k_proj, a.v_proj)
-        _fuse(lw, "o", a.o_proj)
-        _fuse(lw, "down", m.down_proj)
-        if model.criterion == "weighted":  # the model's factors, one [in] row per fused segment
-            fa, fm = ({p: f[...] for p, f in mod.input_factor.items()} for mod in (a, m))
-            lw["factors"] = {"qkv": jnp.stack([fa["q_proj"], fa["k_proj"], fa["v_proj"]]), "o": fa["o_proj"][None],
-                             "gate_up": jnp.stack([fm["gate_proj"], fm["up_proj"]]), "down": fm["down_proj"][None]}
-        # the CATS kernel skips neurons: each neuron's weights one contiguous row (its scale: the row's)
-        _fuse(lw, "gate_up_t" if cats and kernels else "gate_up", m.gate_proj, m.up_proj, neuron_major=cats and kernels)
-        layers.append(lw)
-    weights = {"embed": model.embed.embedding[...], "layers": layers, "norm": model.norm.scale[...]}
+    a, m = layer.attn, layer.mlp
+    lw = {
+        "attn_norm": layer.input_norm.scale[...],
+        "mlp_norm": layer.post_attn_norm.scale[...],
+        "thresholds": {s: jnp.asarray(site_threshold(layer, s)[...], f32) for s in sites},
+    }
+    _fuse(lw, "qkv", a.q_proj, a.k_proj, a.v_proj)
+    _fuse(lw, "o", a.o_proj)
+    _fuse(lw, "down", m.down_proj)
+    if model.criterion == "weighted":  # the layer's factors, one [in] row per fused segment
+        fa, fm = ({p: f[...] for p, f in mod.input_factor.items()} for mod in (a, m))
+        lw["factors"] = {"qkv": jnp.stack([fa["q_proj"], fa["k_proj"], fa["v_proj"]]), "o": fa["o_proj"][None],
+                         "gate_up": jnp.stack([fm["gate_proj"], fm["up_proj"]]), "down": fm["down_proj"][None]}
+    # the CATS kernel skips neurons: each neuron's weights one contiguous row (its scale: the row's)
+    _fuse(lw, "gate_up_t" if cats and kernels else "gate_up", m.gate_proj, m.up_proj, neuron_major=cats and kernels)
+    return lw
+
+
+def prepare_top(model: Transformer) -> dict:
+    """The decode weights outside the layers: embedding, final norm, LM head."""
+    weights = {"embed": model.embed.embedding[...], "norm": model.norm.scale[...]}
     if model.lm_head is None:  # tied
         weights["head"] = model.embed.embedding[...].T
     else:  # float, or int8 with its "head_scale"
         _fuse(weights, "head", model.lm_head)
+    return weights
+
+
+def make_plan(model: Transformer, impl: str, layers: list[dict]) -> Plan:
+    """The plan of the model's mode on these prepared layers: a group shares one threshold
+    segment when every layer thresholds its sites alike (magnitude criterion)."""
+    sites = model.sites
     shared = tuple(g for g, group in GROUPS.items() if set(group) <= set(sites) and all(
         "factors" not in lw and len({float(lw["thresholds"][s]) for s in group}) == 1 for lw in layers))
-    return Decoder(weights, Plan(model.cfg, sites, kernels, shared))
+    return Plan(model.cfg, sites, impl == "pallas", shared)
 
 
 def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dtype=None):

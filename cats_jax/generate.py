@@ -358,7 +358,7 @@ def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: 
 
 def load_sharded(ckpt, mesh, impl: str = "jnp", dtype=None, configure: Callable | None = None) -> Decoder:
     """The decoder of a checkpoint placed on the mesh one layer at a time, so that no device or host
-    ever holds the whole model: each layer is read, prepared (decode.prepare), split into its tp blocks
+    ever holds the whole model: each layer is read, prepared (decode.prepare_layer), split into its tp blocks
     and placed, and its whole copies are dropped before the next is read (cats_jax.sharding).
     configure(model) sets the sparsity (thresholds, mode, criterion) once, on the model whose layers
     all hold the first layer's weights until each is read; the weighted criterion's factors are then
@@ -387,26 +387,19 @@ def load_sharded(ckpt, mesh, impl: str = "jnp", dtype=None, configure: Callable 
     if configure is not None:
         configure(model)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first)
-    layers, placed, shared = list(model.layers), [], None
+    layers, placed = list(model.layers), []
     for layer in layers[1:]:
         hold(layer, abstract)
     del first
-    try:
-        for i, layer in enumerate(layers):
-            if i:
-                hold(layer, read_layer(i))
-            model.layers = nnx.List([layer])  # the model seen by prepare: this layer only
-            model.set_criterion(model.criterion)  # weighted: the factors of this layer's weights
-            part = decode.prepare(model, impl)
-            placed.append(sharding.place(sharding.split_layer(part.weights["layers"][0], cfg, sharding.tp_size(mesh)),
-                                         mesh))
-            hold(layer, abstract)
-            shared = set(part.plan.shared) if shared is None else shared & set(part.plan.shared)
-            del part.weights["layers"][0]
-    finally:
-        model.layers = nnx.List(layers)
-    weights = sharding.place(dict(part.weights, layers=[]), mesh)
-    plan = dataclasses.replace(part.plan, shared=tuple(g for g in part.plan.shared if g in shared), mesh=mesh)
+    for i, layer in enumerate(layers):
+        if i:
+            hold(layer, read_layer(i))
+        model.set_criterion(model.criterion, layers=[layer])  # weighted: the factors of this layer's weights
+        placed.append(sharding.place(sharding.split_layer(decode.prepare_layer(model, layer, impl), cfg,
+                                                          sharding.tp_size(mesh)), mesh))
+        hold(layer, abstract)
+    weights = sharding.place(decode.prepare_top(model), mesh)
+    plan = dataclasses.replace(decode.make_plan(model, impl, placed), mesh=mesh)
     return Decoder(dict(weights, layers=placed), plan)
 
 

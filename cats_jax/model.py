@@ -362,12 +362,13 @@ class Transformer(nnx.Module):
                 teal = (s for s in sites if s in sparsity.TEAL_SITES and s.startswith(name + "."))
                 getattr(layer, name).sparse_inputs = tuple(s.split(".")[1] for s in teal)
 
-    def set_criterion(self, criterion: str):
+    def set_criterion(self, criterion: str, layers=None):
         """What every site compares with its threshold (sparsity.CRITERIA): weighted derives each
-        projection's input factors from its weights now (rederive after changing the weights)."""
+        projection's input factors from its weights now (rederive after changing the weights; of
+        `layers` only, when given)."""
         if criterion not in sparsity.CRITERIA:
             raise ValueError(f"unknown selection criterion {criterion!r} (choose from {', '.join(sparsity.CRITERIA)})")
-        for layer in self.layers:
+        for layer in self.layers if layers is None else layers:
             for module in (layer.attn, layer.mlp):
                 module.criterion = criterion
                 if criterion == "weighted":
