@@ -14,12 +14,15 @@ sqrt(p (1 - p) / reservoir): 0.05 points at p = 0.5 for the default 10^6. (The C
 held-apart text: the CATS model is run at each level and its zeroed activations are counted per
 layer. This is TEAL's sampler (cats_jax.quantiles) restricted to the one site "mlp.act".
 
-Allocation: uniform (the paper's: every layer at the target) or greedy, TEAL's search run across
-layers instead of across one layer's sites (cats_jax.teal.greedy_path): from 0 everywhere, raise
-by a step the layer whose output error (relative L2 of its output on the dense model's hidden
-states, as TEAL measures) grows least, until the mean over layers reaches the target. Every layer
-has the same number of neurons, so the model-wide skipped rows, and the speed, are those of
-uniform CATS at the target; only where they are skipped changes.
+Allocation: uniform (the paper's: every layer at the target) or layers: TEAL's greedy search run
+across layers instead of across one layer's sites (across_layers), on a cost that
+compares between layers: the KL divergence of the model's next-token distribution from the dense
+one with that layer alone at a level, summed over layers. From 0 everywhere, raise by a step the
+layer whose cost grows least, until the mean over layers reaches the target. Every layer has the
+same number of neurons, so the model-wide skipped rows, and the speed, are those of uniform CATS
+at the target; only where they are skipped changes. (TEAL's own error, the relative L2 error of a
+layer's output, does not compare across layers: the residual stream grows with depth, and that
+search sparsified the last layers most and lost to uniform; docs/quality.md.)
 
     python -m cats_jax.calibrate --ckpt DIR --sparsity 0.3,0.4,0.5,0.6,0.7 --data-file text.jsonl
 """
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -39,6 +44,8 @@ from tqdm import tqdm
 from cats_jax import checkpoint, cli, data, quantiles, teal, thresholds
 from cats_jax.model import Transformer
 from cats_jax.sparsity import CATS_SITE, CRITERIA
+
+ALLOCATIONS = ("layers", "uniform")
 
 
 @dataclasses.dataclass
@@ -81,46 +88,78 @@ def thresholds_of(sample: quantiles.Sample, sparsities: list[float], levels: np.
                        sample.values_per_layer[CATS_SITE], len(sample.sorted[CATS_SITE][0]))
 
 
-def greedy(model: Transformer, sample: quantiles.Sample, rows: np.ndarray, targets: list[float], *,
-           base_step: float = 0.05, last_fraction: float = 0.25, progress: bool = True) -> teal.Greedy:
-    """Per-layer CATS sparsities whose mean is each target (module docstring), on the dense hidden
-    states of rows [R, T]: TEAL's greedy path with the layers as its "sites", all of one weight.
-    Greedy.levels is [targets, layers]."""
-    if not 0 < base_step <= 1 or not 0 < last_fraction <= 1:
-        raise ValueError(f"base_step {base_step} and last_fraction {last_fraction} must be in (0, 1]")
-    num_layers = model.cfg.num_layers
-    quantiles.set_dense_sites(model, (CATS_SITE,))
-    start = int(rows.shape[1] * (1 - last_fraction))
-    x, blocks = model.embed(jnp.asarray(rows)), []
-    for layer in model.layers:  # each layer's dense input and output
-        graphdef, state = nnx.split(layer)
-        y, y_tail = teal.dense_block(graphdef, state, x, start)
-        blocks.append((graphdef, state, x, y_tail, float(jnp.sqrt(jnp.sum(jnp.square(y_tail.astype(jnp.float32)))))))
-        x = y
-    memo: dict = {}
-    bar = tqdm(desc="greedy allocation", unit="eval", disable=not progress)
+@functools.partial(jax.jit, static_argnums=0)
+def _block(graphdef, state, x, t):
+    """A block's output with its CATS threshold at t (0: dense)."""
+    block = nnx.merge(graphdef, state)
+    block.mlp.threshold[...] = t
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    return block(x, positions)[0]
 
-    def error(layer: int, level: float) -> float:
-        """The relative error of the layer's output with its CATS sparsity at `level`."""
-        key = (layer, round(level, 9))
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _log_probs(graphdef, state, x, start):
+    """fp32 next-token log-probabilities of tokens start.. of the last block's output x."""
+    model = nnx.merge(graphdef, state)
+    return jax.nn.log_softmax(model.logits(model.norm(x[:, start:])), axis=-1)
+
+
+@jax.jit
+def _kl(dense_logp, logp):
+    """Mean over tokens of KL(dense || sparse) of the next-token distributions."""
+    return jnp.mean(jnp.sum(jnp.exp(dense_logp) * (dense_logp - logp), axis=-1))
+
+
+class OutputKL:
+    """A layer's cost that compares across layers: the KL divergence of the model's next-token
+    distribution from the dense one (tokens of the last `last_fraction` of each of rows [R, T]) with
+    that layer alone at a CATS threshold. It sets the model to CATS at threshold 0 (dense) and
+    computes the layers' dense inputs once."""
+
+    def __init__(self, model: Transformer, rows: np.ndarray, last_fraction: float):
+        quantiles.set_dense_sites(model, (CATS_SITE,))
+        self.start = int(rows.shape[1] * (1 - last_fraction))
+        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.top = nnx.split(model)
+        self.inputs = [model.embed(jnp.asarray(rows))]  # each layer's dense input
+        for graphdef, state in self.layers:
+            self.inputs.append(_block(graphdef, state, self.inputs[-1], 0.0))
+        self.dense = _log_probs(*self.top, self.inputs[-1], self.start)
+
+    def __call__(self, layer: int, t: float) -> float:
+        x = _block(*self.layers[layer], self.inputs[layer], t)
+        for graphdef, state in self.layers[layer + 1:]:
+            x = _block(graphdef, state, x, 0.0)
+        return float(_kl(self.dense, _log_probs(*self.top, x, self.start)))
+
+
+def across_layers(model: Transformer, sample: quantiles.Sample, rows: np.ndarray, targets: list[float], *,
+                  base_step: float = 0.05, last_fraction: float = 0.25, progress: bool = True) -> teal.Greedy:
+    """Per-layer CATS sparsities whose mean is each target (module docstring), on rows [R, T]:
+    teal.greedy_path with the layers as its sites, all of one weight, over the summed costs
+    (OutputKL, each computed once; level 0 costs 0). Greedy.levels [targets, layers]; Greedy.error
+    and uniform_error [targets, layers]: each layer's cost at its level and at the target."""
+    teal.check_greedy(base_step, last_fraction)
+    num_layers = model.cfg.num_layers
+    kl, memo = OutputKL(model, rows, last_fraction), {}
+    bar = tqdm(desc="allocation across layers", unit="eval", disable=not progress)
+
+    def cost(layer: int, level: float) -> float:
+        key = (layer, round(float(level), 9))
         if key not in memo:
-            graphdef, state, x, y_tail, scale = blocks[layer]
-            t = jnp.asarray([[sample.threshold(CATS_SITE, layer, level)[0]]], jnp.float32)
-            memo[key] = float(teal.block_errors(graphdef, state, x, y_tail, t, start, (CATS_SITE,))[0]) / scale
+            memo[key] = kl(layer, sample.threshold(CATS_SITE, layer, level)[0]) if level > 0 else 0.0
             bar.update()
         return memo[key]
 
-    def evaluate(candidates):  # the model-wide error of each candidate's levels [C, layers]
-        return np.array([sum(error(layer, lv) for layer, lv in enumerate(row)) for row in candidates])
-
     weights = np.ones(num_layers)
     targets = np.asarray(targets, np.float64)
-    path, _ = teal.greedy_path(evaluate, weights, base_step, float(targets.max()))
+    path, _ = teal.greedy_path(lambda cand: np.array([sum(map(cost, range(num_layers), row)) for row in cand]),
+                               weights, base_step, float(targets.max()))
     levels = np.stack([teal.levels_at(path, weights, p) for p in targets])
-    errors = np.array([[error(layer, lv[layer]) for layer in range(num_layers)] for lv in levels])
-    uniform = np.array([[error(layer, p) for layer in range(num_layers)] for p in targets])
+    error = np.array([[cost(layer, lv[layer]) for layer in range(num_layers)] for lv in levels])
+    uniform = np.array([[cost(layer, p) for layer in range(num_layers)] for p in targets])
     bar.close()
-    return teal.Greedy(levels, errors, uniform, len(path) - 1)
+    return teal.Greedy(levels, error, uniform, len(path) - 1)
 
 
 def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: int = 102_400,
@@ -128,29 +167,31 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
         seed: int = 0, dtype: str | None = "float32", progress: bool = True, force: bool = False,
         criterion: str = "magnitude", allocation: str = "uniform", greedy_tokens: int = 2048, base_step: float = 0.05,
         last_fraction: float = 0.25) -> thresholds.Thresholds:
-    """Calibrate a checkpoint on `tokens` tokens of `source` (the greedy allocation on the first
-    `greedy_tokens` of them), add the levels to DIR/thresholds.json (replacing levels it holds only
+    """Calibrate a checkpoint on `tokens` tokens of `source` (the allocation across layers on the
+    first `greedy_tokens` of them), add the levels to DIR/thresholds.json (replacing levels it holds only
     with force), then measure them on the next `holdout_tokens`."""
-    if allocation not in teal.ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r} (choose from {', '.join(teal.ALLOCATIONS)})")
+    if allocation not in ALLOCATIONS:
+        hint = " (TEAL's search within a layer; a CATS layer has one site)" if allocation == "greedy" else ""
+        raise ValueError(f"allocation {allocation!r} is not one of CATS's{hint}: choose from {', '.join(ALLOCATIONS)}")
     model, calib_rows, held_rows = quantiles.prepare(ckpt_dir, "cats", sparsities, source, tokens=tokens,
                                                      holdout_tokens=holdout_tokens, seq_len=seq_len, dtype=dtype,
                                                      force=force, criterion=criterion)
     greedy_rows = calib_rows[:math.ceil(greedy_tokens / seq_len)]
     quantiles.plan(calib_rows, held_rows, len(sparsities), progress,
-                   f", a greedy allocation on {sum(r.size for r in greedy_rows):,} of them" if allocation == "greedy" else "")
+                   f", an allocation across layers on {sum(r.size for r in greedy_rows):,} of them"
+                   if allocation == "layers" else "")
     sample = sample_activations(model, calib_rows, batch_size=batch_size, reservoir=reservoir, seed=seed,
                                 progress=progress)
     g = meta_greedy = None
-    if allocation == "greedy":
+    if allocation == "layers":
         rows = np.stack(greedy_rows)
-        g = greedy(model, sample, rows, sparsities, base_step=base_step, last_fraction=last_fraction, progress=progress)
+        g = across_layers(model, sample, rows, sparsities, base_step=base_step, last_fraction=last_fraction, progress=progress)
         meta_greedy = {"rows": len(rows), "tokens": int(rows.size), "base_step": base_step,
                        "last_fraction": last_fraction, "steps": g.steps,
-                       # relative L2 error of each layer's output on the greedy rows, greedy vs uniform levels
-                       "layer_error": {f"{p:g}": {"greedy": quantiles.rounded(g.error[i]),
-                                                  "uniform": quantiles.rounded(g.uniform_error[i])}
-                                       for i, p in enumerate(sparsities)}}
+                       # each layer's cost (next-token KL, that layer alone sparse), allocated vs uniform levels
+                       "layer_kl": {f"{p:g}": {"allocated": quantiles.rounded(g.error[i]),
+                                               "uniform": quantiles.rounded(g.uniform_error[i])}
+                                    for i, p in enumerate(sparsities)}}
     cal = thresholds_of(sample, sparsities, None if g is None else g.levels)
     levels = [thresholds.Level(p, {CATS_SITE: [float(t) for t in cal.thresholds[i]]},
                                {CATS_SITE: {"calibration": quantiles.rounded(cal.realised[i])}},
@@ -223,17 +264,24 @@ def main(argv=None):
                     help="what is compared with a threshold: |value| (magnitude, the papers', default) or |value| times "
                          "the L2 norm of the weight row it multiplies (weighted)")
     tg = ap.add_argument_group("allocation")
-    tg.add_argument("--allocation", choices=("greedy", "uniform"),
-                    help="TEAL: per-site sparsities by TEAL's block-wise greedy search (TEAL's default) or every site at "
-                         "the target; CATS: per-layer sparsities by the same search across layers, or every layer at "
-                         "the target (CATS's default)")
+    tg.add_argument("--allocation", choices=sorted({*ALLOCATIONS, *teal.ALLOCATIONS}),
+                    help="uniform: every layer and site at the target (CATS's default). greedy (TEAL, its default): "
+                         "each layer at the target, its sites by TEAL's block-wise search. layers (CATS): the layers' "
+                         "sparsities by their next-token KL, their mean at the target")
     tg.add_argument("--greedy-tokens", type=int, default=2048,
-                    help="calibration tokens (the first rows) the greedy search runs the layers on (default 2048)")
+                    help="calibration tokens (the first rows) the greedy and layers searches run on (default 2048)")
     tg.add_argument("--greedy-step", type=float, default=0.05,
-                    help="greedy base step: a site of weight w rises by step / w (default 0.05, as TEAL)")
+                    help="base step of the searches: a site of weight w rises by step / w; a CATS layer by step "
+                         "(default 0.05, as TEAL)")
     tg.add_argument("--last-fraction", type=float, default=0.25,
-                    help="greedy: fraction of each row (its end) on which layer output errors are measured (default 0.25)")
+                    help="greedy and layers searches: fraction of each row (its end) on which errors are measured: "
+                         "TEAL, each layer's output; CATS, the model's next-token KL (default 0.25)")
     args = ap.parse_args(argv)
+    if args.method == "cats" and args.allocation not in (None, *ALLOCATIONS):
+        ap.error(f"--allocation {args.allocation} is TEAL's search within a layer, and a CATS layer has one site: "
+                 f"choose from {', '.join(ALLOCATIONS)}")
+    if args.method == "teal" and args.allocation not in (None, *teal.ALLOCATIONS):
+        ap.error(f"--allocation {args.allocation} is CATS's: for TEAL choose from {', '.join(teal.ALLOCATIONS)}")
     source = data.TextSource(args.data_file or args.data, args.split, args.field, args.config)
     common = dict(holdout_tokens=args.holdout_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                   reservoir=args.reservoir, seed=args.seed, dtype=args.dtype, force=args.force, criterion=args.criterion,

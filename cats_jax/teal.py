@@ -150,10 +150,10 @@ def levels_at(path: np.ndarray, weights: np.ndarray, target: float) -> np.ndarra
     eff = effective(path, weights)
     if target > eff[-1] + 1e-9:
         raise ValueError(f"the greedy path stops at effective sparsity {eff[-1]:.4f} < target {target}")
-    k = int(np.searchsorted(eff, target))  # first step at or past the target
+    k = int(np.searchsorted(eff, target - 1e-9))  # first step at or past the target (rounding aside)
     if k == 0:
         return path[0]
-    frac = (target - eff[k - 1]) / (eff[k] - eff[k - 1])
+    frac = min(1.0, (target - eff[k - 1]) / (eff[k] - eff[k - 1]))
     return path[k - 1] + frac * (path[k] - path[k - 1])
 
 
@@ -190,17 +190,21 @@ def block_errors(graphdef, state, x, y_tail, th, start, sites=TEAL_SITES):
 
 @dataclasses.dataclass
 class Greedy:
-    levels: np.ndarray  # [targets, layers, sites]
-    error: np.ndarray  # [targets, layers]: the layer output's relative L2 error at those levels
-    uniform_error: np.ndarray  # [targets, layers]: the same with every site at the target
-    steps: int  # greedy steps per layer
+    levels: np.ndarray  # [targets, layers, sites] (across layers: [targets, layers])
+    error: np.ndarray  # [targets, layers]: each layer's error (or cost) at those levels
+    uniform_error: np.ndarray  # [targets, layers]: the same with every site (layer) at the target
+    steps: int  # greedy steps (per layer)
+
+
+def check_greedy(base_step: float, last_fraction: float) -> None:
+    if not 0 < base_step <= 1 or not 0 < last_fraction <= 1:
+        raise ValueError(f"base_step {base_step} and last_fraction {last_fraction} must be in (0, 1]")
 
 
 def greedy(model: Transformer, sample: quantiles.Sample, rows: np.ndarray, targets: list[float], *, base_step: float = 0.05,
            last_fraction: float = 0.25, progress: bool = True) -> Greedy:
     """TEAL's greedy allocation of every layer, on the dense hidden states of rows [R, T]."""
-    if not 0 < base_step <= 1 or not 0 < last_fraction <= 1:
-        raise ValueError(f"base_step {base_step} and last_fraction {last_fraction} must be in (0, 1]")
+    check_greedy(base_step, last_fraction)
     num_layers = model.cfg.num_layers
     weights = np.array([site_weights(model.cfg)[s] for s in TEAL_SITES])
     model.set_mode("teal")

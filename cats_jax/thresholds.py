@@ -25,7 +25,10 @@ in each gated MLP). TEAL (magnitude thresholds on the input of every linear laye
 "site_sparsity" (same keys, one value per layer; TEAL's greedy allocation or uniform) and each
 layer's effective sparsity under realised["effective"]. Its "calibration" holds "allocation" and,
 for greedy, the search's settings and per-layer output errors (cats_jax.teal). A TEAL file also
-holds "mlp.act", so it serves the modes cats and (uniform allocation) cats+teal-attn too.
+holds "mlp.act", so it serves the modes cats and (uniform allocation) cats+teal-attn too. A CATS
+file allocated across layers ("allocation": "layers") has its per-layer levels under
+"site_sparsity" and, under calibration["greedy"], the search's settings and each layer's
+next-token KL (cats_jax.calibrate).
 
 The selection criterion (sparsity.CRITERIA) is the method's calibration["criterion"]; absent (files
 written before it existed) means "magnitude". Applying thresholds sets the model's criterion to

@@ -345,17 +345,26 @@ def test_clis_refuse_thresholds_of_the_other_criterion(calibrated, capsys):
 
 
 # ---- per-layer allocation ---------------------------------------------------------------------
-def test_greedy_allocation_spreads_cats_sparsity_over_layers_at_the_target_mean(tiny_ckpt, tmp_path):
+def test_allocation_across_layers_spreads_cats_sparsity_over_layers_at_the_target_mean(tiny_ckpt, tmp_path):
     ckpt, text = own_ckpt(tiny_ckpt, tmp_path)
     th = calibrate.run(ckpt, [0.3, 0.5], data.TextSource(str(text)), tokens=2048, holdout_tokens=512, seq_len=128,
-                       batch_size=8, progress=False, allocation="greedy", greedy_tokens=512)
+                       batch_size=8, progress=False, allocation="layers", greedy_tokens=512)
     for lv in th.levels:
         per_layer = np.asarray(lv.site_sparsity[CATS])
         assert abs(per_layer.mean() - lv.sparsity) < 1e-6  # the model-wide skipped rows of uniform CATS
         assert np.ptp(per_layer) > 0.1  # spread over the layers
         np.testing.assert_allclose(lv.realised[CATS]["calibration"], per_layer, atol=0.01)  # each at its level
-    assert th.calibration["allocation"] == "greedy" and thresholds.load(ckpt).calibration["allocation"] == "greedy"
-    errors = th.calibration["greedy"]["layer_error"]["0.5"]
-    assert sum(errors["greedy"]) < sum(errors["uniform"])  # what the search minimises
-    with pytest.raises(ValueError, match="unknown allocation 'best'"):
+    assert th.calibration["allocation"] == "layers" and thresholds.load(ckpt).calibration["allocation"] == "layers"
+    costs = th.calibration["greedy"]["layer_kl"]["0.5"]
+    assert sum(costs["allocated"]) < sum(costs["uniform"])  # what the search minimises
+    with pytest.raises(ValueError, match="allocation 'greedy' is not one of CATS's .TEAL's search within a layer"):
+        calibrate.run(ckpt, [0.5], data.TextSource(str(text)), tokens=256, allocation="greedy")
+    with pytest.raises(ValueError, match="allocation 'best' is not one of CATS's: choose from layers, uniform"):
         calibrate.run(ckpt, [0.5], data.TextSource(str(text)), tokens=256, allocation="best")
+
+
+def test_calibrate_cli_refuses_teal_greedy_for_cats_before_reading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        calibrate.main(["--ckpt", str(tmp_path / "missing"), "--allocation", "greedy", "--data-file", str(tmp_path / "none.txt")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--allocation greedy is TEAL's search within a layer" in err

@@ -199,6 +199,13 @@ def test_greedy_path_takes_weighted_steps_and_interpolates_exactly():
         assert teal.effective(lv, weights) == pytest.approx(target)
 
 
+def test_levels_at_a_target_the_last_step_reaches_only_after_rounding():
+    weights = np.ones(30)  # 300 steps of 0.05 / 30 sum to 0.49999999999999...
+    path, _ = teal.greedy_path(lambda cand: cand.sum(1), weights, 0.05, 0.5)
+    assert teal.effective(path, weights)[-1] < 0.5
+    np.testing.assert_allclose(teal.levels_at(path, weights, 0.5), path[-1])
+
+
 def test_greedy_reaches_each_target_with_the_weighted_effective_sparsity(greedy):
     _, _, th = greedy
     assert th.calibration["allocation"] == "greedy" and th.calibration["greedy"]["base_step"] == 0.1
@@ -311,3 +318,4 @@ def test_cats_and_teal_calibration_share_one_machinery_without_a_circle():
     assert "calibrate" not in cats_jax_imports("teal")
     assert not {"calibrate", "teal"} & cats_jax_imports("quantiles")
     assert "quantiles" in cats_jax_imports("teal") and "quantiles" in cats_jax_imports("calibrate")
+
