@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from cats_jax import cli
 from eval import harness
@@ -16,7 +17,7 @@ from eval import harness
 def _row(spec: str) -> tuple[str, dict]:
     path, _, setting = spec.partition(":")
     try:
-        rows = json.loads(open(path).read())["results"]
+        rows = json.loads(Path(path).read_text())["results"]
     except (OSError, ValueError, KeyError) as e:
         raise cli.InputError(f"{path}: not an eval results file ({e})") from None
     names = [r["setting"] for r in rows]
