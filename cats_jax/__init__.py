@@ -47,7 +47,7 @@ def load(ckpt: str | Path, sparsity: float | None = None, *, mode: str | None = 
     mode: the sparsity sites (default: the calibration's method, "cats" or "teal"); impl "jnp" (any
     device) or "pallas" (GPU kernels for decode steps); dtype "bfloat16" or "float32" (float32
     reproduces the HF transformers reference's greedy text); criterion: the selection criterion
-    ("magnitude" or "weighted") the thresholds must have (default: theirs); allow_quantization_mismatch:
+    (sparsity.CRITERIA) the thresholds must have (default: theirs); allow_quantization_mismatch:
     apply thresholds of the same weights at another quantization (the bf16 model's on its int8 copy);
     tp > 1: tensor parallel over the first tp devices, the weights loaded layer by layer."""
     from cats_jax import cli, generate

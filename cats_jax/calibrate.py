@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from cats_jax import checkpoint, cli, data, quantiles, teal, thresholds
 from cats_jax.model import Transformer
-from cats_jax.sparsity import CATS_SITE, CRITERIA
+from cats_jax.sparsity import CATS_ONLY_CRITERIA, CATS_SITE, CRITERIA
 
 ALLOCATIONS = ("layers", "uniform")
 
@@ -178,8 +178,13 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
                                                      force=force, criterion=criterion)
     greedy_rows = calib_rows[:math.ceil(greedy_tokens / seq_len)]
     quantiles.plan(calib_rows, held_rows, len(sparsities), progress,
-                   f", an allocation across layers on {sum(r.size for r in greedy_rows):,} of them"
-                   if allocation == "layers" else "")
+                   (" (and one before it for the up-rms factors)" if criterion == "up-rms" else "")
+                   + (f", an allocation across layers on {sum(r.size for r in greedy_rows):,} of them"
+                      if allocation == "layers" else ""))
+    factors = None
+    if criterion == "up-rms":  # its factors first: the sample is of |a_i| * rms(u_i)
+        factors = quantiles.up_rms(model, calib_rows, batch_size=batch_size, progress=progress)
+        model.set_criterion(criterion, factors=factors)
     sample = sample_activations(model, calib_rows, batch_size=batch_size, reservoir=reservoir, seed=seed,
                                 progress=progress)
     g = meta_greedy = None
@@ -207,8 +212,9 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
         "criterion": criterion,
         "allocation": allocation,
         "greedy": meta_greedy,
-        "activation": "|SiLU(x W_gate)| in fp32, dense model"
-                      + (", times the L2 norm of the neuron's W_down row" if criterion == "weighted" else ""),
+        "activation": "|SiLU(x W_gate)| in fp32, dense model" + {
+            "weighted": ", times the L2 norm of the neuron's W_down row",
+            "up-rms": ", times the neuron's rms of x W_up over the calibration text (factors)"}.get(criterion, ""),
         "values_per_layer": cal.values_per_layer,
         "sample_per_layer": cal.sample_per_layer,
         "exact_quantile": cal.exact,
@@ -216,6 +222,8 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
         "quantile_std_points": 0.0 if cal.exact else round(100 * worst / math.sqrt(cal.sample_per_layer), 4),
         "seed": seed,
     }
+    if factors is not None:  # up-rms: [layers][neurons], as measured (6 significant digits)
+        meta["factors"] = {CATS_SITE: [[float(f"{v:.6g}") for v in layer] for layer in factors]}
     result = thresholds.Thresholds(thresholds.model_identity(model), "cats", levels, meta)
     return quantiles.save_and_measure(result, model, ckpt_dir, held_rows, batch_size=batch_size, force=force,
                                       progress=progress)
@@ -261,8 +269,9 @@ def main(argv=None):
                          "model); without it calibration refuses before its pass. Other levels are kept")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
     ap.add_argument("--criterion", choices=CRITERIA, default="magnitude",
-                    help="what is compared with a threshold: |value| (magnitude, the papers', default) or |value| times "
-                         "the L2 norm of the weight row it multiplies (weighted)")
+                    help="what is compared with a threshold: |value| (magnitude, the papers', default), |value| times "
+                         "the L2 norm of the weight row it multiplies (weighted), or (CATS only) |SiLU(x W_gate)_i| "
+                         "times the neuron's rms of x W_up over the calibration text (up-rms)")
     tg = ap.add_argument_group("allocation")
     tg.add_argument("--allocation", choices=sorted({*ALLOCATIONS, *teal.ALLOCATIONS}),
                     help="uniform: every layer and site at the target (CATS's default). greedy (TEAL, its default): "
@@ -282,6 +291,9 @@ def main(argv=None):
                  f"choose from {', '.join(ALLOCATIONS)}")
     if args.method == "teal" and args.allocation not in (None, *teal.ALLOCATIONS):
         ap.error(f"--allocation {args.allocation} is CATS's: for TEAL choose from {', '.join(teal.ALLOCATIONS)}")
+    if args.method == "teal" and args.criterion in CATS_ONLY_CRITERIA:
+        ap.error(f"--criterion {args.criterion} is CATS's only (it weighs the MLP's neurons): for TEAL choose "
+                 "magnitude or weighted")
     source = data.TextSource(args.data_file or args.data, args.split, args.field, args.config)
     common = dict(holdout_tokens=args.holdout_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                   reservoir=args.reservoir, seed=args.seed, dtype=args.dtype, force=args.force, criterion=args.criterion,

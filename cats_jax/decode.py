@@ -137,6 +137,8 @@ def prepare_layer(model: Transformer, layer, impl: str) -> dict:
         fa, fm = ({p: f[...] for p, f in mod.input_factor.items()} for mod in (a, m))
         lw["factors"] = {"qkv": jnp.stack([fa["q_proj"], fa["k_proj"], fa["v_proj"]]), "o": fa["o_proj"][None],
                          "gate_up": jnp.stack([fm["gate_proj"], fm["up_proj"]]), "down": fm["down_proj"][None]}
+    elif model.criterion == "up-rms" and cats:  # the CATS neurons' calibrated factors only
+        lw["factors"] = {"down": m.input_factor["down_proj"][...][None]}
     # the CATS kernel skips neurons: each neuron's weights one contiguous row (its scale: the row's)
     _fuse(lw, "gate_up_t" if cats and kernels else "gate_up", m.gate_proj, m.up_proj, neuron_major=cats and kernels)
     return lw
@@ -201,7 +203,7 @@ def _scale(lw, name):
 
 
 def _factors(lw, name):
-    return lw["factors"][name] if "factors" in lw else None
+    return lw.get("factors", {}).get(name)
 
 
 def _grouped(plan: Plan, lw, x, w, group: str, widths):
@@ -241,7 +243,7 @@ def _mlp(plan: Plan, lw, x):
         return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down")), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     down = _factors(lw, "down")
-    factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]||
+    factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]|| or rms(u_i)
     if plan.cats_kernel(x):
         scales = None if _scale(lw, "down") is None else (_scale(lw, "gate_up_t"), _scale(lw, "down"))
         y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, scales)

@@ -395,7 +395,8 @@ def load_sharded(ckpt, mesh, impl: str = "jnp", dtype=None, configure: Callable 
     for i, layer in enumerate(layers):
         if i:
             hold(layer, read_layer(i))
-        model.set_criterion(model.criterion, layers=[layer])  # weighted: the factors of this layer's weights
+        if model.criterion == "weighted":  # the factors of this layer's weights (up-rms's came with the thresholds)
+            model.set_criterion("weighted", layers=[layer])
         placed.append(sharding.place(sharding.split_layer(decode.prepare_layer(model, layer, impl), cfg,
                                                           sharding.tp_size(mesh)), mesh))
         hold(layer, abstract)

@@ -32,13 +32,21 @@ class Threshold(nnx.Variable):
 
 
 class Factor(nnx.Variable):
-    """The weighted criterion's factors of a projection's inputs (sparsity.weight_factors of its
-    weights, fp32 [in]), derived by Transformer.set_criterion; not saved with the weights."""
+    """A criterion's factors of a projection's inputs, fp32 [in], set by Transformer.set_criterion
+    and not saved with the weights: the weighted criterion's (sparsity.weight_factors of the
+    projection's weights), or up-rms's of the CATS neurons (down_proj's inputs: rms(u_i), measured
+    at calibration, stored with the thresholds)."""
+
+
+class UpSquares(nnx.Variable):
+    """The sum over a call's tokens of each neuron's squared up projection u = x W_up (fp32 [I]),
+    sown by the CATS MLP only under nnx.capture(fn, UpSquares): the up-rms criterion's statistic
+    (cats_jax.quantiles.up_rms)."""
 
 
 class Activation(nnx.Variable):
     """What a sparse site tests, whole: a CATS MLP's activation a (fp32 [B, T, I], "act") or a
-    TEAL projection's input ("<proj>_input"), times its factors under the weighted criterion
+    TEAL projection's input ("<proj>_input"), times its factors under a criterion that has them
     (fp32; the factors are >= 0, so |sown| is the score the rule compares), sown only under
     nnx.capture(fn, Activation): calibration takes its |.| quantiles (cats_jax.calibrate, cats_jax.teal).
     Its own type, so that capturing nnx.Intermediate (generation statistics) never collects it."""
@@ -129,7 +137,7 @@ def _input_factors(module, projs) -> nnx.Dict:
 
 
 def _factor(module, proj: str):
-    """The criterion's factors of module.<proj>'s inputs: None under the magnitude criterion."""
+    """The criterion's factors of module.<proj>'s TEAL inputs: None but under the weighted criterion."""
     return module.input_factor[proj][...] if module.criterion == "weighted" else None
 
 
@@ -275,7 +283,8 @@ class MLP(nnx.Module):
         self.impl = "dense"
         self.sparse_inputs: tuple[str, ...] = ()
         self.input_threshold = _input_thresholds(("gate_proj", "up_proj", "down_proj"))
-        # static: sparsity.CRITERIA; CATS's factor of neuron i is down_proj's of input i (||W_down[i, :]||)
+        # static: sparsity.CRITERIA; CATS's factor of neuron i is down_proj's of input i
+        # (weighted: ||W_down[i, :]||; up-rms: rms(u_i))
         self.criterion = "magnitude"
         self.input_factor = _input_factors(self, ("gate_proj", "up_proj", "down_proj"))
 
@@ -289,13 +298,15 @@ class MLP(nnx.Module):
         gate = self.gate_proj  # QLinear and an adapter (train.lora.LoRALinear) take preferred_element_type
         g = (jnp.dot(xg, gate.kernel[...], preferred_element_type=f32) if type(gate) is nnx.Linear
              else gate(xg, preferred_element_type=f32))
-        factor = _factor(self, "down_proj")
+        factor = self.input_factor["down_proj"][...] if self.criterion != "magnitude" else None
         a = sparsity.cats_activation(g, self.threshold[...], factor)
         # Measured sparsity: the per-token fraction of kept neurons [B, T], recorded only
         # under nnx.capture(nnx.Intermediate); a no-op otherwise.
         self.sow(nnx.Intermediate, "active_fraction", sparsity.active_fraction(a, axis=-1), capture_noop=True)
         self.sow(Activation, "act", _weighed(a, factor), capture_noop=True)
-        return _projection(self, "down_proj", a.astype(x.dtype) * self.up_proj(xu))
+        u = self.up_proj(xu)
+        self.sow(UpSquares, "up_squares", jnp.sum(jnp.square(u.astype(f32)), axis=(0, 1)), capture_noop=True)
+        return _projection(self, "down_proj", a.astype(x.dtype) * u)
 
 
 class Block(nnx.Module):
@@ -362,12 +373,21 @@ class Transformer(nnx.Module):
                 teal = (s for s in sites if s in sparsity.TEAL_SITES and s.startswith(name + "."))
                 getattr(layer, name).sparse_inputs = tuple(s.split(".")[1] for s in teal)
 
-    def set_criterion(self, criterion: str, layers=None):
+    def set_criterion(self, criterion: str, layers=None, factors=None):
         """What every site compares with its threshold (sparsity.CRITERIA): weighted derives each
         projection's input factors from its weights now (rederive after changing the weights; of
-        `layers` only, when given)."""
+        `layers` only, when given); up-rms takes the CATS neurons' factors, fp32 [layers, I]."""
         if criterion not in sparsity.CRITERIA:
             raise ValueError(f"unknown selection criterion {criterion!r} (choose from {', '.join(sparsity.CRITERIA)})")
+        if (criterion == "up-rms") != (factors is not None):
+            raise ValueError("the up-rms criterion takes its factors [layers, intermediate] (calibrated), "
+                             "and only it takes factors")
+        if factors is not None:
+            want = (len(self.layers), self.cfg.intermediate_size)
+            if layers is not None or np.shape(factors) != want:
+                raise ValueError(f"up-rms factors {np.shape(factors)} for the whole model; expected {want}")
+            for layer, f in zip(self.layers, np.asarray(factors, np.float32)):
+                layer.mlp.input_factor["down_proj"][...] = jnp.asarray(f)
         for layer in self.layers if layers is None else layers:
             for module in (layer.attn, layer.mlp):
                 module.criterion = criterion

@@ -23,8 +23,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from cats_jax import checkpoint, data, thresholds
-from cats_jax.model import Activation, Transformer, sown_by_site
-from cats_jax.sparsity import CATS_SITE, CRITERIA, TEAL_SITES
+from cats_jax.model import Activation, Transformer, UpSquares, sown_by_site
+from cats_jax.sparsity import CATS_ONLY_CRITERIA, CATS_SITE, CRITERIA, TEAL_SITES
 
 f32 = jnp.float32
 
@@ -190,6 +190,32 @@ def sample_sites(model: Transformer, rows: list[np.ndarray], sites: tuple[str, .
                   dict(same_input or {}))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _up_squares(graphdef, state, tokens):
+    """Each layer's sum over tokens of every neuron's squared up projection, fp32 [L, I]."""
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    _, sown = nnx.capture(model.hidden, UpSquares)(tokens, positions)
+    layers = nnx.to_pure_dict(sown)["layers"]
+    return jnp.stack([layers[i]["mlp"]["up_squares"][0] for i in sorted(layers)])
+
+
+def up_rms(model: Transformer, rows: list[np.ndarray], *, batch_size: int = 2, progress: bool = True) -> np.ndarray:
+    """The up-rms criterion's factors: each neuron's root mean square of u = x W_up in the dense
+    model over rows, fp32 [L, I], rounded as thresholds.json stores them (6 significant digits)."""
+    set_dense_sites(model, (CATS_SITE,))
+    graphdef, state = nnx.split(model)
+    total, tokens = 0.0, 0
+    with rows_bar(rows, "up-rms factors", progress) as bar:
+        for batch in batches(rows, batch_size):
+            total = total + np.asarray(_up_squares(graphdef, state, jnp.asarray(batch)), np.float64)
+            tokens += batch.size
+            bar.update(batch.size)
+    if tokens == 0:
+        raise data.DataError("the calibration data produced no rows of tokens")
+    return np.array([[float(f"{v:.6g}") for v in layer] for layer in np.sqrt(total / tokens)], np.float32)
+
+
 # ---- realised sparsity ---------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=0)
 def _kept_per_site(graphdef, state, tokens):
@@ -228,13 +254,18 @@ def prepare(ckpt_dir, method: str, sparsities: list[float], source: data.TextSou
             holdout_tokens: int, seq_len: int, dtype: str | None, force: bool = False, criterion: str = "magnitude"):
     """(model, calibration rows, held-apart rows): everything a calibration checks before its pass,
     that the text suffices and that saving `method` at `sparsities` of `criterion` replaces no
-    calibration without force (thresholds.check_merge). The model is set to `criterion`."""
+    calibration without force (thresholds.check_merge). The model is set to `criterion`, but to
+    up-rms, whose factors the caller measures over the rows (up_rms)."""
     check_sparsities(sparsities)
     if criterion not in CRITERIA:
         raise ValueError(f"unknown selection criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
+    if criterion in CATS_ONLY_CRITERIA and method != "cats":
+        raise ValueError(f"the {criterion} criterion is CATS's only (it weighs the MLP's neurons); "
+                         "choose magnitude or weighted for TEAL")
     model = checkpoint.load_model(ckpt_dir, checkpoint.DTYPES[dtype] if dtype else None)
     thresholds.check_merge(ckpt_dir, thresholds.model_identity(model), method, sparsities, force, criterion)
-    model.set_criterion(criterion)
+    if criterion not in CATS_ONLY_CRITERIA:
+        model.set_criterion(criterion)
     cal, held = calibration_rows(data.load_tokenizer(ckpt_dir), source, tokens, holdout_tokens, seq_len)
     return model, cal, held
 

@@ -12,9 +12,13 @@ and down (SiLU(gate) * up).
 The *criterion* says what is compared with the threshold: "magnitude" (both papers) tests |v|;
 "weighted" (WINA, arXiv 2505.19427) tests |v| * c, where c is the L2 norm of the weight row that v
 multiplies (weight_factors): CATS keeps neuron i when |a_i| * ||W_down[i, :]|| > t, TEAL keeps input
-j of a projection W [in, out] when |x_j| * ||W[j, :]|| > t. The factors are derived from the
-weights when the criterion is set (model.Transformer.set_criterion), never stored on disk; the
-weight rows skipped, and so the kernels' speed, are the same either way.
+j of a projection W [in, out] when |x_j| * ||W[j, :]|| > t. These factors are derived from the
+weights when the criterion is set (model.Transformer.set_criterion), never stored on disk.
+"up-rms" (CATS only) keeps neuron i when |a_i| * rms(u_i) > t, rms(u_i) being the root mean square
+of the neuron's up projection u = x W_up over the calibration text: an estimate of |a_i u_i|, the
+value that W_down multiplies, without reading W_up. Those factors are measured at calibration and
+stored with the thresholds. Whatever the criterion, the number of weight rows skipped, and so the
+kernels' speed, is the same.
 
 A *site* is where a threshold applies, one threshold per (layer, site); a *mode* is the set of
 sites a model thresholds. How they are computed (jnp or a Pallas kernel) is chosen separately.
@@ -29,7 +33,9 @@ import jax.numpy as jnp
 from pallas_kernels.cats_mlp import cats_activation  # noqa: F401
 from pallas_kernels.sparse_gemv import keep, score  # noqa: F401
 
-CRITERIA = ("magnitude", "weighted")  # magnitude: the papers' (default); weighted: |v| * weight row norm
+# magnitude: the papers' (default); weighted: |v| * weight row norm; up-rms: |a_i| * rms(u_i), CATS only
+CRITERIA = ("magnitude", "weighted", "up-rms")
+CATS_ONLY_CRITERIA = ("up-rms",)
 
 # How the model's gated MLP is computed: dense SiLU or the CATS activation (cats_jax.decode runs
 # decode steps of the latter through the Pallas kernel, pallas_kernels.cats_mlp).

@@ -33,7 +33,9 @@ next-token KL (cats_jax.calibrate).
 The selection criterion (sparsity.CRITERIA) is the method's calibration["criterion"]; absent (files
 written before it existed) means "magnitude". Applying thresholds sets the model's criterion to
 theirs; asking for the other one is an error. A method's levels share one criterion: calibrating
-it with the other replaces all of that method's levels, and only with force.
+it with the other replaces all of that method's levels, and only with force. The up-rms
+criterion's factors (each neuron's rms of x W_up, measured on the calibration text) are the
+calibration's "factors": {"mlp.act": [[f_0, ..., f_I-1] per layer]}.
 
 Calibrating adds to the file: each method keeps its levels, and a new run replaces only the levels
 it calibrates (with force; without, calibrate refuses before its pass). A level kept from an
@@ -127,6 +129,24 @@ class Thresholds:
             raise ThresholdsError(f"these {self.method} thresholds were calibrated with the {self.criterion} criterion, "
                                   f"not {criterion}; pass --criterion {self.criterion} or calibrate with "
                                   f"--criterion {criterion}")
+
+    def factors(self, level: Level) -> np.ndarray | None:
+        """The criterion's calibrated factors of `level` (up-rms: fp32 [layers, intermediate]), or None
+        for a criterion whose factors come from the weights or that has none; ThresholdsError if missing
+        or misshapen."""
+        if self.criterion != "up-rms":
+            return None
+        got = ((level.calibration or self.calibration).get("factors") or {}).get(CATS_SITE)
+        want = (self.model["num_layers"], self.model["intermediate_size"])
+        try:
+            f = np.asarray(got, np.float32)
+        except (TypeError, ValueError):
+            f = None
+        if got is None or f is None or f.shape != want:
+            raise ThresholdsError(f"these up-rms thresholds need their factors {list(want)} (calibration.factors."
+                                  f"{CATS_SITE}), have {None if f is None else list(f.shape)}; re-calibrate "
+                                  "(python -m cats_jax.calibrate --criterion up-rms) or restore the file")
+        return f
 
     def level(self, sparsity: float) -> Level:
         if not 0 < sparsity < 1:  # no calibration can give it: do not suggest running one
@@ -322,13 +342,13 @@ def apply(model, thresholds: Thresholds, sparsity: float, mode: str | None = Non
     if mode == "cats+teal-attn" and (level.calibration or thresholds.calibration).get("allocation") != "uniform":
         raise ThresholdsError("mode 'cats+teal-attn' needs TEAL thresholds of uniform allocation (its attention sites "
                               "at the target sparsity); run python -m cats_jax.calibrate --method teal --allocation uniform")
-    level = thresholds.level(sparsity)
+    factors = thresholds.factors(level)
     for site in MODES[mode]:
         if site not in level.thresholds:
             raise ThresholdsError(f"level {sparsity:g} has no thresholds for site {site!r}")
         model.set_thresholds(site, level.thresholds[site])
     model.set_mode(mode)
-    model.set_criterion(thresholds.criterion)
+    model.set_criterion(thresholds.criterion, factors=factors)
     return level
 
 

@@ -319,6 +319,47 @@ def test_weighted_calibration_records_its_criterion_and_takes_quantiles_of_the_w
     assert after.criterion == "magnitude" and after.sparsities == [0.3]  # the weighted levels went with --force
 
 
+def test_up_rms_calibration_measures_and_stores_each_neurons_rms_of_the_up_projection(calibrated, tmp_path, capsys):
+    src, text, _ = calibrated
+    ckpt, _ = own_ckpt((src, text), tmp_path)
+    args = ["--ckpt", str(ckpt), "--data-file", str(text), "--tokens", "1024", "--holdout-tokens", "256",
+            "--seq-len", "64", "--batch-size", "4", "--sparsity", "0.5", "--criterion", "up-rms"]
+    calibrate.main(args)
+    th = thresholds.load(ckpt)
+    assert th.criterion == "up-rms"
+    # the factors: rms over the calibration tokens of u = x W_up, x the dense MLP's input
+    model = checkpoint.load_model(ckpt)
+    rows = jnp.asarray(np.stack(calibration_rows(ckpt, text, 1024, 64)))
+    positions = jnp.broadcast_to(jnp.arange(rows.shape[1]), rows.shape)
+    model.set_mode("dense")
+    x, squares, acts = model.embed(rows), [], []
+    for layer in model.layers:
+        x = x + layer.attn(layer.input_norm(x), positions)[0]
+        h = layer.post_attn_norm(x)
+        u = h @ layer.mlp.up_proj.kernel[...]
+        squares.append(np.mean(np.square(np.asarray(u, np.float64)), axis=(0, 1)))
+        acts.append(np.abs(np.asarray(jax.nn.silu(h @ layer.mlp.gate_proj.kernel[...]))).reshape(-1, TINY.intermediate_size))
+        x = x + layer.mlp(h)
+    level = th.levels[0]
+    np.testing.assert_allclose(th.factors(level), np.sqrt(squares), rtol=1e-4)
+    # applied: the rule keeps neuron i where |a_i| * rms(u_i) > t; on the calibration text at the target
+    level = thresholds.apply(model, th, 0.5)
+    assert model.criterion == "up-rms"
+    np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.input_factor["down_proj"][...]), th.factors(level)[1])
+    np.testing.assert_allclose(level.realised[CATS]["calibration"], 0.5, atol=0.005)
+    quantiles.set_dense_sites(model, (CATS,))
+    scores = np.asarray(quantiles.abs_inputs(*nnx.split(model), rows, (CATS,))[CATS])  # what calibration sampled
+    np.testing.assert_allclose(scores, np.stack(acts) * th.factors(level)[:, None, :], rtol=1e-4, atol=1e-5)
+    # thresholds without their factors, and up-rms for TEAL: clear errors
+    broken = json.loads((ckpt / thresholds.FILENAME).read_text())
+    broken["methods"]["cats"]["calibration"]["factors"]["mlp.act"].pop()
+    with pytest.raises(thresholds.ThresholdsError, match=r"up-rms thresholds need their factors \[3, 128\].*have \[2, 128\]"):
+        thresholds.apply(model, thresholds.Thresholds.from_json(json.dumps(broken)), 0.5)
+    with pytest.raises(SystemExit) as exit:
+        cli.run(calibrate.main, args + ["--method", "teal", "--force"])
+    assert exit.value.code == 2 and "--criterion up-rms is CATS's only" in capsys.readouterr().err
+
+
 def test_a_file_without_a_criterion_is_magnitude(calibrated):
     _, _, th = calibrated
     section = json.loads(th.to_json())

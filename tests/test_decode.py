@@ -28,10 +28,12 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
 def _model(mode, sparsity=0.5, dtype=f32, shared=True, criterion="magnitude", int8=False):
     """Thresholds from a uniform calibration: q, k, v (and gate, up) share one per layer; with
     shared=False each site's is moved apart, as a greedy allocation would. int8: the model's int8
-    copy (int8="head": its LM head int8 too)."""
+    copy (int8="head": its LM head int8 too). up-rms: random factors stand for the calibrated ones."""
     m = M.init_random(CFG, seed=3, dtype=dtype)
     m = M.quantize_model(m, head=int8 == "head") if int8 else m
-    m.set_criterion(criterion)  # before the thresholds: they are quantiles of the criterion's score
+    factors = (np.asarray(jax.random.uniform(jax.random.key(7), (CFG.num_layers, CFG.intermediate_size), f32, 0.2, 2.0))
+               if criterion == "up-rms" else None)
+    m.set_criterion(criterion, factors=factors)  # before the thresholds: they are quantiles of the criterion's score
     for i, (site, t) in enumerate(random_thresholds(m, [sparsity], tokens=64, seed=0)[sparsity].items()):
         m.set_thresholds(site, np.asarray(t) * (1 if shared else 1 + 0.1 * i))
     m.set_mode(mode)
@@ -49,8 +51,8 @@ def kernels_on_tiny_weights(monkeypatch):
 @pytest.mark.parametrize("mode,shared,criterion,int8", [
     ("dense", True, "magnitude", False), ("cats", True, "magnitude", False), ("teal", True, "magnitude", False),
     ("teal", False, "magnitude", False), ("cats+teal-attn", False, "magnitude", False),
-    ("cats", True, "weighted", False), ("teal", True, "weighted", False),
-    ("cats", True, "weighted", True), ("teal", False, "magnitude", True), ("dense", True, "magnitude", True),
+    ("cats", True, "weighted", False), ("teal", True, "weighted", False), ("cats", True, "up-rms", False),
+    ("cats", True, "weighted", True), ("cats", True, "up-rms", True), ("teal", False, "magnitude", True), ("dense", True, "magnitude", True),
     ("dense", True, "magnitude", "head")])
 @pytest.mark.parametrize("impl", ["jnp", "pallas"])
 def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criterion, int8, impl):
@@ -99,11 +101,11 @@ def test_int8_head_of_a_decode_step_runs_on_the_kernels(kernels_on_tiny_weights)
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("mode", ["cats", "teal"])
-def test_weighted_decode_applies_the_weighted_rule(kernels_on_tiny_weights, mode):
-    """The weighted model's thresholds read under the magnitude rule keep other inputs: the decode
-    path (kernels included) follows the model's criterion, not only its thresholds."""
-    m = _model(mode, criterion="weighted")
+@pytest.mark.parametrize("mode,criterion", [("cats", "weighted"), ("teal", "weighted"), ("cats", "up-rms")])
+def test_decode_applies_the_criterions_rule(kernels_on_tiny_weights, mode, criterion):
+    """A weighted (up-rms) model's thresholds read under the magnitude rule keep other inputs: the
+    decode path (kernels included) follows the model's criterion, not only its thresholds."""
+    m = _model(mode, criterion=criterion)
     toks = jax.random.randint(jax.random.key(1), (1, 1), 0, CFG.vocab_size)
     pos, cache = jnp.zeros((1, 1), jnp.int32), M.init_cache(CFG, 1, 4, f32)
     dec = decode.prepare(m, "pallas")

@@ -207,6 +207,12 @@ def test_compare_gives_paired_standard_errors(tmp_path, capsys):
     compare.main([a, b])
     out = capsys.readouterr().out
     assert "| piqa | 70.0 | 50.0 | +20.0 |" in out and "| mean |" in out
+    # several rows against one baseline (the last), and their plot
+    c = _run(tmp_path / "c.json", "teal-0.4", piqa="1101101111", arc_easy="1011")
+    compare.main([a, c, b, "--plot", str(tmp_path / "d.png"), "--labels", "dense,TEAL 40%,CATS 50%"])
+    out = capsys.readouterr().out
+    assert out.count("B = ") == 2 and "| piqa | 80.0 | 50.0 | +30.0 |" in out
+    assert (tmp_path / "d.png").stat().st_size > 1000
 
 
 def test_compare_errors_name_the_problem(tmp_path):

@@ -1,7 +1,7 @@
 """Tensor-parallel decode (cats_jax.sharding) on 8 fake CPU devices: TP = 1, 2, 4 and 8 give one
 device's logits (prefill and a decode step), KV cache and greedy tokens, for dense, CATS and TEAL on
 the jnp path; the Pallas kernels per shard (interpret mode) at TP = 2; the int8 model's decode weights,
-split with their scales, at TP = 2 (jnp and kernels); the weighted criterion's factors at TP = 2, 4 (jnp and kernels); a
+split with their scales, at TP = 2 (jnp and kernels); the weighted criterion's factors at TP = 2, 4 (jnp and kernels) and up-rms's at TP = 2; a
 saved checkpoint (float and int8, CATS and TEAL thresholds) loaded layer by layer at TP = 2, 4 equal
 to the whole decoder split, with no layer's whole weights outliving it; eval's model read slice by
 slice scores as one device; shapes that do not divide the mesh give one clear error.
@@ -33,7 +33,9 @@ CASES = ([("jnp", mode, tp) for mode in MODES for tp in (1, 2, 4, 8)]
          + [("eval", "cats", 2), ("eval int8", "teal", 4)]
          # the weighted criterion: o's and down's factors split with their rows
          + [("weighted", "cats", 2), ("load weighted", "teal", 4),
-            ("pallas weighted", "cats", 2), ("pallas weighted", "teal", 2), ("cli", "generate", 2)])
+            ("pallas weighted", "cats", 2), ("pallas weighted", "teal", 2), ("cli", "generate", 2)]
+         # the up-rms criterion: its calibrated factors come with the thresholds, split with down's rows
+         + [("load up-rms", "cats", 2)])
 
 
 def _name(case) -> str:
@@ -169,9 +171,9 @@ def _run_cases():
         assert gen.tokens == want_gen.tokens
         assert gen.mlp_sparsity == pytest.approx(want_gen.mlp_sparsity)
 
-    def kernels_per_shard(mode, tp, weighted=False):
+    def kernels_per_shard(mode, tp, criterion="magnitude"):
         sparse_gemv.MIN_KERNEL_WEIGHTS = 0  # a performance rule; this checks correctness
-        model = weighted_model() if weighted else m
+        model = m if criterion == "magnitude" else criterion_model(criterion)
         mesh = sharding.make_mesh(tp)
         dec = sharding.shard(prepare(mode, "pallas", model), mesh)
         one = tokens[:1]  # batch 1: the rows every kernel serves
@@ -210,27 +212,31 @@ def _run_cases():
             parse_args(["--config", "mistral-7b", "--tp", "3"])
 
     @functools.cache
-    def saved(quantized, weighted=False):  # a checkpoint of m (its int8 copy, weighted_model()) and its thresholds
-        model = weighted_model() if weighted else int8 if quantized else m
+    def saved(quantized, criterion="magnitude"):  # a checkpoint of m (its int8 copy, criterion_model()) and its thresholds
+        model = int8 if quantized else m if criterion == "magnitude" else criterion_model(criterion)
         ckpt = Path(tempfile.mkdtemp()) / "ckpt"
         checkpoint.save(ckpt, model.cfg, checkpoint.model_params(model))
+        calibration = {"criterion": model.criterion}
+        if criterion == "up-rms":
+            calibration["factors"] = {"mlp.act": [np.asarray(layer.mlp.input_factor["down_proj"][...]).tolist()
+                                                  for layer in model.layers]}
         for method, sites in thresholds.METHOD_SITES.items():
-            level = thresholds.Level(0.5, {s: list(map(float, site_threshold_values(model, s))) for s in sites})
-            thresholds.Thresholds(thresholds.model_identity(model), method, [level],
-                                  {"criterion": model.criterion}).save(ckpt)
+            if method == "cats" or criterion != "up-rms":  # up-rms is CATS's only
+                level = thresholds.Level(0.5, {s: list(map(float, site_threshold_values(model, s))) for s in sites})
+                thresholds.Thresholds(thresholds.model_identity(model), method, [level], calibration).save(ckpt)
         return ckpt
 
     def site_threshold_values(model, site):
         return [float(M.site_threshold(layer, site)[...]) for layer in model.layers]
 
-    def loaded_layer_by_layer(quantized, mode, tp, weighted=False):
+    def loaded_layer_by_layer(quantized, mode, tp, criterion="magnitude"):
         """load_sharded equals the decoder loaded whole then shard()ed (weights, shardings, plan), gives
         the greedy tokens of one device, and never holds two layers' whole weights at once."""
-        ckpt, mesh = saved(quantized, weighted), sharding.make_mesh(tp)
+        ckpt, mesh = saved(quantized, criterion), sharding.make_mesh(tp)
         configure = functools.partial(thresholds.load_into, ckpt_dir=ckpt, sparsity=0.5, mode=mode)
         whole = checkpoint.load_model(ckpt, f32)
         configure(whole)
-        assert whole.criterion == ("weighted" if weighted else "magnitude")
+        assert whole.criterion == criterion
         live = []  # weak references to the whole (unsplit) arrays of each layer read or prepared
 
         def no_earlier_layer_alive():
@@ -310,15 +316,17 @@ def _run_cases():
             harness.evaluate(ckpt, settings=["dense"], task_files={}, tp=3)
 
     @functools.cache
-    def weighted_model():  # m's weights under the weighted criterion, with thresholds calibrated for it
+    def criterion_model(criterion):  # m's weights under a criterion, with thresholds calibrated for it
         mw = M.init_random(cfg, seed=3, dtype=f32)
-        mw.set_criterion("weighted")
+        factors = (np.asarray(jax.random.uniform(jax.random.key(7), (cfg.num_layers, cfg.intermediate_size), f32,
+                                                 0.2, 2.0)) if criterion == "up-rms" else None)
+        mw.set_criterion(criterion, factors=factors)
         for site, t in random_thresholds(mw, [0.5], tokens=64, seed=0)[0.5].items():
             mw.set_thresholds(site, t)
         return mw
 
     def weighted_on_mesh(mode, tp):
-        mw, mesh = weighted_model(), sharding.make_mesh(tp)
+        mw, mesh = criterion_model("weighted"), sharding.make_mesh(tp)
         one = prepare(mode, "jnp", mw)
         dec = sharding.shard(prepare(mode, "jnp", mw), mesh)
         factors = dec.weights["layers"][0]["factors"]
@@ -358,7 +366,7 @@ def _run_cases():
 
     checks = {"jnp": tp_equals_one_device, "load": functools.partial(loaded_layer_by_layer, False),
               "load int8": functools.partial(loaded_layer_by_layer, True),
-              "cli": generate_cli, "weighted": weighted_on_mesh, "pallas weighted": functools.partial(kernels_per_shard, weighted=True), "load weighted": functools.partial(loaded_layer_by_layer, False, weighted=True), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
+              "cli": generate_cli, "weighted": weighted_on_mesh, "pallas weighted": functools.partial(kernels_per_shard, criterion="weighted"), "load weighted": functools.partial(loaded_layer_by_layer, False, criterion="weighted"), "load up-rms": functools.partial(loaded_layer_by_layer, False, criterion="up-rms"), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
     for what, mode, tp in CASES:
         try:
