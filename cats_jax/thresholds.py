@@ -203,7 +203,7 @@ class Thresholds:
     def save(self, ckpt_dir: str | Path, force: bool = False) -> Path:
         """Add these levels to DIR/thresholds.json (atomically), keeping every other level and
         method. Levels it already holds, or a file of another model, are replaced only with force."""
-        check_merge(ckpt_dir, self.model, self.method, self.sparsities, force)
+        check_merge(ckpt_dir, self.model, self.method, self.sparsities, force, self.criterion)
         existing = {} if force and _other_model(ckpt_dir, self.model) else (read(ckpt_dir) or {})
         merged = dict(existing)
         old = existing.get(self.method)

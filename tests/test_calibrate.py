@@ -307,6 +307,9 @@ def test_weighted_calibration_records_its_criterion_and_takes_quantiles_of_the_w
     scores = np.asarray(quantiles.abs_inputs(*nnx.split(model), jnp.asarray(np.stack(rows)), (CATS,))[CATS])
     kept = scores.reshape(TINY.num_layers, -1) > np.asarray(level.thresholds[CATS])[:, None]
     np.testing.assert_allclose(1 - kept.mean(axis=1), realised["calibration"], atol=1e-6)
+    # another level of the same criterion joins the file without --force (its save checks the criterion too)
+    calibrate.main(args + ["--criterion", "weighted", "--sparsity", "0.3"])
+    assert thresholds.load(ckpt).sparsities == [0.3, 0.5]
     # a file of one criterion asked for with the other: a clear error
     with pytest.raises(thresholds.ThresholdsError, match="calibrated with the weighted criterion, not magnitude; "
                                                          "pass --criterion weighted"):
