@@ -270,7 +270,7 @@ def main(argv=None):
         cfg = model.cfg
         meta["model"] = cfg.name
         for p in args.sparsity:
-            thresholds.apply(model, files[method], p, "jnp", method)
+            thresholds.apply(model, files[method], p, mode=method)
             results.setdefault(method, {})[f"{p:g}"] = measure(
                 model, rows, args.batch_sizes, args.skip, sample_pos, batches, args.rows_per_call,
                 desc=f"{method} {p:g}")

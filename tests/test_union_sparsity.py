@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -98,3 +99,15 @@ def test_bad_input_is_one_clear_error(tmp_path):
         us.main(["--data-file", str(tmp_path / "x.jsonl")])
     with pytest.raises(cli.InputError, match="no CATS thresholds"):
         us.main(["--cats", str(tmp_path), "--data-file", str(tmp_path / "x.jsonl")])
+
+
+def test_the_script_runs_a_calibrated_checkpoint(calibrated, tmp_path, capsys):
+    ckpt, text, _ = calibrated
+    out = tmp_path / "union.json"
+    us.main(["--cats", str(ckpt), "--data-file", str(text), "--sparsity", "0.5", "--docs", "8", "--seq-len", "32",
+             "--skip", "8", "--samples-per-doc", "4", "--batches", "8", "--batch-sizes", "1,2", "--dtype", "float32",
+             "--out", str(out)])
+    assert "CATS" in capsys.readouterr().out
+    union = json.loads(out.read_text())["union_sparsity"]["cats"]["0.5"]["different_docs"]
+    one, two = (np.array(union[b][CATS_SITE]) for b in ("1", "2"))  # per layer
+    assert np.all(two <= one) and 0.3 < one.mean() < 0.7  # a batch's union keeps at least one row's inputs
