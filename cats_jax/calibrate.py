@@ -223,7 +223,7 @@ def run(ckpt_dir, sparsities: list[float], source: data.TextSource, *, tokens: i
         "seed": seed,
     }
     if factors is not None:  # up-rms: [layers][neurons], as measured (6 significant digits)
-        meta["factors"] = {CATS_SITE: [[float(f"{v:.6g}") for v in layer] for layer in factors]}
+        meta["factors"] = {CATS_SITE: factors.tolist()}
     result = thresholds.Thresholds(thresholds.model_identity(model), "cats", levels, meta)
     return quantiles.save_and_measure(result, model, ckpt_dir, held_rows, batch_size=batch_size, force=force,
                                       progress=progress)

@@ -202,7 +202,8 @@ def _up_squares(graphdef, state, tokens):
 
 def up_rms(model: Transformer, rows: list[np.ndarray], *, batch_size: int = 2, progress: bool = True) -> np.ndarray:
     """The up-rms criterion's factors: each neuron's root mean square of u = x W_up in the dense
-    model over rows, fp32 [L, I], rounded as thresholds.json stores them (6 significant digits)."""
+    model over rows, [L, I], rounded to the 6 significant digits thresholds.json stores (so the
+    calibration samples with the factors the file gives back)."""
     set_dense_sites(model, (CATS_SITE,))
     graphdef, state = nnx.split(model)
     total, tokens = 0.0, 0
@@ -213,7 +214,7 @@ def up_rms(model: Transformer, rows: list[np.ndarray], *, batch_size: int = 2, p
             bar.update(batch.size)
     if tokens == 0:
         raise data.DataError("the calibration data produced no rows of tokens")
-    return np.array([[float(f"{v:.6g}") for v in layer] for layer in np.sqrt(total / tokens)], np.float32)
+    return np.array([[float(f"{v:.6g}") for v in layer] for layer in np.sqrt(total / tokens)])
 
 
 # ---- realised sparsity ---------------------------------------------------------------------------
