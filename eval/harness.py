@@ -34,18 +34,31 @@ def _stderr(x: np.ndarray) -> float:
 
 
 def mc_metrics(examples: list[task_lib.Example], ll: np.ndarray, metrics: tuple[str, ...]) -> dict:
-    """acc / acc_norm (and their standard errors) from the log-likelihood of every request, in order."""
+    """acc / acc_norm (their standard errors, and each example's score) from the log-likelihood of
+    every request, in order."""
     acc, acc_norm, pos = [], [], 0
     for ex in examples:
         lls = ll[pos:pos + len(ex.requests)]
         pos += len(ex.requests)
         acc.append(float(np.argmax(lls) == ex.gold))
         acc_norm.append(float(np.argmax(lls / np.array([len(c) for c in ex.choices], float)) == ex.gold))
-    out = {"examples": len(examples)}
+    out = {"examples": len(examples), "correct": {}}
     for name, values in (("acc", acc), ("acc_norm", acc_norm)):
         if name in metrics:
             out[name], out[name + "_stderr"] = float(np.mean(values)), _stderr(np.array(values))
+            # each example's score in order, "0"/"1": rows scored on the same examples compare pairwise (eval.compare)
+            out["correct"][name] = "".join("1" if v else "0" for v in values)
     return out
+
+
+def paired_difference(a: str, b: str) -> tuple[float, float]:
+    """(mean of a - b, its standard error) of two runs' per-example scores ("0"/"1" strings, the
+    same examples in the same order). Pairing removes the examples' own difficulty from the error:
+    far below the unpaired sqrt(se_a^2 + se_b^2) when the runs mostly agree."""
+    if len(a) != len(b):
+        raise ValueError(f"the runs scored different examples ({len(a)} vs {len(b)})")
+    d = np.array([int(x) - int(y) for x, y in zip(a, b)], float)
+    return float(d.mean()), _stderr(d)
 
 
 def ppl_documents(source: data.TextSource, tokenizer, max_tokens: int | None) -> list[list[int]]:

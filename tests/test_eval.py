@@ -181,6 +181,50 @@ def test_acc_and_acc_norm_as_lm_eval():
     assert (m["acc"], m["acc_norm"], m["examples"]) == (0.5, 1.0, 2)
     assert m["acc_stderr"] == pytest.approx(0.5)
     assert "acc_norm" not in harness.mc_metrics(ex, ll, ("acc",))
+    assert m["correct"] == {"acc": "01", "acc_norm": "11"}  # each example's score, in order
+
+
+def _run(path, setting, **correct):
+    rows = [{"setting": setting, "tasks": {t: {"acc": c.count("1") / len(c), "correct": {"acc": c}}
+                                           for t, c in correct.items()}}]
+    path.write_text(json.dumps({"results": rows}))
+    return str(path)
+
+
+def test_compare_gives_paired_standard_errors(tmp_path, capsys):
+    from eval import compare
+
+    a = _run(tmp_path / "a.json", "dense", piqa="1101101110", arc_easy="1111")
+    b = _run(tmp_path / "b.json", "cats-0.5", piqa="1001101100", arc_easy="0111", hellaswag="1")
+    rows = compare.compare(*(compare._row(p)[1] for p in (a, b)))
+    (task, va, vb, d, se), (_, _, _, d2, se2), mean = rows
+    assert (task, va, vb) == ("piqa", 0.7, 0.5) and d == pytest.approx(0.2)
+    diffs = np.array([0, 1, 0, 0, 0, 0, 0, 0, 1, 0], float)  # piqa, example by example
+    assert se == pytest.approx(diffs.std(ddof=1) / np.sqrt(10))
+    assert se < np.sqrt(0.7 * 0.3 / 9 + 0.5 * 0.5 / 9)  # below the unpaired error: the runs mostly agree
+    assert mean[0] == "mean" and mean[3] == pytest.approx((d + d2) / 2)
+    assert mean[4] == pytest.approx(np.hypot(se, se2) / 2)  # hellaswag: only one run has it
+    compare.main([a, b])
+    out = capsys.readouterr().out
+    assert "| piqa | 70.0 | 50.0 | +20.0 |" in out and "| mean |" in out
+
+
+def test_compare_errors_name_the_problem(tmp_path):
+    from eval import compare
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"results": [{"setting": "dense", "tasks": {"piqa": {"acc": 0.5}}}]}))
+    new = _run(tmp_path / "new.json", "dense", piqa="10")
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"results": [{"setting": "dense", "tasks": {}}, {"setting": "cats-0.5", "tasks": {}}]}))
+    with pytest.raises(ValueError, match="no per-example acc .written before eval recorded them"):
+        compare.compare(compare._row(str(old))[1], compare._row(new)[1])
+    with pytest.raises(InputError, match="holds the rows dense, cats-0.5: name one"):
+        compare._row(str(two))
+    with pytest.raises(InputError, match="no row 'teal-0.4' .it has dense, cats-0.5"):
+        compare._row(f"{two}:teal-0.4")
+    with pytest.raises(ValueError, match="different examples .2 vs 3"):
+        compare.compare(compare._row(new)[1], compare._row(_run(tmp_path / "n3.json", "x", piqa="101"))[1])
 
 
 # ---- the CLI --------------------------------------------------------------------------------
