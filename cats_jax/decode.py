@@ -109,10 +109,14 @@ def _fuse(layout: dict, name: str, *linears, neuron_major: bool = False) -> None
 
 def prepare(model: Transformer, impl: str = "jnp") -> Decoder:
     """Decode weights and plan from the model's weights, mode and thresholds (module docstring)."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown implementation {impl!r} (choose from {', '.join(IMPLS)})")
+    check_impl(impl)
     layers = [prepare_layer(model, layer, impl) for layer in model.layers]
     return Decoder(dict(prepare_top(model), layers=layers), make_plan(model, impl, layers))
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r} (choose from {', '.join(IMPLS)})")
 
 
 def prepare_layer(model: Transformer, layer, impl: str) -> dict:

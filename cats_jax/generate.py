@@ -369,6 +369,7 @@ def load_sharded(ckpt, mesh, impl: str = "jnp", dtype=None, configure: Callable 
     from cats_jax.config import ModelConfig
     from cats_jax.model import from_params
 
+    decode.check_impl(impl)
     cfg = ModelConfig.load(ckpt)
     sharding.local_config(cfg, sharding.tp_size(mesh))  # the shapes divide, before any read
 

@@ -244,20 +244,30 @@ def _run_cases():
                 live.extend(weakref.ref(x) for x in jax.tree.leaves(params))
             return params
 
-        def prep(model, impl):
-            assert len(model.layers) == 1  # prepared one layer at a time
-            dec = prepare_whole(model, impl)
-            live.extend(weakref.ref(x) for x in jax.tree.leaves(dec.weights["layers"]) if x.ndim == 2)
-            return dec
+        def prep(model, layer, impl):  # one layer at a time
+            lw = prepare_layer(model, layer, impl)
+            live.extend(weakref.ref(x) for x in jax.tree.leaves(lw) if x.ndim == 2)
+            return lw
 
-        read_params, prepare_whole = checkpoint.load_params, decode.prepare
+        def top(model):  # the embedding, final norm and head: once
+            tops.append(model)
+            return prepare_top(model)
+
+        def refuse(*args):
+            raise AssertionError("load_sharded prepared a whole model")
+
+        read_params, prepare_layer, prepare_top, prepare_whole = (checkpoint.load_params, decode.prepare_layer,
+                                                                  decode.prepare_top, decode.prepare)
         loaded = {}
         for impl in ("jnp", "pallas"):  # pallas: CATS's neuron-major gate|up
-            checkpoint.load_params, decode.prepare = read, prep
+            tops = []
+            checkpoint.load_params, decode.prepare_layer, decode.prepare_top, decode.prepare = read, prep, top, refuse
             try:
                 dec = loaded[impl] = load_sharded(ckpt, mesh, impl, f32, configure)
             finally:
-                checkpoint.load_params, decode.prepare = read_params, prepare_whole
+                checkpoint.load_params, decode.prepare_layer, decode.prepare_top, decode.prepare = (
+                    read_params, prepare_layer, prepare_top, prepare_whole)
+            assert len(tops) == 1
             no_earlier_layer_alive()
             live.clear()
             want = sharding.shard(decode.prepare(whole, impl), mesh)
