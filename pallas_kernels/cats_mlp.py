@@ -37,7 +37,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
+from pallas_kernels.common import (
+    block_along,
+    call,
+    convert,
+    iota,
+    kernels_enabled,
+    load,
+    mask2d,
+    next_pow2,
+    padded_batch,
+)
 from pallas_kernels.sparse_gemv import GemvBlocks, check_scale, keep, sparse_gemv
 
 f32 = jnp.float32
@@ -106,10 +116,10 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
             if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
-                return acc + plgpu.dot(x, w.astype(x.dtype), trans_b=True)
+                return acc + plgpu.dot(x, convert(w, x.dtype), trans_b=True)
             # Batch 1: multiply-add into a [rows, cols] accumulator, reduced once after the loop.
             x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
-            return acc + w.astype(f32) * x.astype(f32)
+            return acc + convert(w, f32) * x.astype(f32)
 
         init = jnp.zeros((bp, rows) if dot else (rows, cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)

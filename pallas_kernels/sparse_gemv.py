@@ -43,7 +43,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import block_along, call, iota, kernels_enabled, load, mask2d, next_pow2, padded_batch
+from pallas_kernels.common import (
+    block_along,
+    call,
+    convert,
+    iota,
+    kernels_enabled,
+    load,
+    mask2d,
+    next_pow2,
+    padded_batch,
+)
 
 f32 = jnp.float32
 
@@ -215,10 +225,10 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
                  eviction_policy="evict_first")  # W is streamed once; keep x in cache
         if dot:  # [bp, cols]; x' is exact in x's dtype; int8 w converts exactly to it
             dt = x_ref.dtype
-            return acc + plgpu.dot(xf.astype(dt), w.astype(dt))
+            return acc + plgpu.dot(xf.astype(dt), convert(w, dt))
         # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
         # end (a cross-warp reduction per step would cost more than the loads).
-        return acc + xf * w.astype(f32)
+        return acc + xf * convert(w, f32)
 
     init = jnp.zeros((bp, cols) if dot else (rows, cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
@@ -270,7 +280,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
         ok = (iota(rows, k * rows) < count)[:, None]  # rows past the kept ones: no traffic
         w = load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=ok if col_ok is None else ok & col_ok[None, :],
                  eviction_policy="evict_first")
-        return acc + v.astype(f32)[:, None] * w.astype(f32)
+        return acc + v.astype(f32)[:, None] * convert(w, f32)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, jnp.zeros((rows, cols), f32))
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])

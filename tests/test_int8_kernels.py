@@ -14,6 +14,7 @@ from conftest import poisoned as _poisoned
 from conftest import rel_err as _rel
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.cats_mlp import cats_mlp, gate_up
+from pallas_kernels.common import convert
 from pallas_kernels.sparse_gemv import sparse_gemv
 
 f32, bf16, i8 = jnp.float32, jnp.bfloat16, jnp.int8
@@ -31,6 +32,15 @@ def int8_weights(n_in, n_out, seed):
 def dequantized(q, scale):
     """The fp32 weights that int8 q with per-column scale stands for (the references' weights)."""
     return q.astype(f32) * scale
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16, jnp.float16])
+def test_convert_turns_every_int8_into_its_exact_value(dtype):
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(i8).reshape(16, 16)
+    got = convert(q, dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got.astype(f32)), np.arange(-128, 128, dtype=np.float32).reshape(16, 16))
+    np.testing.assert_array_equal(np.asarray(convert(jnp.asarray([1.5, -2.25], bf16), f32)), [1.5, -2.25])
 
 
 def _thresholded(x, t):

@@ -52,6 +52,12 @@ def _int8_loads(lowered):
     return sum(bool(re.search(r"tt\.load [^\n]*!tt\.ptr<i8>", str(r.module))) for r in lowered)
 
 
+def _int8_to_float(lowered):
+    """How many of the lowered modules convert int8 to a float with the conversion instruction
+    (sitofp); the kernels add int8 tiles to fp32 bits instead (common.convert)."""
+    return sum(bool(re.search(r"arith\.sitofp [^\n]*i8>? to", str(r.module))) for r in lowered)
+
+
 H, I = 200, 300  # tails on both axes
 MLP = (S((2 * I, H), bf16), S((I, H), bf16), S((), f32))
 INT8_MLP = (S((2 * I, H), i8), S((I, H), i8), S((), f32), S((2 * I,), f32), S((H,), f32))  # and the scales
@@ -68,7 +74,7 @@ def test_cats_mlp_lowers(lowered_for_gpu, batch):
 def test_cats_mlp_int8_lowers(lowered_for_gpu, batch, dtype):
     _lower(lambda x, w_gu, wd, t, s_gu, s_d: K.cats_mlp(x, w_gu, wd, t, scales=(s_gu, s_d))[0],
            S((batch, H), dtype), *INT8_MLP)
-    assert len(lowered_for_gpu) == 2 and _int8_loads(lowered_for_gpu) == 2
+    assert len(lowered_for_gpu) == 2 and _int8_loads(lowered_for_gpu) == 2 and _int8_to_float(lowered_for_gpu) == 0
 
 
 GEMV_BLOCKS = [
@@ -92,6 +98,7 @@ def test_sparse_gemv_int8_lowers(lowered_for_gpu, batch, blocks, dtype):
            S((batch, H), dtype), S((H, 160), i8), S((), f32), S((160,), f32))
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)
     assert _int8_loads(lowered_for_gpu) == 1  # the GEMV or the gather reads W's int8 rows
+    assert _int8_to_float(lowered_for_gpu) == 0
 
 
 @pytest.mark.parametrize("n", [4096, 576])
