@@ -287,7 +287,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
 
 
 def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks):
-    """Batch 1: compact, then gather (module docstring). x [1, in] -> [1, out] fp32 (unscaled).
+    """Batch 1: compact, then gather (module docstring). x [1, in] -> [1, P >= out] fp32 (unscaled, padded).
     ts: the thresholds, then (weighted) the factors [segments, in]."""
     n_in, n_out = w.shape
     n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
@@ -303,13 +303,12 @@ def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks):
     idx, val, count, zeros = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
         x.reshape(n_in), *ts)
     kernel = functools.partial(_gather_kernel, blk=blk, n_out=n_out, bounds=bounds)
-    y = call(kernel, out, grid=(col_blocks, chunks), num_warps=blk.num_warps, num_stages=blk.num_stages,
-             name="gather_gemv", given=(0,))(idx, val, count, w, zeros)
-    return y[:, :n_out]
+    return call(kernel, out, grid=(col_blocks, chunks), num_warps=blk.num_warps, num_stages=blk.num_stages,
+                name="gather_gemv", given=(0,))(idx, val, count, w, zeros)
 
 
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None, factors=None,
-                blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None, scale=None):
+                blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None, scale=None, finish: bool = True):
     """y = x' @ w with x' = x (threshold None) or x * keep(x, threshold, factors), x' rounded to w's
     dtype; or, for int8 w, y = (x' @ w) * scale with x' in x's own dtype.
 
@@ -321,6 +320,9 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     w = [W_q | W_k | W_v] reads x once for three projections.
     factors: None (magnitude criterion) or [segments, in] fp32, each segment's factor per input
     (the weighted criterion); needs a threshold.
+    finish=False: the fp32 sums [B, P >= out] as the kernels leave them, unscaled, columns past
+    `out` padding, for a consumer kernel that scales and rounds them as it loads them
+    (pallas_kernels.norm, pallas_kernels.attention): no launch of its own finishes them.
     """
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"sparse_gemv: x {x.shape} and w {w.shape} do not chain as [B, in] @ [in, out]")
@@ -350,16 +352,20 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     if scale is None:
         x = x.astype(w.dtype)
 
-    def finish(y):
-        """[B, out] fp32 sums -> out_dtype. The scale is applied here rather than in the kernels:
-        XLA fuses the multiply into the slice / reduction and cast that follow the kernels anyway,
-        while in-kernel it would scale every split's partial sums (and load the scale per program)."""
+    def done(y):
+        """[B, P] fp32 sums -> [B, out] in out_dtype. The scale is applied here rather than in the
+        kernels: XLA fuses the multiply into the slice / reduction and cast that follow the kernels
+        anyway, while in-kernel it would scale every split's partial sums (and load the scale per
+        program)."""
+        if not finish:
+            return y
+        y = y[:, :n_out]
         return (y if scale is None else y * scale).astype(out_dtype)
 
     if isinstance(blk, GatherBlocks):
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
-        return finish(_gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk))
+        return done(_gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk))
     dot = batch > 1
     bp = padded_batch(batch, dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
@@ -378,4 +384,4 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
     )(x, w, *ts)
-    return finish(jnp.sum(out[:, :batch], axis=0) if dot else out[:, :n_out])
+    return done(jnp.sum(out[:, :batch], axis=0) if dot else out)

@@ -107,13 +107,23 @@ def test_add_rms_norm_lowers(lowered_for_gpu, n):
     assert len(lowered_for_gpu) == 1
 
 
+@pytest.mark.parametrize("n", [4096, 576])
+def test_add_rms_norm_of_unfinished_int8_sums_lowers(lowered_for_gpu, n):
+    """h: a GEMV's padded fp32 sums with their int8 scale (sparse_gemv's finish=False)."""
+    _lower(lambda x, h, s, hs: N.add_rms_norm(x, h, s, 1e-5, hs), S((2, n), bf16), S((2, n + 448), f32),
+           S((n,), bf16), S((n,), f32))
+    assert len(lowered_for_gpu) == 1
+
+
 @pytest.mark.parametrize("heads,kv_heads,d,window,span", [(32, 8, 128, None, None), (9, 3, 64, 4096, None),
                                                           (4, 4, 16, None, None), (32, 8, 128, None, 512)])
-def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, span):
-    b, s = 2, 384
+@pytest.mark.parametrize("unfinished", [False, True])  # qkv: a GEMV's padded fp32 sums with an int8 scale
+def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, span, unfinished):
+    b, s, width = 2, 384, (heads + 2 * kv_heads) * d
     blk = None if span is None else A.AttentionBlocks(block=16, span=span)  # span: one program per kv head
-    _lower(lambda qkv, pos, k, v, inv: A.decode_attention(qkv, pos, k, v, inv, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window, blocks=blk),
-           S((b, (heads + 2 * kv_heads) * d), bf16), S((b,), jnp.int32), S((b, s, kv_heads, d), bf16),
-           S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
+    qkv = (S((b, width + 512), f32), S((width,), f32)) if unfinished else (S((b, width), bf16), None)
+    _lower(lambda qkv, qs, pos, k, v, inv: A.decode_attention(qkv, pos, k, v, inv, num_heads=heads,
+                                                              num_kv_heads=kv_heads, sliding_window=window, blocks=blk,
+                                                              qkv_scale=qs),
+           *qkv, S((b,), jnp.int32), S((b, s, kv_heads, d), bf16), S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
     assert len(lowered_for_gpu) == 1
