@@ -71,18 +71,27 @@ def check_mlp(b, h, i, sparsity, seed, quantized=False) -> bool:
 
 def check_gemv(b, n_in, n_out, sparsity, seed, variant="masked", quantized=False) -> bool:
     """variant: "masked" (masked tiles: batch 1 atomic adds, larger batches partials), batch 1 and
-    b rows; or "gather" (batch 1 only: compact, then gather). quantized: int8 rows."""
-    b = 1 if variant == "gather" else b
+    b rows; or "gather" (batch 1 only: compact, then gather); or "gated" (the gather, its input
+    silu(gate) * up computed by the compaction from gate|up sums). quantized: int8 rows."""
+    b = 1 if variant in ("gather", "gated") else b
     w, _, _ = random_mlp(n_in, n_out, seed)
     q, scale = quantize_int8(w) if quantized else (w, None)  # the kernel's weights
     w = dequantize(q, scale) if quantized else w  # the reference's
-    x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
+    given, gated = None, variant == "gated"  # gated: the input as silu(gate) * up of gate|up sums
+    if gated:
+        given = jax.random.normal(jax.random.key(seed + 1), (b, 2 * n_in), f32) * 2
+        x = G.gated_input(given, None, n_in, jnp.bfloat16)
+    else:
+        x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
-    blk = G.GatherBlocks() if variant == "gather" else G.blocks_for(b, n_in, n_out)
+    blk = G.GatherBlocks() if variant in ("gather", "gated") else G.blocks_for(b, n_in, n_out)
     with poisoned_outputs():
-        y = G.sparse_gemv(x, q, t, blocks=blk, scale=scale)
+        if gated:
+            y = G.sparse_gemv(given, q, t, blocks=blk, scale=scale, out_dtype=jnp.bfloat16, gated=True)
+        else:
+            y = G.sparse_gemv(x, q, t, blocks=blk, scale=scale)
     err = rel_err(y, ref)
     print(f"sparse_gemv {variant}{' int8' if quantized else ''} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
           f"{'ok' if err < TOL else 'FAIL'}", flush=True)
@@ -240,7 +249,8 @@ def main(argv=None):
                    for one in (False, True) for u in (False, True)])
         ok &= all([check_mlp(*c, seed=seed + k) for k, c in enumerate(mlp_cases)])
         ok &= all([check_gemv(*c, seed=seed + k, variant=v, quantized=qz) for k, (b, *shape) in enumerate(gemv_cases)
-                   for c, v in (((b, *shape), "masked"), ((1, *shape), "masked"), ((1, *shape), "gather"))
+                   for c, v in (((b, *shape), "masked"), ((1, *shape), "masked"), ((1, *shape), "gather"),
+                                ((1, *shape), "gated"))
                    for qz in (False, True)])
         ok &= all([check_mlp(*c, seed=seed + k, quantized=True) for k, c in enumerate(mlp_cases)])
         ok &= all([check_norm(b, n, seed + k, u) for k, (b, n) in enumerate([(1, 4096), (5, 576), (2, 8192)])

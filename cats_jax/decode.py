@@ -15,8 +15,9 @@ so no step dequantizes a matrix; an int8 LM head likewise ("head", "head_scale")
 changed. `Plan` (static) says which sites are thresholded and whether decode steps may run the
 Pallas kernels; which kernel runs where is then decided from the shapes at trace time
 (`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds. On the kernels, a
-GEMV's output reaches the next kernel (decode attention, the residual add + norm) as the GEMV
-leaves it (`Sums`): that kernel scales and rounds it as it loads it, so no launch does only that.
+GEMV's output reaches the next kernel (decode attention, the residual add + norm, and for TEAL's
+gate|up the down GEMV, which computes silu(gate) * up) as the GEMV leaves it (`Sums`): that kernel
+scales and rounds it as it loads it, so no launch does only that.
 
 The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
 greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
@@ -98,8 +99,8 @@ class Decoder(NamedTuple):
 class Sums(NamedTuple):
     """A decode step's projection as its kernel leaves it (sparse_gemv's finish=False): fp32 sums
     [B, P >= out], unscaled, with the int8 scale [out] or None. The next kernel (decode attention,
-    add_rms_norm) scales and rounds them as it loads them: one launch fewer than finishing them
-    apart. `_finished` is the same in jnp, for any other consumer."""
+    add_rms_norm, the down GEMV of silu(gate) * up) scales and rounds them as it loads them: one
+    launch fewer than finishing them apart. `_finished` is the same in jnp, for any other consumer."""
     sums: jax.Array
     scale: jax.Array | None
 
@@ -186,7 +187,12 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     """x [B, T, in] @ w [in, out] in `dtype` (default x's), where the columns of w come in segments
     of `widths`, each reading x thresholded by its own TEAL threshold (None: x as it is) and, under
     the weighted criterion, its own factors (factors [segments, in]; None: magnitude). w int8:
-    scale fp32 [out]. sums: a product on the kernels comes back as Sums, for the next kernel to finish."""
+    scale fp32 [out]. sums: a product on the kernels comes back as Sums, for the next kernel to finish.
+    x Sums (a gate|up product on the kernels, for the down projection): the input is silu(gate) * up,
+    computed by the down GEMV's kernels as they read x (sparse_gemv's gated input)."""
+    gated = isinstance(x, Sums)
+    if gated:
+        return _gated_product(plan, x, w, thresholds, factors, scale, dtype, sums)
     b, t, n_in = x.shape
     thresholded = any(th is not None for th in thresholds)
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
@@ -212,6 +218,14 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     scales = [None] * len(xs) if scale is None else jnp.split(scale, cuts)
     return jnp.concatenate([dot(xi, wi, si, dtype) for xi, wi, si in zip(xs, jnp.split(w, cuts, axis=1), scales)],
                            axis=-1)
+
+
+def _gated_product(plan: Plan, gu: Sums, w, thresholds, factors, scale, dtype, sums):
+    """The down projection of silu(gate) * up, with gate|up as its kernel left them (_product)."""
+    ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
+    y = sparse_gemv.sparse_gemv(gu.sums, w, ts, factors=factors, scale=scale, out_dtype=dtype, finish=not sums,
+                                gated=True, x_scale=gu.scale)
+    return Sums(y, scale) if sums else y[:, None]
 
 
 def _site(lw, site):
@@ -264,8 +278,13 @@ def _mlp(plan: Plan, lw, x):
     down_t = [_site(lw, "mlp.down_proj")]
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
     if not plan.cats:
-        g, u = jnp.split(_grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size)), 2, axis=-1)
-        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down"),
+        # on the kernels, the down GEMV computes silu(gate) * up from gate|up as their kernel leaves them
+        gated = plan.gemv_kernel(x, lw["down"]) and (down_t[0] is not None or _scale(lw, "down") is not None)
+        gu = _grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size), sums=gated)
+        if not isinstance(gu, Sums):
+            g, u = jnp.split(gu, 2, axis=-1)
+            gu = jax.nn.silu(g) * u
+        return _product(plan, gu, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down"), x.dtype,
                         sums=sums), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     down = _factors(lw, "down")

@@ -157,11 +157,16 @@ def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monk
     assert got.mlp_sparsity == want.mlp_sparsity
 
 
-@pytest.mark.parametrize("mode,int8", [("teal", False), ("cats", False), ("dense", True)])
-def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, mode, int8):
+@pytest.mark.parametrize("mode,int8,path", [("teal", False, "masked"), ("teal", False, "gather"),
+                                           ("teal", True, "gather"), ("cats", False, "masked"), ("dense", True, "masked")])
+def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, monkeypatch, mode, int8, path):
     """On the kernels, the decode attention takes the q|k|v GEMV's output and each residual add +
     norm its projection's (o, down) as they leave the GEMV kernel: no op between them rounds,
-    scales or slices them (a launch each on the GPU)."""
+    scales or slices them (a launch each on the GPU). On the gather path the down projection's
+    compaction takes gate|up as their GEMV left them too (it computes silu(gate) * up)."""
+    if path == "gather":
+        monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
+        monkeypatch.setattr(G, "TUNED", {})
     m = _model(mode, int8=int8)
     dec = decode.prepare(m, "pallas")
     with interpret_on_cpu():
@@ -176,6 +181,13 @@ def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, mode, 
               for _, v in takes]
     # CATS: only the down projection is a kernel's (q|k|v and o are XLA's bf16 products)
     assert sum(direct) == (CFG.num_layers if mode == "cats" else 3 * CFG.num_layers), takes
+    gathered = {v for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] == "gather_gemv"
+                for v in e.outvars}
+    inputs = [made_by.get(e.invars[0]) for e in jaxpr.eqns
+              if e.primitive.name == "pallas_call" and e.params["name"] == "compact"]
+    # a compaction fed by a gather's output, through a reshape only (a bitcast)
+    fed = [e for e in inputs if e is not None and e.primitive.name == "reshape" and e.invars[0] in gathered]
+    assert len(fed) == (CFG.num_layers if path == "gather" else 0)
 
 
 def test_cats_kernel_decode_of_ragged_batches():
