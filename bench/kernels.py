@@ -479,7 +479,9 @@ def main(argv=None):
                         "then benchmark with the winners")
     p.add_argument("--teal", action="store_true",
                    help="TEAL: time the sparse-input GEMV of every projection (fused q/k/v, o, fused gate/up, down) "
-                        "instead of the CATS MLP; with --tune, block candidates per projection at 50%%")
+                        "instead of the CATS MLP; with --tune, block candidates per projection at --tune-at")
+    p.add_argument("--tune-at", type=float, default=0.5,
+                   help="the sparsity at which --teal --tune times candidates (default 0.5; 0 for dense int8 GEMVs)")
     p.add_argument("--int8", action="store_true",
                    help="the kernels read the weights' int8 copy (one fp32 scale per output channel); XLA's "
                         "dense baseline stays bf16")
@@ -497,6 +499,8 @@ def main(argv=None):
         [config(m, a.tp) for m in models]
     except sharding.TPError as e:
         p.error(f"--tp {a.tp}: {e}")
+    if not 0 <= a.tune_at < 1:
+        p.error(f"--tune-at {a.tune_at}: a sparsity in [0, 1)")
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
     levels = [float(s) for s in a.sparsity.split(",")]
@@ -506,7 +510,7 @@ def main(argv=None):
             a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
         return
     if a.teal:
-        result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None, int8=a.int8, tp=a.tp)
+        result = bench_gemv(models, levels, batch, tune_at=a.tune_at if a.tune else None, int8=a.int8, tp=a.tp)
         tuned = None
     else:
         tuned = tune(models[:1], batch, int8=a.int8) if a.tune else None
