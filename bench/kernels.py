@@ -280,7 +280,9 @@ GEMV_CANDIDATES = {
         (64, 256, 224, 4, 1), (128, 128, 112, 4, 1), (32, 512, 448, 4, 1), (64, 512, 224, 8, 1),
         (128, 256, 112, 8, 1), (16, 1024, 896, 4, 1), (32, 256, 112, 4, 3), (64, 256, 56, 4, 3),
         (64, 128, 1024, 4, 1), (128, 64, 1024, 4, 1), (256, 64, 1024, 8, 1), (128, 128, 1024, 8, 1),
-        (256, 128, 1024, 8, 1), (64, 64, 1024, 2, 1)]]
+        (256, 128, 1024, 8, 1), (64, 64, 1024, 2, 1),
+        # one small tile per program, as TEAL's split-K kernel runs (8-32 input rows x 128-512 outputs)
+        (16, 256, 1024, 4, 1), (8, 256, 1024, 2, 1), (16, 512, 1024, 4, 1), (32, 128, 1024, 4, 1), (8, 512, 2048, 4, 1)]]
     # the gather path: compact the kept rows, then read only those
     + [G.GatherBlocks(*a) for a in [(32, 128, 512, 4, 3), (16, 128, 512, 4, 3), (32, 128, 256, 4, 3),
                                     (16, 256, 256, 4, 2), (32, 256, 512, 8, 3), (32, 128, 1024, 4, 3)]],
@@ -477,7 +479,9 @@ def main(argv=None):
                         "then benchmark with the winners")
     p.add_argument("--teal", action="store_true",
                    help="TEAL: time the sparse-input GEMV of every projection (fused q/k/v, o, fused gate/up, down) "
-                        "instead of the CATS MLP; with --tune, block candidates per projection at 50%%")
+                        "instead of the CATS MLP; with --tune, block candidates per projection at --tune-at")
+    p.add_argument("--tune-at", type=float, default=0.5,
+                   help="the sparsity at which --teal --tune times candidates (default 0.5; 0 for dense int8 GEMVs)")
     p.add_argument("--int8", action="store_true",
                    help="the kernels read the weights' int8 copy (one fp32 scale per output channel); XLA's "
                         "dense baseline stays bf16")
@@ -495,6 +499,8 @@ def main(argv=None):
         [config(m, a.tp) for m in models]
     except sharding.TPError as e:
         p.error(f"--tp {a.tp}: {e}")
+    if not 0 <= a.tune_at < 1:
+        p.error(f"--tune-at {a.tune_at}: a sparsity in [0, 1)")
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
     levels = [float(s) for s in a.sparsity.split(",")]
@@ -504,7 +510,7 @@ def main(argv=None):
             a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
         return
     if a.teal:
-        result = bench_gemv(models, levels, batch, tune_at=0.5 if a.tune else None, int8=a.int8, tp=a.tp)
+        result = bench_gemv(models, levels, batch, tune_at=a.tune_at if a.tune else None, int8=a.int8, tp=a.tp)
         tuned = None
     else:
         tuned = tune(models[:1], batch, int8=a.int8) if a.tune else None

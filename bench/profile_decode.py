@@ -47,6 +47,24 @@ def gpu_kernel_events(trace_dir: str) -> list[dict]:
     return kept
 
 
+def idle_gaps(events: list[dict], long_us: float = 20.0) -> tuple[float, int, float, int]:
+    """Idle GPU time between consecutive kernels (events sorted by start; overlaps count as no gap):
+    (us in gaps shorter than long_us, their count, us in longer gaps, their count). Short gaps are
+    launch-to-launch latency; long ones are host round trips (the decode loop's per-step predicate)."""
+    short_us = long_total = 0.0
+    n_short = n_long = 0
+    end = None
+    for e in sorted(events, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            gap = e["ts"] - end
+            if gap < long_us:
+                short_us, n_short = short_us + gap, n_short + 1
+            else:
+                long_total, n_long = long_total + gap, n_long + 1
+        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+    return short_us, n_short, long_total, n_long
+
+
 def short(name: str) -> str:
     name = re.sub(r"\d+", "#", name)
     return name if len(name) < 70 else name[:67] + "..."
@@ -74,6 +92,9 @@ def profile(decoder, cfg, batch, args) -> None:
           f"{wall_ms:.3f} ms/step wall "
           f"(decode_s over {steps} steps), GPU busy {busy / 1e3 / steps:.3f} ms/step (prefill included), "
           f"{len(events)} kernel events")
+    gap_s, n_s, gap_l, n_l = idle_gaps(events)
+    print(f"idle between kernels per step: {gap_s / steps:.1f} us in {n_s / steps:.1f} gaps under 20 us (launches), "
+          f"{gap_l / steps:.1f} us in {n_l / steps:.2f} longer gaps (host round trips; prefill included)")
     print("| kernel | us/step | calls/step | us/call |\n|---|---|---|---|")
     for name, (dur, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"| {name} | {dur / steps:.1f} | {n / steps:.2f} | {dur / n:.2f} |")
