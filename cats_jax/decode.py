@@ -190,9 +190,8 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     scale fp32 [out]. sums: a product on the kernels comes back as Sums, for the next kernel to finish.
     x Sums (a gate|up product on the kernels, for the down projection): the input is silu(gate) * up,
     computed by the down GEMV's kernels as they read x (sparse_gemv's gated input)."""
-    gated = isinstance(x, Sums)
-    if gated:
-        return _gated_product(plan, x, w, thresholds, factors, scale, dtype, sums)
+    if isinstance(x, Sums):
+        return _gated_product(x, w, thresholds, factors, scale, dtype, sums)
     b, t, n_in = x.shape
     thresholded = any(th is not None for th in thresholds)
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
@@ -201,9 +200,8 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks, out_dtype=dtype,
                                         finish=not sums)
         else:
-            ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]  # -1: keep every input
-            y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors,
-                                        scale=scale, out_dtype=dtype, finish=not sums)
+            y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, _kernel_thresholds(thresholds), segments=widths,
+                                        factors=factors, scale=scale, out_dtype=dtype, finish=not sums)
         return Sums(y, scale) if sums else y.reshape(b, t, -1)
     if not thresholded:
         return dot(x, w, scale, dtype)
@@ -220,12 +218,16 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
                            axis=-1)
 
 
-def _gated_product(plan: Plan, gu: Sums, w, thresholds, factors, scale, dtype, sums):
+def _gated_product(gu: Sums, w, thresholds, factors, scale, dtype, sums):
     """The down projection of silu(gate) * up, with gate|up as its kernel left them (_product)."""
-    ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
-    y = sparse_gemv.sparse_gemv(gu.sums, w, ts, factors=factors, scale=scale, out_dtype=dtype, finish=not sums,
-                                gated=True, x_scale=gu.scale)
+    y = sparse_gemv.sparse_gemv(gu.sums, w, _kernel_thresholds(thresholds), factors=factors, scale=scale,
+                                out_dtype=dtype, finish=not sums, gated=True, x_scale=gu.scale)
     return Sums(y, scale) if sums else y[:, None]
+
+
+def _kernel_thresholds(thresholds):
+    """Per segment the kernels' threshold: its own, or -1 (keep every input) where it has none."""
+    return [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
 
 
 def _site(lw, site):
