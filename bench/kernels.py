@@ -272,7 +272,9 @@ def markdown(result) -> str:
 # ---- block-size tuning ------------------------------------------------------------------------
 GATE_UP_CANDIDATES = {
     1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(8, 512, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 4)]],
-    **{b: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3)]] for b in (2, 4)},
+    **{b: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3), (16, 256, 4, 3),
+                                                          (64, 128, 4, 3), (32, 256, 8, 3), (16, 512, 4, 4)]]
+       for b in (2, 4)},
 }
 GEMV_CANDIDATES = {
     # masked tiles, many short splits (1-4 steps each), TEAL's layout
@@ -286,7 +288,9 @@ GEMV_CANDIDATES = {
     # the gather path: compact the kept rows, then read only those
     + [G.GatherBlocks(*a) for a in [(32, 128, 512, 4, 3), (16, 128, 512, 4, 3), (32, 128, 256, 4, 3),
                                     (16, 256, 256, 4, 2), (32, 256, 512, 8, 3), (32, 128, 1024, 4, 3)]],
-    **{b: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [(32, 256, 16, 4, 3), (64, 256, 32, 4, 3)]]
+    **{b: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [(32, 256, 16, 4, 3), (64, 256, 32, 4, 3),
+                                                               (32, 128, 32, 4, 3), (64, 128, 64, 4, 3),
+                                                               (32, 256, 64, 4, 2), (16, 256, 128, 4, 2)]]
        for b in (2, 4)},
 }
 

@@ -66,9 +66,9 @@ f32 = jnp.float32
 # batch's union of kept rows is nearly dense beyond a few rows; real text's unions are only a
 # little sparser than random ones (docs/batching.md).
 MAX_KERNEL_BATCH = 1
-# Smaller weight matrices stay with XLA: the kernels' fixed cost exceeds XLA's dense GEMV there
-# (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200; docs/benchmarks.md). Tests set
-# it to 0 to run the kernels on tiny models.
+# Smaller weight matrices stay with XLA, unless TUNED lists their shape: the kernels' fixed cost
+# exceeded XLA's dense GEMV there (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200
+# with the table's blocks; docs/benchmarks.md). Tests set it to 0 to run the kernels on tiny models.
 MIN_KERNEL_WEIGHTS = 20_000_000
 # int8 weights take the kernels up to this many rows, thresholded or not: XLA's GEMV of an int8
 # matrix converted in the product ran at a third of the read ceiling (docs/benchmarks.md).
@@ -120,8 +120,10 @@ def _gated(g, u, dt):
 
 
 def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:
-    """Whether a TEAL decode step of `batch` rows should run the kernel."""
-    return kernels_enabled() and batch <= MAX_KERNEL_BATCH and n_in * n_out >= MIN_KERNEL_WEIGHTS
+    """Whether a TEAL decode step of `batch` rows should run the kernel: a large matrix, or a shape
+    whose tuned blocks beat XLA on this device (an entry in TUNED)."""
+    return kernels_enabled() and batch <= MAX_KERNEL_BATCH and (
+        n_in * n_out >= MIN_KERNEL_WEIGHTS or (next_pow2(batch), n_in, n_out) in _tuned())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +159,8 @@ TABLE = {
 
 # Per device kind, per (padded batch, in, out) that decode reaches (TEAL's fused q|k|v and gate|up,
 # down; o stays with XLA): the fastest blocks at 50% sparsity (`python -m bench.kernels --teal
-# --tune`; docs/benchmarks.md); other devices and shapes take TABLE's.
+# --tune`; docs/benchmarks.md); other devices and shapes take TABLE's. A shape listed here takes
+# the kernel even below MIN_KERNEL_WEIGHTS: list one only where the tuned kernel beats XLA.
 TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
         (1, 4096, 6144): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # Mistral-7B q|k|v

@@ -13,7 +13,7 @@ from bench.kernels import random_mlp, threshold_for
 from cats_jax import sparsity
 from conftest import rel_err as _rel
 from pallas_kernels import sparse_gemv as G
-from pallas_kernels.common import poisoned_outputs
+from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 from pallas_kernels.sparse_gemv import TABLE, sparse_gemv
 
 f32, bf16 = jnp.float32, jnp.bfloat16
@@ -178,3 +178,14 @@ def test_gated_input_rejects_bad_shapes():
         sparse_gemv(jnp.zeros((1, 16), bf16), w, 0.1, gated=True, out_dtype=f32)  # sums are fp32
     with pytest.raises(ValueError, match="out_dtype"):
         sparse_gemv(jnp.zeros((1, 16), f32), w, 0.1, gated=True)
+
+
+def test_a_tuned_shape_takes_the_kernel_below_the_size_rule(monkeypatch):
+    """kernel_pays: large matrices, or a shape whose tuned blocks this device lists (they beat XLA)."""
+    kind = jax.devices()[0].device_kind
+    monkeypatch.setattr(G, "TUNED", {kind: {(1, 64, 96): G.GemvBlocks(rows=16, cols=32, splits=4)}})
+    with interpret_on_cpu():
+        assert G.kernel_pays(1, 64, 96) and not G.kernel_pays(1, 64, 64)
+        assert G.kernel_pays(1, 8192, 4096)  # above MIN_KERNEL_WEIGHTS
+        assert not G.kernel_pays(2, 64, 96)  # beyond MAX_KERNEL_BATCH
+    assert not G.kernel_pays(1, 64, 96)  # kernels off (the CPU outside interpret mode)
