@@ -24,8 +24,9 @@ import numpy as np
 
 from bench.decode import random_model, random_thresholds
 from cats_jax import decode
-from cats_jax.config import PRESETS
+from cats_jax.config import PRESETS, QUANTIZATIONS
 from cats_jax.generate import generate
+from cats_jax.model import quantize_model
 from cats_jax.sparsity import MODES
 
 
@@ -88,7 +89,8 @@ def profile(decoder, cfg, batch, args) -> None:
         p[1] += 1
     busy = sum(v[0] for v in per.values())
     wall_ms = gen.decode_s / steps * 1e3
-    print(f"\n### {cfg.name} layers={cfg.num_layers} batch={batch} mode={args.mode} ({args.impl}): "
+    quant = f" {args.quantize}" if args.quantize else ""
+    print(f"\n### {cfg.name} layers={cfg.num_layers} batch={batch} mode={args.mode}{quant} ({args.impl}): "
           f"{wall_ms:.3f} ms/step wall "
           f"(decode_s over {steps} steps), GPU busy {busy / 1e3 / steps:.3f} ms/step (prefill included), "
           f"{len(events)} kernel events")
@@ -116,6 +118,7 @@ def main(argv=None):
     ap.add_argument("--mode", choices=sorted(MODES), default="dense")
     ap.add_argument("--impl", choices=("pallas", "jnp"), default="pallas")
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--quantize", choices=QUANTIZATIONS, help="profile the model's quantized copy (as bench.decode)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--save", help="write one sample event per kernel name (with its HLO op) to SAVE_b<batch>.json")
     args = ap.parse_args(argv)
@@ -123,6 +126,8 @@ def main(argv=None):
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
     model = random_model(cfg)
+    if args.quantize:
+        model = quantize_model(model)
     if args.mode != "dense":
         for site, t in random_thresholds(model, [args.sparsity], 256, 0)[args.sparsity].items():
             model.set_thresholds(site, t)
