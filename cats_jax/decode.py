@@ -280,8 +280,10 @@ def _mlp(plan: Plan, lw, x):
     down_t = [_site(lw, "mlp.down_proj")]
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
     if not plan.cats:
-        # on the kernels, the down GEMV computes silu(gate) * up from gate|up as their kernel leaves them
-        gated = plan.gemv_kernel(x, lw["down"]) and (down_t[0] is not None or _scale(lw, "down") is not None)
+        # on the kernels, TEAL's down GEMV computes silu(gate) * up from gate|up as their kernel leaves
+        # them, in its compaction; dense int8 keeps XLA's product: the gather GEMV of every row was
+        # slower than the masked tiles (docs/decisions.md)
+        gated = down_t[0] is not None and plan.gemv_kernel(x, lw["down"])
         gu = _grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size), sums=gated)
         if not isinstance(gu, Sums):
             g, u = jnp.split(gu, 2, axis=-1)
