@@ -8,7 +8,8 @@
    exact set of kept neurons; the same with int8 weights (one fp32 scale per output channel)
    against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel.
 2. The decode-attention kernel against model.attend: GQA ratios 1..8, sliding windows, positions
-   near the cache's capacity, caches updated in place.
+   near the cache's capacity, caches updated in place. It and the norm kernel also take their
+   input as a GEMV leaves it (padded fp32 sums and an int8 scale).
 3. Greedy decoding of a SmolLM2-sized random model and of its int8 copy (LM head int8 too, on the
    kernels' masked tiles at decode steps): the kernel decode path
    (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32.
@@ -70,28 +71,49 @@ def check_mlp(b, h, i, sparsity, seed, quantized=False) -> bool:
 
 def check_gemv(b, n_in, n_out, sparsity, seed, variant="masked", quantized=False) -> bool:
     """variant: "masked" (masked tiles: batch 1 atomic adds, larger batches partials), batch 1 and
-    b rows; or "gather" (batch 1 only: compact, then gather). quantized: int8 rows."""
-    b = 1 if variant == "gather" else b
+    b rows; or "gather" (batch 1 only: compact, then gather); or "gated" (the gather, its input
+    silu(gate) * up computed by the compaction from gate|up sums). quantized: int8 rows."""
+    b = 1 if variant in ("gather", "gated") else b
     w, _, _ = random_mlp(n_in, n_out, seed)
     q, scale = quantize_int8(w) if quantized else (w, None)  # the kernel's weights
     w = dequantize(q, scale) if quantized else w  # the reference's
-    x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
+    given, gated = None, variant == "gated"  # gated: the input as silu(gate) * up of gate|up sums
+    if gated:
+        given = jax.random.normal(jax.random.key(seed + 1), (b, 2 * n_in), f32) * 2
+        x = G.gated_input(given, None, n_in, jnp.bfloat16)
+    else:
+        x = jax.random.normal(jax.random.key(seed + 1), (b, n_in), f32).astype(jnp.bfloat16)
     t = threshold_for(x, sparsity)
     with jax.default_matmul_precision("highest"):
         ref = jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0) @ w.astype(f32)
-    blk = G.GatherBlocks() if variant == "gather" else G.blocks_for(b, n_in, n_out)
+    blk = G.GatherBlocks() if variant in ("gather", "gated") else G.blocks_for(b, n_in, n_out)
     with poisoned_outputs():
-        y = G.sparse_gemv(x, q, t, blocks=blk, scale=scale)
+        if gated:
+            y = G.sparse_gemv(given, q, t, blocks=blk, scale=scale, out_dtype=jnp.bfloat16, gated=True)
+        else:
+            y = G.sparse_gemv(x, q, t, blocks=blk, scale=scale)
     err = rel_err(y, ref)
     print(f"sparse_gemv {variant}{' int8' if quantized else ''} B={b} in={n_in:5d} out={n_out:5d} sparsity {sparsity:.2f}: rel err {err:.2e} -> "
           f"{'ok' if err < TOL else 'FAIL'}", flush=True)
     return err < TOL
 
 
-def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat16, one_span=False) -> bool:
+def _unfinished(finished, key):
+    """The q|k|v or down projection as a GEMV kernel leaves it (sparse_gemv's finish=False): fp32
+    sums, columns of NaN past them (never to be read), and an int8-like scale, whose finished values
+    in `finished`'s dtype stand for it in the reference."""
+    scale = jax.random.uniform(key, (finished.shape[1],), f32, 0.01, 0.05)
+    sums = finished.astype(f32) / scale
+    pad = jnp.full((finished.shape[0], 64), jnp.nan, f32)
+    return jnp.concatenate([sums, pad], axis=1), scale, (sums * scale).astype(finished.dtype)
+
+
+def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat16, one_span=False,
+                    unfinished=False) -> bool:
     """The decode-attention kernel against model.attend (fp32 inputs at full precision) on fresh
     random q|k|v and caches, positions anywhere in the cache (near capacity too): the output and
-    the updated caches. one_span: one program per row and kv head (no combine of splits)."""
+    the updated caches. one_span: one program per row and kv head (no combine of splits).
+    unfinished: q|k|v as a GEMV's padded fp32 sums with their scale."""
     from cats_jax import model as M
     from cats_jax.config import ModelConfig
     from pallas_kernels.attention import AttentionBlocks, decode_attention
@@ -103,25 +125,29 @@ def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat
     qkv = jax.random.normal(ks[0], (b, (heads + 2 * kv_heads) * d), f32).astype(dtype)
     ck, cv = (jax.random.normal(k, (b, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:3])
     pos = jax.random.randint(ks[3], (b,), 0, slots).at[0].set(slots - 1)
+    given, q_scale = qkv, None
+    if unfinished:
+        given, q_scale, qkv = _unfinished(qkv, ks[3])
     q, key, val = jnp.split(qkv.astype(f32), [heads * d, (heads + kv_heads) * d], axis=1)
     with jax.default_matmul_precision("highest"):
         ref, (rk, rv) = M.attend(cfg, q.reshape(b, 1, heads, d), key.reshape(b, 1, kv_heads, d),
                                  val.reshape(b, 1, kv_heads, d), pos[:, None], (ck.astype(f32), cv.astype(f32)))
     with poisoned_outputs():
         blk = AttentionBlocks(block=16, span=next_pow2(slots)) if one_span else None
-        out, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window, blocks=blk))(
-        qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+        out, gk, gv = jax.jit(lambda q, s, *a: decode_attention(q, *a, num_heads=heads, num_kv_heads=kv_heads,
+                                                                sliding_window=window, blocks=blk, qkv_scale=s))(
+            given, q_scale, pos, ck, cv, M.rope_inv_freq(cfg))
     err, kerr, verr = rel_err(out, ref[:, 0]), rel_err(gk, rk), rel_err(gv, rv)
     ok = max(err, kerr, verr) < TOL
-    print(f"decode_attention{' one span' if one_span else ''} B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
+    print(f"decode_attention{' one span' if one_span else ''}{' unfinished qkv' if unfinished else ''} B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
           f"{np.asarray(pos).tolist()[:4]}: rel err out {err:.2e}, k cache {kerr:.2e}, v cache {verr:.2e} -> "
           f"{'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
-def check_norm(b, n, seed) -> bool:
-    """add_rms_norm (residual add + RMSNorm) against the fp32 reference."""
+def check_norm(b, n, seed, unfinished=False) -> bool:
+    """add_rms_norm (residual add + RMSNorm) against the fp32 reference. unfinished: h as a GEMV's
+    padded fp32 sums with their scale."""
     from cats_jax.model import rms_norm
     from pallas_kernels.norm import add_rms_norm
 
@@ -129,13 +155,16 @@ def check_norm(b, n, seed) -> bool:
     x = jax.random.normal(ks[0], (b, n), f32).astype(jnp.bfloat16)
     h = jax.random.normal(ks[1], (b, n), f32) * 2
     scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(jnp.bfloat16)
+    given, h_scale = h, None
+    if unfinished:
+        given, h_scale, h = _unfinished(h.astype(jnp.bfloat16), ks[2])
     want_x = x.astype(f32) + h.astype(jnp.bfloat16).astype(f32)
     want_y = rms_norm(want_x, scale.astype(f32), 1e-5)
     with poisoned_outputs():
-        got_x, got_y = add_rms_norm(x, h, scale, 1e-5)
+        got_x, got_y = add_rms_norm(x, given, scale, 1e-5, h_scale)
     ex, ey = rel_err(got_x, want_x), rel_err(got_y, want_y)
     ok = ex < TOL and ey < TOL
-    print(f"add_rms_norm B={b} H={n}: rel err sum {ex:.2e}, norm {ey:.2e} -> {'ok' if ok else 'FAIL'}", flush=True)
+    print(f"add_rms_norm{' unfinished h' if unfinished else ''} B={b} H={n}: rel err sum {ex:.2e}, norm {ey:.2e} -> {'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
@@ -216,14 +245,16 @@ def main(argv=None):
                        (2, 24, 3, 128, 1000, None), (8, 8, 8, 64, 77, 16)][: 2 if a.quick else None]
     ok = True
     if not a.no_kernels:
-        ok &= all([check_attention(*c, seed=seed + k, one_span=one) for k, c in enumerate(attention_cases)
-                   for one in (False, True)])
+        ok &= all([check_attention(*c, seed=seed + k, one_span=one, unfinished=u) for k, c in enumerate(attention_cases)
+                   for one in (False, True) for u in (False, True)])
         ok &= all([check_mlp(*c, seed=seed + k) for k, c in enumerate(mlp_cases)])
         ok &= all([check_gemv(*c, seed=seed + k, variant=v, quantized=qz) for k, (b, *shape) in enumerate(gemv_cases)
-                   for c, v in (((b, *shape), "masked"), ((1, *shape), "masked"), ((1, *shape), "gather"))
+                   for c, v in (((b, *shape), "masked"), ((1, *shape), "masked"), ((1, *shape), "gather"),
+                                ((1, *shape), "gated"))
                    for qz in (False, True)])
         ok &= all([check_mlp(*c, seed=seed + k, quantized=True) for k, c in enumerate(mlp_cases)])
-        ok &= all([check_norm(b, n, seed + k) for k, (b, n) in enumerate([(1, 4096), (5, 576), (2, 8192)])])
+        ok &= all([check_norm(b, n, seed + k, u) for k, (b, n) in enumerate([(1, 4096), (5, 576), (2, 8192)])
+                   for u in (False, True)])
     if not a.no_model:
         for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 3))

@@ -14,7 +14,10 @@ after the fp32 accumulation of every product (cats_jax.quantize.dot; the kernels
 so no step dequantizes a matrix; an int8 LM head likewise ("head", "head_scale"). The model is not
 changed. `Plan` (static) says which sites are thresholded and whether decode steps may run the
 Pallas kernels; which kernel runs where is then decided from the shapes at trace time
-(`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds.
+(`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds. On the kernels, a
+GEMV's output reaches the next kernel (decode attention, the residual add + norm, and for TEAL's
+gate|up the down GEMV, which computes silu(gate) * up) as the GEMV leaves it (`Sums`): that kernel
+scales and rounds it as it loads it, so no launch does only that.
 
 The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
 greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
@@ -93,6 +96,23 @@ class Decoder(NamedTuple):
     plan: Plan
 
 
+class Sums(NamedTuple):
+    """A decode step's projection as its kernel leaves it (sparse_gemv's finish=False): fp32 sums
+    [B, P >= out], unscaled, with the int8 scale [out] or None. The next kernel (decode attention,
+    add_rms_norm, the down GEMV of silu(gate) * up) scales and rounds them as it loads them: one
+    launch fewer than finishing them apart. `_finished` is the same in jnp, for any other consumer."""
+    sums: jax.Array
+    scale: jax.Array | None
+
+
+def _finished(y, n: int, dtype):
+    """y itself, or Sums finished as sparse_gemv would: [B, 1, n] in dtype."""
+    if not isinstance(y, Sums):
+        return y
+    h = y.sums[:, :n]
+    return (h if y.scale is None else h * y.scale).astype(dtype)[:, None]
+
+
 QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 GROUPS = {"qkv": QKV, "gate_up": GATE_UP}
@@ -163,21 +183,26 @@ def make_plan(model: Transformer, impl: str, layers: list[dict]) -> Plan:
     return Plan(model.cfg, sites, impl == "pallas", shared)
 
 
-def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dtype=None):
+def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dtype=None, sums=False):
     """x [B, T, in] @ w [in, out] in `dtype` (default x's), where the columns of w come in segments
     of `widths`, each reading x thresholded by its own TEAL threshold (None: x as it is) and, under
     the weighted criterion, its own factors (factors [segments, in]; None: magnitude). w int8:
-    scale fp32 [out]."""
+    scale fp32 [out]. sums: a product on the kernels comes back as Sums, for the next kernel to finish.
+    x Sums (a gate|up product on the kernels, for the down projection): the input is silu(gate) * up,
+    computed by the down GEMV's kernels as they read x (sparse_gemv's gated input)."""
+    if isinstance(x, Sums):
+        return _gated_product(x, w, thresholds, factors, scale, dtype, sums)
     b, t, n_in = x.shape
     thresholded = any(th is not None for th in thresholds)
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
         if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact
             blocks = sparse_gemv.blocks_for(b, n_in, w.shape[1], tuned=False)
-            return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks,
-                                           out_dtype=dtype).reshape(b, t, -1)
-        ts = [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]  # -1: keep every input
-        return sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, ts, segments=widths, factors=factors,
-                                       scale=scale, out_dtype=dtype).reshape(b, t, -1)
+            y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks, out_dtype=dtype,
+                                        finish=not sums)
+        else:
+            y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, _kernel_thresholds(thresholds), segments=widths,
+                                        factors=factors, scale=scale, out_dtype=dtype, finish=not sums)
+        return Sums(y, scale) if sums else y.reshape(b, t, -1)
     if not thresholded:
         return dot(x, w, scale, dtype)
     xs = [x if th is None else sparsity.teal_input(x, th, None if factors is None else factors[i])
@@ -193,6 +218,18 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
                            axis=-1)
 
 
+def _gated_product(gu: Sums, w, thresholds, factors, scale, dtype, sums):
+    """The down projection of silu(gate) * up, with gate|up as its kernel left them (_product)."""
+    y = sparse_gemv.sparse_gemv(gu.sums, w, _kernel_thresholds(thresholds), factors=factors, scale=scale,
+                                out_dtype=dtype, finish=not sums, gated=True, x_scale=gu.scale)
+    return Sums(y, scale) if sums else y[:, None]
+
+
+def _kernel_thresholds(thresholds):
+    """Per segment the kernels' threshold: its own, or -1 (keep every input) where it has none."""
+    return [jnp.full((), -1.0, f32) if th is None else th for th in thresholds]
+
+
 def _site(lw, site):
     return lw["thresholds"].get(site)
 
@@ -206,49 +243,63 @@ def _factors(lw, name):
     return lw.get("factors", {}).get(name)
 
 
-def _grouped(plan: Plan, lw, x, w, group: str, widths):
+def _grouped(plan: Plan, lw, x, w, group: str, widths, sums=False):
     """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
     threshold (and weighted-criterion factors), or all with the one threshold they share (Plan.shared)
     off the kernels: on them one segment ran slower than three equal ones (docs/decisions.md)."""
     scale = _scale(lw, group)
     if group in plan.shared and not plan.gemv_kernel(x, w):
         return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),), scale=scale)
-    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale)
+    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale, sums=sums)
 
 
 def _attention(plan: Plan, lw, x, positions, kv):
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = _grouped(plan, lw, x, lw["qkv"], "qkv", (n * d, k * d, k * d))
-    if kv is not None and plan.attention_kernel(x):
-        out, ck, cv = attention.decode_attention(qkv[:, 0], positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
-                                                 num_kv_heads=k, sliding_window=cfg.sliding_window)
+    fused = kv is not None and plan.attention_kernel(x)
+    qkv = _grouped(plan, lw, x, lw["qkv"], "qkv", (n * d, k * d, k * d), sums=fused)
+    if fused:
+        rows, scale = (qkv.sums, qkv.scale) if isinstance(qkv, Sums) else (qkv[:, 0], None)
+        out, ck, cv = attention.decode_attention(rows, positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
+                                                 num_kv_heads=k, sliding_window=cfg.sliding_window, qkv_scale=scale)
         out, kv = out[:, None], (ck, cv)
     else:
         q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=-1)
         out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
     o = _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,), _factors(lw, "o"),
-                 _scale(lw, "o"))
+                 _scale(lw, "o"), sums=plan.axis is None)
     return o, kv
 
 
 def _mlp(plan: Plan, lw, x):
-    """The gated MLP of x [B, T, H]: (y [B, T, H], the per-token fraction of kept neurons [B, T] or None)."""
+    """The gated MLP of x [B, T, H]: (y [B, T, H] or on the kernels Sums, the per-token fraction of
+    kept neurons [B, T] or None)."""
     b, t, h = x.shape
     size = plan.cfg.intermediate_size
     down_t = [_site(lw, "mlp.down_proj")]
+    sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
     if not plan.cats:
-        g, u = jnp.split(_grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size)), 2, axis=-1)
-        return _product(plan, jax.nn.silu(g) * u, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down")), None
+        # on the kernels, TEAL's down GEMV computes silu(gate) * up from gate|up as their kernel leaves
+        # them, in its compaction; dense int8 keeps XLA's product: the gather GEMV of every row was
+        # slower than the masked tiles (docs/decisions.md)
+        gated = down_t[0] is not None and plan.gemv_kernel(x, lw["down"])
+        gu = _grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size), sums=gated)
+        if not isinstance(gu, Sums):
+            g, u = jnp.split(gu, 2, axis=-1)
+            gu = jax.nn.silu(g) * u
+        return _product(plan, gu, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down"), x.dtype,
+                        sums=sums), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     down = _factors(lw, "down")
     factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]|| or rms(u_i)
     if plan.cats_kernel(x):
         scales = None if _scale(lw, "down") is None else (_scale(lw, "gate_up_t"), _scale(lw, "down"))
-        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, scales)
+        y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, scales,
+                                      finish=not sums)
         # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
-        return y.reshape(x.shape), sparsity.active_fraction(hidden, axis=-1)[:, None]
+        y = Sums(y, _scale(lw, "down")) if sums else y.reshape(x.shape)
+        return y, sparsity.active_fraction(hidden, axis=-1)[:, None]
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
     if "gate_up" in lw:
         gu = dot(x, lw["gate_up"], _scale(lw, "gate_up"), f32)
@@ -282,13 +333,15 @@ def forward(weights, tokens, positions, cache, *, plan: Plan, last=None):
 
 def _add_norm(plan: Plan, x, h, scale):
     """(x + h, rms_norm(x + h, scale)): the residual stream and the next block's input; h None: x
-    itself. Decode steps on the kernels take one launch for both (pallas_kernels.norm)."""
+    itself. Decode steps on the kernels take one launch for both (pallas_kernels.norm), which also
+    finishes h when it comes as Sums."""
     eps = plan.cfg.rms_norm_eps
+    b, t, n = x.shape
     if h is not None and plan.norm_kernel(x, scale):
-        b, t, n = x.shape
-        x, y = norm.add_rms_norm(x.reshape(b, n), h.reshape(b, n), scale, eps)
+        rows, h_scale = (h.sums, h.scale) if isinstance(h, Sums) else (h.reshape(b, n), None)
+        x, y = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale)
         return x.reshape(b, t, n), y.reshape(b, t, n)
-    x = x if h is None else x + h
+    x = x if h is None else x + _finished(h, n, x.dtype)
     return x, rms_norm(x, scale, eps)
 
 
@@ -306,7 +359,7 @@ def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     if last is None:
         _, h = _add_norm(plan, x, h, weights["norm"])
     else:  # prefill: only each row's last token, [B, 1, H]
-        x = (x + h)[jnp.arange(x.shape[0]), last][:, None]
+        x = (x + _finished(h, x.shape[-1], x.dtype))[jnp.arange(x.shape[0]), last][:, None]
         h = rms_norm(x, weights["norm"], plan.cfg.rms_norm_eps)
     # an int8 head is a dense int8 product: on the kernels' masked tiles for one token per row
     head = weights["head"]

@@ -5,7 +5,10 @@ The jnp definition is cats_jax.model.attend (the model's attention at one token 
 must equal it. Shapes: B rows, N query heads, K kv heads (G = N / K per kv head), D head dim (a
 power of two), S cache slots.
 
-- qkv [B, (N + 2K) D]: the fused q|k|v projection of each row's token, before RoPE.
+- qkv [B, (N + 2K) D]: the fused q|k|v projection of each row's token, before RoPE; or that
+  projection's unfinished fp32 sums [B, P >= (N + 2K) D] (sparse_gemv with finish=False) with its
+  int8 scale qkv_scale or None: the kernel scales and rounds them to the cache dtype as it loads
+  them, as the projection would have finished them, so no launch of its own does that.
 - positions [B]: each row's position p; its key and value go to slot p, and it attends to slots
   0..p (p - window + 1..p with a sliding window). Slots < p hold earlier tokens of the row.
 - k_cache, v_cache [B, S, K, D]: updated in place (aliased): only slot p of each row is written.
@@ -59,8 +62,10 @@ def _rope(x1, x2, cos, sin):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk, window, scale, single):
+def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk, window, scale, single, qkv_scaled):
     # kc_ref / vc_ref are the caches themselves (outputs aliased to the inputs): read, and slot pos written
+    if qkv_scaled:
+        qs_ref, *refs = refs
     *outs, kc_ref, vc_ref = refs
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     h = d // 2
@@ -71,21 +76,28 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
     cos, sin = jnp.cos(freqs)[None, :], jnp.sin(freqs)[None, :]
     dt = kc_ref.dtype
 
+    def projected(cols, mask=None):
+        """Columns of row b's q|k|v as the projection finishes them: scaled (int8), rounded to dt."""
+        v = load(qkv_ref.at[b, cols], mask=mask)
+        if qkv_scaled:
+            v = v * load(qs_ref.at[cols], mask=mask)
+        return v.astype(dt)
+
     g_ok = iota(gp) < groups  # query rows padded to gp (>= 16: tensor-core dots), the padding zeros
     q_ok = mask2d(g_ok, h_ok)
     q_cols = (kh * groups + iota(gp))[:, None] * d + iota(hp)[None, :]  # [gp, hp]: the first halves
-    q1 = load(qkv_ref.at[b, q_cols], mask=q_ok).astype(f32)
-    q2 = load(qkv_ref.at[b, q_cols + h], mask=q_ok).astype(f32)
+    q1 = projected(q_cols, q_ok).astype(f32)
+    q2 = projected(q_cols + h, q_ok).astype(f32)
     q1, q2 = _rope(q1, q2, cos, sin)
     q1, q2 = q1.astype(dt), q2.astype(dt)  # rounded to the activation dtype, as the jnp path's q is
 
     k_col = n_heads * d + kh * d
     v_col = (n_heads + n_kv) * d + kh * d
-    kn1 = load(qkv_ref.at[b, iota(hp, k_col)], mask=h_ok).astype(f32)[None, :]
-    kn2 = load(qkv_ref.at[b, iota(hp, k_col + h)], mask=h_ok).astype(f32)[None, :]
+    kn1 = projected(iota(hp, k_col), h_ok).astype(f32)[None, :]
+    kn2 = projected(iota(hp, k_col + h), h_ok).astype(f32)[None, :]
     kn1, kn2 = _rope(kn1, kn2, cos, sin)
     kn1, kn2 = kn1.astype(dt), kn2.astype(dt)
-    vn = load(qkv_ref.at[b, pl.ds(v_col, d)]).astype(dt)[None, :]
+    vn = projected(iota(d, v_col))[None, :]
 
     lo_span = sp * blk.span
     lo = jnp.maximum(lo_span, 0 if window is None else pos - window + 1)  # first slot to read
@@ -140,15 +152,18 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
 
 
 def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: int, num_kv_heads: int,
-                     sliding_window: int | None = None, blocks: AttentionBlocks | None = None):
+                     sliding_window: int | None = None, blocks: AttentionBlocks | None = None, qkv_scale=None):
     """One decode token per row (module docstring): (out [B, N D] in k_cache's dtype, k_cache, v_cache)."""
     b, s, k, d = k_cache.shape
     if k != num_kv_heads or v_cache.shape != k_cache.shape or d & (d - 1) or d < 16:
         raise ValueError(f"decode_attention: caches {k_cache.shape} / {v_cache.shape} need [B, S, {num_kv_heads}, D] "
                          "with D a power of two, at least 16")
-    if qkv.shape != (b, (num_heads + 2 * k) * d) or positions.shape != (b,) or num_heads % k:
-        raise ValueError(f"decode_attention: qkv {qkv.shape}, positions {positions.shape} do not fit {num_heads} "
-                         f"heads over caches {k_cache.shape}")
+    width = (num_heads + 2 * k) * d
+    if (qkv.ndim != 2 or qkv.shape[0] != b or qkv.shape[1] < width or positions.shape != (b,) or num_heads % k
+            or (qkv_scale is not None and jnp.shape(qkv_scale) != (width,))):
+        raise ValueError(f"decode_attention: qkv {qkv.shape}, positions {positions.shape}, qkv_scale "
+                         f"{None if qkv_scale is None else jnp.shape(qkv_scale)} do not fit {num_heads} heads over "
+                         f"caches {k_cache.shape} (qkv [B, >= {width}], qkv_scale None or [{width}])")
     groups = num_heads // k
     gp = max(16, next_pow2(groups))  # tensor-core dots take at least 16 rows
     blk = blocks or blocks_for(b, k, groups, s)
@@ -156,7 +171,8 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
         raise ValueError(f"decode_attention: {blk} needs a block of at least 16 slots that divides the span")
     splits = pl.cdiv(s, blk.span)
     kernel = functools.partial(_kernel, n_heads=num_heads, n_kv=k, groups=groups, gp=gp, d=d, blk=blk,
-                               window=sliding_window, scale=d ** -0.5, single=splits == 1)
+                               window=sliding_window, scale=d ** -0.5, single=splits == 1,
+                               qkv_scaled=qkv_scale is not None)
     if splits == 1:
         outs = (jax.ShapeDtypeStruct((b, num_heads * d), k_cache.dtype),)
     else:
@@ -166,7 +182,8 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
     *parts, k_cache, v_cache = call(kernel, (*outs, *caches), grid=(b, k, splits), num_warps=blk.num_warps,
                                     num_stages=blk.num_stages, name="decode_attention",
                                     given=(len(outs), len(outs) + 1))(
-        qkv, positions.astype(jnp.int32), jnp.asarray(inv_freq, f32), k_cache, v_cache)
+        qkv, positions.astype(jnp.int32), jnp.asarray(inv_freq, f32),
+        *(() if qkv_scale is None else (jnp.asarray(qkv_scale, f32),)), k_cache, v_cache)
     if splits == 1:
         return parts[0], k_cache, v_cache
     m, l, acc = parts

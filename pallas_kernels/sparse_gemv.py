@@ -23,6 +23,11 @@ add every partial sum, which left a floor that grows with the matrix (docs/bench
    `rows`, loading those rows of W (each a contiguous run of `cols` weights), and atomic-adds its
    fp32 sums into the output.
 
+A gated input (the MLP's down projection): x can be the gate|up GEMV's output as its kernel left
+it (fp32 sums [B, >= 2 in], with its int8 scale or None); the input is then silu(gate) * up
+(`gated_input`). The compaction computes it as it reads the chunk, so no launch of its own does;
+the masked tiles take it from XLA first.
+
 int8 weights (weight-only quantization, symmetric, one fp32 scale per output column:
 W ~ q * scale[None, :]): the kernels read the int8 rows as they are (a kept row is half the
 bytes of a bf16 one; which rows are skipped does not change) and convert each loaded tile, to
@@ -97,6 +102,21 @@ def check_scale(name: str, w, scale, n: int):
     if scale is not None:
         raise ValueError(f"{name}: a scale is only for int8 weights; these are {w.dtype} (pass scale=None)")
     return None
+
+
+def gated_input(sums, scale, n: int, dtype):
+    """silu(gate) * up [B, n] in dtype, from a gate|up GEMV's unfinished fp32 sums [B, >= 2n] (scale:
+    their int8 scale [2n] or None): gate and up rounded to dtype (as sparse_gemv finishes them), then
+    silu(gate) * up in fp32, rounded once (as XLA fuses the model's bf16 silu(gate) * up, with
+    excess precision). The kernels' definition."""
+    gu = sums[:, :2 * n]
+    gu = (gu if scale is None else gu * scale).astype(dtype).astype(f32)
+    return _gated(gu[:, :n], gu[:, n:], dtype)
+
+
+def _gated(g, u, dt):
+    """silu(g) * u in fp32, rounded to dt (g, u: fp32 holding values of dt)."""
+    return (g * jax.nn.sigmoid(g) * u).astype(dt)
 
 
 def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:
@@ -241,10 +261,13 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
 
-def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, weighted, span):
+def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, weighted, span, gated, gated_scaled):
     """Program (segment, chunk): the chunk's row numbers and values, kept rows first (val 0 for
     the others), and the number kept. It also zeroes its `span` of the gather's fp32 output (one
-    launch fewer than an XLA memset)."""
+    launch fewer than an XLA memset). gated: x_ref holds gate|up sums (and the next ref their
+    scale); the values are silu(gate) * up."""
+    if gated_scaled:
+        xs_ref, *refs = refs
     *t_refs, idx_ref, val_ref, cnt_ref, zero_ref = refs
     f_ref = t_refs.pop() if weighted else None  # [segments, in]
     seg, c = pl.program_id(0), pl.program_id(1)
@@ -252,7 +275,14 @@ def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, weighted, span):
     plgpu.store(zero_ref.at[pl.ds(0, 1), pl.ds(p * span, span)], jnp.zeros((1, span), f32))
     j = iota(chunk, c * chunk)
     ok = j < n_in
-    x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
+    if gated:
+        g, u = (load(x_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok) for at in (0, n_in))
+        if gated_scaled:
+            g, u = (v * load(xs_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok) for v, at in ((g, 0), (u, n_in)))
+        dt = val_ref.dtype
+        x = _gated(g.astype(dt).astype(f32), u.astype(dt).astype(f32), dt)
+    else:
+        x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
     xf = x.astype(f32)
     f = load(f_ref.at[seg, pl.ds(c * chunk, chunk)], mask=ok) if weighted else None
     live = (keep(xf, _threshold(t_refs, seg), f) if thresholded else (xf != 0)) & ok
@@ -289,30 +319,33 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
-def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks):
-    """Batch 1: compact, then gather (module docstring). x [1, in] -> [1, out] fp32 (unscaled).
-    ts: the thresholds, then (weighted) the factors [segments, in]."""
+def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks, gated=None):
+    """Batch 1: compact, then gather (module docstring). x [1, in] -> [1, P >= out] fp32 (unscaled, padded).
+    ts: the thresholds, then (weighted) the factors [segments, in]. gated: None, or (the gate|up
+    sums' scale or None, the values' dtype) with x those sums [1, >= 2 in]."""
     n_in, n_out = w.shape
     n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
     col_blocks = pl.cdiv(n_out, blk.cols)
     # the output, padded to whole column blocks and to a whole power-of-two span per compact program
     span = next_pow2(pl.cdiv(col_blocks * blk.cols, n_seg * chunks))
     out = jax.ShapeDtypeStruct((1, n_seg * chunks * span), f32)
+    gated_scale, dt = gated or (None, x.dtype)
     listed = (jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), jnp.int32),
-              jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), x.dtype),
+              jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), dt),
               jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32), out)
     kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded,
-                               weighted=weighted, span=span)
+                               weighted=weighted, span=span, gated=gated is not None,
+                               gated_scaled=gated_scale is not None)
     idx, val, count, zeros = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
-        x.reshape(n_in), *ts)
+        x.reshape(-1), *(() if gated_scale is None else (gated_scale,)), *ts)
     kernel = functools.partial(_gather_kernel, blk=blk, n_out=n_out, bounds=bounds)
-    y = call(kernel, out, grid=(col_blocks, chunks), num_warps=blk.num_warps, num_stages=blk.num_stages,
-             name="gather_gemv", given=(0,))(idx, val, count, w, zeros)
-    return y[:, :n_out]
+    return call(kernel, out, grid=(col_blocks, chunks), num_warps=blk.num_warps, num_stages=blk.num_stages,
+                name="gather_gemv", given=(0,))(idx, val, count, w, zeros)
 
 
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None, factors=None,
-                blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None, scale=None):
+                blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None, scale=None, finish: bool = True,
+                gated: bool = False, x_scale=None):
     """y = x' @ w with x' = x (threshold None) or x * keep(x, threshold, factors), x' rounded to w's
     dtype; or, for int8 w, y = (x' @ w) * scale with x' in x's own dtype.
 
@@ -324,10 +357,23 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     w = [W_q | W_k | W_v] reads x once for three projections.
     factors: None (magnitude criterion) or [segments, in] fp32, each segment's factor per input
     (the weighted criterion); needs a threshold.
+    gated: x is a gate|up GEMV's unfinished fp32 sums [B, >= 2 in] (x_scale: their int8 scale [2 in]
+    or None) and the input is gated_input(x, x_scale, in, out_dtype): silu(gate) * up.
+    finish=False: the fp32 sums [B, P >= out] as the kernels leave them, unscaled, columns past
+    `out` padding, for a consumer kernel that scales and rounds them as it loads them
+    (pallas_kernels.norm, pallas_kernels.attention): no launch of its own finishes them.
     """
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+    if gated:
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] < 2 * w.shape[0] or x.dtype != f32 or (
+                x_scale is not None and jnp.shape(x_scale) != (2 * w.shape[0],)):
+            raise ValueError(f"sparse_gemv: a gated input {x.shape} {x.dtype} (x_scale "
+                             f"{None if x_scale is None else jnp.shape(x_scale)}) must be fp32 gate|up sums "
+                             f"[B, >= {2 * w.shape[0]}] for w {w.shape}, x_scale None or [{2 * w.shape[0]}]")
+        if out_dtype is None:
+            raise ValueError("sparse_gemv: a gated input needs out_dtype (the activations' dtype)")
+    elif x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"sparse_gemv: x {x.shape} and w {w.shape} do not chain as [B, in] @ [in, out]")
-    batch, n_in = x.shape
+    batch, n_in = x.shape[0], w.shape[0]
     n_out = w.shape[1]
     segments = tuple(segments or (n_out,))
     if sum(segments) != n_out:
@@ -350,19 +396,27 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     scale = check_scale("sparse_gemv", w, scale, n_out)
     out_dtype = out_dtype or x.dtype
-    if scale is None:
+    dt = w.dtype if scale is None else out_dtype  # a gated input's dtype in the products
+    if gated and not isinstance(blk, GatherBlocks):  # the masked tiles take the input from XLA
+        x, gated = gated_input(x, x_scale, n_in, dt), False
+    elif not gated and scale is None:
         x = x.astype(w.dtype)
 
-    def finish(y):
-        """[B, out] fp32 sums -> out_dtype. The scale is applied here rather than in the kernels:
-        XLA fuses the multiply into the slice / reduction and cast that follow the kernels anyway,
-        while in-kernel it would scale every split's partial sums (and load the scale per program)."""
+    def done(y):
+        """[B, P] fp32 sums -> [B, out] in out_dtype. The scale is applied here rather than in the
+        kernels: XLA fuses the multiply into the slice / reduction and cast that follow the kernels
+        anyway, while in-kernel it would scale every split's partial sums (and load the scale per
+        program)."""
+        if not finish:
+            return y
+        y = y[:, :n_out]
         return (y if scale is None else y * scale).astype(out_dtype)
 
     if isinstance(blk, GatherBlocks):
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
-        return finish(_gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk))
+        return done(_gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk,
+                                 gated=(x_scale, dt) if gated else None))
     dot = batch > 1
     bp = padded_batch(batch, dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
@@ -381,4 +435,4 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
     )(x, w, *ts)
-    return finish(jnp.sum(out[:, :batch], axis=0) if dot else out[:, :n_out])
+    return done(jnp.sum(out[:, :batch], axis=0) if dot else out)

@@ -157,6 +157,39 @@ def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monk
     assert got.mlp_sparsity == want.mlp_sparsity
 
 
+@pytest.mark.parametrize("mode,int8,path", [("teal", False, "masked"), ("teal", False, "gather"),
+                                           ("teal", True, "gather"), ("cats", False, "masked"), ("dense", True, "masked")])
+def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, monkeypatch, mode, int8, path):
+    """On the kernels, the decode attention takes the q|k|v GEMV's output and each residual add +
+    norm its projection's (o, down) as they leave the GEMV kernel: no op between them rounds,
+    scales or slices them (a launch each on the GPU). On the gather path the down projection's
+    compaction takes gate|up as their GEMV left them too (it computes silu(gate) * up)."""
+    if path == "gather":
+        monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
+        monkeypatch.setattr(G, "TUNED", {})
+    m = _model(mode, int8=int8)
+    dec = decode.prepare(m, "pallas")
+    with interpret_on_cpu():
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), M.init_cache(
+            CFG, 1, 16, f32), plan=dec.plan))(jnp.zeros((1, 1), jnp.int32)).jaxpr
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+    takes = [(e.params["name"], e.invars[0 if e.params["name"] == "decode_attention" else 1])
+             for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] in ("decode_attention",
+                                                                                                "add_rms_norm")]
+    assert len(takes) == 3 * CFG.num_layers  # per layer one attention; add + norm twice, less the first, plus the final
+    direct = [made_by[v].primitive.name == "pallas_call" and made_by[v].params["name"] in ("gather_gemv", "sparse_gemv")
+              for _, v in takes]
+    # CATS: only the down projection is a kernel's (q|k|v and o are XLA's bf16 products)
+    assert sum(direct) == (CFG.num_layers if mode == "cats" else 3 * CFG.num_layers), takes
+    gathered = {v for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] == "gather_gemv"
+                for v in e.outvars}
+    inputs = [made_by.get(e.invars[0]) for e in jaxpr.eqns
+              if e.primitive.name == "pallas_call" and e.params["name"] == "compact"]
+    # a compaction fed by a gather's output, through a reshape only (a bitcast)
+    fed = [e for e in inputs if e is not None and e.primitive.name == "reshape" and e.invars[0] in gathered]
+    assert len(fed) == (CFG.num_layers if path == "gather" else 0)
+
+
 @pytest.mark.parametrize("mode,int8", [("cats", False), ("teal", False), ("teal", True), ("dense", True)])
 def test_kernel_decode_of_ragged_batches(kernels_on_tiny_weights, mode, int8):
     """Batch 3 (padding rows too): the kernels' greedy tokens equal the jnp path's (CATS on its
@@ -258,6 +291,60 @@ def test_add_rms_norm_equals_the_model(n, dtype):
         got_x, got_y = jax.jit(lambda *a: add_rms_norm(*a, 1e-5))(x, h, scale)
     np.testing.assert_array_equal(np.asarray(got_x, f32), np.asarray(want_x, f32))
     assert rel_err(got_y, want_y) < (1e-6 if dtype == f32 else 1e-2)
+
+
+def _unfinished(finished_width, rows, key, dtype, scaled):
+    """A kernel's unfinished sums standing for a projection of `finished_width` columns: fp32, 40
+    padding columns of NaN past them (never to be read), and an int8-like scale or None; and the
+    projection as sparse_gemv would finish them, in dtype."""
+    ks = jax.random.split(key, 2)
+    sums = jax.random.normal(ks[0], (rows, finished_width), f32) * 3
+    scale = jax.random.uniform(ks[1], (finished_width,), f32, 0.01, 0.05) if scaled else None
+    finished = (sums if scale is None else sums * scale).astype(dtype)
+    return jnp.concatenate([sums, jnp.full((rows, 40), jnp.nan, f32)], axis=1), scale, finished
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_add_rms_norm_finishes_unfinished_sums(dtype, scaled):
+    """h as the down projection's fp32 sums (padded, with an int8 scale or without): the kernel
+    gives what it gives for the finished projection."""
+    n = 96
+    ks = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(ks[0], (2, n), f32).astype(dtype)
+    sums, h_scale, h = _unfinished(n, 2, ks[1], dtype, scaled)
+    scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(dtype)
+    norm = jax.jit(lambda *a: add_rms_norm(*a[:3], 1e-5, *a[3:]))
+    with interpret_on_cpu(), poisoned_outputs():
+        want_x, want_y = norm(x, h, scale)
+        got_x, got_y = norm(x, sums, scale, h_scale)
+    # bf16: the same bits; fp32: the scale's multiply may fuse with the add (one rounding fewer)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == f32 else dict(rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(got_x, f32), np.asarray(want_x, f32), **tol)
+    np.testing.assert_allclose(np.asarray(got_y, f32), np.asarray(want_y, f32), **tol)
+    with pytest.raises(ValueError, match="h_scale"):
+        add_rms_norm(x, sums, scale, 1e-5, jnp.ones(n + 1))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_decode_attention_finishes_unfinished_sums(dtype, scaled):
+    """qkv as the q|k|v projection's fp32 sums (padded, with an int8 scale or without): the same
+    output and cache writes as for the finished projection."""
+    heads, kv_heads, d, slots = 9, 3, 16, 70
+    ks = jax.random.split(jax.random.key(12), 3)
+    sums, q_scale, qkv = _unfinished((heads + 2 * kv_heads) * d, 2, ks[0], dtype, scaled)
+    ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:])
+    pos = jnp.asarray([69, 12], jnp.int32)
+    inv = M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                                      num_heads=heads, num_kv_heads=kv_heads, head_dim=d, name="t"))
+    run = jax.jit(lambda q, s, *a: decode_attention(q, *a, num_heads=heads, num_kv_heads=kv_heads, qkv_scale=s))
+    with interpret_on_cpu(), poisoned_outputs():
+        want = run(qkv, None, pos, ck, cv, inv)
+        got = run(sums, q_scale, pos, ck, cv, inv)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == f32 else dict(rtol=0, atol=0)  # as above
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, f32), np.asarray(w, f32), **tol)
 
 
 def test_decode_attention_one_span_equals_splits():

@@ -141,6 +141,45 @@ def test_sparse_gemv_rejects_bad_segments():
         sparse_gemv(x, w, jnp.zeros(2), segments=(16, 16, 16))
 
 
+@pytest.mark.parametrize("blocks", [G.GatherBlocks(rows=16, cols=16, chunk=128), G.GemvBlocks(rows=32, cols=32, splits=4)])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_gated_input_is_silu_gate_times_up(blocks, scaled, dtype):
+    """The down projection of a gate|up GEMV's unfinished sums (padded with NaN, int8-scaled or not)
+    equals sparse_gemv of gated_input, the same silu(gate) * up in jnp, and the rows it drops are
+    never read. The gather's compaction computes the input; the masked tiles take it from XLA."""
+    n_in, n_out = 200, 48
+    w, _, _ = random_mlp(n_in, n_out, seed=5)
+    ks = jax.random.split(jax.random.key(6), 2)
+    sums = jax.random.normal(ks[0], (1, 2 * n_in), f32) * 2
+    x_scale = jax.random.uniform(ks[1], (2 * n_in,), f32, 0.5, 1.5) if scaled else None
+    padded = jnp.concatenate([sums, jnp.full((1, 24), jnp.nan, f32)], axis=1)
+    h = G.gated_input(padded, x_scale, n_in, dtype)
+    gu = (sums * (1 if x_scale is None else x_scale)).astype(dtype).astype(f32)
+    want_h = jax.nn.silu(gu[:, :n_in]) * gu[:, n_in:]
+    assert h.dtype == dtype and _rel(h, want_h) < (1e-6 if dtype == f32 else 1e-2)
+    t = threshold_for(h, 0.6)
+    w = w.astype(dtype)
+    dropped = np.asarray(jnp.abs(h[0].astype(f32)) <= t)[:, None]
+    w_nan = jnp.where(dropped, jnp.nan, w).astype(dtype)
+    with poisoned_outputs():
+        got = jax.jit(lambda s, w, t: sparse_gemv(s, w, t, blocks=blocks, out_dtype=dtype, gated=True, x_scale=x_scale))(
+            padded, w_nan, t)
+        want = jax.jit(lambda h, w, t: sparse_gemv(h, w, t, blocks=blocks, out_dtype=dtype))(h, w_nan, t)
+    np.testing.assert_allclose(np.asarray(got, f32), np.asarray(want, f32), rtol=1e-6, atol=1e-6)
+    assert _rel(got, _thresholded(h, t) @ w.astype(f32)) < (1e-5 if dtype == f32 else 1e-2)
+
+
+def test_gated_input_rejects_bad_shapes():
+    w = jnp.zeros((8, 4), f32)
+    with pytest.raises(ValueError, match="gated input"):
+        sparse_gemv(jnp.zeros((1, 15), f32), w, 0.1, gated=True, out_dtype=f32)  # needs >= 16 columns
+    with pytest.raises(ValueError, match="gated input"):
+        sparse_gemv(jnp.zeros((1, 16), bf16), w, 0.1, gated=True, out_dtype=f32)  # sums are fp32
+    with pytest.raises(ValueError, match="out_dtype"):
+        sparse_gemv(jnp.zeros((1, 16), f32), w, 0.1, gated=True)
+
+
 def test_a_tuned_shape_takes_the_kernel_below_the_size_rule(monkeypatch):
     """kernel_pays: large matrices, or a shape whose tuned blocks this device lists (they beat XLA)."""
     kind = jax.devices()[0].device_kind

@@ -91,6 +91,17 @@ def test_sparse_gemv_lowers(lowered_for_gpu, batch, blocks):
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)  # compact + gather
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_sparse_gemv_of_a_gated_input_lowers(lowered_for_gpu, int8):
+    """The gather's compaction computing silu(gate) * up from gate|up sums (and their int8 scale)."""
+    blocks = G.GatherBlocks(16, 32, 128)
+    w = S((H, 160), i8 if int8 else bf16)
+    scales = (S((2 * H,), f32), S((160,), f32)) if int8 else (None, None)
+    _lower(lambda x, w, t, xs, s: G.sparse_gemv(x, w, t, blocks=blocks, out_dtype=bf16, gated=True, x_scale=xs,
+                                                scale=s), S((1, 2 * H + 56), f32), w, S((), f32), *scales)
+    assert len(lowered_for_gpu) == 2
+
+
 @pytest.mark.parametrize("dtype", [bf16, f32])  # the activations': int8 tiles convert to fp32 or to x's dtype
 @pytest.mark.parametrize("batch,blocks", GEMV_BLOCKS)
 def test_sparse_gemv_int8_lowers(lowered_for_gpu, batch, blocks, dtype):
@@ -107,13 +118,23 @@ def test_add_rms_norm_lowers(lowered_for_gpu, n):
     assert len(lowered_for_gpu) == 1
 
 
+@pytest.mark.parametrize("n", [4096, 576])
+def test_add_rms_norm_of_unfinished_int8_sums_lowers(lowered_for_gpu, n):
+    """h: a GEMV's padded fp32 sums with their int8 scale (sparse_gemv's finish=False)."""
+    _lower(lambda x, h, s, hs: N.add_rms_norm(x, h, s, 1e-5, hs), S((2, n), bf16), S((2, n + 448), f32),
+           S((n,), bf16), S((n,), f32))
+    assert len(lowered_for_gpu) == 1
+
+
 @pytest.mark.parametrize("heads,kv_heads,d,window,span", [(32, 8, 128, None, None), (9, 3, 64, 4096, None),
                                                           (4, 4, 16, None, None), (32, 8, 128, None, 512)])
-def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, span):
-    b, s = 2, 384
+@pytest.mark.parametrize("unfinished", [False, True])  # qkv: a GEMV's padded fp32 sums with an int8 scale
+def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, span, unfinished):
+    b, s, width = 2, 384, (heads + 2 * kv_heads) * d
     blk = None if span is None else A.AttentionBlocks(block=16, span=span)  # span: one program per kv head
-    _lower(lambda qkv, pos, k, v, inv: A.decode_attention(qkv, pos, k, v, inv, num_heads=heads, num_kv_heads=kv_heads,
-                                                          sliding_window=window, blocks=blk),
-           S((b, (heads + 2 * kv_heads) * d), bf16), S((b,), jnp.int32), S((b, s, kv_heads, d), bf16),
-           S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
+    qkv = (S((b, width + 512), f32), S((width,), f32)) if unfinished else (S((b, width), bf16), None)
+    _lower(lambda qkv, qs, pos, k, v, inv: A.decode_attention(qkv, pos, k, v, inv, num_heads=heads,
+                                                              num_kv_heads=kv_heads, sliding_window=window, blocks=blk,
+                                                              qkv_scale=qs),
+           *qkv, S((b,), jnp.int32), S((b, s, kv_heads, d), bf16), S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
     assert len(lowered_for_gpu) == 1
