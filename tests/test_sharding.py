@@ -7,7 +7,8 @@ to the whole decoder split, with no layer's whole weights outliving it; eval's m
 slice scores as one device; shapes that do not divide the mesh give one clear error.
 
 The device count is fixed when jax starts, and the rest of the suite runs in this process on one
-device, so the checks run in a subprocess (this file as a script) that prints one JSON line per case.
+device, so the checks run in subprocesses (this file as a script, each given its share of the
+cases) that print one JSON line per case.
 """
 
 from __future__ import annotations
@@ -44,14 +45,19 @@ def _name(case) -> str:
 
 @pytest.fixture(scope="module")
 def fake_devices():
-    """{case: "ok" or its traceback} from one subprocess on 8 fake devices, and its stderr's tail."""
+    """{case: "ok" or its traceback} from subprocesses on 8 fake devices, and their stderr's tails.
+    One subprocess per CPU core (at most 4), each running every n-th case: compiling takes the time."""
     # fewer LLVM passes: the compiles, not the programs, take the time of these tiny models
     flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
              "--xla_llvm_disable_expensive_passes=true")
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    return dict(json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("[")), proc.stderr[-4000:]
+    parts = max(1, min(4, os.cpu_count() or 1))
+    procs = [subprocess.Popen([sys.executable, __file__, str(k), str(parts)], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(parts)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    found = dict(json.loads(ln) for out, _ in outs for ln in out.splitlines() if ln.startswith("["))
+    return found, "\n".join(err[-2000:] for _, err in outs)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_name)
@@ -91,7 +97,7 @@ def test_eval_more_devices_than_there_are_is_one_line(tmp_path, capsys):
 
 # ---- the subprocess ------------------------------------------------------------------------------
 
-def _run_cases():
+def _run_cases(part: int = 0, parts: int = 1):
     import contextlib
     import dataclasses
     import gc
@@ -368,7 +374,7 @@ def _run_cases():
               "load int8": functools.partial(loaded_layer_by_layer, True),
               "cli": generate_cli, "weighted": weighted_on_mesh, "pallas weighted": functools.partial(kernels_per_shard, criterion="weighted"), "load weighted": functools.partial(loaded_layer_by_layer, False, criterion="weighted"), "load up-rms": functools.partial(loaded_layer_by_layer, False, criterion="up-rms"), "eval": functools.partial(scored_on_mesh, False), "eval int8": functools.partial(scored_on_mesh, True), "pallas": kernels_per_shard, "int8": int8_per_shard,
               "error": shapes_that_do_not_divide}
-    for what, mode, tp in CASES:
+    for what, mode, tp in CASES[part::parts]:
         try:
             checks[what](mode, tp)
             result = "ok"
@@ -378,4 +384,4 @@ def _run_cases():
 
 
 if __name__ == "__main__":
-    _run_cases()
+    _run_cases(*map(int, sys.argv[1:3]))
