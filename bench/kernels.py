@@ -4,6 +4,7 @@
     python -m bench.kernels --tune              # first pick block sizes per batch size (timed)
     python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
     python -m bench.kernels --attention         # decode attention: block candidates per context
+    python -m bench.kernels --norm              # residual add + RMSNorm: per kind of input and warp count
     python -m bench.kernels --int8 [--teal] [--tune]   # the kernels on int8 weights (bf16 XLA baseline)
     python -m bench.kernels --teal --tp 4 --models llama3-70b   # one device's shard under tensor parallelism
 
@@ -471,6 +472,46 @@ def bench_attention(models=("mistral-7b",), contexts=(256, 4096), batch=(1,)):
     return rows
 
 
+def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips=(20, 100), reps=5):
+    """The residual add + RMSNorm kernel per kind of h (bf16; a GEMV's fp32 sums; int8 sums with
+    their scale, as decode steps hand them over) and warp count, against XLA's add and rms_norm:
+    us per call, each call's x + h the next one's x (a loop of launches, as in a decode step)."""
+    from cats_jax import model as M
+    from pallas_kernels import norm as N
+
+    rows = []
+    for name in models:
+        n = config(name).hidden_size
+        for b in batch:
+            ks = jax.random.split(jax.random.key(n + b), 5)
+            x0 = jax.random.normal(ks[0], (b, n), f32).astype(jnp.bfloat16)
+            scale = (1 + jax.random.normal(ks[1], (n,), f32) / 4).astype(jnp.bfloat16)
+            sums = jax.random.normal(ks[2], (b, n + 512), f32)  # padded, as the GEMV kernels leave them
+            kinds = {"bf16 h": (jax.random.normal(ks[3], (b, n), f32).astype(jnp.bfloat16), None),
+                     "fp32 sums": (sums, None),
+                     "int8 sums": (sums, jax.random.uniform(ks[4], (n,), f32, 0.01, 0.05))}
+
+            def timed(step):
+                def make(t):
+                    loop = jax.jit(lambda x: jax.lax.fori_loop(0, t, lambda _, c: step(c[0]), (x, x)))
+                    return lambda: loop(x0)
+                try:
+                    return _slope_us(make, trips, reps)
+                except Exception as e:  # a warp count that does not compile
+                    print(f"failed: {type(e).__name__}: {str(e)[:200]}")
+                    return None
+
+            h_bf16 = kinds["bf16 h"][0]
+            xla = timed(lambda x: (lambda s: (s, M.rms_norm(s, scale, 1e-5)))(x + h_bf16))
+            for kind, (h, hs) in kinds.items():
+                for w in warps:
+                    us = timed(lambda x, h=h, hs=hs, w=w: N.add_rms_norm(x, h, scale, 1e-5, hs, num_warps=w))
+                    rows.append(dict(shape=name, H=n, batch=b, h=kind, num_warps=w, kernel_us=us, xla_us=xla))
+                    print(f"{name} H={n} B={b} {kind}, {w} warps: {us if us is None else round(us, 2)} us "
+                          f"(XLA add + rms_norm {xla if xla is None else round(xla, 2)})", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="presets whose MLP shapes to time (comma-separated)")
@@ -493,6 +534,8 @@ def main(argv=None):
                    help="time the shapes one device computes under tensor parallelism over this many (its shard)")
     p.add_argument("--attention", action="store_true",
                    help="time decode attention (block candidates) at 256 and 4096 slots instead")
+    p.add_argument("--norm", action="store_true",
+                   help="time the residual add + RMSNorm kernel (per kind of input and warp count) instead")
     a = p.parse_args(argv)
     models = a.models.split(",")
     for m in models:
@@ -508,8 +551,8 @@ def main(argv=None):
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
     levels = [float(s) for s in a.sparsity.split(",")]
-    if a.attention:
-        rows = bench_attention(models[:1], batch=batch)
+    if a.attention or a.norm:
+        rows = (bench_attention if a.attention else bench_norm)(models[:1], batch=batch)
         if a.json:
             a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
         return

@@ -46,8 +46,9 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled):
     plgpu.store(y_ref.at[b, cols], out, mask=ok)
 
 
-def add_rms_norm(x, h, scale, eps: float, h_scale=None):
-    """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring)."""
+def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None):
+    """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring).
+    num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm)."""
     b, n = x.shape
     if (h.ndim != 2 or h.shape[0] != b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
             or (h_scale is not None and jnp.shape(h_scale) != (n,))):
@@ -55,7 +56,7 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None):
                          f"h_scale {None if h_scale is None else jnp.shape(h_scale)} need h [B, >= H], scale [H] in "
                          "x's dtype and h_scale None or [H]")
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    warps = max(1, min(8, next_pow2(n) // 1024))
+    warps = num_warps or max(1, min(8, next_pow2(n) // 1024))
     kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None)
     extra = () if h_scale is None else (jnp.asarray(h_scale, f32),)
     return call(kernel, (out, out), grid=(b,), num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra)
