@@ -112,9 +112,10 @@ def test_sparse_gemv_int8_lowers(lowered_for_gpu, batch, blocks, dtype):
     assert _int8_to_float(lowered_for_gpu) == 0
 
 
-@pytest.mark.parametrize("n", [4096, 576])
-def test_add_rms_norm_lowers(lowered_for_gpu, n):
-    _lower(lambda x, h, s: N.add_rms_norm(x, h, s, 1e-5), S((2, n), bf16), S((2, n), jnp.float32), S((n,), bf16))
+@pytest.mark.parametrize("n,warps", [(4096, None), (576, None), (4096, 16)])  # 16: a bench.kernels --norm candidate
+def test_add_rms_norm_lowers(lowered_for_gpu, n, warps):
+    _lower(lambda x, h, s: N.add_rms_norm(x, h, s, 1e-5, num_warps=warps), S((2, n), bf16), S((2, n), jnp.float32),
+           S((n,), bf16))
     assert len(lowered_for_gpu) == 1
 
 
