@@ -46,7 +46,7 @@ from cats_jax.config import ModelConfig
 from cats_jax.model import QLinear, Transformer, attend, rms_norm, rope_inv_freq, site_threshold
 from cats_jax.quantize import dot
 from pallas_kernels import attention, cats_mlp, norm, sparse_gemv
-from pallas_kernels.common import kernels_enabled
+from pallas_kernels.common import finished, kernels_enabled
 
 f32 = jnp.float32
 IMPLS = ("jnp", "pallas")
@@ -109,8 +109,7 @@ def _finished(y, n: int, dtype):
     """y itself, or Sums finished as sparse_gemv would: [B, 1, n] in dtype."""
     if not isinstance(y, Sums):
         return y
-    h = y.sums[:, :n]
-    return (h if y.scale is None else h * y.scale).astype(dtype)[:, None]
+    return finished(y.sums[:, :n], y.scale, dtype)[:, None]
 
 
 QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")

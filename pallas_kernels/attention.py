@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import call, iota, load, mask2d, next_pow2
+from pallas_kernels.common import call, finished, iota, load, mask2d, next_pow2
 
 f32 = jnp.float32
 _NEG = -1e30  # a finite "minus infinity": empty spans give exp(_NEG - m) = 0, never NaN
@@ -78,10 +78,8 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
 
     def projected(cols, mask=None):
         """Columns of row b's q|k|v as the projection finishes them: scaled (int8), rounded to dt."""
-        v = load(qkv_ref.at[b, cols], mask=mask)
-        if qkv_scaled:
-            v = v * load(qs_ref.at[cols], mask=mask)
-        return v.astype(dt)
+        return finished(load(qkv_ref.at[b, cols], mask=mask), load(qs_ref.at[cols], mask=mask) if qkv_scaled else None,
+                        dt)
 
     g_ok = iota(gp) < groups  # query rows padded to gp (>= 16: tensor-core dots), the padding zeros
     q_ok = mask2d(g_ok, h_ok)

@@ -113,6 +113,13 @@ def convert(w, dtype):
     return f.astype(dtype)
 
 
+def finished(sums, scale, dtype):
+    """A GEMV's fp32 sums as the projection finishes them: times their int8 scale (None: float
+    weights), rounded to dtype. sparse_gemv applies it to its output; with finish=False the consumer
+    (decode attention, add + norm, the gated compaction) applies it to what it loads."""
+    return (sums if scale is None else sums * scale).astype(dtype)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import call, iota, load, next_pow2
+from pallas_kernels.common import call, finished, iota, load, next_pow2
 
 f32 = jnp.float32
 
@@ -34,10 +34,9 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled):
     ok = cols < n if n & (n - 1) else None
     dt = x_ref.dtype
     x = load(x_ref.at[b, cols], mask=ok).astype(f32)
-    h = load(h_ref.at[b, cols], mask=ok)
-    if h_scaled:  # int8 projection sums: their per-column scale, in fp32, as sparse_gemv finishes them
-        h = h * load(hs_ref[0].at[cols], mask=ok)
-    h = h.astype(dt).astype(f32)
+    # h as the projection finishes it (int8 sums: times their scale), in x's dtype
+    h = finished(load(h_ref.at[b, cols], mask=ok), load(hs_ref[0].at[cols], mask=ok) if h_scaled else None,
+                 dt).astype(f32)
     s = (x + h).astype(dt)
     sf = s.astype(f32)
     y = (sf * jax.lax.rsqrt(jnp.sum(sf * sf) / n + eps)).astype(dt)

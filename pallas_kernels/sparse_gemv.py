@@ -52,6 +52,7 @@ from pallas_kernels.common import (
     block_along,
     call,
     convert,
+    finished,
     iota,
     kernels_enabled,
     load,
@@ -109,8 +110,7 @@ def gated_input(sums, scale, n: int, dtype):
     their int8 scale [2n] or None): gate and up rounded to dtype (as sparse_gemv finishes them), then
     silu(gate) * up in fp32, rounded once (as XLA fuses the model's bf16 silu(gate) * up, with
     excess precision). The kernels' definition."""
-    gu = sums[:, :2 * n]
-    gu = (gu if scale is None else gu * scale).astype(dtype).astype(f32)
+    gu = finished(sums[:, :2 * n], scale, dtype).astype(f32)
     return _gated(gu[:, :n], gu[:, n:], dtype)
 
 
@@ -276,11 +276,11 @@ def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, weighted, span, gate
     j = iota(chunk, c * chunk)
     ok = j < n_in
     if gated:
-        g, u = (load(x_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok) for at in (0, n_in))
-        if gated_scaled:
-            g, u = (v * load(xs_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok) for v, at in ((g, 0), (u, n_in)))
         dt = val_ref.dtype
-        x = _gated(g.astype(dt).astype(f32), u.astype(dt).astype(f32), dt)
+        g, u = (finished(load(x_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok),
+                         load(xs_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok) if gated_scaled else None,
+                         dt).astype(f32) for at in (0, n_in))
+        x = _gated(g, u, dt)
     else:
         x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
     xf = x.astype(f32)
@@ -409,8 +409,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         program)."""
         if not finish:
             return y
-        y = y[:, :n_out]
-        return (y if scale is None else y * scale).astype(out_dtype)
+        return finished(y[:, :n_out], scale, out_dtype)
 
     if isinstance(blk, GatherBlocks):
         if batch != 1:
