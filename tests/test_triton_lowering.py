@@ -1,18 +1,16 @@
 """Every kernel variant lowered to Triton IR on the CPU, as for an H100/H200 (compute capability
 9.0), and verified: catches what interpret mode cannot (e.g. an scf.for whose bounds differ in
-type), without a GPU. Compiling the IR to PTX still needs the GPU machine (gpu_check)."""
+type), without a GPU (bench.sass compiles the same IR on to SASS, with the triton wheel)."""
 
 import re
-import types
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import export
 
+from bench import sass
 from pallas_kernels import attention as A
 from pallas_kernels import cats_mlp as K
-from pallas_kernels import common
 from pallas_kernels import norm as N
 from pallas_kernels import sparse_gemv as G
 
@@ -20,31 +18,18 @@ S, f32, bf16, i8 = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16, jnp.int8
 
 
 @pytest.fixture
-def lowered_for_gpu(monkeypatch):
+def lowered_for_gpu():
     """Count the Triton modules lowered, each verified; the kernels think they run on a GPU."""
     try:
-        from jax._src.pallas.triton import pallas_call_registration as reg
-        lower = reg.lowering.lower_jaxpr_to_triton_module
+        context = sass.lowered_for_sm90()
+        lowered = context.__enter__()
     except (ImportError, AttributeError) as e:  # private JAX API: may move between versions
-        pytest.skip(f"JAX's Triton lowering is not where this test looks: {e}")
-    verified = []
-
-    def lower_and_verify(*args, **kw):
-        result = lower(*args, **kw)
-        result.module.operation.verify()  # raises on an invalid module
-        verified.append(result)
-        return result
-
-    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-    monkeypatch.setattr(reg, "gpu_info_lib", types.SimpleNamespace(
-        get_gpu_info=lambda: types.SimpleNamespace(compute_capability="9.0")))
-    monkeypatch.setattr(common, "on_gpu", lambda: True)
-    return verified
+        pytest.skip(f"JAX's Triton lowering is not where bench.sass looks: {e}")
+    yield lowered
+    context.__exit__(None, None, None)
 
 
-def _lower(fn, *args):
-    triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(*args)
+_lower = sass.lower
 
 
 def _int8_loads(lowered):
