@@ -251,7 +251,7 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
             return acc + plgpu.dot(xf.astype(dt), convert(w, dt))
         # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
         # end (a cross-warp reduction per step would cost more than the loads).
-        return acc + xf * convert(w, f32)
+        return acc + xf * convert(w, f32, packed=True)
 
     init = jnp.zeros((bp, cols) if dot else (rows, cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
@@ -313,7 +313,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
         ok = (iota(rows, k * rows) < count)[:, None]  # rows past the kept ones: no traffic
         w = load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=ok if col_ok is None else ok & col_ok[None, :],
                  eviction_policy="evict_first")
-        return acc + v.astype(f32)[:, None] * convert(w, f32)
+        return acc + v.astype(f32)[:, None] * convert(w, f32, packed=True)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, jnp.zeros((rows, cols), f32))
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
