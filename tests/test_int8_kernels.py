@@ -100,6 +100,18 @@ def test_sparse_gemv_int8_matches_the_dequantized_reference(b, n_in, segments, s
     assert _rel(got, want) < (1e-2 if dtype == bf16 else 1e-5)
 
 
+@pytest.mark.parametrize("b,n_in,n_out,blocks", [(1, 200, 96, G.GemvBlocks(rows=32, cols=32, splits=4)),  # a row tail
+                                                  (1, 128, 64, G.GemvBlocks(rows=16, cols=64, splits=2)),
+                                                  (3, 72, 48, G.GemvBlocks(rows=16, cols=16, splits=2))])
+def test_dense_int8_gemv_reads_every_row(b, n_in, n_out, blocks):
+    """skip_zeros=False (dense int8 decode): no row is tested, zeros in x included; the input's tail
+    past its end is still masked."""
+    q, scale = int8_weights(n_in, n_out, seed=n_in)
+    x = jax.random.normal(jax.random.key(b), (b, n_in), f32).astype(bf16).at[:, ::3].set(0)
+    got = _poisoned(lambda x, q, s: sparse_gemv(x, q, scale=s, blocks=blocks, skip_zeros=False), x, q, scale)
+    assert got.shape == (b, n_out) and _rel(got, x.astype(f32) @ dequantized(q, scale)) < 1e-2
+
+
 def _int8_mlp(h, i, seed):
     """Neuron-major int8 weights and their scales, w_gu [2I, H] with s_gu [2I] (a scale per row),
     w_down [I, H] with s_down [H]; and the dequantized Flax-layout wg, wu [H, I], wd [I, H]."""

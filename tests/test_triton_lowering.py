@@ -104,6 +104,14 @@ def test_sparse_gemv_int8_lowers(lowered_for_gpu, batch, blocks, dtype):
     assert _packed_int8(lowered_for_gpu) == (batch == 1)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dense_int8_gemv_lowers(lowered_for_gpu, batch):
+    """skip_zeros=False: W's loads masked by the input's tail and the columns only."""
+    _lower(lambda x, w, s: G.sparse_gemv(x, w, scale=s, blocks=G.GemvBlocks(64, 32, 4), skip_zeros=False),
+           S((batch, H), bf16), S((H, 160), i8), S((160,), f32))
+    assert len(lowered_for_gpu) == 1 and _int8_loads(lowered_for_gpu) == 1
+
+
 @pytest.mark.parametrize("n,warps", [(4096, None), (576, None), (4096, 16)])  # 16: a bench.kernels --norm candidate
 def test_add_rms_norm_lowers(lowered_for_gpu, n, warps):
     _lower(lambda x, h, s: N.add_rms_norm(x, h, s, 1e-5, num_warps=warps), S((2, n), bf16), S((2, n), jnp.float32),
