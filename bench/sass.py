@@ -11,8 +11,9 @@ identical; times come from the GPU only.
     python -m bench.sass --int8 --only gather,masked --save runs/sass   # also write .ttgir / .ptx / .sass
 
 Columns: registers per thread, spilled bytes, the global loads per thread by width (e.g. 8x128:
-eight 16-byte loads; 4x128a: four 16-byte copies to shared memory, cp.async), then per thread FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD,
-ISETP, ...), tensor-core MMAs and barriers, counted in the code (a loop body once).
+eight 16-byte loads; 4x128a: four 16-byte copies to shared memory, cp.async), then per thread
+FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD, ISETP, ...), tensor-core MMAs and
+barriers, counted in the code (a loop body once).
 """
 
 from __future__ import annotations
