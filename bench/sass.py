@@ -11,8 +11,9 @@ identical; times come from the GPU only.
     python -m bench.sass --int8 --only gather,masked --save runs/sass   # also write .ttgir / .ptx / .sass
 
 Columns: registers per thread, spilled bytes, the global loads per thread by width (e.g. 8x128:
-eight 16-byte loads), then per thread FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD,
-ISETP, ...), tensor-core MMAs and barriers, counted in the code (a loop body once).
+eight 16-byte loads; 4x128a: four 16-byte copies to shared memory, cp.async), then per thread
+FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD, ISETP, ...), tensor-core MMAs and
+barriers, counted in the code (a loop body once).
 """
 
 from __future__ import annotations
@@ -114,10 +115,12 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
     res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
                                                                  sass, re.M))
-    loads = collections.Counter(re.findall(r"\bLDG\.E(?:\.EF|\.EL|\.LU)?(?:\.(\d+|64|U16|U8|S16|S8))?\b", sass))
+    loads = collections.Counter(re.findall(r"\bLDG\.E(?:\.EF|\.EL|\.LU)?(?:\.(\d+|U16|U8|S16|S8))?\b", sass))
+    loads.update(f"{w or 32}a" for w in re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?(?:\.LTC128B)?(?:\.(\d+))?\b", sass))
     width = {"": "32", "U16": "16", "S16": "16", "U8": "8", "S8": "8"}
     return dict(regs=int(res.get("REG", 0)), spill=int(res.get("STACK", 0)) + int(res.get("LOCAL", 0)),
-                ldg=" ".join(f"{n}x{width.get(w, w)}" for w, n in sorted(loads.items(), key=lambda t: -int(width.get(t[0], t[0])))),
+                ldg=" ".join(f"{n}x{width.get(w, w)}" for w, n in
+                             sorted(loads.items(), key=lambda t: -int(width.get(t[0], t[0]).rstrip("a")))),
                 ffma=ops["FFMA"], fadd=ops["FADD"],
                 int=sum(ops[o] for o in ("IADD3", "LOP3", "PRMT", "SHF", "IMAD", "ISETP", "SEL", "LEA", "IABS", "I2F", "F2I")),
                 mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"])
