@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import sass
 from bench.profile_decode import idle_gaps
 from pallas_kernels import sparse_gemv as G
 
@@ -18,10 +19,7 @@ def test_idle_gaps_split_launch_gaps_from_host_round_trips():
     assert idle_gaps([]) == (0.0, 0, 0.0, 0)
 
 
-
 def _gather_kernels(blk):
-    from bench import sass
-
     S = jax.ShapeDtypeStruct
     return sass.kernels_of(lambda x, w, t: G.sparse_gemv(x, w, t, blocks=blk), S((1, 200), jnp.bfloat16),
                            S((200, 256), jnp.bfloat16), S((), jnp.float32))
@@ -36,8 +34,6 @@ def test_sass_finds_each_kernel_with_its_launch_settings():
 
 def test_sass_compiles_for_sm90():
     pytest.importorskip("triton")  # the triton wheel compiles for sm_90; it is no dependency
-    from bench import sass
-
     r = sass.compile_sm90(_gather_kernels(G.GatherBlocks(rows=16, cols=128, chunk=128, num_warps=4))[1])
     assert r["regs"] > 0 and r["spill"] == 0 and r["atom"] == 1
     assert r["ldg"].startswith("2x128")  # a 16 x 128 bf16 tile: two 16-byte loads per thread
