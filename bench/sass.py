@@ -135,10 +135,11 @@ def cases(model: str, int8: bool, device: str):
     wt = i8 if int8 else bf16
     tuned = G.TUNED.get(device, {})
 
-    def gemv(n_in, segs, thresholded=True, gated=False, dense_table=False):
+    def gemv(name, n_in, segs, thresholded=True, gated=False):
+        """(label, fn, args) of a projection's GEMV: thresholded ones with TUNED's blocks, dense
+        (int8) ones with the table's, as decode runs them."""
         n_out = sum(segs)
-        blk = G.blocks_for(1, n_in, n_out, tuned=False) if dense_table else tuned.get((1, n_in, n_out))
-        blk = blk or G.blocks_for(1, n_in, n_out, tuned=False)
+        blk = (tuned.get((1, n_in, n_out)) if thresholded else None) or G.blocks_for(1, n_in, n_out, tuned=False)
         scale = (S((n_out,), f32),) if int8 else ()
         x = S((1, 2 * n_in + 128), f32) if gated else S((1, n_in), bf16)
         ts = tuple(S((), f32) for _ in segs) if thresholded else ()
@@ -147,14 +148,12 @@ def cases(model: str, int8: bool, device: str):
             t, s = (rest[:len(ts)] or None), (rest[len(ts):] or (None,))[0]
             return G.sparse_gemv(x, w, t, segments=segs, blocks=blk, scale=s, finish=False, gated=gated,
                                  out_dtype=bf16 if gated else None, skip_zeros=thresholded)
-        return fn, (x, S((n_in, n_out), wt), *ts, *scale)
+        kind = "gather" if isinstance(blk, G.GatherBlocks) else "masked"
+        return f"{name} {'' if thresholded else 'dense '}{kind}", fn, (x, S((n_in, n_out), wt), *ts, *scale)
 
-    out = [(f"{name} {'gather' if isinstance(b, G.GatherBlocks) else 'masked'}", *gemv(n_in, segs, gated=gated))
-           for name, n_in, segs, gated in (("qkv", h, qkv, False), ("gate|up", h, (n_i, n_i), False),
-                                            ("down", n_i, (h,), True))
-           for b in [tuned.get((1, n_in, sum(segs))) or G.blocks_for(1, n_in, sum(segs), tuned=False)]]
+    out = [gemv("qkv", h, qkv), gemv("gate|up", h, (n_i, n_i)), gemv("down", n_i, (h,), gated=True)]
     if int8:  # dense int8 GEMVs: the table's masked tiles, nothing thresholded
-        out += [(f"{name} dense masked", *gemv(n_in, (n_out,), thresholded=False, dense_table=True))
+        out += [gemv(name, n_in, (n_out,), thresholded=False)
                 for name, n_in, n_out in (("qkv", h, sum(qkv)), ("o", h, h), ("gate|up", h, 2 * n_i), ("down", n_i, h))]
     h_scale = (S((h,), f32),) if int8 else ()  # a GEMV's unfinished sums, with their int8 scale
     out.append(("add+norm", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs),

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 # The suite's models are tiny: XLA's compiles, not the programs, take its time. Fewer LLVM passes
-# (as the fake-device tests run): test_model + test_generate 104 -> 69 s. Set before jax starts.
+# (the fake-device tests' subprocesses inherit them): test_model + test_generate 104 -> 69 s.
+# Set before jax starts.
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
                                                  "--xla_llvm_disable_expensive_passes=true"]))
 

@@ -47,9 +47,8 @@ def _name(case) -> str:
 def fake_devices():
     """{case: "ok" or its traceback} from subprocesses on 8 fake devices, and their stderr's tails.
     One subprocess per CPU core (at most 4), each running every n-th case: compiling takes the time."""
-    # fewer LLVM passes: the compiles, not the programs, take the time of these tiny models
-    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+    # conftest's XLA flags (fewer LLVM passes: compiles take the time of these tiny models), 8 devices
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     parts = max(1, min(4, os.cpu_count() or 1))
