@@ -371,6 +371,15 @@ def _gemv_thresholds(x, segs, sparsity):
     return tuple(jnp.full((), t, f32) for _ in segs), union  # one scalar per segment, as the model passes them
 
 
+def _gemv(x, w, t, segs, blocks, scale, sparsity):
+    """The sparse GEMV as TEAL's decode runs it; int8 at sparsity 0 as dense int8 decode runs it (no
+    threshold, every row read without testing x)."""
+    if scale is not None and sparsity == 0:  # and with the table's blocks, as decode has them
+        blocks = blocks or G.blocks_for(x.shape[0], *w.shape, tuned=False)
+        return G.sparse_gemv(x, w, blocks=blocks, scale=scale, skip_zeros=False)
+    return G.sparse_gemv(x, w, t, segments=segs, blocks=blocks, scale=scale)
+
+
 def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None, int8=False, tp=1):
     """Per projection: sparse_gemv with the fused threshold vs XLA's dense x @ W. With tune_at (a
     sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
@@ -388,7 +397,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 timed = []
                 for cand in GEMV_CANDIDATES[min(next_pow2(b), 8)]:
                     cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
-                    gemv = lambda x, w, t, c=cand: G.sparse_gemv(x, w, t, segments=segs, blocks=c, scale=scale)
+                    gemv = lambda x, w, t, c=cand: _gemv(x, w, t, segs, c, scale, tune_at)
                     us = _time(f"{label} B={b} {cand}", gemv, x, wk, t, n=(20, 100))
                     if us is not None:
                         timed.append((us, cand))
@@ -399,8 +408,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {blk}", flush=True)
             for s in sparsity:
                 t, union = _gemv_thresholds(x, segs, s)
-                us = loop_timer(lambda x, w, t: G.sparse_gemv(x, w, t, segments=segs, blocks=blk, scale=scale),
-                                n=(20, 100))(x, wk, t)
+                us = loop_timer(lambda x, w, t: _gemv(x, w, t, segs, blk, scale, s), n=(20, 100))(x, wk, t)
                 ideal = n_in * (1 - union) * sum(segs) * (1 if int8 else 2) / bw * 1e6
                 rows.append(dict(shape=label + (" int8" if int8 else ""), H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,
                                  kernel_us=us, dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal,
@@ -529,7 +537,7 @@ def main(argv=None):
                    help="the sparsity at which --teal --tune times candidates (default 0.5; 0 for dense int8 GEMVs)")
     p.add_argument("--int8", action="store_true",
                    help="the kernels read the weights' int8 copy (one fp32 scale per output channel); XLA's "
-                        "dense baseline stays bf16")
+                        "dense baseline stays bf16; with --teal, sparsity 0 times dense int8 decode's GEMV")
     p.add_argument("--tp", type=int, default=1,
                    help="time the shapes one device computes under tensor parallelism over this many (its shard)")
     p.add_argument("--attention", action="store_true",

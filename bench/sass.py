@@ -147,7 +147,7 @@ def cases(model: str, int8: bool, device: str):
         def fn(x, w, *rest):
             t, s = (rest[:len(ts)] or None), (rest[len(ts):] or (None,))[0]
             return G.sparse_gemv(x, w, t, segments=segs, blocks=blk, scale=s, finish=False, gated=gated,
-                                 out_dtype=bf16 if gated else None)
+                                 out_dtype=bf16 if gated else None, skip_zeros=thresholded)
         kind = "gather" if isinstance(blk, G.GatherBlocks) else "masked"
         return f"{name} {'' if thresholded else 'dense '}{kind}", fn, (x, S((n_in, n_out), wt), *ts, *scale)
 

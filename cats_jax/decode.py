@@ -194,10 +194,10 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     b, t, n_in = x.shape
     thresholded = any(th is not None for th in thresholds)
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
-        if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact
+        if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact or test
             blocks = sparse_gemv.blocks_for(b, n_in, w.shape[1], tuned=False)
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks, out_dtype=dtype,
-                                        finish=not sums)
+                                        finish=not sums, skip_zeros=False)
         else:
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, _kernel_thresholds(thresholds), segments=widths,
                                         factors=factors, scale=scale, out_dtype=dtype, finish=not sums)

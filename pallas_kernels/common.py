@@ -94,19 +94,44 @@ def load(ref, mask=None, **kw):
     return plgpu.load(ref, mask=mask, other=None if mask is None else 0, **kw)
 
 
-# int8 -> fp32 by way of the float bits of 2^23 + 128 + q (exact for |q| <= 128): an integer add and
-# a float subtract, both full-rate, where the conversion instruction (I2F, cvt.rn.f32.s8; Triton's
-# int8 -> bf16 uses it too) runs at a quarter or less of the FMA rate on sm_80 / sm_90 and can
-# bound an int8 GEMV. The fp32 of a small integer is exact in bf16 as its upper 16 bits.
+# int8 -> fp32 by way of the float bits of 2^23 + 128 + q (exact for |q| <= 128), then a float
+# subtract, where the conversion instruction (I2F, cvt.rn.f32.s8; Triton's int8 -> bf16 uses it too)
+# runs at a quarter or less of the FMA rate on sm_80 / sm_90 and can bound an int8 GEMV. On the GPU
+# the bits come from the four int8 of a 32-bit register at once: one xor flips their sign bits
+# (q + 128 as a byte), then one byte permute per value writes it under the exponent byte 0x4B: 1.25
+# integer instructions a value, against a byte extraction and an add (2) when Triton sees the
+# integer formula. The fp32 of a small integer is exact in bf16 as its upper 16 bits.
 _INT8_BIAS_BITS = 0x4B000080  # the fp32 bits of 8388736.0 = 2^23 + 128
 _INT8_BIAS = 8388736.0
+_INT8_BITS_ASM = """{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7540;
+prmt.b32 $1, t, 0x4B000000, 0x7541;
+prmt.b32 $2, t, 0x4B000000, 0x7542;
+prmt.b32 $3, t, 0x4B000000, 0x7543;
+}"""
 
 
-def convert(w, dtype):
-    """A loaded weight tile in `dtype`: int8 exactly by the bit tricks above, float by a conversion."""
+def _int8_bias_bits(w):
+    """The int32 bits of the fp32 2^23 + 128 + q per int8 q of a loaded tile: on the GPU four at a
+    time (above), in interpret mode by the integer formula."""
+    if not on_gpu():
+        return w.astype(jnp.int32) + _INT8_BIAS_BITS
+    [bits] = plgpu.elementwise_inline_asm(_INT8_BITS_ASM, args=[w], constraints="=r,=r,=r,=r,r", pack=4,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
+    return bits
+
+
+def convert(w, dtype, packed: bool = False):
+    """A loaded weight tile in `dtype`: int8 exactly by the bit tricks above, float by a conversion.
+    packed: four int8 a register on the GPU (above), for a tile used in the layout it was loaded in
+    (batch 1's multiply-adds); a tile that moves to another layout (a dot operand, the CATS gate_up's)
+    would move as fp32 instead of int8, which cost more than it saved (bench.sass)."""
     if w.dtype != jnp.int8:
         return w.astype(dtype)
-    f = jax.lax.bitcast_convert_type(w.astype(jnp.int32) + _INT8_BIAS_BITS, jnp.float32) - _INT8_BIAS
+    bits = _int8_bias_bits(w) if packed else w.astype(jnp.int32) + _INT8_BIAS_BITS
+    f = jax.lax.bitcast_convert_type(bits, jnp.float32) - _INT8_BIAS
     if dtype == jnp.bfloat16:
         return jax.lax.bitcast_convert_type((jax.lax.bitcast_convert_type(f, jnp.int32) >> 16).astype(jnp.int16),
                                             jnp.bfloat16)

@@ -214,7 +214,8 @@ def _threshold(t_refs, seg):
     return t
 
 
-def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds):
+def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds,
+            skip_zeros):
     dot = batch > 1  # tensor-core dots on padded batch rows and partials; batch 1: multiply-add, atomics
     *t_refs, o_ref = refs
     f_ref = t_refs.pop() if weighted else None  # [segments, in]
@@ -242,16 +243,19 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
                 f = load(f_ref.at[seg, pl.ds(r0, rows)], mask=row_ok)
                 f = f[None, :] if dot else f[:, None]
             xf = jnp.where(keep(xf, t, f), xf, 0.0)
-        # [rows, 1]: the weight row is needed by some batch row
-        live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if dot else xf != 0
-        w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=live if col_ok is None else live & col_ok[None, :],
+        if skip_zeros:  # [rows, 1]: the weight row is needed by some batch row
+            live = (jnp.max(jnp.abs(xf), axis=0) > 0)[:, None] if dot else xf != 0
+            mask = live if col_ok is None else live & col_ok[None, :]
+        else:  # every row is read (the input's tail masked), so W's loads need not wait for x's
+            mask = mask2d(row_ok, col_ok)
+        w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=mask,
                  eviction_policy="evict_first")  # W is streamed once; keep x in cache
         if dot:  # [bp, cols]; x' is exact in x's dtype; int8 w converts exactly to it
             dt = x_ref.dtype
             return acc + plgpu.dot(xf.astype(dt), convert(w, dt))
         # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
         # end (a cross-warp reduction per step would cost more than the loads).
-        return acc + xf * convert(w, f32)
+        return acc + xf * convert(w, f32, packed=True)
 
     init = jnp.zeros((bp, cols) if dot else (rows, cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
@@ -313,7 +317,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
         ok = (iota(rows, k * rows) < count)[:, None]  # rows past the kept ones: no traffic
         w = load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=ok if col_ok is None else ok & col_ok[None, :],
                  eviction_policy="evict_first")
-        return acc + v.astype(f32)[:, None] * convert(w, f32)
+        return acc + v.astype(f32)[:, None] * convert(w, f32, packed=True)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, jnp.zeros((rows, cols), f32))
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
@@ -345,7 +349,7 @@ def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks, gat
 
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None, factors=None,
                 blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None, scale=None, finish: bool = True,
-                gated: bool = False, x_scale=None):
+                gated: bool = False, x_scale=None, skip_zeros: bool = True):
     """y = x' @ w with x' = x (threshold None) or x * keep(x, threshold, factors), x' rounded to w's
     dtype; or, for int8 w, y = (x' @ w) * scale with x' in x's own dtype.
 
@@ -362,6 +366,9 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     finish=False: the fp32 sums [B, P >= out] as the kernels leave them, unscaled, columns past
     `out` padding, for a consumer kernel that scales and rounds them as it loads them
     (pallas_kernels.norm, pallas_kernels.attention): no launch of its own finishes them.
+    skip_zeros=False (masked tiles, no threshold): read every row of w without testing x first, for
+    an input with no zeros worth skipping (dense int8 decode): the weight loads then need not wait
+    for x's.
     """
     if gated:
         if x.ndim != 2 or w.ndim != 2 or x.shape[1] < 2 * w.shape[0] or x.dtype != f32 or (
@@ -423,6 +430,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     kernel = functools.partial(
         _kernel, batch=batch, bp=bp, blk=blk, n_in=n_in, n_out=n_out,
         rows_per_split=rows_per_split, thresholded=threshold is not None, weighted=factors is not None, bounds=bounds,
+        skip_zeros=skip_zeros or threshold is not None,
     )
     col_blocks = pl.cdiv(n_out, blk.cols)
     if not dot:  # batch 1: x as a column; one fp32 sum, padded to whole blocks, zeroed before the adds

@@ -3,6 +3,8 @@ CPU, against fp32 references on the dequantized weights q * scale. Outputs are N
 an unwritten element fails. (int8 holds no NaN, so unlike the float tests these cannot poison
 the rows a kernel must skip; which rows are skipped is the float kernels' logic, tested there.)"""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from bench.kernels import threshold_for
 from cats_jax.sparsity import cats_activation, gated_mlp
 from conftest import poisoned as _poisoned
 from conftest import rel_err as _rel
+from pallas_kernels import common
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.cats_mlp import cats_mlp, gate_up
 from pallas_kernels.common import convert
@@ -43,6 +46,29 @@ def test_convert_turns_every_int8_into_its_exact_value(dtype):
     np.testing.assert_array_equal(np.asarray(convert(jnp.asarray([1.5, -2.25], bf16), f32)), [1.5, -2.25])
 
 
+def test_packed_int8_bits_asm_gives_every_int8_in_every_byte():
+    """convert(packed=True)'s inline asm, emulated: its xor, then PTX prmt's byte select from
+    {b, a}; every int8 in each byte of the register (the others random) gives the bits of
+    2^23 + 128 + q, which the float subtract turns into q. Interpret mode runs the integer formula."""
+    asm = common._INT8_BITS_ASM
+    mask = int(re.search(r"xor\.b32 t, \$4, (0x[0-9A-F]+);", asm).group(1), 16)
+    prmts = [(int(i), int(b, 16), int(c, 16)) for i, b, c in re.findall(r"prmt\.b32 \$(\d), t, (0x[0-9A-F]+), (0x[0-9A-F]+);", asm)]
+    assert [i for i, _, _ in prmts] == [0, 1, 2, 3] and all(c & 0x8888 == 0 for _, _, c in prmts)  # no sign modes
+
+    def prmt(a, b, c):
+        src = a.to_bytes(4, "little") + b.to_bytes(4, "little")
+        return int.from_bytes(bytes(src[(c >> 4 * k) & 7] for k in range(4)), "little")
+
+    rng = np.random.default_rng(0)
+    for q in range(-128, 128):
+        for pos, b, c in prmts:
+            others = bytearray(rng.integers(0, 256, 4, dtype=np.uint8).tobytes())
+            others[pos] = q & 0xFF
+            bits = prmt(int.from_bytes(others, "little") ^ mask, b, c)
+            assert bits == common._INT8_BIAS_BITS + q
+            assert np.float32(np.uint32(bits).view(np.float32)) - np.float32(common._INT8_BIAS) == q
+
+
 def _thresholded(x, t):
     return jnp.where(jnp.abs(x.astype(f32)) > t, x.astype(f32), 0.0)
 
@@ -72,6 +98,18 @@ def test_sparse_gemv_int8_matches_the_dequantized_reference(b, n_in, segments, s
     want = jnp.concatenate([_thresholded(x, ti) @ wi for ti, wi in
                             zip(t, jnp.split(dequantized(q, scale), cuts, axis=1))], axis=1)
     assert _rel(got, want) < (1e-2 if dtype == bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("b,n_in,n_out,blocks", [(1, 200, 96, G.GemvBlocks(rows=32, cols=32, splits=4)),  # a row tail
+                                                  (1, 128, 64, G.GemvBlocks(rows=16, cols=64, splits=2)),
+                                                  (3, 72, 48, G.GemvBlocks(rows=16, cols=16, splits=2))])
+def test_dense_int8_gemv_reads_every_row(b, n_in, n_out, blocks):
+    """skip_zeros=False (dense int8 decode): no row is tested, zeros in x included; the input's tail
+    past its end is still masked."""
+    q, scale = int8_weights(n_in, n_out, seed=n_in)
+    x = jax.random.normal(jax.random.key(b), (b, n_in), f32).astype(bf16).at[:, ::3].set(0)
+    got = _poisoned(lambda x, q, s: sparse_gemv(x, q, scale=s, blocks=blocks, skip_zeros=False), x, q, scale)
+    assert got.shape == (b, n_out) and _rel(got, x.astype(f32) @ dequantized(q, scale)) < 1e-2
 
 
 def _int8_mlp(h, i, seed):

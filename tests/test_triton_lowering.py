@@ -43,6 +43,11 @@ def _int8_to_float(lowered):
     return sum(bool(re.search(r"arith\.sitofp [^\n]*i8>? to", str(r.module))) for r in lowered)
 
 
+def _packed_int8(lowered):
+    """How many of the lowered modules convert int8 tiles four a register (common.convert's packed asm)."""
+    return sum("elementwise_inline_asm" in str(r.module) for r in lowered)
+
+
 H, I = 200, 300  # tails on both axes
 MLP = (S((2 * I, H), bf16), S((I, H), bf16), S((), f32))
 INT8_MLP = (S((2 * I, H), i8), S((I, H), i8), S((), f32), S((2 * I,), f32), S((H,), f32))  # and the scales
@@ -95,6 +100,16 @@ def test_sparse_gemv_int8_lowers(lowered_for_gpu, batch, blocks, dtype):
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)
     assert _int8_loads(lowered_for_gpu) == 1  # the GEMV or the gather reads W's int8 rows
     assert _int8_to_float(lowered_for_gpu) == 0
+    # batch 1's multiply-adds build the fp32 bits four int8 at a time; the dots' operands move first
+    assert _packed_int8(lowered_for_gpu) == (batch == 1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dense_int8_gemv_lowers(lowered_for_gpu, batch):
+    """skip_zeros=False: W's loads masked by the input's tail and the columns only."""
+    _lower(lambda x, w, s: G.sparse_gemv(x, w, scale=s, blocks=G.GemvBlocks(64, 32, 4), skip_zeros=False),
+           S((batch, H), bf16), S((H, 160), i8), S((160,), f32))
+    assert len(lowered_for_gpu) == 1 and _int8_loads(lowered_for_gpu) == 1
 
 
 @pytest.mark.parametrize("n,warps", [(4096, None), (576, None), (4096, 16)])  # 16: a bench.kernels --norm candidate
