@@ -250,3 +250,7 @@ def test_bench_runs_and_reports(capsys):
     assert len([r for r in table.splitlines() if r.startswith("| dense |")]) == 1
     measured = float(rows[0].split("|")[2])
     assert 0.2 < measured < 0.8  # thresholds calibrated on random tokens at 0.5, measured on others
+    # a second run in the process reports each row's own launches (not those of the loop compiled last)
+    launches = lambda t: [r.split("|")[-3] for r in t.splitlines() if r.startswith(("| dense |", "| cats (jnp)"))]
+    first = launches(table)
+    assert first[0] != first[1] and launches(bench_decode.run(LLAMA, args)) == first
