@@ -168,26 +168,37 @@ def check_norm(b, n, seed, unfinished=False) -> bool:
     return ok
 
 
-def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) -> bool:
-    """Greedy tokens through the kernels vs the jnp path of `mode` (cats: the MLP kernel; teal:
-    the sparse GEMVs; quantized: the model's int8 copy, its LM head too, thresholds calibrated on it). In fp32 they
-    must be equal; in bf16 the two paths round different accumulation orders, and a near-tie
-    between the top two logits of a random model can flip a token, so bf16 is reported only."""
+def _checked_model(dtype, mode, quantized, cfg=None):
+    """The greedy checks' model (SmolLM2-135M-sized random weights unless cfg; quantized: its int8
+    copy, the LM head too) with `mode`'s thresholds at 50%, calibrated on it (random tokens)."""
     from bench.decode import random_thresholds
-    from cats_jax import decode
     from cats_jax import model as M
     from cats_jax.config import preset
-    from cats_jax.generate import generate
 
-    cfg = preset("smollm2-135m")
+    cfg = cfg or preset("smollm2-135m")
     make = lambda: M.quantize_model(M.init_random(cfg, seed=0, dtype=dtype), head=True) if quantized else M.init_random(
         cfg, seed=0, dtype=dtype)
     thresholds = random_thresholds(make(), [0.5], 512, 0)[0.5]
-
     m = make()
     for site in MODES[mode]:
         m.set_thresholds(site, thresholds[site])
     m.set_mode(mode)
+    return m
+
+
+def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) -> bool:
+    """Greedy tokens through the kernels vs the jnp path of `mode` (cats: the MLP kernel; teal:
+    the sparse GEMVs; quantized: the model's int8 copy, its LM head too, thresholds calibrated on it). In fp32 they
+    must be equal; in bf16 the two paths round different accumulation orders, and a near-tie
+    between the top two logits of a random model can flip a token, so bf16 is reported only.
+    TEAL tests millions of values a sequence against thresholds (SmolLM2-sized, 70 tokens: 10.5 M,
+    79 within 1e-5 of their threshold, relatively), so even in fp32 a few tests can flip between
+    the paths' summation orders; check_forced tells such flips from errors."""
+    from cats_jax import decode
+    from cats_jax.generate import generate
+
+    m = _checked_model(dtype, mode, quantized)
+    cfg = m.cfg
     ref, kern = decode.prepare(m, "jnp"), decode.prepare(m, "pallas")
     rng = np.random.default_rng(0)
     ok = True
@@ -220,6 +231,48 @@ def _top2_gap(model, tokens) -> float:
         logits = model(jnp.asarray([tokens]))[0][0, -1].astype(jnp.float32)
     top = jnp.sort(logits)[-2:]
     return float(top[1] - top[0])
+
+
+def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=None) -> bool:
+    """Teacher-forced: the kernels' and the jnp path's decode steps on the same tokens (prompts, then
+    the jnp path's greedy tokens, one step each from an empty cache), their logits compared step by
+    step. A threshold test that flips between the paths moves some steps' logits a little; an error
+    in a kernel moves most. Pass (fp32): the median step's max |logit difference| below 1e-4 of the
+    logits' rms, and the same argmax at >= 90% of the steps. bf16 is reported only."""
+    from cats_jax import decode
+    from cats_jax import model as M
+    from cats_jax.generate import generate
+
+    m = _checked_model(dtype, mode, quantized, cfg)
+    cfg = m.cfg
+    ref, kern = decode.prepare(m, "jnp"), decode.prepare(m, "pallas")
+    prompts = np.random.default_rng(1).integers(3, cfg.vocab_size, (batch, 16)).tolist()
+    min_weights, G.MIN_KERNEL_WEIGHTS = G.MIN_KERNEL_WEIGHTS, 0
+    try:
+        with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
+            seq = jnp.asarray([p + t for p, t in zip(prompts, generate(ref, prompts, steps, eos_ids=()).tokens)])
+
+            def logits(dec):
+                step = jax.jit(lambda w, tok, pos, cache: decode.forward(w, tok, pos, cache, plan=dec.plan)[:2])
+                cache, out = M.init_cache(cfg, batch, seq.shape[1], dtype), []
+                for k in range(seq.shape[1] - 1):
+                    y, cache = step(dec.weights, seq[:, k:k + 1], jnp.full((batch, 1), k, jnp.int32), cache)
+                    out.append(y[:, 0])
+                return jnp.stack(out, axis=1).astype(f32)  # [B, steps, V]
+
+            want = logits(ref)
+            with poisoned_outputs():
+                got = logits(kern)
+    finally:
+        G.MIN_KERNEL_WEIGHTS = min_weights
+    diff = jnp.max(jnp.abs(got - want), axis=-1) / jnp.sqrt(jnp.mean(want * want, axis=-1))  # [B, steps]
+    agree = float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1)))
+    median, worst = float(jnp.median(diff)), float(jnp.nanmax(jnp.where(jnp.isnan(diff), jnp.inf, diff)))
+    ok = median < 1e-4 and agree >= 0.9 if dtype == jnp.float32 else True
+    print(f"forced {mode}{' int8+head' if quantized else ''} {cfg.name}-sized {jnp.dtype(dtype).name} B={batch}: "
+          f"{diff.size} steps, max |logit difference| / rms: median {median:.1e}, worst {worst:.1e}, steps above 1e-3 "
+          f"{int(jnp.sum(diff > 1e-3))}; same argmax {agree:.1%} -> {'ok' if ok else 'FAIL'}", flush=True)
+    return ok
 
 
 def main(argv=None):
@@ -259,6 +312,8 @@ def main(argv=None):
         for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 3))
             ok &= check_greedy(jnp.float32, mode, batch=(1,), quantized=True)
+            ok &= check_forced(jnp.float32, mode, batch=1 if a.quick else 3)
+            ok &= check_forced(jnp.float32, mode, batch=1, quantized=True)
             check_greedy(jnp.bfloat16, mode, batch=(1,))
     print("ALL OK" if ok else "FAILURES")
     sys.exit(0 if ok else 1)

@@ -37,3 +37,20 @@ def test_sass_compiles_for_sm90():
     r = sass.compile_sm90(_gather_kernels(G.GatherBlocks(rows=16, cols=128, chunk=128, num_warps=4))[1])
     assert r["regs"] > 0 and r["spill"] == 0 and r["atom"] == 1
     assert r["ldg"].startswith("2x128")  # a 16 x 128 bf16 tile: two 16-byte loads per thread
+
+
+def test_forced_check_tells_a_kernel_error_from_agreement(monkeypatch):
+    """gpu_check's teacher-forced comparison (interpret mode, a tiny model): the kernels' TEAL decode
+    steps pass; with the kernels' thresholds 30% high (an injected error) most steps' logits move."""
+    from bench.gpu_check import check_forced
+    from cats_jax import decode
+    from cats_jax.config import ModelConfig
+    from pallas_kernels.common import interpret_on_cpu
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=16, name="tiny")
+    with interpret_on_cpu():
+        assert check_forced(jnp.float32, "teal", steps=4, batch=1, cfg=cfg)
+        kernel_thresholds = decode._kernel_thresholds
+        monkeypatch.setattr(decode, "_kernel_thresholds", lambda ths: [t * 1.3 for t in kernel_thresholds(ths)])
+        assert not check_forced(jnp.float32, "teal", steps=4, batch=1, cfg=cfg)
