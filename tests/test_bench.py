@@ -47,10 +47,10 @@ def test_forced_check_tells_a_kernel_error_from_agreement(monkeypatch):
     from cats_jax.config import ModelConfig
     from pallas_kernels.common import interpret_on_cpu
 
-    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2,
                       head_dim=16, name="tiny")
     with interpret_on_cpu():
-        assert check_forced(jnp.float32, "teal", steps=4, batch=1, cfg=cfg)
+        assert check_forced(jnp.float32, "teal", steps=2, batch=1, cfg=cfg)
         kernel_thresholds = decode._kernel_thresholds
         monkeypatch.setattr(decode, "_kernel_thresholds", lambda ths: [t * 1.3 for t in kernel_thresholds(ths)])
-        assert not check_forced(jnp.float32, "teal", steps=4, batch=1, cfg=cfg)
+        assert not check_forced(jnp.float32, "teal", steps=2, batch=1, cfg=cfg)
