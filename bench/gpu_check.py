@@ -12,7 +12,9 @@
    input as a GEMV leaves it (padded fp32 sums and an int8 scale).
 3. Greedy decoding of a SmolLM2-sized random model and of its int8 copy (LM head int8 too, on the
    kernels' masked tiles at decode steps): the kernel decode path
-   (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32.
+   (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32; and
+   both paths teacher-forced on the same tokens, their logits compared step by step
+   (check_forced: tells a threshold test flipped by rounding from a kernel error).
 Exits non-zero on any failure.
 """
 
