@@ -21,6 +21,7 @@ Exits non-zero on any failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -204,8 +205,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) ->
     ref, kern = decode.prepare(m, "jnp"), decode.prepare(m, "pallas")
     rng = np.random.default_rng(0)
     ok = True
-    min_weights, G.MIN_KERNEL_WEIGHTS = G.MIN_KERNEL_WEIGHTS, 0  # check the kernels on these small matrices too
-    try:
+    with _kernels_on_small_matrices():
         for b in batch:
             prompts = [rng.integers(3, cfg.vocab_size, size=int(rng.integers(4, 40))).tolist() for _ in range(b)]
             # fp32: XLA's dots in full fp32 too (its default on GPU rounds fp32 operands to TF32)
@@ -223,9 +223,17 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) ->
                   f"measured MLP sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
                   f"{got.decode_tokens_per_s:.0f} vs {want.decode_tokens_per_s:.0f} tok/s", flush=True)
             ok &= same
+    return ok
+
+
+@contextlib.contextmanager
+def _kernels_on_small_matrices():
+    """The GEMV kernels on every matrix of the checked model (its matrices are small)."""
+    min_weights, G.MIN_KERNEL_WEIGHTS = G.MIN_KERNEL_WEIGHTS, 0
+    try:
+        yield
     finally:
         G.MIN_KERNEL_WEIGHTS = min_weights
-    return ok
 
 
 def _top2_gap(model, tokens) -> float:
@@ -249,27 +257,24 @@ def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=Non
     cfg = m.cfg
     ref, kern = decode.prepare(m, "jnp"), decode.prepare(m, "pallas")
     prompts = np.random.default_rng(1).integers(3, cfg.vocab_size, (batch, 16)).tolist()
-    min_weights, G.MIN_KERNEL_WEIGHTS = G.MIN_KERNEL_WEIGHTS, 0
-    try:
-        with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
-            seq = jnp.asarray([p + t for p, t in zip(prompts, generate(ref, prompts, steps, eos_ids=()).tokens)])
+    precision = "highest" if dtype == jnp.float32 else "default"
+    with _kernels_on_small_matrices(), jax.default_matmul_precision(precision):
+        seq = jnp.asarray([p + t for p, t in zip(prompts, generate(ref, prompts, steps, eos_ids=()).tokens)])
 
-            def logits(dec):
-                step = jax.jit(lambda w, tok, pos, cache: decode.forward(w, tok, pos, cache, plan=dec.plan)[:2])
-                cache, out = M.init_cache(cfg, batch, seq.shape[1], dtype), []
-                for k in range(seq.shape[1] - 1):
-                    y, cache = step(dec.weights, seq[:, k:k + 1], jnp.full((batch, 1), k, jnp.int32), cache)
-                    out.append(y[:, 0])
-                return jnp.stack(out, axis=1).astype(f32)  # [B, steps, V]
+        def logits(dec):
+            step = jax.jit(lambda w, tok, pos, cache: decode.forward(w, tok, pos, cache, plan=dec.plan)[:2])
+            cache, out = M.init_cache(cfg, batch, seq.shape[1], dtype), []
+            for k in range(seq.shape[1] - 1):
+                y, cache = step(dec.weights, seq[:, k:k + 1], jnp.full((batch, 1), k, jnp.int32), cache)
+                out.append(y[:, 0])
+            return jnp.stack(out, axis=1).astype(f32)  # [B, steps, V]
 
-            want = logits(ref)
-            with poisoned_outputs():
-                got = logits(kern)
-    finally:
-        G.MIN_KERNEL_WEIGHTS = min_weights
+        want = logits(ref)
+        with poisoned_outputs():
+            got = logits(kern)
     diff = jnp.max(jnp.abs(got - want), axis=-1) / jnp.sqrt(jnp.mean(want * want, axis=-1))  # [B, steps]
     agree = float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1)))
-    median, worst = float(jnp.median(diff)), float(jnp.nanmax(jnp.where(jnp.isnan(diff), jnp.inf, diff)))
+    median, worst = float(jnp.median(diff)), float(jnp.max(jnp.where(jnp.isnan(diff), jnp.inf, diff)))
     ok = median < 1e-4 and agree >= 0.9 if dtype == jnp.float32 else True
     print(f"forced {mode}{' int8+head' if quantized else ''} {cfg.name}-sized {jnp.dtype(dtype).name} B={batch}: "
           f"{diff.size} steps, max |logit difference| / rms: median {median:.1e}, worst {worst:.1e}, steps above 1e-3 "
