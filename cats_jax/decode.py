@@ -191,6 +191,9 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     computed by the down GEMV's kernels as they read x (sparse_gemv's gated input)."""
     if isinstance(x, Sums):
         return _gated_product(x, w, thresholds, factors, scale, dtype, sums)
+    if isinstance(x, sparse_gemv.Compacted):  # thresholded and compacted by the kernel that made it
+        y = sparse_gemv.sparse_gemv(x, w, segments=widths, scale=scale, out_dtype=dtype, finish=not sums)
+        return Sums(y, scale) if sums else y[:, None]
     b, t, n_in = x.shape
     thresholded = any(th is not None for th in thresholds)
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
@@ -252,22 +255,48 @@ def _grouped(plan: Plan, lw, x, w, group: str, widths, sums=False):
     return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale, sums=sums)
 
 
+SITES = {**GROUPS, "o": ("attn.o_proj",)}
+
+
+def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
+    """Where the decode-step GEMV of lw[name] ("qkv", "gate_up", "o") reading x runs on the gather path
+    with thresholds: its Compaction, for the kernel that makes x to do as it stores it (the add +
+    norm, the attention's combine); None elsewhere."""
+    w = lw.get(name)
+    thresholds = [_site(lw, s) for s in SITES[name]]
+    if w is None or all(t is None for t in thresholds) or not plan.gemv_kernel(x, w):
+        return None
+    cfg = plan.cfg
+    n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    widths = {"qkv": (n * d, k * d, k * d), "gate_up": (cfg.intermediate_size,) * 2, "o": (w.shape[1],)}[name]
+    return sparse_gemv.compaction_for(x.shape[0], w.shape[0], widths, _kernel_thresholds(thresholds),
+                                      _factors(lw, name))
+
+
 def _attention(plan: Plan, lw, x, positions, kv):
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     fused = kv is not None and plan.attention_kernel(x)
     qkv = _grouped(plan, lw, x, lw["qkv"], "qkv", (n * d, k * d, k * d), sums=fused)
+    o_t = _site(lw, "attn.o_proj")
     if fused:
         rows, scale = (qkv.sums, qkv.scale) if isinstance(qkv, Sums) else (qkv[:, 0], None)
+        # o's TEAL rule where the attention output is made: compacted for o's gather, or applied for
+        # XLA's product (weighted criterion: left to the product)
+        compaction = _compaction(plan, lw, x, "o")
+        early = o_t is not None and compaction is None and "factors" not in lw and not plan.gemv_kernel(x, lw["o"])
         out, ck, cv = attention.decode_attention(rows, positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
-                                                 num_kv_heads=k, sliding_window=cfg.sliding_window, qkv_scale=scale)
-        out, kv = out[:, None], (ck, cv)
+                                                 num_kv_heads=k, sliding_window=cfg.sliding_window, qkv_scale=scale,
+                                                 out_threshold=o_t if early else None, compaction=compaction)
+        out, kv = out if isinstance(out, sparse_gemv.Compacted) else out[:, None], (ck, cv)
+        o_t = None if early else o_t
     else:
         q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=-1)
         out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
-    o = _product(plan, out.astype(x.dtype), lw["o"], [_site(lw, "attn.o_proj")], (cfg.hidden_size,), _factors(lw, "o"),
-                 _scale(lw, "o"), sums=plan.axis is None)
+        out = out.astype(x.dtype)
+    o = _product(plan, out, lw["o"], [o_t], (cfg.hidden_size,), _factors(lw, "o"), _scale(lw, "o"),
+                 sums=plan.axis is None)
     return o, kv
 
 
@@ -330,16 +359,16 @@ def forward(weights, tokens, positions, cache, *, plan: Plan, last=None):
     return per_shard(weights, tokens, positions, cache, last)
 
 
-def _add_norm(plan: Plan, x, h, scale):
+def _add_norm(plan: Plan, x, h, scale, compaction=None):
     """(x + h, rms_norm(x + h, scale)): the residual stream and the next block's input; h None: x
     itself. Decode steps on the kernels take one launch for both (pallas_kernels.norm), which also
-    finishes h when it comes as Sums."""
+    finishes h when it comes as Sums and, given the next GEMV's compaction, compacts the input for it."""
     eps = plan.cfg.rms_norm_eps
     b, t, n = x.shape
     if h is not None and plan.norm_kernel(x, scale):
         rows, h_scale = (h.sums, h.scale) if isinstance(h, Sums) else (h.reshape(b, n), None)
-        x, y = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale)
-        return x.reshape(b, t, n), y.reshape(b, t, n)
+        x, y = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale, compaction=compaction)
+        return x.reshape(b, t, n), y if compaction is not None else y.reshape(b, t, n)
     x = x if h is None else x + _finished(h, n, x.dtype)
     return x, rms_norm(x, scale, eps)
 
@@ -348,9 +377,9 @@ def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     x, h = weights["embed"][tokens], None  # h: the last block's output, not yet added to x
     new_cache, kept = [], []
     for lw, kv in zip(weights["layers"], cache):
-        x, y = _add_norm(plan, x, h, lw["attn_norm"])
+        x, y = _add_norm(plan, x, h, lw["attn_norm"], _compaction(plan, lw, x, "qkv"))
         h, kv = _attention(plan, lw, y, positions, kv)
-        x, y = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"])
+        x, y = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"], _compaction(plan, lw, x, "gate_up"))
         h, frac = _mlp(plan, lw, y)
         h = _all_reduce(plan, h)
         new_cache.append(kv)

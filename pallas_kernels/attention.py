@@ -35,7 +35,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import sparse_gemv
 from pallas_kernels.common import call, finished, iota, load, mask2d, next_pow2
+from pallas_kernels.sparse_gemv import keep
 
 f32 = jnp.float32
 _NEG = -1e30  # a finite "minus infinity": empty spans give exp(_NEG - m) = 0, never NaN
@@ -150,8 +152,12 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
 
 
 def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: int, num_kv_heads: int,
-                     sliding_window: int | None = None, blocks: AttentionBlocks | None = None, qkv_scale=None):
-    """One decode token per row (module docstring): (out [B, N D] in k_cache's dtype, k_cache, v_cache)."""
+                     sliding_window: int | None = None, blocks: AttentionBlocks | None = None, qkv_scale=None,
+                     out_threshold=None, compaction: sparse_gemv.Compaction | None = None):
+    """One decode token per row (module docstring): (out [B, N D] in k_cache's dtype, k_cache, v_cache).
+    out_threshold: o's TEAL threshold, applied to out. compaction (batch 1): out comes back compacted
+    for o's gather GEMV (sparse_gemv.Compacted) when the splits are combined (several spans); with one
+    span it comes back as it is."""
     b, s, k, d = k_cache.shape
     if k != num_kv_heads or v_cache.shape != k_cache.shape or d & (d - 1) or d < 16:
         raise ValueError(f"decode_attention: caches {k_cache.shape} / {v_cache.shape} need [B, S, {num_kv_heads}, D] "
@@ -183,10 +189,61 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
         qkv, positions.astype(jnp.int32), jnp.asarray(inv_freq, f32),
         *(() if qkv_scale is None else (jnp.asarray(qkv_scale, f32),)), k_cache, v_cache)
     if splits == 1:
-        return parts[0], k_cache, v_cache
-    m, l, acc = parts
-    # combine the splits: softmax weights relative to the global max of each query head
+        out = parts[0]
+        if out_threshold is not None:  # rare (one span: many rows and kv heads); an XLA select
+            out = jnp.where(keep(out, out_threshold), out, jnp.zeros_like(out))
+        return out, k_cache, v_cache
+    return combine(*parts, groups=groups, dtype=k_cache.dtype, threshold=out_threshold, compaction=compaction), \
+        k_cache, v_cache
+
+
+def combine_reference(m, l, acc, groups: int, dtype):
+    """The splits' partial softmax (max m, sum l [B, K, splits, gp], weighted values acc [B, K, splits, gp, D])
+    combined, relative to each query head's global max: out [B, N D] in dtype (combine's definition)."""
+    b, k, _, _, d = acc.shape
     top = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - top)
     out = jnp.sum(w[..., None] * acc, axis=2) / jnp.sum(w * l, axis=2)[..., None]  # [B, K, gp, D]
-    return out[:, :, :groups].reshape(b, num_heads * d).astype(k_cache.dtype), k_cache, v_cache
+    return out[:, :, :groups].reshape(b, k * groups * d).astype(dtype)
+
+
+def _combine_kernel(m_ref, l_ref, acc_ref, *refs, groups, d, n, splits, chunk, dt, thresholded, layout):
+    """Program (row, chunk of the output's columns): combine_reference on those columns, then o's
+    TEAL rule (thresholded), or compacted for o's gather GEMV (layout: batch 1)."""
+    b, c = pl.program_id(0), pl.program_id(1)
+    cols = iota(chunk, c * chunk)
+    ok = cols < n
+    head, dd = cols // d, cols % d
+    kh, g = head // groups, head % groups
+    sp = iota(next_pow2(splits))
+    mask = (sp < splits)[:, None] & ok[None, :]  # [splits, chunk]
+    at = (b, kh[None, :], sp[:, None], g[None, :])
+    m = jnp.where(mask, load(m_ref.at[at], mask=mask), _NEG)
+    w = jnp.exp(m - jnp.max(m, axis=0)[None, :])
+    acc = load(acc_ref.at[(*at, dd[None, :])], mask=mask)
+    out = (jnp.sum(w * acc, axis=0) / jnp.sum(w * load(l_ref.at[at], mask=mask), axis=0)).astype(dt)
+    if layout is not None:
+        sparse_gemv.compact_chunk(layout, out, ok, b, c, refs[:-4], refs[-4:])  # b = 0: one row, one segment
+        return
+    if thresholded:
+        out = jnp.where(keep(out, refs[0][0]), out, jnp.zeros_like(out))
+    plgpu.store(refs[-1].at[b, cols], out, mask=ok)
+
+
+def combine(m, l, acc, *, groups: int, dtype, threshold=None, compaction: sparse_gemv.Compaction | None = None):
+    """The splits combined in one launch (combine_reference), with o's TEAL threshold applied or, at
+    batch 1, compacted for o's gather GEMV: [B, N D] in dtype, or sparse_gemv.Compacted."""
+    b, k, splits, _, d = acc.shape
+    n = k * groups * d
+    layout = None if compaction is None else compaction.layout
+    if layout is not None and (b != 1 or layout.n_in != n or layout.segments != 1):
+        raise ValueError(f"decode_attention: a compaction for {layout.n_in} inputs in {layout.segments} segments "
+                         f"does not fit {b} rows of {n} outputs")
+    chunk = layout.blocks.chunk if layout else min(512, next_pow2(n))
+    kernel = functools.partial(_combine_kernel, groups=groups, d=d, n=n, splits=splits, chunk=chunk, dt=dtype,
+                               thresholded=threshold is not None, layout=layout)
+    args = compaction.args() if layout else (() if threshold is None else (jnp.asarray(threshold, f32).reshape(1),))
+    outs = layout.outputs(dtype) if layout else jax.ShapeDtypeStruct((b, n), dtype)
+    res = call(kernel, outs, grid=(b, pl.cdiv(n, chunk)), num_warps=4, num_stages=1, name="combine_splits")(
+        m, l, acc, *args)
+    return sparse_gemv.Compacted(layout, *res) if layout else res

@@ -22,32 +22,63 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import sparse_gemv
 from pallas_kernels.common import call, finished, iota, load, next_pow2
 
 f32 = jnp.float32
 
 
+def _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt):
+    """x + h in dt over row b's columns cols, h as its projection finishes it (int8 sums: times their scale)."""
+    x = load(x_ref.at[b, cols], mask=ok).astype(f32)
+    h = finished(load(h_ref.at[b, cols], mask=ok), None if hs_ref is None else load(hs_ref.at[cols], mask=ok), dt)
+    return (x + h.astype(f32)).astype(dt)
+
+
+def _inv_rms(s, n, eps):
+    sf = s.astype(f32)
+    return jax.lax.rsqrt(jnp.sum(sf * sf) / n + eps)
+
+
+def _normed(s, inv_rms, scale, dt):
+    y = (s.astype(f32) * inv_rms).astype(dt)
+    return (scale.astype(f32) * y.astype(f32)).astype(dt)
+
+
 def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled):
-    *hs_ref, sum_ref, y_ref = refs
+    hs_ref, (sum_ref, y_ref) = (refs[0] if h_scaled else None), refs[-2:]
     b = pl.program_id(0)
     cols = iota(next_pow2(n))
     ok = cols < n if n & (n - 1) else None
     dt = x_ref.dtype
-    x = load(x_ref.at[b, cols], mask=ok).astype(f32)
-    # h as the projection finishes it (int8 sums: times their scale), in x's dtype
-    h = finished(load(h_ref.at[b, cols], mask=ok), load(hs_ref[0].at[cols], mask=ok) if h_scaled else None,
-                 dt).astype(f32)
-    s = (x + h).astype(dt)
-    sf = s.astype(f32)
-    y = (sf * jax.lax.rsqrt(jnp.sum(sf * sf) / n + eps)).astype(dt)
-    out = (load(s_ref.at[cols], mask=ok).astype(f32) * y.astype(f32)).astype(dt)
+    s = _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt)
     plgpu.store(sum_ref.at[b, cols], s, mask=ok)
-    plgpu.store(y_ref.at[b, cols], out, mask=ok)
+    plgpu.store(y_ref.at[b, cols], _normed(s, _inv_rms(s, n, eps), load(s_ref.at[cols], mask=ok), dt), mask=ok)
 
 
-def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None):
+def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout):
+    """Batch 1, program (segment, chunk) of the gather GEMV that reads y: the whole row's rms, then this
+    chunk of x + h (stored by segment 0's programs) and of y, compacted (sparse_gemv.compact_chunk)."""
+    hs_ref, refs = (refs[0], refs[1:]) if h_scaled else (None, refs)
+    in_refs, sum_ref, out_refs = refs[:-5], refs[-5], refs[-4:]
+    seg, c = pl.program_id(0), pl.program_id(1)
+    dt = x_ref.dtype
+    cols = iota(next_pow2(n))
+    inv_rms = _inv_rms(_summed(x_ref, h_ref, hs_ref, 0, cols, cols < n if n & (n - 1) else None, dt), n, eps)
+    j = iota(layout.blocks.chunk, c * layout.blocks.chunk)
+    ok = j < n
+    s = _summed(x_ref, h_ref, hs_ref, 0, j, ok, dt)
+    plgpu.store(sum_ref.at[0, j], s, mask=ok & (seg == 0))
+    y = _normed(s, inv_rms, load(s_ref.at[j], mask=ok), dt)
+    sparse_gemv.compact_chunk(layout, y, ok, seg, c, in_refs, out_refs)
+
+
+def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None,
+                 compaction: sparse_gemv.Compaction | None = None):
     """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring).
-    num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm)."""
+    num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm).
+    compaction (batch 1): the normalised row comes back compacted for the gather GEMV that reads it
+    (sparse_gemv.Compacted), one launch fewer than its own compaction."""
     b, n = x.shape
     if (h.ndim != 2 or h.shape[0] != b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
             or (h_scale is not None and jnp.shape(h_scale) != (n,))):
@@ -56,6 +87,15 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
                          "x's dtype and h_scale None or [H]")
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     warps = num_warps or max(1, min(8, next_pow2(n) // 1024))
-    kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None)
     extra = () if h_scale is None else (jnp.asarray(h_scale, f32),)
-    return call(kernel, (out, out), grid=(b,), num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra)
+    if compaction is None:
+        kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None)
+        return call(kernel, (out, out), grid=(b,), num_warps=warps, num_stages=1, name="add_rms_norm")(
+            x, h, scale, *extra)
+    layout = compaction.layout
+    if b != 1 or layout.n_in != n:
+        raise ValueError(f"add_rms_norm: a compaction for {layout.n_in} inputs needs x [1, {layout.n_in}], not {x.shape}")
+    kernel = functools.partial(_compact_kernel, n=n, eps=eps, h_scaled=h_scale is not None, layout=layout)
+    x, *listed = call(kernel, (out, *layout.outputs(x.dtype)), grid=(layout.segments, layout.chunks), num_warps=warps,
+                      num_stages=1, name="add_rms_norm_compact")(x, h, scale, *extra, *compaction.args())
+    return x, sparse_gemv.Compacted(layout, *listed)

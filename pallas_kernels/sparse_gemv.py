@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -265,38 +266,126 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
 
-def _compact_kernel(x_ref, *refs, n_in, chunk, thresholded, weighted, span, gated, gated_scaled):
-    """Program (segment, chunk): the chunk's row numbers and values, kept rows first (val 0 for
-    the others), and the number kept. It also zeroes its `span` of the gather's fp32 output (one
-    launch fewer than an XLA memset). gated: x_ref holds gate|up sums (and the next ref their
-    scale); the values are silu(gate) * up."""
+@dataclasses.dataclass(frozen=True)
+class CompactLayout:
+    """Static: the shape of a batch-1 gather's compacted input (module docstring, step 1): `segments`
+    output segments of a [n_in, n_out] matrix, each with its own threshold (thresholded; else the
+    input's zeros are dropped) and, weighted, its own factors."""
+    n_in: int
+    n_out: int
+    segments: int
+    blocks: GatherBlocks
+    thresholded: bool = True
+    weighted: bool = False
+
+    @property
+    def chunks(self) -> int:
+        return pl.cdiv(self.n_in, self.blocks.chunk)
+
+    @property
+    def span(self) -> int:
+        """Output columns each compacting program zeroes: the output, padded to whole column blocks,
+        in equal power-of-two spans."""
+        cols = pl.cdiv(self.n_out, self.blocks.cols) * self.blocks.cols
+        return next_pow2(pl.cdiv(cols, self.segments * self.chunks))
+
+    def outputs(self, dtype) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """A compacting kernel's outputs, as Compacted holds them; values in dtype."""
+        listed = (self.segments, self.chunks * self.blocks.chunk)
+        return (jax.ShapeDtypeStruct(listed, jnp.int32), jax.ShapeDtypeStruct(listed, dtype),
+                jax.ShapeDtypeStruct((self.segments, self.chunks), jnp.int32),
+                jax.ShapeDtypeStruct((1, self.segments * self.chunks * self.span), f32))
+
+
+class Compaction(NamedTuple):
+    """How to compact a batch-1 gather's input: its layout, one (1,) fp32 threshold per segment and
+    the weighted criterion's factors [segments, in] (or None). A kernel that produces the input can
+    compact it as it stores it (`compact_chunk`: pallas_kernels.norm and .attention do), one launch
+    fewer than a compaction of its own."""
+    layout: CompactLayout
+    thresholds: tuple
+    factors: jax.Array | None = None
+
+    def args(self) -> tuple:
+        """The compacting kernel's inputs, in the order compact_chunk takes their refs."""
+        return (*self.thresholds, *(() if self.factors is None else (self.factors,)))
+
+
+class Compacted(NamedTuple):
+    """A compacted input (Compaction's outputs): per segment and chunk the kept rows first (row
+    numbers `idx`, values `val`) and their `count`, and the gather's fp32 output `out`, zeroed."""
+    layout: CompactLayout
+    idx: jax.Array
+    val: jax.Array
+    count: jax.Array
+    out: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The [B, T, in] of the decode-step input it stands for."""
+        return 1, 1, self.layout.n_in
+
+    @property
+    def dtype(self):
+        """The input's dtype (its values')."""
+        return self.val.dtype
+
+
+def compaction_for(batch: int, n_in: int, segments: tuple[int, ...], thresholds, factors=None) -> Compaction | None:
+    """The Compaction of a TEAL GEMV whose blocks (blocks_for) take the gather path; None for the masked
+    tiles, where there is nothing to compact. thresholds: one per segment (scalars)."""
+    bounds = tuple(itertools.accumulate(segments))[:-1]
+    blk = blocks_for(batch, n_in, sum(segments), math.gcd(*bounds) if bounds else None)
+    if batch != 1 or not isinstance(blk, GatherBlocks):
+        return None
+    layout = CompactLayout(n_in, sum(segments), len(segments), blk, weighted=factors is not None)
+    return Compaction(layout, tuple(jnp.asarray(t, f32).reshape(1) for t in thresholds),
+                      None if factors is None else jnp.asarray(factors, f32))
+
+
+def compact_chunk(layout: CompactLayout, x, ok, seg, c, in_refs, out_refs):
+    """In a kernel: compact chunk c of segment seg's input, x [chunk] (ok: inside the input), into
+    the outputs of layout.outputs (out_refs), with the thresholds and factors (in_refs: Compaction.args):
+    the kept rows' numbers and values first, in order, then the dropped ones (a permutation: every
+    slot is written, value 0), and the number kept. It also zeroes this program's span of the
+    gather's output (one launch fewer than an XLA memset)."""
+    idx_ref, val_ref, cnt_ref, zero_ref = out_refs
+    t_refs = list(in_refs)
+    f_ref = t_refs.pop() if layout.weighted else None  # [segments, in]
+    chunk, span = layout.blocks.chunk, layout.span
+    p = seg * layout.chunks + c
+    plgpu.store(zero_ref.at[pl.ds(0, 1), pl.ds(p * span, span)], jnp.zeros((1, span), f32))
+    j = iota(chunk, c * chunk)
+    xf = x.astype(f32)
+    f = load(f_ref.at[seg, j], mask=ok) if layout.weighted else None
+    live = (keep(xf, _threshold(t_refs, seg), f) if layout.thresholded else (xf != 0)) & ok
+    n_live = jnp.sum(live.astype(jnp.int32))
+    before = jnp.cumsum(live.astype(jnp.int32))  # kept rows up to and including this one
+    pos = jnp.where(live, before - 1, n_live + iota(chunk) - before)
+    plgpu.store(idx_ref.at[seg, c * chunk + pos], j)
+    plgpu.store(val_ref.at[seg, c * chunk + pos], jnp.where(live, x, jnp.zeros_like(x)).astype(val_ref.dtype))
+    plgpu.store(cnt_ref.at[seg, pl.ds(c, 1)], jnp.full((1,), n_live, jnp.int32))
+
+
+def _compact_kernel(x_ref, *refs, layout, gated, gated_scaled):
+    """Program (segment, chunk): compact_chunk of x's chunk. gated: x_ref holds gate|up sums (and
+    the next ref their scale); the values are silu(gate) * up."""
     if gated_scaled:
         xs_ref, *refs = refs
-    *t_refs, idx_ref, val_ref, cnt_ref, zero_ref = refs
-    f_ref = t_refs.pop() if weighted else None  # [segments, in]
+    in_refs, out_refs = refs[:-4], refs[-4:]
     seg, c = pl.program_id(0), pl.program_id(1)
-    p = seg * pl.num_programs(1) + c
-    plgpu.store(zero_ref.at[pl.ds(0, 1), pl.ds(p * span, span)], jnp.zeros((1, span), f32))
+    n_in, chunk = layout.n_in, layout.blocks.chunk
     j = iota(chunk, c * chunk)
     ok = j < n_in
     if gated:
-        dt = val_ref.dtype
+        dt = out_refs[1].dtype
         g, u = (finished(load(x_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok),
                          load(xs_ref.at[pl.ds(at + c * chunk, chunk)], mask=ok) if gated_scaled else None,
                          dt).astype(f32) for at in (0, n_in))
         x = _gated(g, u, dt)
     else:
         x = load(x_ref.at[pl.ds(c * chunk, chunk)], mask=ok)
-    xf = x.astype(f32)
-    f = load(f_ref.at[seg, pl.ds(c * chunk, chunk)], mask=ok) if weighted else None
-    live = (keep(xf, _threshold(t_refs, seg), f) if thresholded else (xf != 0)) & ok
-    n_live = jnp.sum(live.astype(jnp.int32))
-    before = jnp.cumsum(live.astype(jnp.int32))  # kept rows up to and including this one
-    # kept rows in order, then the dropped ones (a permutation: every slot is written)
-    pos = jnp.where(live, before - 1, n_live + iota(chunk) - before)
-    plgpu.store(idx_ref.at[seg, c * chunk + pos], j)
-    plgpu.store(val_ref.at[seg, c * chunk + pos], jnp.where(live, x, jnp.zeros_like(x)))
-    plgpu.store(cnt_ref.at[seg, pl.ds(c, 1)], jnp.full((1,), n_live, jnp.int32))
+    compact_chunk(layout, x, ok, seg, c, in_refs, out_refs)
 
 
 def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bounds):
@@ -323,28 +412,23 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
     plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
-def _gather_gemv(x, w, ts, thresholded, weighted, bounds, blk: GatherBlocks, gated=None):
-    """Batch 1: compact, then gather (module docstring). x [1, in] -> [1, P >= out] fp32 (unscaled, padded).
-    ts: the thresholds, then (weighted) the factors [segments, in]. gated: None, or (the gate|up
-    sums' scale or None, the values' dtype) with x those sums [1, >= 2 in]."""
-    n_in, n_out = w.shape
-    n_seg, chunks = len(bounds) + 1, pl.cdiv(n_in, blk.chunk)
-    col_blocks = pl.cdiv(n_out, blk.cols)
-    # the output, padded to whole column blocks and to a whole power-of-two span per compact program
-    span = next_pow2(pl.cdiv(col_blocks * blk.cols, n_seg * chunks))
-    out = jax.ShapeDtypeStruct((1, n_seg * chunks * span), f32)
-    gated_scale, dt = gated or (None, x.dtype)
-    listed = (jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), jnp.int32),
-              jax.ShapeDtypeStruct((n_seg, chunks * blk.chunk), dt),
-              jax.ShapeDtypeStruct((n_seg, chunks), jnp.int32), out)
-    kernel = functools.partial(_compact_kernel, n_in=n_in, chunk=blk.chunk, thresholded=thresholded,
-                               weighted=weighted, span=span, gated=gated is not None,
-                               gated_scaled=gated_scale is not None)
-    idx, val, count, zeros = call(kernel, listed, grid=(n_seg, chunks), num_warps=4, num_stages=1, name="compact")(
-        x.reshape(-1), *(() if gated_scale is None else (gated_scale,)), *ts)
-    kernel = functools.partial(_gather_kernel, blk=blk, n_out=n_out, bounds=bounds)
-    return call(kernel, out, grid=(col_blocks, chunks), num_warps=blk.num_warps, num_stages=blk.num_stages,
-                name="gather_gemv", given=(0,))(idx, val, count, w, zeros)
+def compact(x, compaction: Compaction, dtype, gated_scale=None, gated: bool = False) -> Compacted:
+    """Step 1 in a launch of its own: x [1, in] (gated: gate|up sums [1, >= 2 in], with their int8
+    scale or None), values kept in dtype."""
+    layout = compaction.layout
+    kernel = functools.partial(_compact_kernel, layout=layout, gated=gated, gated_scaled=gated_scale is not None)
+    outs = call(kernel, layout.outputs(dtype), grid=(layout.segments, layout.chunks), num_warps=4, num_stages=1,
+                name="compact")(x.reshape(-1), *(() if gated_scale is None else (gated_scale,)), *compaction.args())
+    return Compacted(layout, *outs)
+
+
+def gather(xc: Compacted, w, bounds) -> jax.Array:
+    """Step 2: the kept rows of w [in, out] times their values: [1, P >= out] fp32 (unscaled, padded)."""
+    blk = xc.layout.blocks
+    kernel = functools.partial(_gather_kernel, blk=blk, n_out=w.shape[1], bounds=bounds)
+    return call(kernel, jax.ShapeDtypeStruct(xc.out.shape, f32), grid=(pl.cdiv(w.shape[1], blk.cols), xc.layout.chunks),
+                num_warps=blk.num_warps, num_stages=blk.num_stages, name="gather_gemv", given=(0,))(
+        xc.idx, xc.val, xc.count, w, xc.out)
 
 
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None, factors=None,
@@ -369,7 +453,18 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     skip_zeros=False (masked tiles, no threshold): read every row of w without testing x first, for
     an input with no zeros worth skipping (dense int8 decode): the weight loads then need not wait
     for x's.
+    x Compacted: batch 1's input as a kernel upstream compacted it (Compaction), thresholds applied:
+    the gather alone runs.
     """
+    if isinstance(x, Compacted):
+        segments = tuple(segments or (w.shape[1],))
+        lay = x.layout
+        if w.ndim != 2 or (lay.n_in, lay.n_out, lay.segments) != (*w.shape, len(segments)):
+            raise ValueError(f"sparse_gemv: an input compacted for [{lay.n_in}, {lay.n_out}] in {lay.segments} "
+                             f"segments does not fit w {w.shape} in segments {segments}")
+        scale = check_scale("sparse_gemv", w, scale, w.shape[1])
+        y = gather(x, w, tuple(itertools.accumulate(segments))[:-1])
+        return y if not finish else finished(y[:, :w.shape[1]], scale, out_dtype or x.val.dtype)
     if gated:
         if x.ndim != 2 or w.ndim != 2 or x.shape[1] < 2 * w.shape[0] or x.dtype != f32 or (
                 x_scale is not None and jnp.shape(x_scale) != (2 * w.shape[0],)):
@@ -421,8 +516,9 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     if isinstance(blk, GatherBlocks):
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
-        return done(_gather_gemv(x, w, ts, threshold is not None, factors is not None, bounds, blk,
-                                 gated=(x_scale, dt) if gated else None))
+        layout = CompactLayout(n_in, n_out, len(segments), blk, threshold is not None, factors is not None)
+        return done(gather(compact(x, Compaction(layout, tuple(ts[:len(segments)]), ts[-1] if factors is not None else None), dt, x_scale, gated),
+                           w, bounds))
     dot = batch > 1
     bp = padded_batch(batch, dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows

@@ -15,6 +15,7 @@ from cats_jax.config import ModelConfig
 from cats_jax.generate import generate
 from cats_jax.sparsity import MODES
 from conftest import rel_err
+from pallas_kernels import attention as A
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.attention import AttentionBlocks, decode_attention
 from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
@@ -150,11 +151,48 @@ def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monk
     # final norm has one), and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down, and
     # int8 q|k|v and o on the kernels' masked tiles)
     gemvs = 4 * (2 if path == "gather" else 1) if mode == "teal" else 1 + (2 if path == "gather" else 1) + 2 * int8
-    assert jaxpr.count("pallas_call") == (3 + gemvs) * CFG.num_layers
+    # TEAL's gathers of q|k|v and gate|up read inputs their add + norm launch compacted (the first
+    # layer's q|k|v has no add before it)
+    in_norm = 2 * CFG.num_layers - 1 if (path, mode) == ("gather", "teal") else 0
+    assert jaxpr.count("pallas_call") == (3 + gemvs) * CFG.num_layers - in_norm
     with interpret_on_cpu(), poisoned_outputs():
         got = generate(dec, prompt, 10, eos_ids=())
     assert got.tokens == want.tokens
     assert got.mlp_sparsity == want.mlp_sparsity
+
+
+@pytest.mark.parametrize("o_on", ["gather", "xla"])
+def test_split_attention_hands_o_its_input(kernels_on_tiny_weights, monkeypatch, o_on):
+    """With the attention split over the sequence, TEAL's decode step combines the splits in one launch
+    that also applies o's rule: it compacts o's input for o's gather, or thresholds it for XLA's
+    product (no launch of its own). Greedy tokens equal the jnp path's."""
+    monkeypatch.setattr(A, "blocks_for", lambda *a: AttentionBlocks(block=16, span=16))  # 2 splits from 17 slots
+    monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
+    monkeypatch.setattr(G, "TUNED", {})
+    if o_on == "xla":  # o (N D x H) below the size rule, the other matrices above it
+        monkeypatch.setattr(G, "MIN_KERNEL_WEIGHTS", CFG.num_heads * CFG.head_dim * CFG.hidden_size + 1)
+    prompt = [[5, 17, 3, 88, 41, 9, 2]]
+    m = _model("teal")
+    want = generate(decode.prepare(m, "jnp"), prompt, 10, eos_ids=())
+    dec = decode.prepare(m, "pallas")
+    with interpret_on_cpu():
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), M.init_cache(
+            CFG, 1, 17, f32), plan=dec.plan))(jnp.zeros((1, 1), jnp.int32)).jaxpr
+    calls = [e.params["name"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert calls.count("combine_splits") == CFG.num_layers
+    # per layer: attention, its combine, two adds + norms (the first layer's first norm has no add, the
+    # final norm has one), the gathers (o's too) and the down GEMV's compaction
+    per_layer = 9 if o_on == "gather" else 8
+    assert len(calls) == per_layer * CFG.num_layers + 1  # + the first layer's q|k|v compaction
+    if o_on == "xla":  # o's product reads the combine's output as it is: no select between them
+        made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+        o_in = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"
+                and e.invars[1].aval.shape == (CFG.num_heads * CFG.head_dim, CFG.hidden_size)]
+        sources = {made_by[e.invars[0]].primitive.name for e in o_in}
+        assert sources <= {"reshape", "pallas_call", "broadcast_in_dim"}, sources
+    with interpret_on_cpu(), poisoned_outputs():
+        got = generate(dec, prompt, 10, eos_ids=())
+    assert got.tokens == want.tokens
 
 
 @pytest.mark.parametrize("mode,int8,path", [("teal", False, "masked"), ("teal", False, "gather"),
@@ -174,8 +212,8 @@ def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, monkey
             CFG, 1, 16, f32), plan=dec.plan))(jnp.zeros((1, 1), jnp.int32)).jaxpr
     made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
     takes = [(e.params["name"], e.invars[0 if e.params["name"] == "decode_attention" else 1])
-             for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] in ("decode_attention",
-                                                                                                "add_rms_norm")]
+             for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] in (
+                 "decode_attention", "add_rms_norm", "add_rms_norm_compact")]
     assert len(takes) == 3 * CFG.num_layers  # per layer one attention; add + norm twice, less the first, plus the final
     direct = [made_by[v].primitive.name == "pallas_call" and made_by[v].params["name"] in ("gather_gemv", "sparse_gemv")
               for _, v in takes]
