@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 
@@ -171,6 +172,61 @@ def check_norm(b, n, seed, unfinished=False) -> bool:
     return ok
 
 
+def check_compacted(n_in, n_out, segments, sparsity, seed) -> bool:
+    """The kernels that compact a batch-1 gather's input as they store it (the add + norm before q|k|v
+    and gate|up; the attention's combine before o), each followed by the gather, against the same
+    kernel's plain output through sparse_gemv's own compaction (the same values, the same threshold
+    tests: only the atomic adds' order differs). Also the combine's output with o's rule applied."""
+    from cats_jax import model as M
+    from cats_jax.config import ModelConfig
+    from pallas_kernels import attention as A
+    from pallas_kernels.norm import add_rms_norm
+
+    ks = jax.random.split(jax.random.key(seed), 6)
+    bf = jnp.bfloat16
+    w = (jax.random.normal(ks[0], (n_in, n_out), f32) / np.sqrt(n_in)).astype(bf)
+    blk = G.GatherBlocks(rows=32, cols=64, chunk=256)
+    widths = [n_out // segments] * segments
+    # norm: x + h, normalised; thresholds at `sparsity` of the output, one per segment (apart)
+    x, h = (jax.random.normal(k, (1, n_in), f32).astype(bf) for k in ks[1:3])
+    scale = (1 + jax.random.normal(ks[3], (n_in,), f32) / 4).astype(bf)
+    want_x, y = add_rms_norm(x, h, scale, 1e-5)
+    ts = [threshold_for(y, sparsity) * (1 + 0.1 * i) for i in range(segments)]
+    layout = G.CompactLayout(n_in, n_out, segments, blk)
+    comp = G.Compaction(layout, tuple(jnp.asarray(t, f32).reshape(1) for t in ts))
+    want = G.sparse_gemv(y, w, ts, segments=tuple(widths), blocks=blk)
+    with poisoned_outputs():
+        got_x, yc = add_rms_norm(x, h, scale, 1e-5, compaction=comp)
+        got = G.sparse_gemv(yc, w, segments=tuple(widths))
+    errs = {"norm sum": rel_err(got_x, want_x), "norm + gather": rel_err(got, want)}
+    # combine: the splits of a random attention with n_in / 64 heads of 64 (its output is o's input),
+    # compacted for o's single segment
+    d = 64
+    heads = n_in // d
+    kv = math.gcd(heads, 8)
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv, head_dim=d, name="check")
+    slots = 700
+    qkv = jax.random.normal(ks[4], (1, (heads + 2 * kv) * d), f32).astype(bf)
+    ck, cv = (jax.random.normal(k, (1, slots, kv, d), f32).astype(bf) for k in jax.random.split(ks[5]))
+    pos, inv = jnp.asarray([slots - 5], jnp.int32), M.rope_inv_freq(cfg)
+    attend = lambda **kw: A.decode_attention(qkv, pos, ck, cv, inv, num_heads=heads, num_kv_heads=kv,
+                                             blocks=A.AttentionBlocks(64, 128), **kw)[0]
+    out = attend()
+    t = threshold_for(out, sparsity)
+    comp = G.Compaction(G.CompactLayout(n_in, n_out, 1, blk), (jnp.asarray(t, f32).reshape(1),))
+    want = G.sparse_gemv(out, w, t, blocks=blk)
+    with poisoned_outputs():
+        got = G.sparse_gemv(attend(compaction=comp), w)
+        kept = attend(out_threshold=t)
+    errs["combine + gather"] = rel_err(got, want)
+    errs["combine, o's rule"] = rel_err(kept, jnp.where(jnp.abs(out.astype(f32)) > t, out, 0))
+    ok = all(e < 1e-5 for e in errs.values())
+    print(f"compacted in the producer: in={n_in} out={n_out} segments {segments} sparsity {sparsity:.2f}: rel err "
+          + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()) + f" -> {'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
 def _checked_model(dtype, mode, quantized, cfg=None):
     """The greedy checks' model (SmolLM2-135M-sized random weights unless cfg; quantized: its int8
     copy, the LM head too) with `mode`'s thresholds at 50%, calibrated on it (random tokens)."""
@@ -189,7 +245,7 @@ def _checked_model(dtype, mode, quantized, cfg=None):
     return m
 
 
-def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) -> bool:
+def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False, gather=False) -> bool:
     """Greedy tokens through the kernels vs the jnp path of `mode` (cats: the MLP kernel; teal:
     the sparse GEMVs; quantized: the model's int8 copy, its LM head too, thresholds calibrated on it). In fp32 they
     must be equal; in bf16 the two paths round different accumulation orders, and a near-tie
@@ -205,7 +261,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) ->
     ref, kern = decode.prepare(m, "jnp"), decode.prepare(m, "pallas")
     rng = np.random.default_rng(0)
     ok = True
-    with _kernels_on_small_matrices():
+    with _kernels_on_small_matrices(gather):
         for b in batch:
             prompts = [rng.integers(3, cfg.vocab_size, size=int(rng.integers(4, 40))).tolist() for _ in range(b)]
             # fp32: XLA's dots in full fp32 too (its default on GPU rounds fp32 operands to TF32)
@@ -218,7 +274,7 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) ->
                      for g, w in zip(got.tokens, want.tokens)]
             # at a mismatch: the reference's margin between its top two logits there (full recompute)
             gaps = [None if k is None else _top2_gap(m, prompts[r] + want.tokens[r][:k]) for r, k in enumerate(first)]
-            print(f"greedy {mode}{' int8+head' if quantized else ''} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
+            print(f"greedy {mode}{' int8+head' if quantized else ''}{' gather' if gather else ''} smollm2-135m-sized {jnp.dtype(dtype).name} B={b}: {steps} tokens, same tokens {same} "
                   f"(first mismatch per row {first}, reference top-2 logit margin there {gaps}); "
                   f"measured MLP sparsity {got.mlp_sparsity} kernel vs {want.mlp_sparsity} jnp; decode "
                   f"{got.decode_tokens_per_s:.0f} vs {want.decode_tokens_per_s:.0f} tok/s", flush=True)
@@ -227,13 +283,17 @@ def check_greedy(dtype, mode="cats", steps=32, batch=(1, 3), quantized=False) ->
 
 
 @contextlib.contextmanager
-def _kernels_on_small_matrices():
-    """The GEMV kernels on every matrix of the checked model (its matrices are small)."""
+def _kernels_on_small_matrices(gather: bool = False):
+    """The GEMV kernels on every matrix of the checked model (its matrices are small); gather: batch 1
+    on the gather path (its compactions in the add + norm and the attention's combine)."""
     min_weights, G.MIN_KERNEL_WEIGHTS = G.MIN_KERNEL_WEIGHTS, 0
+    table, tuned = G.TABLE[1], G.TUNED
+    if gather:
+        G.TABLE[1], G.TUNED = G.GatherBlocks(rows=32, cols=64, chunk=256), {}
     try:
         yield
     finally:
-        G.MIN_KERNEL_WEIGHTS = min_weights
+        G.MIN_KERNEL_WEIGHTS, G.TABLE[1], G.TUNED = min_weights, table, tuned
 
 
 def _top2_gap(model, tokens) -> float:
@@ -243,7 +303,7 @@ def _top2_gap(model, tokens) -> float:
     return float(top[1] - top[0])
 
 
-def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=None) -> bool:
+def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=None, gather=False) -> bool:
     """Teacher-forced: the kernels' and the jnp path's decode steps on the same tokens (prompts, then
     the jnp path's greedy tokens, one step each from an empty cache), their logits compared step by
     step. A threshold test that flips between the paths moves some steps' logits a little; an error
@@ -258,7 +318,7 @@ def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=Non
     ref, kern = decode.prepare(m, "jnp"), decode.prepare(m, "pallas")
     prompts = np.random.default_rng(1).integers(3, cfg.vocab_size, (batch, 16)).tolist()
     precision = "highest" if dtype == jnp.float32 else "default"
-    with _kernels_on_small_matrices(), jax.default_matmul_precision(precision):
+    with _kernels_on_small_matrices(gather), jax.default_matmul_precision(precision):
         seq = jnp.asarray([p + t for p, t in zip(prompts, generate(ref, prompts, steps, eos_ids=()).tokens)])
 
         def logits(dec):
@@ -276,7 +336,7 @@ def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=Non
     agree = float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1)))
     median, worst = float(jnp.median(diff)), float(jnp.max(jnp.where(jnp.isnan(diff), jnp.inf, diff)))
     ok = median < 1e-4 and agree >= 0.9 if dtype == jnp.float32 else True
-    print(f"forced {mode}{' int8+head' if quantized else ''} {cfg.name}-sized {jnp.dtype(dtype).name} B={batch}: "
+    print(f"forced {mode}{' int8+head' if quantized else ''}{' gather' if gather else ''} {cfg.name}-sized {jnp.dtype(dtype).name} B={batch}: "
           f"{diff.size} steps, max |logit difference| / rms: median {median:.1e}, worst {worst:.1e}, steps above 1e-3 "
           f"{int(jnp.sum(diff > 1e-3))}; same argmax {agree:.1%} -> {'ok' if ok else 'FAIL'}", flush=True)
     return ok
@@ -315,12 +375,17 @@ def main(argv=None):
         ok &= all([check_mlp(*c, seed=seed + k, quantized=True) for k, c in enumerate(mlp_cases)])
         ok &= all([check_norm(b, n, seed + k, u) for k, (b, n) in enumerate([(1, 4096), (5, 576), (2, 8192)])
                    for u in (False, True)])
+        ok &= all([check_compacted(*c, sp(), seed + k) for k, c in enumerate([(4096, 6144, 3), (576, 1536, 2),
+                                                                              (1024, 4096, 1)])])
     if not a.no_model:
         for mode in a.greedy.split(","):
             ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 3))
             ok &= check_greedy(jnp.float32, mode, batch=(1,), quantized=True)
             ok &= check_forced(jnp.float32, mode, batch=1 if a.quick else 3)
             ok &= check_forced(jnp.float32, mode, batch=1, quantized=True)
+            if mode == "teal":  # batch 1 on the gather path, its inputs compacted by the kernels that make them
+                ok &= check_greedy(jnp.float32, mode, batch=(1,), gather=True)
+                ok &= check_forced(jnp.float32, mode, batch=1, gather=True)
             check_greedy(jnp.bfloat16, mode, batch=(1,))
     print("ALL OK" if ok else "FAILURES")
     sys.exit(0 if ok else 1)

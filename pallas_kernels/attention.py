@@ -20,9 +20,11 @@ online softmax; the scores and the weighted values are tensor-core dots, the G q
 to 16 rows; the program whose span holds p also folds in the new key and value from registers
 and writes them to the cache. With one span (short contexts, enough rows and heads to fill the
 GPU) the program normalises and stores the output itself; with several, each stores its partial
-max, sum and [G, D] accumulator and the splits are combined in jnp (a few KB, two more
-launches). RoPE works on the two halves of each head (rotate-half), so no lane permutation is
-needed: q . k = q1 . k1 + q2 . k2.
+max, sum and [G, D] accumulator, and one more launch combines the splits (`combine`; its jnp
+definition is `combine_reference`). That launch also hands o its input as o's GEMV wants it: with
+o's TEAL threshold applied (XLA's product), or at batch 1 compacted for o's gather GEMV
+(sparse_gemv.Compaction), so that neither takes a launch of its own. RoPE works on the two halves
+of each head (rotate-half), so no lane permutation is needed: q . k = q1 . k1 + q2 . k2.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ x [B, H], scale [H]. h [B, H] or a kernel's unfinished fp32 sums [B, P >= H] (sp
 finish=False) with their int8 scale h_scale [H] or None: h is scaled and rounded to x's dtype first,
 as the projection would have finished it, so no launch of its own does that. One program per row
 holds the whole row (H up to a few thousand per 4 warps).
+
+At batch 1, before a gather GEMV (TEAL's q|k|v and gate|up), the launch can also compact the
+normalised row for it (sparse_gemv.Compaction): one program per segment and chunk of the gather
+computes the row's rms, then its chunk of the output, and lists the chunk's kept inputs; the
+compaction launch of its own is gone.
 """
 
 from __future__ import annotations

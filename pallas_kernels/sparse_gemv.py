@@ -22,6 +22,9 @@ add every partial sum, which left a floor that grows with the matrix (docs/bench
 2. gather: grid (column blocks, chunks); a program walks its chunk's kept rows in steps of
    `rows`, loading those rows of W (each a contiguous run of `cols` weights), and atomic-adds its
    fp32 sums into the output.
+Step 1 can also run in the epilogue of the kernel that makes x (`Compaction`, `compact_chunk`: the
+add + norm before q|k|v and gate|up, the attention's combine before o); sparse_gemv then takes x
+as `Compacted` and launches the gather alone.
 
 A gated input (the MLP's down projection): x can be the gate|up GEMV's output as its kernel left
 it (fp32 sums [B, >= 2 in], with its int8 scale or None); the input is then silu(gate) * up

@@ -138,4 +138,25 @@ def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, sp
                                                               num_kv_heads=kv_heads, sliding_window=window, blocks=blk,
                                                               qkv_scale=qs),
            *qkv, S((b,), jnp.int32), S((b, s, kv_heads, d), bf16), S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
+    assert len(lowered_for_gpu) == (1 if span else 2)  # several spans: and the launch that combines them
+
+
+@pytest.mark.parametrize("n,segments,chunk", [(4096, 3, 256), (576, 2, 512), (200, 1, 128)])  # tail chunks too
+def test_add_rms_norm_compacting_for_a_gather_lowers(lowered_for_gpu, n, segments, chunk):
+    layout = G.CompactLayout(n, 192 * segments, segments, G.GatherBlocks(rows=32, cols=64, chunk=chunk))
+    _lower(lambda x, h, s, *ts: N.add_rms_norm(x, h, s, 1e-5, compaction=G.Compaction(layout, ts))[1].val,
+           S((1, n), bf16), S((1, n + 64), f32), S((n,), bf16), *[S((1,), f32)] * segments)
+    assert len(lowered_for_gpu) == 1
+
+
+@pytest.mark.parametrize("out", ["threshold", "compacted"])
+def test_combine_lowers(lowered_for_gpu, out):
+    """The attention splits combined (6 of them: a tail past the power of two), o's rule applied or o's input compacted."""
+    b, k, groups, d = (1, 8, 4, 128)
+    layout = G.CompactLayout(k * groups * d, 4096, 1, G.GatherBlocks(rows=32, cols=128, chunk=256))
+    kw = (lambda t: dict(threshold=t)) if out == "threshold" else (
+        lambda t: dict(compaction=G.Compaction(layout, (t,))))
+    combined = lambda m, l, acc, t: A.combine(m, l, acc, groups=groups, dtype=bf16, **kw(t))
+    _lower(lambda *a: combined(*a) if out == "threshold" else combined(*a).val,
+           S((b, k, 6, 16), f32), S((b, k, 6, 16), f32), S((b, k, 6, 16, d), f32), S((1,), f32))
     assert len(lowered_for_gpu) == 1
