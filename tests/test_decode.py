@@ -331,6 +331,57 @@ def test_add_rms_norm_equals_the_model(n, dtype):
     assert rel_err(got_y, want_y) < (1e-6 if dtype == f32 else 1e-2)
 
 
+@pytest.mark.parametrize("n,segments,chunk", [(576, 3, 64), (200, 2, 128), (96, 1, 128)])  # tails: 200, 96
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+def test_add_rms_norm_compacts_for_the_gather(n, segments, chunk, sparsity):
+    """At batch 1 the add + norm launch lists the normalised row's kept inputs for a gather GEMV, per
+    segment with its own threshold: the gather then gives the GEMV of the jnp path's thresholded row."""
+    ks = jax.random.split(jax.random.key(n), 4)
+    x, h = (jax.random.normal(k, (1, n), f32) for k in ks[:2])
+    scale = 1 + jax.random.normal(ks[2], (n,), f32) / 4
+    w = jax.random.normal(ks[3], (n, 32 * segments), f32)
+    want_x = x + h
+    y = M.rms_norm(want_x, scale, 1e-5)
+    ts = [jnp.quantile(jnp.abs(y), sparsity) * (1 + 0.1 * i) for i in range(segments)]
+    want = jnp.concatenate([jnp.where(jnp.abs(y) > t, y, 0) @ w[:, 32 * i:32 * (i + 1)] for i, t in enumerate(ts)], 1)
+    layout = G.CompactLayout(n, 32 * segments, segments, G.GatherBlocks(rows=16, cols=32, chunk=chunk))
+    comp = G.Compaction(layout, tuple(jnp.reshape(t, 1) for t in ts))
+    with interpret_on_cpu(), poisoned_outputs():
+        got_x, yc = add_rms_norm(x, h, scale, 1e-5, compaction=comp)
+        got = G.sparse_gemv(yc, w, segments=(32,) * segments)
+    np.testing.assert_array_equal(np.asarray(got_x), np.asarray(want_x))
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kv_heads,groups,d,splits", [(4, 1, 16, 3), (3, 3, 32, 5), (2, 4, 16, 2), (1, 8, 64, 7)])
+def test_combine_equals_its_reference(kv_heads, groups, d, splits):
+    """The attention's splits combined in one launch (GQA ratios 1, 3, 4, 8; empty splits too) equal
+    combine_reference; with o's rule applied; and compacted for o's gather (batch 1), the gather
+    gives o's product of the thresholded output."""
+    b, gp = 2, 16
+    ks = jax.random.split(jax.random.key(splits), 4)
+    m = jax.random.normal(ks[0], (b, kv_heads, splits, gp), f32) * 3
+    l = jax.random.uniform(ks[1], (b, kv_heads, splits, gp), f32, 0.5, 2.0)
+    acc = jax.random.normal(ks[2], (b, kv_heads, splits, gp, d), f32)
+    empty = jnp.arange(splits) == splits - 1  # a span past the row's position: nothing attended
+    m, l = jnp.where(empty[:, None], -1e30, m), jnp.where(empty[:, None], 0.0, l)
+    acc = jnp.where(empty[:, None, None], 0.0, acc)
+    want = A.combine_reference(m, l, acc, groups, f32)
+    n = want.shape[1]
+    t = jnp.quantile(jnp.abs(want), 0.5)
+    w = jax.random.normal(ks[3], (n, 48), f32)
+    layout = G.CompactLayout(n, 48, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
+    with interpret_on_cpu(), poisoned_outputs():
+        got = A.combine(m, l, acc, groups=groups, dtype=f32)
+        kept = A.combine(m, l, acc, groups=groups, dtype=f32, threshold=t)
+        gathered = G.sparse_gemv(A.combine(m[:1], l[:1], acc[:1], groups=groups, dtype=f32,
+                                           compaction=G.Compaction(layout, (jnp.reshape(t, 1),))), w)
+    thresholded = jnp.where(jnp.abs(want) > t, want, 0)
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(kept, thresholded) < 1e-6
+    assert rel_err(gathered, thresholded[:1] @ w) < 1e-5
+
+
 def _unfinished(finished_width, rows, key, dtype, scaled):
     """A kernel's unfinished sums standing for a projection of `finished_width` columns: fp32, 40
     padding columns of NaN past them (never to be read), and an int8-like scale or None; and the
