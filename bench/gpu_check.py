@@ -194,10 +194,11 @@ def check_compacted(n_in, n_out, segments, sparsity, seed) -> bool:
     ts = [threshold_for(y, sparsity) * (1 + 0.1 * i) for i in range(segments)]
     layout = G.CompactLayout(n_in, n_out, segments, blk)
     comp = G.Compaction(layout, tuple(jnp.asarray(t, f32).reshape(1) for t in ts))
-    want = G.sparse_gemv(y, w, ts, segments=tuple(widths), blocks=blk)
+    # fp32 sums (finish=False): the atomic adds' order may move a bf16 output's last bit
+    want = G.sparse_gemv(y, w, ts, segments=tuple(widths), blocks=blk, finish=False)
     with poisoned_outputs():
         got_x, yc = add_rms_norm(x, h, scale, 1e-5, compaction=comp)
-        got = G.sparse_gemv(yc, w, segments=tuple(widths))
+        got = G.sparse_gemv(yc, w, segments=tuple(widths), finish=False)
     errs = {"norm sum": rel_err(got_x, want_x), "norm + gather": rel_err(got, want)}
     # combine: the splits of a random attention with n_in / 64 heads of 64 (its output is o's input),
     # compacted for o's single segment
@@ -215,9 +216,9 @@ def check_compacted(n_in, n_out, segments, sparsity, seed) -> bool:
     out = attend()
     t = threshold_for(out, sparsity)
     comp = G.Compaction(G.CompactLayout(n_in, n_out, 1, blk), (jnp.asarray(t, f32).reshape(1),))
-    want = G.sparse_gemv(out, w, t, blocks=blk)
+    want = G.sparse_gemv(out, w, t, blocks=blk, finish=False)
     with poisoned_outputs():
-        got = G.sparse_gemv(attend(compaction=comp), w)
+        got = G.sparse_gemv(attend(compaction=comp), w, finish=False)
         kept = attend(out_threshold=t)
     errs["combine + gather"] = rel_err(got, want)
     errs["combine, o's rule"] = rel_err(kept, jnp.where(jnp.abs(out.astype(f32)) > t, out, 0))
@@ -305,10 +306,12 @@ def _top2_gap(model, tokens) -> float:
 
 def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=None, gather=False) -> bool:
     """Teacher-forced: the kernels' and the jnp path's decode steps on the same tokens (prompts, then
-    the jnp path's greedy tokens, one step each from an empty cache), their logits compared step by
-    step. A threshold test that flips between the paths moves some steps' logits a little; an error
-    in a kernel moves most. Pass (fp32): the median step's max |logit difference| below 1e-4 of the
-    logits' rms, and the same argmax at >= 90% of the steps. bf16 is reported only."""
+    the jnp path's greedy tokens, one step each from an empty cache) and the same cache (the jnp
+    path's: a flip would otherwise carry on through the kernels' own cache into every later step of
+    the row), their logits compared step by step. A threshold test that flips between the paths
+    moves a step's logits a little; an error in a kernel moves most. Pass (fp32): the median step's
+    max |logit difference| below 1e-4 of the logits' rms, and the same argmax at >= 90% of the
+    steps. bf16 is reported only."""
     from cats_jax import decode
     from cats_jax import model as M
     from cats_jax.generate import generate
@@ -321,17 +324,16 @@ def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=Non
     with _kernels_on_small_matrices(gather), jax.default_matmul_precision(precision):
         seq = jnp.asarray([p + t for p, t in zip(prompts, generate(ref, prompts, steps, eos_ids=()).tokens)])
 
-        def logits(dec):
-            step = jax.jit(lambda w, tok, pos, cache: decode.forward(w, tok, pos, cache, plan=dec.plan)[:2])
-            cache, out = M.init_cache(cfg, batch, seq.shape[1], dtype), []
-            for k in range(seq.shape[1] - 1):
-                y, cache = step(dec.weights, seq[:, k:k + 1], jnp.full((batch, 1), k, jnp.int32), cache)
-                out.append(y[:, 0])
-            return jnp.stack(out, axis=1).astype(f32)  # [B, steps, V]
-
-        want = logits(ref)
-        with poisoned_outputs():
-            got = logits(kern)
+        steps = [jax.jit(lambda w, tok, pos, cache, plan=dec.plan: decode.forward(w, tok, pos, cache, plan=plan)[:2])
+                 for dec in (ref, kern)]
+        cache, want, got = M.init_cache(cfg, batch, seq.shape[1], dtype), [], []
+        for k in range(seq.shape[1] - 1):
+            tok, pos = seq[:, k:k + 1], jnp.full((batch, 1), k, jnp.int32)
+            with poisoned_outputs():
+                got.append(steps[1](kern.weights, tok, pos, cache)[0][:, 0])
+            y, cache = steps[0](ref.weights, tok, pos, cache)
+            want.append(y[:, 0])
+        want, got = (jnp.stack(v, axis=1).astype(f32) for v in (want, got))  # [B, steps, V]
     diff = jnp.max(jnp.abs(got - want), axis=-1) / jnp.sqrt(jnp.mean(want * want, axis=-1))  # [B, steps]
     agree = float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1)))
     median, worst = float(jnp.median(diff)), float(jnp.max(jnp.where(jnp.isnan(diff), jnp.inf, diff)))
