@@ -6,15 +6,17 @@
    real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative
    error against the fp32 reference (sparsity.gated_mlp at full fp32 matmul precision) and the
    exact set of kept neurons; the same with int8 weights (one fp32 scale per output channel)
-   against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel.
+   against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel, and
+   the kernels that compact a gather's input as they make it (check_compacted).
 2. The decode-attention kernel against model.attend: GQA ratios 1..8, sliding windows, positions
    near the cache's capacity, caches updated in place. It and the norm kernel also take their
    input as a GEMV leaves it (padded fp32 sums and an int8 scale).
 3. Greedy decoding of a SmolLM2-sized random model and of its int8 copy (LM head int8 too, on the
    kernels' masked tiles at decode steps): the kernel decode path
    (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32; and
-   both paths teacher-forced on the same tokens, their logits compared step by step
-   (check_forced: tells a threshold test flipped by rounding from a kernel error).
+   both paths teacher-forced on the same tokens and cache, their logits compared step by step
+   (check_forced: tells a threshold test flipped by rounding from a kernel error); TEAL also with
+   batch 1 on the gather path.
 Exits non-zero on any failure.
 """
 

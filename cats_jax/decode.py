@@ -248,13 +248,22 @@ def _factors(lw, name):
     return lw.get("factors", {}).get(name)
 
 
+def _shared_rule(plan: Plan, lw, x, group: str):
+    """The one threshold that a fused group's sites share (Plan.shared), where its product runs off
+    the kernels: the add + norm before applies it (the group's product then reads x as it is).
+    None elsewhere: on the kernels one segment ran slower than three equal ones (docs/decisions.md)."""
+    if group in plan.shared and group in lw and not plan.gemv_kernel(x, lw[group]):
+        return _site(lw, GROUPS[group][0])
+    return None
+
+
 def _grouped(plan: Plan, lw, x, w, group: str, widths, sums=False):
     """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
-    threshold (and weighted-criterion factors), or all with the one threshold they share (Plan.shared)
-    off the kernels: on them one segment ran slower than three equal ones (docs/decisions.md)."""
+    threshold (and weighted-criterion factors), or with their shared threshold already applied to x
+    (_shared_rule)."""
     scale = _scale(lw, group)
-    if group in plan.shared and not plan.gemv_kernel(x, w):
-        return _product(plan, x, w, [_site(lw, GROUPS[group][0])], (sum(widths),), scale=scale)
+    if _shared_rule(plan, lw, x, group) is not None:
+        return _product(plan, x, w, [None], (sum(widths),), scale=scale)
     return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale, sums=sums)
 
 
@@ -362,27 +371,31 @@ def forward(weights, tokens, positions, cache, *, plan: Plan, last=None):
     return per_shard(weights, tokens, positions, cache, last)
 
 
-def _add_norm(plan: Plan, x, h, scale, compaction=None):
+def _add_norm(plan: Plan, x, h, scale, compaction=None, threshold=None):
     """(x + h, rms_norm(x + h, scale)): the residual stream and the next block's input; h None: x
-    itself. Decode steps on the kernels take one launch for both (pallas_kernels.norm), which also
-    finishes h when it comes as Sums and, given the next GEMV's compaction, compacts the input for it."""
+    itself. threshold: TEAL's rule applied to that input (_shared_rule). Decode steps on the kernels
+    take one launch for all (pallas_kernels.norm), which also finishes h when it comes as Sums and,
+    given the next GEMV's compaction, compacts the input for it."""
     eps = plan.cfg.rms_norm_eps
     b, t, n = x.shape
     if h is not None and plan.norm_kernel(x, scale):
         rows, h_scale = (h.sums, h.scale) if isinstance(h, Sums) else (h.reshape(b, n), None)
-        x, y = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale, compaction=compaction)
+        x, y = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale, compaction=compaction,
+                                 threshold=threshold)
         return x.reshape(b, t, n), y if compaction is not None else y.reshape(b, t, n)
     x = x if h is None else x + _finished(h, n, x.dtype)
-    return x, rms_norm(x, scale, eps)
+    y = rms_norm(x, scale, eps)
+    return x, y if threshold is None else sparsity.teal_input(y, threshold)
 
 
 def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     x, h = weights["embed"][tokens], None  # h: the last block's output, not yet added to x
     new_cache, kept = [], []
     for lw, kv in zip(weights["layers"], cache):
-        x, y = _add_norm(plan, x, h, lw["attn_norm"], _compaction(plan, lw, x, "qkv"))
+        x, y = _add_norm(plan, x, h, lw["attn_norm"], _compaction(plan, lw, x, "qkv"), _shared_rule(plan, lw, x, "qkv"))
         h, kv = _attention(plan, lw, y, positions, kv)
-        x, y = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"], _compaction(plan, lw, x, "gate_up"))
+        x, y = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"], _compaction(plan, lw, x, "gate_up"),
+                         _shared_rule(plan, lw, x, "gate_up"))
         h, frac = _mlp(plan, lw, y)
         h = _all_reduce(plan, h)
         new_cache.append(kv)

@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import sparse_gemv
 from pallas_kernels.common import call, finished, iota, load, next_pow2
+from pallas_kernels.sparse_gemv import keep
 
 f32 = jnp.float32
 
@@ -50,7 +51,7 @@ def _normed(s, inv_rms, scale, dt):
     return (scale.astype(f32) * y.astype(f32)).astype(dt)
 
 
-def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled):
+def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded):
     hs_ref, (sum_ref, y_ref) = (refs[0] if h_scaled else None), refs[-2:]
     b = pl.program_id(0)
     cols = iota(next_pow2(n))
@@ -58,7 +59,10 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled):
     dt = x_ref.dtype
     s = _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt)
     plgpu.store(sum_ref.at[b, cols], s, mask=ok)
-    plgpu.store(y_ref.at[b, cols], _normed(s, _inv_rms(s, n, eps), load(s_ref.at[cols], mask=ok), dt), mask=ok)
+    y = _normed(s, _inv_rms(s, n, eps), load(s_ref.at[cols], mask=ok), dt)
+    if thresholded:  # TEAL's rule of the product that reads y
+        y = jnp.where(keep(y, refs[-3][0]), y, jnp.zeros_like(y))
+    plgpu.store(y_ref.at[b, cols], y, mask=ok)
 
 
 def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout):
@@ -79,9 +83,11 @@ def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout):
 
 
 def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None,
-                 compaction: sparse_gemv.Compaction | None = None):
+                 compaction: sparse_gemv.Compaction | None = None, threshold=None):
     """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring).
     num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm).
+    threshold: TEAL's rule applied to the normalised rows (sparsity.teal_input), for an XLA product
+    that reads them: one launch fewer than a select of its own.
     compaction (batch 1): the normalised row comes back compacted for the gather GEMV that reads it
     (sparse_gemv.Compacted), one launch fewer than its own compaction."""
     b, n = x.shape
@@ -94,9 +100,13 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     warps = num_warps or max(1, min(8, next_pow2(n) // 1024))
     extra = () if h_scale is None else (jnp.asarray(h_scale, f32),)
     if compaction is None:
-        kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None)
+        kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None,
+                                   thresholded=threshold is not None)
+        rule = () if threshold is None else (jnp.asarray(threshold, f32).reshape(1),)
         return call(kernel, (out, out), grid=(b,), num_warps=warps, num_stages=1, name="add_rms_norm")(
-            x, h, scale, *extra)
+            x, h, scale, *extra, *rule)
+    if threshold is not None:
+        raise ValueError("add_rms_norm: a compaction applies the thresholds itself (pass threshold=None)")
     layout = compaction.layout
     if b != 1 or layout.n_in != n:
         raise ValueError(f"add_rms_norm: a compaction for {layout.n_in} inputs needs x [1, {layout.n_in}], not {x.shape}")

@@ -13,7 +13,7 @@ from cats_jax import decode
 from cats_jax import model as M
 from cats_jax.config import ModelConfig
 from cats_jax.generate import generate
-from cats_jax.sparsity import MODES
+from cats_jax.sparsity import MODES, teal_input
 from conftest import rel_err
 from pallas_kernels import attention as A
 from pallas_kernels import sparse_gemv as G
@@ -329,6 +329,46 @@ def test_add_rms_norm_equals_the_model(n, dtype):
         got_x, got_y = jax.jit(lambda *a: add_rms_norm(*a, 1e-5))(x, h, scale)
     np.testing.assert_array_equal(np.asarray(got_x, f32), np.asarray(want_x, f32))
     assert rel_err(got_y, want_y) < (1e-6 if dtype == f32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_add_rms_norm_applies_the_teal_rule(dtype):
+    """threshold: the normalised rows thresholded as sparsity.teal_input does."""
+    ks = jax.random.split(jax.random.key(5), 3)
+    x, h = (jax.random.normal(k, (3, 200), f32).astype(dtype) for k in ks[:2])
+    scale = (1 + jax.random.normal(ks[2], (200,), f32) / 4).astype(dtype)
+    want_x = x + h
+    y = M.rms_norm(want_x, scale, 1e-5)
+    t = jnp.quantile(jnp.abs(y.astype(f32)), 0.5)
+    with interpret_on_cpu(), poisoned_outputs():
+        got_x, got_y = add_rms_norm(x, h, scale, 1e-5, threshold=t)
+    np.testing.assert_array_equal(np.asarray(got_x, f32), np.asarray(want_x, f32))
+    np.testing.assert_array_equal(np.asarray(got_y, f32), np.asarray(teal_input(y, t), f32))
+
+
+def test_teal_off_the_kernels_thresholds_in_the_norm(kernels_on_tiny_weights):
+    """Batch 3 (TEAL's GEMVs on XLA), q|k|v and gate|up each sharing one threshold a layer: the add +
+    norm launch applies it, so XLA's products read its output as it is (no select of their own)."""
+    dec = decode.prepare(_model("teal"), "pallas")
+    assert set(dec.plan.shared) == {"qkv", "gate_up"}
+    with interpret_on_cpu():
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((3, 1), jnp.int32), M.init_cache(
+            CFG, 3, 16, f32), plan=dec.plan))(jnp.zeros((3, 1), jnp.int32)).jaxpr
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+
+    def source(v):  # past reshapes and converts
+        e = made_by.get(v)
+        while e is not None and e.primitive.name in ("reshape", "convert_element_type"):
+            e = made_by.get(e.invars[0])
+        return e
+
+    fused = {dec.weights["layers"][0][g].shape for g in ("qkv", "gate_up")}
+    lhs = [source(e.invars[0]) for e in jaxpr.eqns if e.primitive.name == "dot_general"
+           and tuple(e.invars[1].aval.shape) in fused]
+    from_norm = [e is not None and e.primitive.name == "pallas_call" and e.params["name"] == "add_rms_norm"
+                 for e in lhs]
+    assert len(lhs) == 2 * CFG.num_layers
+    assert sum(from_norm) == 2 * CFG.num_layers - 1  # all but the first layer's q|k|v (no add before it)
 
 
 @pytest.mark.parametrize("n,segments,chunk", [(576, 3, 64), (200, 2, 128), (96, 1, 128)])  # tails: 200, 96

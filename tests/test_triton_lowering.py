@@ -141,6 +141,12 @@ def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, sp
     assert len(lowered_for_gpu) == (1 if span else 2)  # several spans: and the launch that combines them
 
 
+def test_add_rms_norm_applying_the_teal_rule_lowers(lowered_for_gpu):
+    _lower(lambda x, h, s, t: N.add_rms_norm(x, h, s, 1e-5, threshold=t), S((4, 4096), bf16), S((4, 4096), bf16),
+           S((4096,), bf16), S((), f32))
+    assert len(lowered_for_gpu) == 1
+
+
 @pytest.mark.parametrize("n,segments,chunk", [(4096, 3, 256), (576, 2, 512), (200, 1, 128)])  # tail chunks too
 def test_add_rms_norm_compacting_for_a_gather_lowers(lowered_for_gpu, n, segments, chunk):
     layout = G.CompactLayout(n, 192 * segments, segments, G.GatherBlocks(rows=32, cols=64, chunk=chunk))
