@@ -239,7 +239,7 @@ def combine(m, l, acc, *, groups: int, dtype, threshold=None, compaction: sparse
     n = k * groups * d
     layout = None if compaction is None else compaction.layout
     if layout is not None and (b != 1 or layout.n_in != n or layout.segments != 1):
-        raise ValueError(f"decode_attention: a compaction for {layout.n_in} inputs in {layout.segments} segments "
+        raise ValueError(f"combine: a compaction for {layout.n_in} inputs in {layout.segments} segments "
                          f"does not fit {b} rows of {n} outputs")
     chunk = layout.blocks.chunk if layout else min(512, next_pow2(n))
     kernel = functools.partial(_combine_kernel, groups=groups, d=d, n=n, splits=splits, chunk=chunk, dt=dtype,
