@@ -13,7 +13,8 @@
    input as a GEMV leaves it (padded fp32 sums and an int8 scale).
 3. Greedy decoding of a SmolLM2-sized random model and of its int8 copy (LM head int8 too, on the
    kernels' masked tiles at decode steps): the kernel decode path
-   (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32; and
+   (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32 (dense;
+   the sparse modes' tokens are reported, as a flipped threshold test may part them); and
    both paths teacher-forced on the same tokens and cache, their logits compared step by step
    (check_forced: tells a threshold test flipped by rounding from a kernel error); TEAL also with
    batch 1 on the gather path.
@@ -383,13 +384,17 @@ def main(argv=None):
                                                                               (1024, 4096, 1)])])
     if not a.no_model:
         for mode in a.greedy.split(","):
-            ok &= check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 3))
-            ok &= check_greedy(jnp.float32, mode, batch=(1,), quantized=True)
+            # a sparse mode's fp32 greedy tokens may part where a threshold test flips (check_greedy):
+            # reported; the teacher-forced steps decide
+            counted = mode == "dense"
+            same = check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 3))
+            same &= check_greedy(jnp.float32, mode, batch=(1,), quantized=True)
             ok &= check_forced(jnp.float32, mode, batch=1 if a.quick else 3)
             ok &= check_forced(jnp.float32, mode, batch=1, quantized=True)
             if mode == "teal":  # batch 1 on the gather path, its inputs compacted by the kernels that make them
-                ok &= check_greedy(jnp.float32, mode, batch=(1,), gather=True)
+                same &= check_greedy(jnp.float32, mode, batch=(1,), gather=True)
                 ok &= check_forced(jnp.float32, mode, batch=1, gather=True)
+            ok &= same or not counted
             check_greedy(jnp.bfloat16, mode, batch=(1,))
     print("ALL OK" if ok else "FAILURES")
     sys.exit(0 if ok else 1)
