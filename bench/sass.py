@@ -158,6 +158,12 @@ def cases(model: str, int8: bool, device: str):
     h_scale = (S((h,), f32),) if int8 else ()  # a GEMV's unfinished sums, with their int8 scale
     out.append(("add+norm", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs),
                 (S((1, h), bf16), S((1, h + 128), f32), S((h,), bf16), *h_scale)))
+    qkv_blk = tuned.get((1, h, sum(qkv)))
+    if isinstance(qkv_blk, G.GatherBlocks):  # the add + norm compacting q|k|v's gather input
+        layout = G.CompactLayout(h, sum(qkv), 3, qkv_blk)
+        out.append(("add+norm compacting", lambda x, hh, s, *ts: N.add_rms_norm(
+            x, hh, s, 1e-5, compaction=G.Compaction(layout, ts))[1].val,
+            (S((1, h), bf16), S((1, h + 128), f32), S((h,), bf16), *[S((1,), f32)] * 3)))
     out.append(("attention", lambda qkv_, pos, k, v, inv: A.decode_attention(
         qkv_, pos, k, v, inv, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads),
         (S((1, sum(qkv)), bf16), S((1,), jnp.int32), S((1, 4096, c.num_kv_heads, c.head_dim), bf16),

@@ -241,7 +241,9 @@ def combine(m, l, acc, *, groups: int, dtype, threshold=None, compaction: sparse
     if layout is not None and (b != 1 or layout.n_in != n or layout.segments != 1):
         raise ValueError(f"combine: a compaction for {layout.n_in} inputs in {layout.segments} segments "
                          f"does not fit {b} rows of {n} outputs")
-    chunk = layout.blocks.chunk if layout else min(512, next_pow2(n))
+    # 128 columns a program: 32 programs for a 4096-wide output, each a few loads per thread deep
+    # (512: 8 programs, 203 registers and 192 loads per thread at 16 splits; bench.sass)
+    chunk = layout.blocks.chunk if layout else min(128, next_pow2(n))
     kernel = functools.partial(_combine_kernel, groups=groups, d=d, n=n, splits=splits, chunk=chunk, dt=dtype,
                                thresholded=threshold is not None, layout=layout)
     args = compaction.args() if layout else (() if threshold is None else (jnp.asarray(threshold, f32).reshape(1),))
