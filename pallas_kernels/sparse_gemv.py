@@ -201,6 +201,17 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     return dataclasses.replace(b, rows=rows, cols=cols, splits=max(1, min(b.splits, pl.cdiv(n_in, rows))))
 
 
+def _bounds(segments) -> tuple[int, ...]:
+    """The first column of every output segment after the first."""
+    return tuple(itertools.accumulate(segments))[:-1]
+
+
+def _segmented_blocks(batch: int, n_in: int, segments) -> GemvBlocks | GatherBlocks:
+    """blocks_for a matrix of these output segments: no column block straddles a segment boundary."""
+    bounds = _bounds(segments)
+    return blocks_for(batch, n_in, sum(segments), math.gcd(*bounds) if bounds else None)
+
+
 def _segment(c0, bounds):
     """The output segment holding column c0."""
     seg = jnp.int32(0)
@@ -337,8 +348,7 @@ class Compacted(NamedTuple):
 def compaction_for(batch: int, n_in: int, segments: tuple[int, ...], thresholds, factors=None) -> Compaction | None:
     """The Compaction of a TEAL GEMV whose blocks (blocks_for) take the gather path; None for the masked
     tiles, where there is nothing to compact. thresholds: one per segment (scalars)."""
-    bounds = tuple(itertools.accumulate(segments))[:-1]
-    blk = blocks_for(batch, n_in, sum(segments), math.gcd(*bounds) if bounds else None)
+    blk = _segmented_blocks(batch, n_in, segments)
     if batch != 1 or not isinstance(blk, GatherBlocks):
         return None
     layout = CompactLayout(n_in, sum(segments), len(segments), blk, weighted=factors is not None)
@@ -466,7 +476,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
             raise ValueError(f"sparse_gemv: an input compacted for [{lay.n_in}, {lay.n_out}] in {lay.segments} "
                              f"segments does not fit w {w.shape} in segments {segments}")
         scale = check_scale("sparse_gemv", w, scale, w.shape[1])
-        y = gather(x, w, tuple(itertools.accumulate(segments))[:-1])
+        y = gather(x, w, _bounds(segments))
         return y if not finish else finished(y[:, :w.shape[1]], scale, out_dtype or x.val.dtype)
     if gated:
         if x.ndim != 2 or w.ndim != 2 or x.shape[1] < 2 * w.shape[0] or x.dtype != f32 or (
@@ -483,7 +493,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     segments = tuple(segments or (n_out,))
     if sum(segments) != n_out:
         raise ValueError(f"sparse_gemv: segments {segments} do not add up to w's {n_out} output columns")
-    bounds = tuple(itertools.accumulate(segments))[:-1]
+    bounds = _bounds(segments)
     if threshold is None:
         ts = [jnp.zeros((1,), f32)]  # unused: the kernels skip zeros only
     else:  # one (1,) array per segment
@@ -495,8 +505,8 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         if threshold is None or jnp.shape(factors) != (len(segments), n_in):
             raise ValueError(f"sparse_gemv: factors {jnp.shape(factors)} need a threshold and the shape "
                              f"[segments, in] = {(len(segments), n_in)}")
-        ts = ts + [jnp.asarray(factors, f32)]
-    blk = blocks or blocks_for(batch, n_in, n_out, math.gcd(*bounds) if bounds else None)
+    fs = [] if factors is None else [jnp.asarray(factors, f32)]  # the kernels take them after the thresholds
+    blk = blocks or _segmented_blocks(batch, n_in, segments)
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     scale = check_scale("sparse_gemv", w, scale, n_out)
@@ -520,8 +530,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         if batch != 1:
             raise ValueError(f"sparse_gemv: the gather path (GatherBlocks) takes batch 1, not {batch}")
         layout = CompactLayout(n_in, n_out, len(segments), blk, threshold is not None, factors is not None)
-        return done(gather(compact(x, Compaction(layout, tuple(ts[:len(segments)]), ts[-1] if factors is not None else None), dt, x_scale, gated),
-                           w, bounds))
+        return done(gather(compact(x, Compaction(layout, tuple(ts), *fs), dt, x_scale, gated), w, bounds))
     dot = batch > 1
     bp = padded_batch(batch, dot)
     rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
@@ -540,5 +549,5 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     out = call(
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
-    )(x, w, *ts)
+    )(x, w, *ts, *fs)
     return done(jnp.sum(out[:, :batch], axis=0) if dot else out)
