@@ -257,17 +257,23 @@ def _shared_rule(plan: Plan, lw, x, group: str):
     return None
 
 
-def _grouped(plan: Plan, lw, x, w, group: str, widths, sums=False):
-    """The product of a fused group's matrix (q|k|v or gate|up), each segment with its site's
-    threshold (and weighted-criterion factors), or with their shared threshold already applied to x
-    (_shared_rule)."""
-    scale = _scale(lw, group)
+SITES = {**GROUPS, "o": ("attn.o_proj",)}
+
+
+def _widths(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """The output width of each site's columns in decode weight `name` ("qkv", "gate_up", "o")."""
+    n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return {"qkv": (n * d, k * d, k * d), "gate_up": (cfg.intermediate_size,) * 2, "o": (cfg.hidden_size,)}[name]
+
+
+def _grouped(plan: Plan, lw, x, group: str, sums=False):
+    """The product of a fused group's matrix lw[group] (q|k|v or gate|up), each segment with its
+    site's threshold (and weighted-criterion factors), or with their shared threshold already
+    applied to x (_shared_rule)."""
+    w, widths, scale = lw[group], _widths(plan.cfg, group), _scale(lw, group)
     if _shared_rule(plan, lw, x, group) is not None:
         return _product(plan, x, w, [None], (sum(widths),), scale=scale)
     return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale, sums=sums)
-
-
-SITES = {**GROUPS, "o": ("attn.o_proj",)}
 
 
 def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
@@ -278,10 +284,7 @@ def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
     thresholds = [_site(lw, s) for s in SITES[name]]
     if w is None or all(t is None for t in thresholds) or not plan.gemv_kernel(x, w):
         return None
-    cfg = plan.cfg
-    n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    widths = {"qkv": (n * d, k * d, k * d), "gate_up": (cfg.intermediate_size,) * 2, "o": (w.shape[1],)}[name]
-    return sparse_gemv.compaction_for(x.shape[0], w.shape[0], widths, _kernel_thresholds(thresholds),
+    return sparse_gemv.compaction_for(x.shape[0], w.shape[0], _widths(plan.cfg, name), _kernel_thresholds(thresholds),
                                       _factors(lw, name))
 
 
@@ -290,14 +293,14 @@ def _attention(plan: Plan, lw, x, positions, kv):
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     fused = kv is not None and plan.attention_kernel(x)
-    qkv = _grouped(plan, lw, x, lw["qkv"], "qkv", (n * d, k * d, k * d), sums=fused)
+    qkv = _grouped(plan, lw, x, "qkv", sums=fused)
     o_t = _site(lw, "attn.o_proj")
     if fused:
         rows, scale = (qkv.sums, qkv.scale) if isinstance(qkv, Sums) else (qkv[:, 0], None)
         # o's TEAL rule where the attention output is made: compacted for o's gather, or applied for
         # XLA's product (weighted criterion: left to the product)
         compaction = _compaction(plan, lw, x, "o")
-        early = o_t is not None and compaction is None and "factors" not in lw and not plan.gemv_kernel(x, lw["o"])
+        early = o_t is not None and "factors" not in lw and not plan.gemv_kernel(x, lw["o"])  # no compaction then
         out, ck, cv = attention.decode_attention(rows, positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
                                                  num_kv_heads=k, sliding_window=cfg.sliding_window, qkv_scale=scale,
                                                  out_threshold=o_t if early else None, compaction=compaction)
@@ -307,7 +310,7 @@ def _attention(plan: Plan, lw, x, positions, kv):
         q, key, val = jnp.split(qkv, [n * d, (n + k) * d], axis=-1)
         out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
         out = out.astype(x.dtype)
-    o = _product(plan, out, lw["o"], [o_t], (cfg.hidden_size,), _factors(lw, "o"), _scale(lw, "o"),
+    o = _product(plan, out, lw["o"], [o_t], _widths(cfg, "o"), _factors(lw, "o"), _scale(lw, "o"),
                  sums=plan.axis is None)
     return o, kv
 
@@ -316,7 +319,6 @@ def _mlp(plan: Plan, lw, x):
     """The gated MLP of x [B, T, H]: (y [B, T, H] or on the kernels Sums, the per-token fraction of
     kept neurons [B, T] or None)."""
     b, t, h = x.shape
-    size = plan.cfg.intermediate_size
     down_t = [_site(lw, "mlp.down_proj")]
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
     if not plan.cats:
@@ -324,7 +326,7 @@ def _mlp(plan: Plan, lw, x):
         # them, in its compaction; dense int8 keeps XLA's product: the gather GEMV of every row was
         # slower than the masked tiles (docs/decisions.md)
         gated = down_t[0] is not None and plan.gemv_kernel(x, lw["down"])
-        gu = _grouped(plan, lw, x, lw["gate_up"], "gate_up", (size, size), sums=gated)
+        gu = _grouped(plan, lw, x, "gate_up", sums=gated)
         if not isinstance(gu, Sums):
             g, u = jnp.split(gu, 2, axis=-1)
             gu = jax.nn.silu(g) * u
@@ -345,6 +347,7 @@ def _mlp(plan: Plan, lw, x):
         gu = dot(x, lw["gate_up"], _scale(lw, "gate_up"), f32)
     else:  # neuron-major weights (a batch too large for the kernel, or prefill): one product too
         gu = dot(x, lw["gate_up_t"].T, _scale(lw, "gate_up_t"), f32)
+    size = plan.cfg.intermediate_size
     g, u = gu[..., :size], gu[..., size:].astype(x.dtype)
     a = sparsity.cats_activation(g, threshold, factor)
     return dot(a.astype(x.dtype) * u, lw["down"], _scale(lw, "down")), sparsity.active_fraction(a, axis=-1)
