@@ -327,14 +327,14 @@ def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=Non
     with _kernels_on_small_matrices(gather), jax.default_matmul_precision(precision):
         seq = jnp.asarray([p + t for p, t in zip(prompts, generate(ref, prompts, steps, eos_ids=()).tokens)])
 
-        steps = [jax.jit(lambda w, tok, pos, cache, plan=dec.plan: decode.forward(w, tok, pos, cache, plan=plan)[:2])
-                 for dec in (ref, kern)]
+        step_of = [jax.jit(lambda w, tok, pos, cache, plan=dec.plan: decode.forward(w, tok, pos, cache, plan=plan)[:2])
+                   for dec in (ref, kern)]
         cache, want, got = M.init_cache(cfg, batch, seq.shape[1], dtype), [], []
         for k in range(seq.shape[1] - 1):
             tok, pos = seq[:, k:k + 1], jnp.full((batch, 1), k, jnp.int32)
             with poisoned_outputs():
-                got.append(steps[1](kern.weights, tok, pos, cache)[0][:, 0])
-            y, cache = steps[0](ref.weights, tok, pos, cache)
+                got.append(step_of[1](kern.weights, tok, pos, cache)[0][:, 0])
+            y, cache = step_of[0](ref.weights, tok, pos, cache)
             want.append(y[:, 0])
         want, got = (jnp.stack(v, axis=1).astype(f32) for v in (want, got))  # [B, steps, V]
     diff = jnp.max(jnp.abs(got - want), axis=-1) / jnp.sqrt(jnp.mean(want * want, axis=-1))  # [B, steps]
