@@ -162,14 +162,15 @@ TABLE = {
 
 
 # Per device kind, per (padded batch, in, out) that decode reaches (TEAL's fused q|k|v and gate|up,
-# down; o stays with XLA): the fastest blocks at 50% sparsity (`python -m bench.kernels --teal
+# down, and o where its kernel beat XLA's): the fastest blocks at 50% sparsity (`python -m bench.kernels --teal
 # --tune`; docs/benchmarks.md); other devices and shapes take TABLE's. A shape listed here takes
 # the kernel even below MIN_KERNEL_WEIGHTS: list one only where the tuned kernel beats XLA.
 TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
-        (1, 4096, 6144): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # Mistral-7B q|k|v
-        (1, 4096, 28672): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # gate|up
-        (1, 14336, 4096): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),  # down
+        (1, 4096, 6144): GatherBlocks(rows=16, cols=128, chunk=128, num_warps=4, num_stages=3),  # Mistral-7B q|k|v
+        (1, 4096, 4096): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),  # o (XLA: 17.0 us)
+        (1, 4096, 28672): GatherBlocks(rows=16, cols=128, chunk=512, num_warps=4, num_stages=3),  # gate|up
+        (1, 14336, 4096): GatherBlocks(rows=32, cols=64, chunk=512, num_warps=4, num_stages=3),  # down
     },
     "NVIDIA H200": {
         (1, 4096, 6144): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),  # Mistral-7B q|k|v
