@@ -81,6 +81,16 @@ def test_sparse_gemv_lowers(lowered_for_gpu, batch, blocks):
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)  # compact + gather
 
 
+@pytest.mark.parametrize("kind,shape", [(kind, shape) for kind, table in G.TUNED.items() for shape in table])
+def test_tuned_blocks_lower_at_their_shapes(lowered_for_gpu, kind, shape):
+    """Each entry of the tuned table lowers at its own shape: a bad entry fails here, not on its GPU."""
+    batch, n_in, n_out = shape
+    blocks = G.TUNED[kind][shape]
+    _lower(lambda x, w, t: G.sparse_gemv(x, w, t, blocks=blocks), S((batch, n_in), bf16), S((n_in, n_out), bf16),
+           S((), f32))
+    assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_sparse_gemv_of_a_gated_input_lowers(lowered_for_gpu, int8):
     """The gather's compaction computing silu(gate) * up from gate|up sums (and their int8 scale)."""
