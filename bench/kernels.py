@@ -422,8 +422,8 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
     return dict(meta=_meta(copy, bw), rows=rows, kind="teal")
 
 
-ATTENTION_CANDIDATES = [A.AttentionBlocks(block, span, warps) for block in (32, 64) for span in (64, 256, 1024, 4096)
-                        for warps in (4, 8) if span >= block]
+ATTENTION_CANDIDATES = [A.AttentionBlocks(block, span, warps, stages) for block in (32, 64)
+                        for span in (64, 256, 1024, 4096) for warps in (4, 8) for stages in (2, 3) if span >= block]
 
 
 def bench_attention(models=("mistral-7b",), contexts=(256, 4096), batch=(1,)):

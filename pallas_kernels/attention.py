@@ -50,7 +50,9 @@ class AttentionBlocks:
     block: int  # cache slots per loop step (at least 16: a dot operand)
     span: int  # cache slots per program (a multiple of block)
     num_warps: int = 4
-    num_stages: int = 2
+    # 3: one block's loads in flight while the last one is used; at 2 Triton's loop waited for all
+    # of them at each step (sm_90 machine code: DEPBAR.LE SB0, 0x0), a full memory latency a block
+    num_stages: int = 3
 
 
 def blocks_for(batch: int, num_kv_heads: int, groups: int, slots: int) -> AttentionBlocks:
