@@ -231,6 +231,12 @@ def _threshold(t_refs, seg):
     return t
 
 
+def _pass_rows(blk: GemvBlocks, dtype) -> int:
+    """The tile rows that one pass of a program's threads loads, each thread 16 bytes of a row."""
+    per_row = max(1, blk.cols * jnp.dtype(dtype).itemsize // 16)  # threads a row takes
+    return max(1, min(blk.rows, blk.num_warps * 32 // per_row))
+
+
 def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds,
             skip_zeros):
     dot = batch > 1  # tensor-core dots on padded batch rows and partials; batch 1: multiply-add, atomics
@@ -270,11 +276,13 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         if dot:  # [bp, cols]; x' is exact in x's dtype; int8 w converts exactly to it
             dt = x_ref.dtype
             return acc + plgpu.dot(xf.astype(dt), convert(w, dt))
-        # Batch 1: elementwise multiply-add into a [rows, cols] accumulator, reduced once at the
-        # end (a cross-warp reduction per step would cost more than the loads).
-        return acc + xf * convert(w, f32, packed=True)
+        # Batch 1: elementwise multiply-add into an accumulator of the rows one pass of the threads
+        # covers (the tile's other rows sit in the same threads: adding them moves no data), reduced
+        # across threads once at the end; a [rows, cols] one held a tile of registers per thread
+        prod = xf * convert(w, f32, packed=True)
+        return acc + jnp.sum(prod.reshape(rows // acc.shape[0], acc.shape[0], cols), axis=0)
 
-    init = jnp.zeros((bp, cols) if dot else (rows, cols), f32)
+    init = jnp.zeros((bp, cols) if dot else (_pass_rows(blk, w_ref.dtype), cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
     if not dot:  # atomic adds; the output is padded to whole blocks: no mask (padding columns add zeros)
         plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
