@@ -109,6 +109,7 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
 
     def matvec(first, row_mask):
         """[bp, rows] = x @ w_ref[first + rows of this program]^T, loading only the rows in row_mask."""
+        vec = min(cols, 16 // w_ref.dtype.itemsize)  # the weights of a row one thread loads at once
 
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
@@ -123,7 +124,6 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             prod = convert(w, f32) * x.astype(f32)
             return acc + jnp.sum(prod.reshape(rows, cols // vec, vec), axis=2)
 
-        vec = min(cols, 16 // w_ref.dtype.itemsize)  # the weights one thread loads at once
         init = jnp.zeros((bp, rows) if dot else (rows, cols // vec), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
         acc = acc if dot else jnp.sum(acc, axis=1)[None, :]
