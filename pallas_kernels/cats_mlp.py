@@ -48,7 +48,7 @@ from pallas_kernels.common import (
     next_pow2,
     padded_batch,
 )
-from pallas_kernels.sparse_gemv import GemvBlocks, check_scale, keep, sparse_gemv
+from pallas_kernels.sparse_gemv import GatherBlocks, GemvBlocks, check_scale, keep, sparse_gemv
 
 f32 = jnp.float32
 
@@ -166,7 +166,7 @@ def gate_up(x, w_gu, threshold, factor=None, scale=None, *, blocks: GateUpBlocks
 
 
 def cats_mlp(x, w_gu, w_down, threshold, factor=None, scales=None, *, blocks: GateUpBlocks | None = None,
-             down_blocks: GemvBlocks | None = None, finish: bool = True):
+             down_blocks: GemvBlocks | GatherBlocks | None = None, finish: bool = True):
     """The CATS MLP of decode rows x [B, H] with neuron-major weights w_gu [2I, H], w_down [I, H]
     (factor: None, or the weighted criterion's [I]; scales: None for float weights, or for int8
     ones (s_gu [2I], s_down [H]), gate_up's and sparse_gemv's scale): (y [B, H] in x.dtype, the
