@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 # The rules are defined beside their kernels, which import nothing from cats_jax.
 from pallas_kernels.cats_mlp import cats_activation  # noqa: F401
-from pallas_kernels.sparse_gemv import keep, score  # noqa: F401
+from pallas_kernels.sparse_gemv import keep, score, teal_input  # noqa: F401
 
 # magnitude: the papers' (default); weighted: |v| * weight row norm; up-rms: |a_i| * rms(u_i), CATS only
 CRITERIA = ("magnitude", "weighted", "up-rms")
@@ -51,13 +51,6 @@ MODES = {
     "teal": TEAL_SITES,
     "cats+teal-attn": (CATS_SITE,) + ATTN_SITES,  # CATS on the MLP, TEAL on the attention inputs
 }
-
-
-def teal_input(x: jax.Array, threshold: jax.Array, factor=None) -> jax.Array:
-    """x_j := 0 where |x_j| <= threshold (factor None) or |x_j| * factor_j <= threshold (the
-    weighted criterion), in x's own dtype: the test reads the value that the layer multiplies
-    (bf16 models: the bf16 input, compared in fp32). threshold 0 is exactly dense: it only zeroes zeros."""
-    return jnp.where(keep(x, threshold, factor), x, jnp.zeros((), x.dtype))
 
 
 def weight_factors(w: jax.Array) -> jax.Array:

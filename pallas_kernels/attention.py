@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import sparse_gemv
 from pallas_kernels.common import call, finished, iota, load, mask2d, next_pow2
-from pallas_kernels.sparse_gemv import keep
+from pallas_kernels.sparse_gemv import teal_input
 
 f32 = jnp.float32
 _NEG = -1e30  # a finite "minus infinity": empty spans give exp(_NEG - m) = 0, never NaN
@@ -195,7 +195,7 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
     if splits == 1:
         out = parts[0]
         if out_threshold is not None:  # rare (one span: many rows and kv heads); an XLA select
-            out = jnp.where(keep(out, out_threshold), out, jnp.zeros_like(out))
+            out = teal_input(out, out_threshold)
         return out, k_cache, v_cache
     return combine(*parts, groups=groups, dtype=k_cache.dtype, threshold=out_threshold, compaction=compaction), \
         k_cache, v_cache
@@ -230,7 +230,7 @@ def _combine_kernel(m_ref, l_ref, acc_ref, *refs, groups, d, n, splits, chunk, d
         sparse_gemv.compact_chunk(layout, out, ok, b, c, refs[:-4], refs[-4:])  # b = 0: one row, one segment
         return
     if thresholded:
-        out = jnp.where(keep(out, refs[0][0]), out, jnp.zeros_like(out))
+        out = teal_input(out, refs[0][0])
     plgpu.store(refs[-1].at[b, cols], out, mask=ok)
 
 

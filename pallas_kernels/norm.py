@@ -29,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import sparse_gemv
 from pallas_kernels.common import call, finished, iota, load, next_pow2
-from pallas_kernels.sparse_gemv import keep
+from pallas_kernels.sparse_gemv import teal_input
 
 f32 = jnp.float32
 
@@ -61,7 +61,7 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded):
     plgpu.store(sum_ref.at[b, cols], s, mask=ok)
     y = _normed(s, _inv_rms(s, n, eps), load(s_ref.at[cols], mask=ok), dt)
     if thresholded:  # TEAL's rule of the product that reads y
-        y = jnp.where(keep(y, refs[-3][0]), y, jnp.zeros_like(y))
+        y = teal_input(y, refs[-3][0])
     plgpu.store(y_ref.at[b, cols], y, mask=ok)
 
 

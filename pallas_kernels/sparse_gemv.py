@@ -94,6 +94,13 @@ def keep(value, threshold, factor=None):
     return score(value, factor) > threshold
 
 
+def teal_input(x: jax.Array, threshold: jax.Array, factor=None) -> jax.Array:
+    """x_j := 0 where |x_j| <= threshold (factor None) or |x_j| * factor_j <= threshold (the
+    weighted criterion), in x's own dtype: the test reads the value that the layer multiplies
+    (bf16 models: the bf16 input, compared in fp32). threshold 0 is exactly dense: it only zeroes zeros."""
+    return jnp.where(keep(x, threshold, factor), x, jnp.zeros((), x.dtype))
+
+
 def check_scale(name: str, w, scale, n: int):
     """The fp32 per-output-channel scale [n] of int8 weights w (W ~ w * scale), or None for float
     weights; a ValueError naming the problem for a missing, stray or misshapen scale."""
