@@ -381,8 +381,8 @@ def _gemv_thresholds(x, segs, sparsity):
 def _gemv(x, w, t, segs, blocks, scale, sparsity):
     """The sparse GEMV as TEAL's decode runs it; int8 at sparsity 0 as dense int8 decode runs it (no
     threshold, every row read without testing x)."""
-    if scale is not None and sparsity == 0:  # and with the table's blocks, as decode has them
-        blocks = blocks or G.blocks_for(x.shape[0], *w.shape, tuned=False)
+    if scale is not None and sparsity == 0:  # and with the dense blocks, as decode has them
+        blocks = blocks or G.blocks_for(x.shape[0], *w.shape, dense=True)
         return G.sparse_gemv(x, w, blocks=blocks, scale=scale, skip_zeros=False)
     return G.sparse_gemv(x, w, t, segments=segs, blocks=blocks, scale=scale)
 

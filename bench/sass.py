@@ -137,25 +137,26 @@ def cases(model: str, int8: bool, device: str):
 
     def gemv(name, n_in, segs, thresholded=True, gated=False):
         """(label, fn, args) of a projection's GEMV: thresholded ones with TUNED's blocks, dense
-        (int8) ones with the table's, as decode runs them."""
+        (int8) ones with the dense blocks (sparse_gemv.DENSE), as decode runs them."""
         n_out = sum(segs)
-        blk = (tuned.get((1, n_in, n_out)) if thresholded else None) or G.blocks_for(1, n_in, n_out, tuned=False)
+        blk = (tuned.get((1, n_in, n_out)) if thresholded else None) or G.blocks_for(1, n_in, n_out, dense=not thresholded)
         scale = (S((n_out,), f32),) if int8 else ()
+        x_scale = (S((2 * n_in,), f32),) if int8 and gated else ()  # the gate|up sums' int8 scale
         x = S((1, 2 * n_in + 128), f32) if gated else S((1, n_in), bf16)
         ts = tuple(S((), f32) for _ in segs) if thresholded else ()
 
         def fn(x, w, *rest):
-            t, s = (rest[:len(ts)] or None), (rest[len(ts):] or (None,))[0]
-            return G.sparse_gemv(x, w, t, segments=segs, blocks=blk, scale=s, finish=False, gated=gated,
+            t, (s, xs) = (rest[:len(ts)] or None), (*rest[len(ts):], None, None)[:2]
+            return G.sparse_gemv(x, w, t, segments=segs, blocks=blk, scale=s, finish=False, gated=gated, x_scale=xs,
                                  out_dtype=bf16 if gated else None, skip_zeros=thresholded)
         kind = "gather" if isinstance(blk, G.GatherBlocks) else "masked"
-        return f"{name} {'' if thresholded else 'dense '}{kind}", fn, (x, S((n_in, n_out), wt), *ts, *scale)
+        return f"{name} {'' if thresholded else 'dense '}{kind}", fn, (x, S((n_in, n_out), wt), *ts, *scale, *x_scale)
 
     out = [gemv("qkv", h, qkv), gemv("gate|up", h, (n_i, n_i)), gemv("down", n_i, (h,), gated=True)]
     if (1, h, h) in tuned:  # o on the kernels only where TUNED lists it
         out.insert(1, gemv("o", h, (h,)))
-    if int8:  # dense int8 GEMVs: the table's masked tiles, nothing thresholded
-        out += [gemv(name, n_in, (n_out,), thresholded=False)
+    if int8:  # dense int8 GEMVs: masked tiles, nothing thresholded; down computes silu(gate) * up
+        out += [gemv(name, n_in, (n_out,), thresholded=False, gated=name == "down")
                 for name, n_in, n_out in (("qkv", h, sum(qkv)), ("o", h, h), ("gate|up", h, 2 * n_i), ("down", n_i, h))]
     h_scale = (S((h,), f32),) if int8 else ()  # a GEMV's unfinished sums, with their int8 scale
     out.append(("add+norm", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs),

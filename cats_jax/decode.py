@@ -201,9 +201,8 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     thresholded = any(th is not None for th in thresholds)
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
         if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact or test
-            blocks = sparse_gemv.blocks_for(b, n_in, w.shape[1], tuned=False)
-            y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, blocks=blocks, out_dtype=dtype,
-                                        finish=not sums, skip_zeros=False)
+            y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, out_dtype=dtype, finish=not sums,
+                                        skip_zeros=False)
         else:
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, _kernel_thresholds(thresholds), segments=widths,
                                         factors=factors, scale=scale, out_dtype=dtype, finish=not sums)
@@ -224,9 +223,12 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
 
 
 def _gated_product(gu: Sums, w, thresholds, factors, scale, dtype, sums):
-    """The down projection of silu(gate) * up, with gate|up as its kernel left them (_product)."""
-    y = sparse_gemv.sparse_gemv(gu.sums, w, _kernel_thresholds(thresholds), factors=factors, scale=scale,
-                                out_dtype=dtype, finish=not sums, gated=True, x_scale=gu.scale)
+    """The down projection of silu(gate) * up, with gate|up as its kernel left them (_product);
+    no thresholds (dense int8): every row read."""
+    dense = all(th is None for th in thresholds)
+    y = sparse_gemv.sparse_gemv(gu.sums, w, None if dense else _kernel_thresholds(thresholds), factors=factors,
+                                scale=scale, out_dtype=dtype, finish=not sums, gated=True, x_scale=gu.scale,
+                                skip_zeros=not dense)
     return Sums(y, scale) if sums else y[:, None]
 
 
@@ -322,10 +324,9 @@ def _mlp(plan: Plan, lw, x):
     down_t = [_site(lw, "mlp.down_proj")]
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
     if not plan.cats:
-        # on the kernels, TEAL's down GEMV computes silu(gate) * up from gate|up as their kernel leaves
-        # them, in its compaction; dense int8 keeps XLA's product: the gather GEMV of every row was
-        # slower than the masked tiles (docs/decisions.md)
-        gated = down_t[0] is not None and plan.gemv_kernel(x, lw["down"])
+        # on the kernels, the down GEMV computes silu(gate) * up from gate|up as their kernel leaves
+        # them: TEAL's in its compaction, dense int8's masked tiles as they load each tile's inputs
+        gated = (down_t[0] is not None or _scale(lw, "down") is not None) and plan.gemv_kernel(x, lw["down"])
         gu = _grouped(plan, lw, x, "gate_up", sums=gated)
         if not isinstance(gu, Sums):
             g, u = jnp.split(gu, 2, axis=-1)

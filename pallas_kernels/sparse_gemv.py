@@ -28,8 +28,8 @@ as `Compacted` and launches the gather alone.
 
 A gated input (the MLP's down projection): x can be the gate|up GEMV's output as its kernel left
 it (fp32 sums [B, >= 2 in], with its int8 scale or None); the input is then silu(gate) * up
-(`gated_input`). The compaction computes it as it reads the chunk, so no launch of its own does;
-the masked tiles take it from XLA first.
+(`gated_input`). The compaction computes it as it reads the chunk, the masked tiles as they load
+each tile's inputs, so no launch of its own does.
 
 int8 weights (weight-only quantization, symmetric, one fp32 scale per output column:
 W ~ q * scale[None, :]): the kernels read the int8 rows as they are (a kept row is half the
@@ -191,15 +191,26 @@ TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
 }
 
 
+# Batch 1 GEMVs that read every row (dense int8 decode: skip_zeros=False): 128 x 128 tiles in 16
+# splits beat the table's one tile a program on Mistral-7B's q|k|v, o and down (15.5 / 12.2 / 28.6
+# us against 16.9 / 13.1 / 29.4; gate|up 50.1 against 49.4) in `bench.kernels --int8 --teal --tune
+# --tune-at 0` on an H100 (docs/benchmarks.md)
+DENSE = GemvBlocks(rows=128, cols=128, splits=16, num_warps=4, num_stages=1)
+
+
 def _tuned() -> dict[tuple[int, int, int], GemvBlocks | GatherBlocks]:
     return TUNED.setdefault(jax.devices()[0].device_kind, {})
 
 
 def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None,
-               tuned: bool = True) -> GemvBlocks | GatherBlocks:
-    """The tuned (tuned=False: the table's) blocks for this batch, fitted to the shape (no block longer
-    than its axis). col_multiple: a length every column block must divide (segment boundaries)."""
-    b = (_tuned().get((next_pow2(batch), n_in, n_out)) if tuned else None) or TABLE[min(next_pow2(batch), max(TABLE))]
+               dense: bool = False) -> GemvBlocks | GatherBlocks:
+    """The tuned (else the table's) blocks for this batch, fitted to the shape (no block longer than
+    its axis); dense: those of a GEMV that reads every row (DENSE at batch 1, else the table's).
+    col_multiple: a length every column block must divide (segment boundaries)."""
+    if dense:
+        b = DENSE if batch == 1 else TABLE[min(next_pow2(batch), max(TABLE))]
+    else:
+        b = _tuned().get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
     low = 16 if batch > 1 and isinstance(b, GemvBlocks) else 1  # tensor-core dots need 16
     cols = max(block_along(n_out, b.cols), low)
     if col_multiple is not None:
@@ -245,8 +256,9 @@ def _pass_rows(blk: GemvBlocks, dtype) -> int:
 
 
 def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds,
-            skip_zeros):
+            skip_zeros, gated, gated_scaled, dt):
     dot = batch > 1  # tensor-core dots on padded batch rows and partials; batch 1: multiply-add, atomics
+    xs_ref, refs = (refs[0], refs[1:]) if gated_scaled else (None, refs)
     *t_refs, o_ref = refs
     f_ref = t_refs.pop() if weighted else None  # [segments, in]
     rows, cols = blk.rows, blk.cols
@@ -258,15 +270,25 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
     seg = _segment(c0, bounds)
     t = _threshold(t_refs, seg)
 
+    def x_tile(r0, row_ok):
+        """x's rows r0.. ([bp, rows]; batch 1: [rows, 1]); gated: silu(gate) * up from the gate|up sums."""
+        def rows_at(ref, at, scale=False):  # scale: the sums' int8 scale, [1, 2 in] (batch 1: [2 in, 1])
+            if dot:
+                b = 1 if scale else bp
+                return load(ref.at[pl.ds(0, b), pl.ds(at + r0, rows)], mask=mask2d(None if scale else batch_ok, row_ok))
+            # batch 1: x arrives as a column [in, 1], so a tile of it broadcasts over W's rows
+            return load(ref.at[pl.ds(at + r0, rows), pl.ds(0, 1)], mask=mask2d(row_ok, None))
+
+        if not gated:
+            return rows_at(x_ref, 0)
+        g, u = (finished(rows_at(x_ref, at), None if xs_ref is None else rows_at(xs_ref, at, True), dt).astype(f32)
+                for at in (0, n_in))
+        return _gated(g, u, dt)
+
     def step(k, acc):
         r0 = pl.multiple_of(split * rows_per_split + k * rows, rows)
         row_ok = iota(rows, r0) < n_in if row_tail else None
-        if dot:
-            x = load(x_ref.at[pl.ds(0, bp), pl.ds(r0, rows)], mask=mask2d(batch_ok, row_ok))
-        else:
-            # batch 1: x arrives as a column [in, 1], so a tile of it broadcasts over W's rows
-            x = load(x_ref.at[pl.ds(r0, rows), pl.ds(0, 1)], mask=mask2d(row_ok, None))
-        xf = x.astype(f32)
+        xf = x_tile(r0, row_ok).astype(f32)
         if thresholded:
             f = None
             if weighted:  # this segment's factors of the tile's rows, along x's row axis
@@ -281,7 +303,6 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=mask,
                  eviction_policy="evict_first")  # W is streamed once; keep x in cache
         if dot:  # [bp, cols]; x' is exact in x's dtype; int8 w converts exactly to it
-            dt = x_ref.dtype
             return acc + plgpu.dot(xf.astype(dt), convert(w, dt))
         # Batch 1: elementwise multiply-add into an accumulator of the rows one pass of the threads
         # covers (the tile's other rows sit in the same threads: adding them moves no data), reduced
@@ -523,15 +544,14 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
             raise ValueError(f"sparse_gemv: factors {jnp.shape(factors)} need a threshold and the shape "
                              f"[segments, in] = {(len(segments), n_in)}")
     fs = [] if factors is None else [jnp.asarray(factors, f32)]  # the kernels take them after the thresholds
-    blk = blocks or _segmented_blocks(batch, n_in, segments)
+    dense = not skip_zeros and threshold is None
+    blk = blocks or (blocks_for(batch, n_in, n_out, dense=True) if dense else _segmented_blocks(batch, n_in, segments))
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     scale = check_scale("sparse_gemv", w, scale, n_out)
     out_dtype = out_dtype or x.dtype
     dt = w.dtype if scale is None else out_dtype  # a gated input's dtype in the products
-    if gated and not isinstance(blk, GatherBlocks):  # the masked tiles take the input from XLA
-        x, gated = gated_input(x, x_scale, n_in, dt), False
-    elif not gated and scale is None:
+    if not gated and scale is None:
         x = x.astype(w.dtype)
 
     def done(y):
@@ -555,16 +575,17 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     kernel = functools.partial(
         _kernel, batch=batch, bp=bp, blk=blk, n_in=n_in, n_out=n_out,
         rows_per_split=rows_per_split, thresholded=threshold is not None, weighted=factors is not None, bounds=bounds,
-        skip_zeros=skip_zeros or threshold is not None,
+        skip_zeros=not dense, gated=gated, gated_scaled=gated and x_scale is not None, dt=dt if gated else x.dtype,
     )
     col_blocks = pl.cdiv(n_out, blk.cols)
+    xs = () if not gated or x_scale is None else (jnp.asarray(x_scale, f32).reshape(1, -1),)
     if not dot:  # batch 1: x as a column; one fp32 sum, padded to whole blocks, zeroed before the adds
-        x = x.reshape(n_in, 1)
+        x, xs = x.reshape(-1, 1), tuple(v.reshape(-1, 1) for v in xs)
         shape, accumulate = (1, col_blocks * blk.cols), (0,)
     else:  # fp32 partials per split, summed by XLA: deterministic
         shape, accumulate = (splits, bp, n_out), ()
     out = call(
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
-    )(x, w, *ts, *fs)
+    )(x, w, *xs, *ts, *fs)
     return done(jnp.sum(out[:, :batch], axis=0) if dot else out)

@@ -134,7 +134,8 @@ def test_prepare_rejects_an_unknown_impl():
 
 @pytest.mark.parametrize("path,mode,int8", [("masked", "teal", False), ("gather", "teal", False),
                                             ("masked", "cats", False), ("gather", "cats", False),
-                                            ("gather", "teal", True), ("masked", "cats", True)])
+                                            ("gather", "teal", True), ("masked", "cats", True),
+                                            ("masked", "dense", True)])
 def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monkeypatch, path, mode, int8):
     if path == "gather":  # batch 1 on the gather path: two kernels (compact, gather) per GEMV
         monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
@@ -149,8 +150,9 @@ def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monk
                                                             plan=dec.plan))(jnp.array(prompt)[:, :1]))
     # per layer: attention, two residual adds + norms (the first layer's first norm has no add, the
     # final norm has one), and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down, and
-    # int8 q|k|v and o on the kernels' masked tiles)
-    gemvs = 4 * (2 if path == "gather" else 1) if mode == "teal" else 1 + (2 if path == "gather" else 1) + 2 * int8
+    # int8 q|k|v and o on the kernels' masked tiles; dense int8: the four, down computing silu(gate) * up)
+    gemvs = {"teal": 4 * (2 if path == "gather" else 1), "dense": 4,
+             "cats": 1 + (2 if path == "gather" else 1) + 2 * int8}[mode]
     # TEAL's gathers of q|k|v and gate|up read inputs their add + norm launch compacted (the first
     # layer's q|k|v has no add before it)
     in_norm = 2 * CFG.num_layers - 1 if (path, mode) == ("gather", "teal") else 0

@@ -112,6 +112,27 @@ def test_dense_int8_gemv_reads_every_row(b, n_in, n_out, blocks):
     assert got.shape == (b, n_out) and _rel(got, x.astype(f32) @ dequantized(q, scale)) < 1e-2
 
 
+@pytest.mark.parametrize("b,blocks", [(1, G.GemvBlocks(rows=32, cols=32, splits=4)),  # a row tail (200 rows)
+                                      (1, None),  # the dense blocks, fitted
+                                      (3, G.GemvBlocks(rows=16, cols=16, splits=2))])
+def test_dense_int8_gemv_of_a_gated_input(b, blocks):
+    """Dense int8 decode's down projection: the masked tiles compute silu(gate) * up from the int8
+    gate|up sums (NaN past them) as they load each tile's rows, and read every row."""
+    n_in, n_out = 200, 48
+    q, scale = int8_weights(n_in, n_out, seed=7)
+    ks = jax.random.split(jax.random.key(b), 2)
+    sums = jax.random.normal(ks[0], (b, 2 * n_in), f32) * 40
+    x_scale = jax.random.uniform(ks[1], (2 * n_in,), f32, 0.01, 0.05)
+    padded = jnp.concatenate([sums, jnp.full((b, 24), jnp.nan, f32)], axis=1)
+    h = G.gated_input(padded, x_scale, n_in, bf16)
+    got = _poisoned(lambda s, q, sc: sparse_gemv(s, q, scale=sc, blocks=blocks, out_dtype=bf16, gated=True,
+                                                 x_scale=x_scale, skip_zeros=False), padded, q, scale)
+    assert got.shape == (b, n_out) and _rel(got, h.astype(f32) @ dequantized(q, scale)) < 1e-2
+    want = _poisoned(lambda h, q, sc: sparse_gemv(h, q, scale=sc, blocks=blocks, out_dtype=bf16, skip_zeros=False),
+                     h, q, scale)
+    np.testing.assert_allclose(np.asarray(got, f32), np.asarray(want, f32), rtol=1e-2, atol=1e-3)
+
+
 def _int8_mlp(h, i, seed):
     """Neuron-major int8 weights and their scales, w_gu [2I, H] with s_gu [2I] (a scale per row),
     w_down [I, H] with s_down [H]; and the dequantized Flax-layout wg, wu [H, I], wd [I, H]."""

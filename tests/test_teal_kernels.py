@@ -147,7 +147,7 @@ def test_sparse_gemv_rejects_bad_segments():
 def test_gated_input_is_silu_gate_times_up(blocks, scaled, dtype):
     """The down projection of a gate|up GEMV's unfinished sums (padded with NaN, int8-scaled or not)
     equals sparse_gemv of gated_input, the same silu(gate) * up in jnp, and the rows it drops are
-    never read. The gather's compaction computes the input; the masked tiles take it from XLA."""
+    never read. The gather's compaction computes the input, the masked tiles each tile's rows of it."""
     n_in, n_out = 200, 48
     w, _, _ = random_mlp(n_in, n_out, seed=5)
     ks = jax.random.split(jax.random.key(6), 2)

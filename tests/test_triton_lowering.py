@@ -122,6 +122,14 @@ def test_dense_int8_gemv_lowers(lowered_for_gpu, batch):
     assert len(lowered_for_gpu) == 1 and _int8_loads(lowered_for_gpu) == 1
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dense_int8_gemv_of_a_gated_input_lowers(lowered_for_gpu, batch):
+    """Dense int8's down projection: the masked tiles compute silu(gate) * up from int8 gate|up sums."""
+    _lower(lambda x, w, xs, s: G.sparse_gemv(x, w, scale=s, out_dtype=bf16, gated=True, x_scale=xs, skip_zeros=False),
+           S((batch, 2 * H + 56), f32), S((H, 160), i8), S((2 * H,), f32), S((160,), f32))
+    assert len(lowered_for_gpu) == 1 and _int8_loads(lowered_for_gpu) == 1
+
+
 @pytest.mark.parametrize("n,warps", [(4096, None), (576, None), (4096, 16)])  # 16: a bench.kernels --norm candidate
 def test_add_rms_norm_lowers(lowered_for_gpu, n, warps):
     _lower(lambda x, h, s: N.add_rms_norm(x, h, s, 1e-5, num_warps=warps), S((2, n), bf16), S((2, n), jnp.float32),
