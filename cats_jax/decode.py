@@ -185,15 +185,16 @@ def make_plan(model: Transformer, impl: str, layers: list[dict]) -> Plan:
     return Plan(model.cfg, sites, impl == "pallas", shared)
 
 
-def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dtype=None, sums=False):
+def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dtype=None, sums=False, out=None):
     """x [B, T, in] @ w [in, out] in `dtype` (default x's), where the columns of w come in segments
     of `widths`, each reading x thresholded by its own TEAL threshold (None: x as it is) and, under
     the weighted criterion, its own factors (factors [segments, in]; None: magnitude). w int8:
     scale fp32 [out]. sums: a product on the kernels comes back as Sums, for the next kernel to finish.
     x Sums (a gate|up product on the kernels, for the down projection): the input is silu(gate) * up,
-    computed by the down GEMV's kernels as they read x (sparse_gemv's gated input)."""
+    computed by the down GEMV's kernels as they read x (sparse_gemv's gated input). out: a dense
+    GEMV's output buffer, zeroed by the add + norm before (_dense_outputs), or None."""
     if isinstance(x, Sums):
-        return _gated_product(x, w, thresholds, factors, scale, dtype, sums)
+        return _gated_product(x, w, thresholds, factors, scale, dtype, sums, out)
     if isinstance(x, sparse_gemv.Compacted):  # thresholded and compacted by the kernel that made it
         y = sparse_gemv.sparse_gemv(x, w, segments=widths, scale=scale, out_dtype=dtype, finish=not sums)
         return Sums(y, scale) if sums else y[:, None]
@@ -202,7 +203,7 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
         if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact or test
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, out_dtype=dtype, finish=not sums,
-                                        skip_zeros=False)
+                                        skip_zeros=False, zeroed=out)
         else:
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, _kernel_thresholds(thresholds), segments=widths,
                                         factors=factors, scale=scale, out_dtype=dtype, finish=not sums)
@@ -222,13 +223,13 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
                            axis=-1)
 
 
-def _gated_product(gu: Sums, w, thresholds, factors, scale, dtype, sums):
+def _gated_product(gu: Sums, w, thresholds, factors, scale, dtype, sums, out):
     """The down projection of silu(gate) * up, with gate|up as its kernel left them (_product);
     no thresholds (dense int8): every row read."""
     dense = all(th is None for th in thresholds)
     y = sparse_gemv.sparse_gemv(gu.sums, w, None if dense else _kernel_thresholds(thresholds), factors=factors,
                                 scale=scale, out_dtype=dtype, finish=not sums, gated=True, x_scale=gu.scale,
-                                skip_zeros=not dense)
+                                skip_zeros=not dense, zeroed=out)
     return Sums(y, scale) if sums else y[:, None]
 
 
@@ -259,7 +260,7 @@ def _shared_rule(plan: Plan, lw, x, group: str):
     return None
 
 
-SITES = {**GROUPS, "o": ("attn.o_proj",)}
+SITES = {**GROUPS, "o": ("attn.o_proj",), "down": ("mlp.down_proj",)}
 
 
 def _widths(cfg: ModelConfig, name: str) -> tuple[int, ...]:
@@ -268,14 +269,15 @@ def _widths(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     return {"qkv": (n * d, k * d, k * d), "gate_up": (cfg.intermediate_size,) * 2, "o": (cfg.hidden_size,)}[name]
 
 
-def _grouped(plan: Plan, lw, x, group: str, sums=False):
+def _grouped(plan: Plan, lw, x, group: str, sums=False, out=None):
     """The product of a fused group's matrix lw[group] (q|k|v or gate|up), each segment with its
     site's threshold (and weighted-criterion factors), or with their shared threshold already
     applied to x (_shared_rule)."""
     w, widths, scale = lw[group], _widths(plan.cfg, group), _scale(lw, group)
     if _shared_rule(plan, lw, x, group) is not None:
         return _product(plan, x, w, [None], (sum(widths),), scale=scale)
-    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale, sums=sums)
+    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale, sums=sums,
+                    out=out)
 
 
 def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
@@ -290,12 +292,29 @@ def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
                                       _factors(lw, name))
 
 
-def _attention(plan: Plan, lw, x, positions, kv):
+def _dense_width(plan: Plan, x, w, thresholded: bool) -> int | None:
+    """Where the decode-step product of x [B, T, in] and w is a batch-1 dense GEMV on the kernels
+    (int8 weights, no threshold): the width of its fp32 output buffer, for the add + norm before it
+    to zero (one memset launch fewer); None elsewhere."""
+    if w is None or thresholded or w.dtype != jnp.int8 or x.shape[0] != 1 or not plan.gemv_kernel(x, w):
+        return None
+    return sparse_gemv.output_width(*w.shape)
+
+
+def _dense_outputs(plan: Plan, lw, x, names) -> tuple[int | None, ...]:
+    """_dense_width of each decode weight in names ("qkv", "o"; "gate_up", "down"), x the rows of
+    the block they run in (CATS's down GEMV reads its sparse hidden activations: not dense)."""
+    return tuple(_dense_width(plan, x, lw.get(name), (plan.cats and name == "down")
+                              or any(_site(lw, s) is not None for s in SITES[name])) for name in names)
+
+
+def _attention(plan: Plan, lw, x, positions, kv, outs=(None, None)):
+    """outs: q|k|v's and o's zeroed output buffers (_dense_outputs) or None."""
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     fused = kv is not None and plan.attention_kernel(x)
-    qkv = _grouped(plan, lw, x, "qkv", sums=fused)
+    qkv = _grouped(plan, lw, x, "qkv", sums=fused, out=outs[0])
     o_t = _site(lw, "attn.o_proj")
     if fused:
         rows, scale = (qkv.sums, qkv.scale) if isinstance(qkv, Sums) else (qkv[:, 0], None)
@@ -313,13 +332,13 @@ def _attention(plan: Plan, lw, x, positions, kv):
         out, kv = attend(cfg, q.reshape(b, t, n, d), key.reshape(b, t, k, d), val.reshape(b, t, k, d), positions, kv)
         out = out.astype(x.dtype)
     o = _product(plan, out, lw["o"], [o_t], _widths(cfg, "o"), _factors(lw, "o"), _scale(lw, "o"),
-                 sums=plan.axis is None)
+                 sums=plan.axis is None, out=outs[1])
     return o, kv
 
 
-def _mlp(plan: Plan, lw, x):
+def _mlp(plan: Plan, lw, x, outs=(None, None)):
     """The gated MLP of x [B, T, H]: (y [B, T, H] or on the kernels Sums, the per-token fraction of
-    kept neurons [B, T] or None)."""
+    kept neurons [B, T] or None). outs: gate|up's and down's zeroed output buffers (_dense_outputs) or None."""
     b, t, h = x.shape
     down_t = [_site(lw, "mlp.down_proj")]
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
@@ -327,12 +346,12 @@ def _mlp(plan: Plan, lw, x):
         # on the kernels, the down GEMV computes silu(gate) * up from gate|up as their kernel leaves
         # them: TEAL's in its compaction, dense int8's masked tiles as they load each tile's inputs
         gated = (down_t[0] is not None or _scale(lw, "down") is not None) and plan.gemv_kernel(x, lw["down"])
-        gu = _grouped(plan, lw, x, "gate_up", sums=gated)
+        gu = _grouped(plan, lw, x, "gate_up", sums=gated, out=outs[0])
         if not isinstance(gu, Sums):
             g, u = jnp.split(gu, 2, axis=-1)
             gu = jax.nn.silu(g) * u
         return _product(plan, gu, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down"), x.dtype,
-                        sums=sums), None
+                        sums=sums, out=outs[1]), None
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     down = _factors(lw, "down")
     factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]|| or rms(u_i)
@@ -377,43 +396,50 @@ def forward(weights, tokens, positions, cache, *, plan: Plan, last=None):
     return per_shard(weights, tokens, positions, cache, last)
 
 
-def _add_norm(plan: Plan, x, h, scale, compaction=None, threshold=None):
-    """(x + h, rms_norm(x + h, scale)): the residual stream and the next block's input; h None: x
-    itself. threshold: TEAL's rule applied to that input (_shared_rule). Decode steps on the kernels
-    take one launch for all (pallas_kernels.norm), which also finishes h when it comes as Sums and,
-    given the next GEMV's compaction, compacts the input for it."""
+def _add_norm(plan: Plan, x, h, scale, compaction=None, threshold=None, zeros=()):
+    """(x + h, rms_norm(x + h, scale), buffers): the residual stream and the next block's input; h
+    None: x itself. threshold: TEAL's rule applied to that input (_shared_rule). Decode steps on the
+    kernels take one launch for all (pallas_kernels.norm), which also finishes h when it comes as
+    Sums, given the next GEMV's compaction compacts the input for it, and zeroes the output buffers
+    of the block's dense GEMVs (zeros: their widths or None, _dense_outputs; buffers: one per
+    width, None where no kernel zeroed one)."""
     eps = plan.cfg.rms_norm_eps
     b, t, n = x.shape
     if h is not None and plan.norm_kernel(x, scale):
         rows, h_scale = (h.sums, h.scale) if isinstance(h, Sums) else (h.reshape(b, n), None)
-        x, y = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale, compaction=compaction,
-                                 threshold=threshold)
-        return x.reshape(b, t, n), y if compaction is not None else y.reshape(b, t, n)
+        widths = tuple(w for w in zeros if w is not None)
+        x, y, *bufs = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale, compaction=compaction,
+                                        threshold=threshold, zeros=widths)
+        bufs = iter(bufs)
+        return (x.reshape(b, t, n), y if compaction is not None else y.reshape(b, t, n),
+                tuple(None if w is None else next(bufs) for w in zeros))
     x = x if h is None else x + _finished(h, n, x.dtype)
     y = rms_norm(x, scale, eps)
-    return x, y if threshold is None else sparsity.teal_input(y, threshold)
+    return x, y if threshold is None else sparsity.teal_input(y, threshold), (None,) * len(zeros)
 
 
 def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     x, h = weights["embed"][tokens], None  # h: the last block's output, not yet added to x
     new_cache, kept = [], []
     for lw, kv in zip(weights["layers"], cache):
-        x, y = _add_norm(plan, x, h, lw["attn_norm"], _compaction(plan, lw, x, "qkv"), _shared_rule(plan, lw, x, "qkv"))
-        h, kv = _attention(plan, lw, y, positions, kv)
-        x, y = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"], _compaction(plan, lw, x, "gate_up"),
-                         _shared_rule(plan, lw, x, "gate_up"))
-        h, frac = _mlp(plan, lw, y)
+        x, y, outs = _add_norm(plan, x, h, lw["attn_norm"], _compaction(plan, lw, x, "qkv"),
+                               _shared_rule(plan, lw, x, "qkv"), _dense_outputs(plan, lw, x, ("qkv", "o")))
+        h, kv = _attention(plan, lw, y, positions, kv, outs)
+        x, y, outs = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"], _compaction(plan, lw, x, "gate_up"),
+                               _shared_rule(plan, lw, x, "gate_up"), _dense_outputs(plan, lw, x, ("gate_up", "down")))
+        h, frac = _mlp(plan, lw, y, outs)
         h = _all_reduce(plan, h)
         new_cache.append(kv)
         kept.append(frac)
+    head = weights["head"]
     if last is None:
-        _, h = _add_norm(plan, x, h, weights["norm"])
+        _, h, (out,) = _add_norm(plan, x, h, weights["norm"], zeros=(_dense_width(plan, x, head, False),))
     else:  # prefill: only each row's last token, [B, 1, H]
         x = (x + _finished(h, x.shape[-1], x.dtype))[jnp.arange(x.shape[0]), last][:, None]
         h = rms_norm(x, weights["norm"], plan.cfg.rms_norm_eps)
+        out = None
     # an int8 head is a dense int8 product: on the kernels' masked tiles for one token per row
-    head = weights["head"]
-    logits = _product(plan, h, head, [None], (head.shape[1],), scale=_scale(weights, "head"), dtype=f32)
+    logits = _product(plan, h, head, [None], (head.shape[1],), scale=_scale(weights, "head"), dtype=f32, out=out)
     logits = logits if last is None else logits[:, 0]
     if not plan.cats:
         return logits, new_cache, None

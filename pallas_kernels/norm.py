@@ -15,7 +15,9 @@ holds the whole row (H up to a few thousand per 4 warps).
 At batch 1, before a gather GEMV (TEAL's q|k|v and gate|up), the launch can also compact the
 normalised row for it (sparse_gemv.Compaction): one program per segment and chunk of the gather
 computes the row's rms, then its chunk of the output, and lists the chunk's kept inputs; the
-compaction launch of its own is gone.
+compaction launch of its own is gone. Before dense GEMVs (int8 decode's masked tiles, which add
+into a zeroed fp32 buffer), extra programs can zero those buffers (`zeros`): one memset launch
+fewer each.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pallas_kernels.common import call, finished, iota, load, next_pow2
 from pallas_kernels.sparse_gemv import teal_input
 
 f32 = jnp.float32
+ZERO_SPAN = 4096  # fp32 zeros a program writes (`zeros`)
 
 
 def _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt):
@@ -51,18 +54,33 @@ def _normed(s, inv_rms, scale, dt):
     return (scale.astype(f32) * y.astype(f32)).astype(dt)
 
 
-def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded):
+def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, zeros):
+    refs, z_refs = refs[:len(refs) - len(zeros)], refs[len(refs) - len(zeros):]
     hs_ref, (sum_ref, y_ref) = (refs[0] if h_scaled else None), refs[-2:]
     b = pl.program_id(0)
-    cols = iota(next_pow2(n))
-    ok = cols < n if n & (n - 1) else None
-    dt = x_ref.dtype
-    s = _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt)
-    plgpu.store(sum_ref.at[b, cols], s, mask=ok)
-    y = _normed(s, _inv_rms(s, n, eps), load(s_ref.at[cols], mask=ok), dt)
-    if thresholded:  # TEAL's rule of the product that reads y
-        y = teal_input(y, refs[-3][0])
-    plgpu.store(y_ref.at[b, cols], y, mask=ok)
+
+    @pl.when(b < batch)
+    def _():
+        cols = iota(next_pow2(n))
+        ok = cols < n if n & (n - 1) else None
+        dt = x_ref.dtype
+        s = _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt)
+        plgpu.store(sum_ref.at[b, cols], s, mask=ok)
+        y = _normed(s, _inv_rms(s, n, eps), load(s_ref.at[cols], mask=ok), dt)
+        if thresholded:  # TEAL's rule of the product that reads y
+            y = teal_input(y, refs[-3][0])
+        plgpu.store(y_ref.at[b, cols], y, mask=ok)
+
+    if zeros:  # programs past the rows: each zeroes one span of one buffer
+        @pl.when(b >= batch)
+        def _():
+            q, first = b - batch, 0
+            for z_ref, width in zip(z_refs, zeros):
+                spans = pl.cdiv(width, ZERO_SPAN)
+                cols = iota(ZERO_SPAN, (q - first) * ZERO_SPAN)
+                plgpu.store(z_ref.at[0, cols], jnp.zeros((ZERO_SPAN,), f32),
+                            mask=(q >= first) & (q < first + spans) & (cols < width))
+                first += spans
 
 
 def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout):
@@ -83,13 +101,15 @@ def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout):
 
 
 def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None,
-                 compaction: sparse_gemv.Compaction | None = None, threshold=None):
+                 compaction: sparse_gemv.Compaction | None = None, threshold=None, zeros: tuple[int, ...] = ()):
     """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring).
     num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm).
     threshold: TEAL's rule applied to the normalised rows (sparsity.teal_input), for an XLA product
     that reads them: one launch fewer than a select of its own.
     compaction (batch 1): the normalised row comes back compacted for the gather GEMV that reads it
-    (sparse_gemv.Compacted), one launch fewer than its own compaction."""
+    (sparse_gemv.Compacted), one launch fewer than its own compaction.
+    zeros: widths w of fp32 buffers [1, w] that come back zeroed after the two, for the dense GEMVs
+    that follow (sparse_gemv's `zeroed`)."""
     b, n = x.shape
     if (h.ndim != 2 or h.shape[0] != b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
             or (h_scale is not None and jnp.shape(h_scale) != (n,))):
@@ -100,13 +120,16 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     warps = num_warps or max(1, min(8, next_pow2(n) // 1024))
     extra = () if h_scale is None else (jnp.asarray(h_scale, f32),)
     if compaction is None:
+        zeros = tuple(zeros)
         kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None,
-                                   thresholded=threshold is not None)
+                                   thresholded=threshold is not None, batch=b, zeros=zeros)
         rule = () if threshold is None else (jnp.asarray(threshold, f32).reshape(1),)
-        return call(kernel, (out, out), grid=(b,), num_warps=warps, num_stages=1, name="add_rms_norm")(
-            x, h, scale, *extra, *rule)
-    if threshold is not None:
-        raise ValueError("add_rms_norm: a compaction applies the thresholds itself (pass threshold=None)")
+        bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in zeros)
+        return call(kernel, (out, out, *bufs), grid=(b + sum(pl.cdiv(w, ZERO_SPAN) for w in zeros),),
+                    num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra, *rule)
+    if threshold is not None or zeros:
+        raise ValueError("add_rms_norm: a compaction applies the thresholds itself and zeroes its gather's output "
+                         "(pass threshold=None, zeros=())")
     layout = compaction.layout
     if b != 1 or layout.n_in != n:
         raise ValueError(f"add_rms_norm: a compaction for {layout.n_in} inputs needs x [1, {layout.n_in}], not {x.shape}")

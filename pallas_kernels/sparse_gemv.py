@@ -221,6 +221,13 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     return dataclasses.replace(b, rows=rows, cols=cols, splits=max(1, min(b.splits, pl.cdiv(n_in, rows))))
 
 
+def output_width(n_in: int, n_out: int) -> int:
+    """The width of the fp32 buffer a batch-1 dense GEMV (skip_zeros=False, the dense blocks) adds
+    into: n_out padded to whole column blocks (an earlier kernel can zero it: sparse_gemv's `zeroed`)."""
+    cols = blocks_for(1, n_in, n_out, dense=True).cols
+    return pl.cdiv(n_out, cols) * cols
+
+
 def _bounds(segments) -> tuple[int, ...]:
     """The first column of every output segment after the first."""
     return tuple(itertools.accumulate(segments))[:-1]
@@ -484,7 +491,7 @@ def gather(xc: Compacted, w, bounds) -> jax.Array:
 
 def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None, factors=None,
                 blocks: GemvBlocks | GatherBlocks | None = None, out_dtype=None, scale=None, finish: bool = True,
-                gated: bool = False, x_scale=None, skip_zeros: bool = True):
+                gated: bool = False, x_scale=None, skip_zeros: bool = True, zeroed=None):
     """y = x' @ w with x' = x (threshold None) or x * keep(x, threshold, factors), x' rounded to w's
     dtype; or, for int8 w, y = (x' @ w) * scale with x' in x's own dtype.
 
@@ -506,6 +513,8 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     for x's.
     x Compacted: batch 1's input as a kernel upstream compacted it (Compaction), thresholds applied:
     the gather alone runs.
+    zeroed (batch 1, masked tiles): the fp32 buffer [1, P] the tiles add into, zeroed by an earlier
+    kernel (P: output_width; pallas_kernels.norm's zeros), instead of a memset launch of XLA's.
     """
     if isinstance(x, Compacted):
         segments = tuple(segments or (w.shape[1],))
@@ -584,8 +593,15 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         shape, accumulate = (1, col_blocks * blk.cols), (0,)
     else:  # fp32 partials per split, summed by XLA: deterministic
         shape, accumulate = (splits, bp, n_out), ()
+    given = ()
+    if zeroed is not None:
+        if dot or (zeroed.shape, zeroed.dtype) != (shape, f32):
+            raise ValueError(f"sparse_gemv: zeroed {zeroed.shape} {zeroed.dtype} is not the batch-1 output buffer "
+                             f"{shape} float32 of these blocks")
+        accumulate, given = (), (zeroed,)
     out = call(
         kernel, jax.ShapeDtypeStruct(shape, f32), grid=(col_blocks, splits),
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
-    )(x, w, *xs, *ts, *fs)
+        given=tuple(range(len(given))),
+    )(x, w, *xs, *ts, *fs, *given)
     return done(jnp.sum(out[:, :batch], axis=0) if dot else out)

@@ -316,6 +316,37 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
     np.testing.assert_array_equal(np.asarray(gv, f32), np.asarray(wv, f32))
 
 
+def test_dense_int8_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights):
+    """Dense int8 decode (LM head too): each add + norm launch also zeroes the fp32 buffers that the
+    block's GEMVs (and the head) add into, so XLA runs no memset for them; only the first layer's
+    q|k|v and o, after a norm with no add (no launch), start from XLA's zeros."""
+    dec = decode.prepare(_model("dense", int8="head"), "pallas")
+    with interpret_on_cpu():
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), M.init_cache(
+            CFG, 1, 16, f32), plan=dec.plan))(jnp.zeros((1, 1), jnp.int32)).jaxpr
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+    gemvs = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] == "sparse_gemv"]
+    starts = [made_by[e.invars[-1]] for e in gemvs]  # the aliased initial output
+    from_norm = [e.primitive.name == "pallas_call" and e.params["name"] == "add_rms_norm" for e in starts]
+    assert len(gemvs) == 4 * CFG.num_layers + 1 and sum(from_norm) == len(gemvs) - 2
+    assert all(e.primitive.name == "broadcast_in_dim" for e, ok in zip(starts, from_norm) if not ok)
+
+
+@pytest.mark.parametrize("zeros", [(), (96, 5000)])
+def test_add_rms_norm_zeroes_buffers_for_the_next_gemvs(zeros):
+    """zeros: after x + h and the normalised rows, fp32 buffers [1, w] of zeros (written by the
+    launch's extra programs: NaN-poisoned otherwise); the rows are as without them."""
+    ks = jax.random.split(jax.random.key(9), 3)
+    x, h = (jax.random.normal(k, (2, 200), f32) for k in ks[:2])
+    scale = 1 + jax.random.normal(ks[2], (200,), f32) / 4
+    with interpret_on_cpu(), poisoned_outputs():
+        got_x, got_y, *bufs = jax.jit(lambda *a: add_rms_norm(*a, 1e-5, zeros=zeros))(x, h, scale)
+        want_x, want_y = jax.jit(lambda *a: add_rms_norm(*a, 1e-5))(x, h, scale)
+    np.testing.assert_array_equal(np.asarray(got_x), np.asarray(want_x))
+    np.testing.assert_array_equal(np.asarray(got_y), np.asarray(want_y))
+    assert [b.shape for b in bufs] == [(1, w) for w in zeros] and all(np.all(np.asarray(b) == 0) for b in bufs)
+
+
 @pytest.mark.parametrize("n", [576, 96, 8])  # SmolLM2's hidden size, a tail, a whole row in one block
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_add_rms_norm_equals_the_model(n, dtype):

@@ -133,6 +133,17 @@ def test_dense_int8_gemv_of_a_gated_input(b, blocks):
     np.testing.assert_allclose(np.asarray(got, f32), np.asarray(want, f32), rtol=1e-2, atol=1e-3)
 
 
+def test_dense_int8_gemv_adds_into_a_zeroed_buffer():
+    """zeroed: the batch-1 output buffer an earlier kernel zeroed (output_width wide), used as it is."""
+    q, scale = int8_weights(256, 96, seed=3)
+    x = jax.random.normal(jax.random.key(4), (1, 256), f32).astype(bf16)
+    zeroed = jnp.zeros((1, G.output_width(256, 96)), f32)
+    got = _poisoned(lambda x, q, s, z: sparse_gemv(x, q, scale=s, skip_zeros=False, zeroed=z), x, q, scale, zeroed)
+    assert _rel(got, x.astype(f32) @ dequantized(q, scale)) < 1e-2
+    with pytest.raises(ValueError, match="zeroed .* is not the batch-1 output buffer"):
+        sparse_gemv(x, q, scale=scale, skip_zeros=False, zeroed=jnp.zeros((1, 95), f32))
+
+
 def _int8_mlp(h, i, seed):
     """Neuron-major int8 weights and their scales, w_gu [2I, H] with s_gu [2I] (a scale per row),
     w_down [I, H] with s_down [H]; and the dequantized Flax-layout wg, wu [H, I], wd [I, H]."""

@@ -145,6 +145,13 @@ def test_add_rms_norm_of_unfinished_int8_sums_lowers(lowered_for_gpu, n):
     assert len(lowered_for_gpu) == 1
 
 
+def test_add_rms_norm_zeroing_the_next_gemvs_buffers_lowers(lowered_for_gpu):
+    """Dense int8 decode's add + norm: extra programs zero q|k|v's and o's output buffers."""
+    _lower(lambda x, h, s, hs: N.add_rms_norm(x, h, s, 1e-5, hs, zeros=(6144, 4096 + 64)), S((1, 4096), bf16),
+           S((1, 4096), f32), S((4096,), bf16), S((4096,), f32))
+    assert len(lowered_for_gpu) == 1
+
+
 @pytest.mark.parametrize("heads,kv_heads,d,window,span", [(32, 8, 128, None, None), (9, 3, 64, 4096, None),
                                                           (4, 4, 16, None, None), (32, 8, 128, None, 512)])
 @pytest.mark.parametrize("unfinished", [False, True])  # qkv: a GEMV's padded fp32 sums with an int8 scale
