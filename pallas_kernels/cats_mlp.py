@@ -109,7 +109,6 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
 
     def matvec(first, row_mask):
         """[bp, rows] = x @ w_ref[first + rows of this program]^T, loading only the rows in row_mask."""
-        vec = min(cols, 16 // w_ref.dtype.itemsize)  # the weights of a row one thread loads at once
 
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
@@ -118,13 +117,13 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, convert(w, x.dtype), trans_b=True)
-            # Batch 1: multiply-add; each thread first adds the columns of its own 16-byte load, so
-            # the accumulator holds a column in `vec` and is reduced across threads once, after the loop
+            # Batch 1: multiply-add into a [rows, cols] accumulator, reduced once after the loop (one
+            # reduced first per thread to [rows, cols / 8] took half the registers but ran slower:
+            # docs/decisions.md)
             x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
-            prod = convert(w, f32) * x.astype(f32)
-            return acc + jnp.sum(prod.reshape(rows, cols // vec, vec), axis=2)
+            return acc + convert(w, f32) * x.astype(f32)
 
-        init = jnp.zeros((bp, rows) if dot else (rows, cols // vec), f32)
+        init = jnp.zeros((bp, rows) if dot else (rows, cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
         acc = acc if dot else jnp.sum(acc, axis=1)[None, :]
         if scaled:  # int8: each row's scale, once on the fp32 sums
