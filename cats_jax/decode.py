@@ -336,9 +336,16 @@ def _attention(plan: Plan, lw, x, positions, kv, outs=(None, None)):
     return o, kv
 
 
+class Hidden(NamedTuple):
+    """A decode step's CATS hidden activations h [B, I] from the kernel (zero where dropped): _forward
+    counts every layer's kept neurons in one reduction after the last layer, not a launch a layer."""
+    h: jax.Array
+
+
 def _mlp(plan: Plan, lw, x, outs=(None, None)):
     """The gated MLP of x [B, T, H]: (y [B, T, H] or on the kernels Sums, the per-token fraction of
-    kept neurons [B, T] or None). outs: gate|up's and down's zeroed output buffers (_dense_outputs) or None."""
+    kept neurons [B, T], on the CATS kernel its Hidden, or None). outs: gate|up's and down's zeroed
+    output buffers (_dense_outputs) or None."""
     b, t, h = x.shape
     down_t = [_site(lw, "mlp.down_proj")]
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
@@ -359,9 +366,8 @@ def _mlp(plan: Plan, lw, x, outs=(None, None)):
         scales = None if _scale(lw, "down") is None else (_scale(lw, "gate_up_t"), _scale(lw, "down"))
         y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, scales,
                                       finish=not sums)
-        # kept neurons are the non-zeros of a * u (u == 0 exactly is vanishingly rare)
         y = Sums(y, _scale(lw, "down")) if sums else y.reshape(x.shape)
-        return y, sparsity.active_fraction(hidden, axis=-1)[:, None]
+        return y, Hidden(hidden)
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
     if "gate_up" in lw:
         gu = dot(x, lw["gate_up"], _scale(lw, "gate_up"), f32)
@@ -418,6 +424,15 @@ def _add_norm(plan: Plan, x, h, scale, compaction=None, threshold=None, zeros=()
     return x, y if threshold is None else sparsity.teal_input(y, threshold), (None,) * len(zeros)
 
 
+def _kept_fractions(kept) -> jax.Array:
+    """[L, B, T]: each layer's fraction of kept neurons, from _mlp's; the kernels' Hidden counted in one
+    reduction over all layers (kept neurons are the non-zeros of a * u: u == 0 exactly is
+    vanishingly rare)."""
+    if isinstance(kept[0], Hidden):
+        return sparsity.active_fraction(jnp.stack([k.h for k in kept]), axis=-1)[..., None]
+    return jnp.stack(kept)
+
+
 def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     x, h = weights["embed"][tokens], None  # h: the last block's output, not yet added to x
     new_cache, kept = [], []
@@ -443,5 +458,5 @@ def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     logits = logits if last is None else logits[:, 0]
     if not plan.cats:
         return logits, new_cache, None
-    kept = jnp.stack(kept)  # each device's fraction of its own neurons (equal shares): their mean
+    kept = _kept_fractions(kept)  # each device's fraction of its own neurons (equal shares): their mean
     return logits, new_cache, kept if plan.axis is None else jax.lax.pmean(kept, plan.axis)

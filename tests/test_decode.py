@@ -316,6 +316,17 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
     np.testing.assert_array_equal(np.asarray(gv, f32), np.asarray(wv, f32))
 
 
+def test_cats_decode_step_counts_kept_neurons_once(kernels_on_tiny_weights):
+    """On the CATS kernel, a decode step counts every layer's kept neurons (the non-zeros of h) in
+    one reduction after the last layer: one test and one launch a step, not one a layer."""
+    assert CFG.num_layers > 1
+    dec = decode.prepare(_model("cats"), "pallas")
+    with interpret_on_cpu():
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), M.init_cache(
+            CFG, 1, 16, f32), plan=dec.plan))(jnp.zeros((1, 1), jnp.int32)).jaxpr
+    assert [e.primitive.name for e in jaxpr.eqns].count("ne") == 1
+
+
 def test_dense_int8_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights):
     """Dense int8 decode (LM head too): each add + norm launch also zeroes the fp32 buffers that the
     block's GEMVs (and the head) add into, so XLA runs no memset for them; only the first layer's
