@@ -379,9 +379,9 @@ def _gemv_thresholds(x, segs, sparsity):
 
 
 def _gemv(x, w, t, segs, blocks, scale, sparsity):
-    """The sparse GEMV as TEAL's decode runs it; int8 at sparsity 0 as dense int8 decode runs it (no
-    threshold, every row read without testing x)."""
-    if scale is not None and sparsity == 0:  # and with the dense blocks, as decode has them
+    """The sparse GEMV as TEAL's decode runs it; at sparsity 0 the dense GEMV as dense int8 decode
+    runs it (no threshold, every row read without testing x; bf16 too, to compare with XLA's)."""
+    if sparsity == 0:  # and with the dense blocks, as decode has them
         blocks = blocks or G.blocks_for(x.shape[0], *w.shape, dense=True)
         return G.sparse_gemv(x, w, blocks=blocks, scale=scale, skip_zeros=False)
     return G.sparse_gemv(x, w, t, segments=segs, blocks=blocks, scale=scale)
@@ -539,12 +539,13 @@ def main(argv=None):
                         "then benchmark with the winners")
     p.add_argument("--teal", action="store_true",
                    help="TEAL: time the sparse-input GEMV of every projection (fused q/k/v, o, fused gate/up, down) "
-                        "instead of the CATS MLP; with --tune, block candidates per projection at --tune-at")
+                        "instead of the CATS MLP (sparsity 0: the dense GEMV that reads every row, as dense "
+                        "int8 decode runs it); with --tune, block candidates per projection at --tune-at")
     p.add_argument("--tune-at", type=float, default=0.5,
-                   help="the sparsity at which --teal --tune times candidates (default 0.5; 0 for dense int8 GEMVs)")
+                   help="the sparsity at which --teal --tune times candidates (default 0.5; 0 for the dense GEMVs)")
     p.add_argument("--int8", action="store_true",
                    help="the kernels read the weights' int8 copy (one fp32 scale per output channel); XLA's "
-                        "dense baseline stays bf16; with --teal, sparsity 0 times dense int8 decode's GEMV")
+                        "dense baseline stays bf16")
     p.add_argument("--tp", type=int, default=1,
                    help="time the shapes one device computes under tensor parallelism over this many (its shard)")
     p.add_argument("--attention", action="store_true",
