@@ -16,11 +16,13 @@ changed. `Plan` (static) says which sites are thresholded and whether decode ste
 Pallas kernels; which kernel runs where is then decided from the shapes at trace time
 (`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds. On the kernels, a
 GEMV's output reaches the next kernel (decode attention, the residual add + norm, and for TEAL's
-gate|up the down GEMV, which computes silu(gate) * up) as the GEMV leaves it (`Sums`): that kernel
-scales and rounds it as it loads it, so no launch does only that. The other way round, a TEAL
-GEMV on the gather path (batch 1) gets its input already thresholded and compacted
-(sparse_gemv.Compacted) by the kernel that makes it: the add + norm before q|k|v and gate|up, the
-attention's combine before o (`_compaction`); where XLA computes o, that combine applies o's rule.
+and dense int8's gate|up the down GEMV, which computes silu(gate) * up) as the GEMV leaves it
+(`Sums`): that kernel scales and rounds it as it loads it, so no launch does only that. Dense int8
+GEMVs add into fp32 buffers that the add + norm launch before them zeroed (`_dense_outputs`), no
+memset of XLA's. The other way round, a TEAL GEMV on the gather path (batch 1) gets its input
+already thresholded and compacted (sparse_gemv.Compacted) by the kernel that makes it: the add +
+norm before q|k|v and gate|up, the attention's combine before o (`_compaction`); where XLA
+computes o, that combine applies o's rule.
 
 The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
 greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
