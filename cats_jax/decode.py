@@ -265,6 +265,11 @@ def _shared_rule(plan: Plan, lw, x, group: str):
 SITES = {**GROUPS, "o": ("attn.o_proj",), "down": ("mlp.down_proj",)}
 
 
+def _thresholds(lw, name: str) -> list:
+    """The threshold (or None) of each site whose columns decode weight lw[name] holds, in order."""
+    return [_site(lw, s) for s in SITES[name]]
+
+
 def _widths(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     """The output width of each site's columns in decode weight `name` ("qkv", "gate_up", "o")."""
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -278,8 +283,7 @@ def _grouped(plan: Plan, lw, x, group: str, sums=False, out=None):
     w, widths, scale = lw[group], _widths(plan.cfg, group), _scale(lw, group)
     if _shared_rule(plan, lw, x, group) is not None:
         return _product(plan, x, w, [None], (sum(widths),), scale=scale)
-    return _product(plan, x, w, [_site(lw, s) for s in GROUPS[group]], widths, _factors(lw, group), scale, sums=sums,
-                    out=out)
+    return _product(plan, x, w, _thresholds(lw, group), widths, _factors(lw, group), scale, sums=sums, out=out)
 
 
 def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
@@ -287,7 +291,7 @@ def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
     with thresholds: its Compaction, for the kernel that makes x to do as it stores it (the add +
     norm, the attention's combine); None elsewhere."""
     w = lw.get(name)
-    thresholds = [_site(lw, s) for s in SITES[name]]
+    thresholds = _thresholds(lw, name)
     if w is None or all(t is None for t in thresholds) or not plan.gemv_kernel(x, w):
         return None
     return sparse_gemv.compaction_for(x.shape[0], w.shape[0], _widths(plan.cfg, name), _kernel_thresholds(thresholds),
@@ -307,7 +311,7 @@ def _dense_outputs(plan: Plan, lw, x, names) -> tuple[int | None, ...]:
     """_dense_width of each decode weight in names ("qkv", "o"; "gate_up", "down"), x the rows of
     the block they run in (CATS's down GEMV reads its sparse hidden activations: not dense)."""
     return tuple(_dense_width(plan, x, lw.get(name), (plan.cats and name == "down")
-                              or any(_site(lw, s) is not None for s in SITES[name])) for name in names)
+                              or any(t is not None for t in _thresholds(lw, name))) for name in names)
 
 
 def _attention(plan: Plan, lw, x, positions, kv, outs=(None, None)):
@@ -349,7 +353,7 @@ def _mlp(plan: Plan, lw, x, outs=(None, None)):
     kept neurons [B, T], on the CATS kernel its Hidden, or None). outs: gate|up's and down's zeroed
     output buffers (_dense_outputs) or None."""
     b, t, h = x.shape
-    down_t = [_site(lw, "mlp.down_proj")]
+    down_t = _thresholds(lw, "down")
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
     if not plan.cats:
         # on the kernels, the down GEMV computes silu(gate) * up from gate|up as their kernel leaves
