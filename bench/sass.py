@@ -123,7 +123,7 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
                              sorted(loads.items(), key=lambda t: -int(width.get(t[0], t[0]).rstrip("a")))),
                 ffma=ops["FFMA"], fadd=ops["FADD"],
                 int=sum(ops[o] for o in ("IADD3", "LOP3", "PRMT", "SHF", "IMAD", "ISETP", "SEL", "LEA", "IABS", "I2F", "F2I")),
-                mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"])
+                mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"] + ops["REDG"])
 
 
 def cases(model: str, int8: bool, device: str):

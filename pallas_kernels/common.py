@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import jax
@@ -143,6 +144,48 @@ def finished(sums, scale, dtype):
     weights), rounded to dtype. sparse_gemv applies it to its output; with finish=False the consumer
     (decode attention, add + norm, the gated compaction) applies it to what it loads."""
     return (sums if scale is None else sums * scale).astype(dtype)
+
+
+# Atomic adds with relaxed memory order. Pallas' atomic_add orders each add acquire-release: the
+# sm_90 code fences (MEMBAR.ALL.GPU) and waits for the old value (ATOMG) at the end of every
+# program. The kernels' adds only accumulate sums that a later launch reads, which needs no order
+# between programs: relaxed, they compile to fire-and-forget reductions (REDG, bench.sass). Pallas
+# does not expose the order, so this is its atomic_rmw_p with it, from JAX 0.11.2's internals
+# (pinned); where they moved, Pallas' own ordered add.
+try:
+    from jax._src import core as _core
+    from jax._src import tree_util as _tree_util
+    from jax._src.lib.triton import dialect as _tt
+    from jax._src.pallas.triton import lowering as _tl
+    from jax._src.pallas.triton import primitives as _tp
+    from jax._src.state import discharge as _discharge
+    from jax._src.state import primitives as _state
+
+    def _add_relaxed_lowering(ctx, *args_flat, args_tree):
+        ptr, (idx,), val, _ = args_tree.unflatten(args_flat)
+        ptr = _tl._compute_pointers_from_indices(ptr, ctx.block_infos[0], idx)
+        val = _tl._ensure_ir_value(val, args_tree.unflatten(ctx.avals_in)[2])
+        return _tl._atomic_rmw(_tt.RMWOp.FADD, ptr, val, semantic=_tt.MemSemantic.RELAXED)
+
+    _add_relaxed_p = _core.Primitive("atomic_add_relaxed")
+    _ADD = _tp.AtomicOpType.ADD
+    _add_relaxed_p.def_effectful_abstract_eval(functools.partial(_tp._atomic_abstract_eval, atomic_type=_ADD))
+    _discharge.register_discharge_rule(_add_relaxed_p)(functools.partial(_tp._atomic_rmw_discharge_rule,
+                                                                         atomic_type=_ADD))
+    _tl.register_lowering(_add_relaxed_p)(_add_relaxed_lowering)
+except (ImportError, AttributeError):
+    _add_relaxed_p = None
+
+
+def atomic_add(ref, idx, val):
+    """ref[idx] += val (float32 ref, an index of pl.ds / arrays as plgpu.atomic_add takes), atomically
+    and with no memory order (above)."""
+    if _add_relaxed_p is None:
+        plgpu.atomic_add(ref, idx, val)
+        return
+    ref, transforms = _state.get_ref_and_transforms(ref, idx, "atomic_add")
+    args_flat, args_tree = _tree_util.tree_flatten((ref, transforms, val, None))
+    _add_relaxed_p.bind(*args_flat, args_tree=args_tree)
 
 
 def next_pow2(n: int) -> int:

@@ -53,6 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
+    atomic_add,
     block_along,
     call,
     convert,
@@ -320,7 +321,7 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
     init = jnp.zeros((bp, cols) if dot else (_pass_rows(blk, w_ref.dtype), cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
     if not dot:  # atomic adds; the output is padded to whole blocks: no mask (padding columns add zeros)
-        plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
+        atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
     else:
         plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
 
@@ -467,7 +468,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
         return acc + v.astype(f32)[:, None] * convert(w, f32, packed=True)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, jnp.zeros((rows, cols), f32))
-    plgpu.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
+    atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
 def compact(x, compaction: Compaction, dtype, gated_scale=None, gated: bool = False) -> Compacted:

@@ -81,6 +81,15 @@ def test_sparse_gemv_lowers(lowered_for_gpu, batch, blocks):
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)  # compact + gather
 
 
+@pytest.mark.parametrize("blocks", [G.GemvBlocks(64, 32, 4), G.GatherBlocks(16, 32, 128)])
+def test_sparse_gemv_adds_with_relaxed_atomics(lowered_for_gpu, blocks):
+    """Batch 1's fp32 sums are accumulated by relaxed atomic adds (common.atomic_add): no fence and
+    no wait for the old value at the end of each program."""
+    _lower(lambda x, w: G.sparse_gemv(x, w, blocks=blocks), S((1, H), bf16), S((H, 96), bf16))
+    adds = [line for r in lowered_for_gpu for line in str(r.module).splitlines() if "tt.atomic_rmw" in line]
+    assert adds and all("fadd, relaxed, gpu" in line for line in adds), adds
+
+
 @pytest.mark.parametrize("kind,shape", [(kind, shape) for kind, table in G.TUNED.items() for shape in table])
 def test_tuned_blocks_lower_at_their_shapes(lowered_for_gpu, kind, shape):
     """Each entry of the tuned table lowers at its own shape: a bad entry fails here, not on its GPU."""
