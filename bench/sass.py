@@ -13,7 +13,8 @@ identical; times come from the GPU only.
 Columns: registers per thread, spilled bytes, the global loads per thread by width (e.g. 8x128:
 eight 16-byte loads; 4x128a: four 16-byte copies to shared memory, cp.async), then per thread
 FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD, ISETP, ...), tensor-core MMAs and
-barriers, counted in the code (a loop body once).
+barriers, counted in the code (a loop body once), and the instructions of each loop body (what
+a program repeats: "317+323" for two loops), the figure to read against the bytes a step loads.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
         for ext, text in (("ttgir", c.asm["ttgir"]), ("ptx", c.asm["ptx"]), ("sass", sass)):
             (save / f"{k.name}.{ext}").write_text(text)
     res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    loops = "+".join(str(n) for n in loop_sizes(sass)) or "-"
     ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
                                                                  sass, re.M))
     loads = collections.Counter(re.findall(r"\bLDG\.E(?:\.EF|\.EL|\.LU)?(?:\.(\d+|U16|U8|S16|S8))?\b", sass))
@@ -123,7 +125,30 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
                              sorted(loads.items(), key=lambda t: -int(width.get(t[0], t[0]).rstrip("a")))),
                 ffma=ops["FFMA"], fadd=ops["FADD"],
                 int=sum(ops[o] for o in ("IADD3", "LOP3", "PRMT", "SHF", "IMAD", "ISETP", "SEL", "LEA", "IABS", "I2F", "F2I")),
-                mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"] + ops["REDG"])
+                mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"] + ops["REDG"], loops=loops)
+
+
+_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", re.M)
+
+
+def loop_sizes(sass: str) -> list[int]:
+    """The instructions (NOPs aside) of each loop body in nvdisasm's listing: from a label to a
+    later branch back to it, in order."""
+    labels, pending = {}, []
+    for line in sass.splitlines():
+        if m := re.match(r"^(\.L_x_\d+):", line):
+            pending.append(m.group(1))
+        elif m := _INSTRUCTION.match(line):
+            labels.update((name, int(m.group(1), 16)) for name in pending)
+            pending = []
+    code = [(int(a, 16), op) for a, op in _INSTRUCTION.findall(sass)]
+    sizes = []
+    for line in sass.splitlines():
+        m = re.match(r"^\s+/\*([0-9a-f]{4,})\*/.*\bBRA\b.*`\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(2), 1 << 62) < int(m.group(1), 16):
+            lo, hi = labels[m.group(2)], int(m.group(1), 16)
+            sizes.append(sum(lo <= a <= hi and op != "NOP" for a, op in code))
+    return sizes
 
 
 def cases(model: str, int8: bool, device: str):
@@ -197,14 +222,15 @@ def main(argv=None):
         sys.exit("bench.sass needs the triton wheel (pip install triton==3.6.0): it compiles the kernels for sm_90")
     only = [s for s in a.only.split(",") if s]
     print(f"{'kernel':<34} {'launch':<16} {'warps':>5} {'regs':>4} {'spill':>5} {'global loads':<18} "
-          f"{'FFMA':>5} {'FADD':>5} {'int':>5} {'MMA':>4} {'BAR':>4} {'atomic':>6}")
+          f"{'FFMA':>5} {'FADD':>5} {'int':>5} {'MMA':>4} {'BAR':>4} {'atomic':>6} {'loop bodies':>11}")
     for label, fn, args in cases(a.model, a.int8, a.device):
         if only and not any(s in label for s in only):
             continue
         for k in kernels_of(fn, *args):
             r = compile_sm90(k, a.save and a.save / re.sub(r"\W+", "_", label))
             print(f"{label:<34} {k.name:<16} {k.num_warps:>5} {r['regs']:>4} {r['spill']:>5} {r['ldg']:<18} "
-                  f"{r['ffma']:>5} {r['fadd']:>5} {r['int']:>5} {r['mma']:>4} {r['bar']:>4} {r['atom']:>6}", flush=True)
+                  f"{r['ffma']:>5} {r['fadd']:>5} {r['int']:>5} {r['mma']:>4} {r['bar']:>4} {r['atom']:>6} {r['loops']:>11}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,21 @@ def test_sass_compiles_for_sm90():
     assert r["ldg"].startswith("2x128")  # a 16 x 128 bf16 tile: two 16-byte loads per thread
 
 
+def test_sass_loop_bodies_are_counted_from_their_label_to_the_branch_back():
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FFMA R6, R2, R3, R6 ;
+        /*0030*/                   NOP ;
+        /*0040*/               @P0 BRA `(.L_x_0) ;
+        /*0050*/                   BRA `(.L_x_1) ;
+.L_x_1:
+        /*0060*/                   EXIT ;
+"""
+    assert sass.loop_sizes(listing) == [3]  # LDG, FFMA and the branch; the forward branch is no loop
+
+
 def test_forced_check_tells_a_kernel_error_from_agreement(monkeypatch):
     """gpu_check's teacher-forced comparison (interpret mode, a tiny model): the kernels' TEAL decode
     steps pass; with the kernels' thresholds 30% high (an injected error) most steps' logits move."""
