@@ -23,8 +23,10 @@ bytes) and apply the scales to the fp32 sums after the accumulation, never dequa
 gate_up scales the gate before the CATS rule, which must read the real activation.
 
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
-activations. Batches beyond `MAX_KERNEL_BATCH` take the dense path: their union is nearly dense and
-the kernel has nothing left to skip (docs/benchmarks.md, docs/batching.md).
+activations. Beyond a few rows the union is nearly dense (docs/batching.md), but the kernel still
+reads the neuron-major matrices at about XLA's dense speed, where the jnp path's product of the
+neuron-major [2I, H] ran slower than dense's [H, 2I] and added threshold launches
+(docs/benchmarks.md); batches beyond `MAX_KERNEL_BATCH` take the jnp path.
 """
 
 from __future__ import annotations
@@ -62,14 +64,14 @@ def cats_activation(gate: jax.Array, threshold: jax.Array, factor=None) -> jax.A
     return jnp.where(keep(a, threshold, factor), a, 0.0)
 
 
-# Decode batches up to this size use the kernels; larger ones take the dense path: the union of
-# their rows' kept neurons is nearly dense (docs/benchmarks.md, docs/batching.md).
-MAX_KERNEL_BATCH = 4
+# Decode batches up to this size use the kernels (tensor-core dots take up to 16 rows as one tile);
+# larger ones take the jnp path (module docstring).
+MAX_KERNEL_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class GateUpBlocks:
-    """Batch 1 multiplies and adds elementwise; batches 2..4 use tensor-core dots on rows padded to 16."""
+    """Batch 1 multiplies and adds elementwise; batches 2..16 use tensor-core dots on rows padded to 16."""
     rows: int  # neurons per program
     cols: int  # hidden columns per loop step
     num_warps: int = 4

@@ -18,9 +18,9 @@ f32, bf16 = jnp.float32, jnp.bfloat16
 
 
 # (batch, hidden, intermediate, sparsity): power-of-two and ragged shapes, 0..95% sparsity,
-# batch 1 (multiply-add path) and 2..8 (dot path, padded batch rows)
+# batch 1 (multiply-add path) and 2..16 (dot path, padded batch rows)
 CASES = [(1, 64, 128, 0.5), (1, 72, 200, 0.95), (2, 96, 80, 0.3), (3, 200, 96, 0.8), (5, 40, 144, 0.6),
-         (8, 64, 48, 0.0)]
+         (8, 64, 48, 0.0), (16, 48, 112, 0.7)]
 
 
 @pytest.mark.parametrize("b,h,i,sparsity", CASES)

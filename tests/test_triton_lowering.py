@@ -53,7 +53,7 @@ MLP = (S((2 * I, H), bf16), S((I, H), bf16), S((), f32))
 INT8_MLP = (S((2 * I, H), i8), S((I, H), i8), S((), f32), S((2 * I,), f32), S((H,), f32))  # and the scales
 
 
-@pytest.mark.parametrize("batch", [1, 3])  # the tables: multiply-add (batch 1), tensor-core dot (batch 2..4)
+@pytest.mark.parametrize("batch", [1, 3, 16])  # the tables: multiply-add (batch 1), tensor-core dot (batch 2..16)
 def test_cats_mlp_lowers(lowered_for_gpu, batch):
     _lower(lambda x, w_gu, wd, t: K.cats_mlp(x, w_gu, wd, t)[0], S((batch, H), bf16), *MLP)
     assert len(lowered_for_gpu) == 2  # gate_up, then the down GEMV
