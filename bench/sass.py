@@ -115,8 +115,7 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
             (save / f"{k.name}.{ext}").write_text(text)
     res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     loops = "+".join(str(n) for n in loop_sizes(sass)) or "-"
-    ops = collections.Counter(m.split(".")[0] for m in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
-                                                                 sass, re.M))
+    ops = collections.Counter(op.split(".")[0] for _, op in _INSTRUCTION.findall(sass))
     loads = collections.Counter(re.findall(r"\bLDG\.E(?:\.EF|\.EL|\.LU)?(?:\.(\d+|U16|U8|S16|S8))?\b", sass))
     loads.update(f"{w or 32}a" for w in re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?(?:\.LTC128B)?(?:\.(\d+))?\b", sass))
     width = {"": "32", "U16": "16", "S16": "16", "U8": "8", "S8": "8"}
@@ -128,7 +127,8 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
                 mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"] + ops["REDG"], loops=loops)
 
 
-_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", re.M)
+# a line of nvdisasm's listing: its address and its instruction (past a predicate)
+_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", re.M)
 
 
 def loop_sizes(sass: str) -> list[int]:
@@ -144,7 +144,7 @@ def loop_sizes(sass: str) -> list[int]:
     code = [(int(a, 16), op) for a, op in _INSTRUCTION.findall(sass)]
     sizes = []
     for line in sass.splitlines():
-        m = re.match(r"^\s+/\*([0-9a-f]{4,})\*/.*\bBRA\b.*`\((\.L_x_\d+)\)", line)
+        m = re.match(r"^\s+/\*([0-9a-f]+)\*/.*\bBRA\b.*`\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(2), 1 << 62) < int(m.group(1), 16):
             lo, hi = labels[m.group(2)], int(m.group(1), 16)
             sizes.append(sum(lo <= a <= hi and op != "NOP" for a, op in code))
