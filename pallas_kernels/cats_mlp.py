@@ -23,9 +23,9 @@ bytes) and apply the scales to the fp32 sums after the accumulation, never dequa
 gate_up scales the gate before the CATS rule, which must read the real activation.
 
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
-activations. Beyond a few rows the union is nearly dense (docs/batching.md), but the kernel still
-reads the neuron-major matrices at about XLA's dense speed, where the jnp path's product of the
-neuron-major [2I, H] ran slower than dense's [H, 2I] and added threshold launches
+activations. Beyond a few rows the union is nearly dense (docs/batching.md), but the kernels'
+dots still read the whole MLP faster than XLA's products at 8-16 rows, where the jnp path's
+product of the neuron-major [2I, H] ran slower than dense's [H, 2I] and added threshold launches
 (docs/benchmarks.md); batches beyond `MAX_KERNEL_BATCH` take the jnp path.
 """
 
