@@ -69,16 +69,17 @@ from pallas_kernels.common import (
 f32 = jnp.float32
 
 # TEAL decode steps of up to this many rows use the kernel. Rows threshold independently, so a
-# batch's union of kept rows is nearly dense beyond a few rows; real text's unions are only a
-# little sparser than random ones (docs/batching.md).
-MAX_KERNEL_BATCH = 1
+# batch's union of kept rows is nearly dense beyond a few rows (real text's unions are only a
+# little sparser than random ones, docs/batching.md); the kernels' dots (16 rows a tile) still
+# read whole matrices faster than XLA's products at 8-16 rows (the CATS kernels: docs/benchmarks.md).
+MAX_KERNEL_BATCH = 16
 # Smaller weight matrices stay with XLA, unless TUNED lists their shape: the kernels' fixed cost
 # exceeded XLA's dense GEMV there (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200
 # with the table's blocks; docs/benchmarks.md). Tests set it to 0 to run the kernels on tiny models.
 MIN_KERNEL_WEIGHTS = 20_000_000
 # int8 weights take the kernels up to this many rows, thresholded or not: XLA's GEMV of an int8
 # matrix converted in the product ran at a third of the read ceiling (docs/benchmarks.md).
-MAX_INT8_BATCH = 8
+MAX_INT8_BATCH = 16
 
 
 def score(value, factor=None):

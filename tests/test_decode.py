@@ -391,13 +391,15 @@ def test_add_rms_norm_applies_the_teal_rule(dtype):
 
 
 def test_teal_off_the_kernels_thresholds_in_the_norm(kernels_on_tiny_weights):
-    """Batch 3 (TEAL's GEMVs on XLA), q|k|v and gate|up each sharing one threshold a layer: the add +
-    norm launch applies it, so XLA's products read its output as it is (no select of their own)."""
+    """A batch beyond the kernels' (TEAL's GEMVs on XLA), q|k|v and gate|up each sharing one threshold
+    a layer: the add + norm launch applies it, so XLA's products read its output as it is (no select
+    of their own)."""
     dec = decode.prepare(_model("teal"), "pallas")
     assert set(dec.plan.shared) == {"qkv", "gate_up"}
+    b = G.MAX_KERNEL_BATCH + 1
     with interpret_on_cpu():
-        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((3, 1), jnp.int32), M.init_cache(
-            CFG, 3, 16, f32), plan=dec.plan))(jnp.zeros((3, 1), jnp.int32)).jaxpr
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((b, 1), jnp.int32), M.init_cache(
+            CFG, b, 16, f32), plan=dec.plan))(jnp.zeros((b, 1), jnp.int32)).jaxpr
     made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
 
     def source(v):  # past reshapes and converts
