@@ -275,7 +275,7 @@ GATE_UP_CANDIDATES = {
     1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(8, 512, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 4)]],
     **{b: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3), (16, 256, 4, 3),
                                                           (64, 128, 4, 3), (32, 256, 8, 3), (16, 512, 4, 4)]]
-       for b in (2, 4)},
+       for b in (2, 4, 8, 16)},
 }
 GEMV_CANDIDATES = {
     # masked tiles, many short splits (1-4 steps each), TEAL's layout
@@ -298,8 +298,12 @@ GEMV_CANDIDATES = {
                                     (4, 1024, 128, 4, 3), (4, 1024, 256, 8, 3)]],
     **{b: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [(32, 256, 16, 4, 3), (64, 256, 32, 4, 3),
                                                                (32, 128, 32, 4, 3), (64, 128, 64, 4, 3),
-                                                               (32, 256, 64, 4, 2), (16, 256, 128, 4, 2)]]
-       for b in (2, 4)},
+                                                               (32, 256, 64, 4, 2), (16, 256, 128, 4, 2),
+                                                               # fewer splits: the fp32 partials XLA sums
+                                                               # grow with batch x splits x outputs
+                                                               (32, 256, 4, 4, 3), (32, 256, 8, 4, 3),
+                                                               (64, 256, 8, 8, 3), (32, 512, 8, 8, 3)]]
+       for b in (2, 4, 8, 16)},
 }
 
 
@@ -402,7 +406,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
             if tune_at is not None:
                 t, _ = _gemv_thresholds(x, segs, tune_at)
                 timed = []
-                for cand in GEMV_CANDIDATES[min(next_pow2(b), 8)]:
+                for cand in GEMV_CANDIDATES[min(next_pow2(b), max(GEMV_CANDIDATES))]:
                     cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
                     gemv = lambda x, w, t, c=cand: _gemv(x, w, t, segs, c, scale, tune_at)
                     us = _time(f"{label} B={b} {cand}", gemv, x, wk, t, n=(20, 100))
