@@ -233,7 +233,7 @@ def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, monkey
 @pytest.mark.parametrize("mode,int8", [("cats", False), ("teal", False), ("teal", True), ("dense", True)])
 def test_kernel_decode_of_ragged_batches(kernels_on_tiny_weights, mode, int8):
     """Batch 3 (padding rows too): the kernels' greedy tokens equal the jnp path's (CATS on its
-    kernel, TEAL beyond its kernels' batch, int8 on the masked tiles' batched dots)."""
+    kernel, TEAL and int8 on the masked tiles' batched dots)."""
     prompts = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]]
     m = _model(mode, int8=int8)
     want = generate(decode.prepare(m, "jnp"), prompts, 8, eos_ids=())

@@ -187,5 +187,5 @@ def test_a_tuned_shape_takes_the_kernel_below_the_size_rule(monkeypatch):
     with interpret_on_cpu():
         assert G.kernel_pays(1, 64, 96) and not G.kernel_pays(1, 64, 64)
         assert G.kernel_pays(1, 8192, 4096)  # above MIN_KERNEL_WEIGHTS
-        assert G.kernel_pays(16, 8192, 4096) and not G.kernel_pays(17, 8192, 4096)  # MAX_KERNEL_BATCH
+        assert G.kernel_pays(8, 8192, 4096) and not G.kernel_pays(9, 8192, 4096)  # MAX_KERNEL_BATCH
     assert not G.kernel_pays(1, 64, 96)  # kernels off (the CPU outside interpret mode)
