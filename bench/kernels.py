@@ -272,7 +272,11 @@ def markdown(result) -> str:
 
 # ---- block-size tuning ------------------------------------------------------------------------
 GATE_UP_CANDIDATES = {
-    1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(8, 512, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 4)]],
+    1: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(8, 512, 4, 4), (16, 512, 4, 4), (8, 1024, 4, 4),
+                                                      # programs that fill whole waves at Mistral-7B's I on
+                                                      # 132 SMs (sm_90 registers -> programs an SM): (8,
+                                                      # 1024, 4) runs 1792 at 4 an SM, 3.39 waves
+                                                      (16, 256, 4, 4), (8, 256, 2, 4), (2, 1024, 2, 4)]],
     **{b: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3), (16, 256, 4, 3),
                                                           (64, 128, 4, 3), (32, 256, 8, 3), (16, 512, 4, 4)]]
        for b in (2, 4, 8, 16)},

@@ -15,6 +15,9 @@ eight 16-byte loads; 4x128a: four 16-byte copies to shared memory, cp.async), th
 FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD, ISETP, ...), tensor-core MMAs and
 barriers, counted in the code (a loop body once), and the instructions of each loop body (what
 a program repeats: "317+323" for two loops), the figure to read against the bytes a step loads.
+Last, the launch's programs, how many fit on an SM at once (registers, warps, shared memory) and
+the waves they make on 132 SMs (H100 / H200): a latency-bound kernel at 3.39 waves runs its last
+wave two-fifths full.
 """
 
 from __future__ import annotations
@@ -83,15 +86,30 @@ class Kernel:
     ttir: str  # the Triton IR as Pallas lowered it
     num_warps: int
     num_stages: int
+    programs: int  # the launch's grid, all axes
 
 
 def kernels_of(fn, *args) -> list[Kernel]:
     """The Triton kernels jit(fn) launches at these shapes, in order, with their launch settings."""
     with lowered_for_sm90() as lowered:
         hlo = lower(fn, *args)
-    calls = [dict(re.findall(r'\b(name|num_warps|num_stages) = "?(\w+)', call)) for call in hlo.split(TRITON_CALL)[1:]]
+    calls = [dict(re.findall(r'\b(name|num_warps|num_stages|grid_x|grid_y|grid_z) = "?(\w+)', call))
+             for call in hlo.split(TRITON_CALL)[1:]]
     assert len(calls) == len(lowered), (len(calls), len(lowered))
-    return [Kernel(c["name"], str(r.module), int(c["num_warps"]), int(c["num_stages"])) for c, r in zip(calls, lowered)]
+    return [Kernel(c["name"], str(r.module), int(c["num_warps"]), int(c["num_stages"]),
+                   int(c["grid_x"]) * int(c["grid_y"]) * int(c["grid_z"])) for c, r in zip(calls, lowered)]
+
+
+SMS = 132  # H100 SXM and H200
+SM_REGISTERS, SM_WARPS, SM_PROGRAMS, SM_SHARED = 65536, 64, 32, 227 * 1024  # sm_90, per SM
+
+
+def programs_per_sm(regs: int, num_warps: int, shared: int) -> int:
+    """Programs (CTAs) of a kernel resident on one sm_90 SM at once: registers are allocated per
+    warp in units of 256 (8 a thread), and warps, programs and shared memory have their own limits."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    fits = [SM_REGISTERS // (per_warp * num_warps), SM_WARPS // num_warps, SM_PROGRAMS]
+    return min(fits + ([SM_SHARED // shared] if shared else []))
 
 
 def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
@@ -119,7 +137,9 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
     loads = collections.Counter(re.findall(r"\bLDG\.E(?:\.EF|\.EL|\.LU)?(?:\.(\d+|U16|U8|S16|S8))?\b", sass))
     loads.update(f"{w or 32}a" for w in re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?(?:\.LTC128B)?(?:\.(\d+))?\b", sass))
     width = {"": "32", "U16": "16", "S16": "16", "U8": "8", "S8": "8"}
-    return dict(regs=int(res.get("REG", 0)), spill=int(res.get("STACK", 0)) + int(res.get("LOCAL", 0)),
+    regs = int(res.get("REG", 0))
+    per_sm = programs_per_sm(regs, k.num_warps, c.metadata.shared)
+    return dict(regs=regs, per_sm=per_sm, waves=k.programs / (per_sm * SMS), spill=int(res.get("STACK", 0)) + int(res.get("LOCAL", 0)),
                 ldg=" ".join(f"{n}x{width.get(w, w)}" for w, n in
                              sorted(loads.items(), key=lambda t: -int(width.get(t[0], t[0]).rstrip("a")))),
                 ffma=ops["FFMA"], fadd=ops["FADD"],
@@ -222,14 +242,16 @@ def main(argv=None):
         sys.exit("bench.sass needs the triton wheel (pip install triton==3.6.0): it compiles the kernels for sm_90")
     only = [s for s in a.only.split(",") if s]
     print(f"{'kernel':<34} {'launch':<16} {'warps':>5} {'regs':>4} {'spill':>5} {'global loads':<18} "
-          f"{'FFMA':>5} {'FADD':>5} {'int':>5} {'MMA':>4} {'BAR':>4} {'atomic':>6} {'loop bodies':>11}")
+          f"{'FFMA':>5} {'FADD':>5} {'int':>5} {'MMA':>4} {'BAR':>4} {'atomic':>6} {'loop bodies':>11} "
+          f"{'programs':>8} {'per SM':>6} {'waves':>5}")
     for label, fn, args in cases(a.model, a.int8, a.device):
         if only and not any(s in label for s in only):
             continue
         for k in kernels_of(fn, *args):
             r = compile_sm90(k, a.save and a.save / re.sub(r"\W+", "_", label))
             print(f"{label:<34} {k.name:<16} {k.num_warps:>5} {r['regs']:>4} {r['spill']:>5} {r['ldg']:<18} "
-                  f"{r['ffma']:>5} {r['fadd']:>5} {r['int']:>5} {r['mma']:>4} {r['bar']:>4} {r['atom']:>6} {r['loops']:>11}",
+                  f"{r['ffma']:>5} {r['fadd']:>5} {r['int']:>5} {r['mma']:>4} {r['bar']:>4} {r['atom']:>6} {r['loops']:>11} "
+                  f"{k.programs:>8} {r['per_sm']:>6} {r['waves']:>5.2f}",
                   flush=True)
 
 

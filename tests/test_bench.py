@@ -30,6 +30,15 @@ def test_sass_finds_each_kernel_with_its_launch_settings():
     ks = _gather_kernels(G.GatherBlocks(rows=16, cols=32, chunk=128, num_warps=8, num_stages=2))
     assert [(k.name, k.num_warps, k.num_stages) for k in ks] == [("compact", 4, 1), ("gather_gemv", 8, 2)]
     assert all("tt.func" in k.ttir for k in ks)
+    assert [k.programs for k in ks] == [2, 16]  # 2 chunks of 128 inputs; x 8 blocks of 32 outputs
+
+
+def test_programs_per_sm_take_the_tightest_sm90_limit():
+    """Registers go per warp in units of 256; warps, programs and shared memory limit too."""
+    assert sass.programs_per_sm(126, 4, 0) == 4  # 128 a thread: 16 KB registers a program of 4 warps
+    assert sass.programs_per_sm(32, 4, 0) == 16  # 64 warps an SM
+    assert sass.programs_per_sm(16, 1, 0) == 32  # 32 programs an SM
+    assert sass.programs_per_sm(32, 1, 100_000) == 2  # shared memory
 
 
 def test_sass_compiles_for_sm90():
