@@ -77,7 +77,7 @@ def check_mlp(b, h, i, sparsity, seed, quantized=False) -> bool:
 
 
 def check_gemv(b, n_in, n_out, sparsity, seed, variant="masked", quantized=False) -> bool:
-    """variant: "masked" (masked tiles: batch 1 atomic adds, larger batches partials), batch 1 and
+    """variant: "masked" (masked tiles: multiply-adds at batch 1, dots above, atomic adds), batch 1 and
     b rows; or "gather" (batch 1 only: compact, then gather); or "gated" (the gather, its input
     silu(gate) * up computed by the compaction from gate|up sums). quantized: int8 rows."""
     b = 1 if variant in ("gather", "gated") else b

@@ -311,6 +311,11 @@ GEMV_CANDIDATES = {
 }
 
 
+def candidates(table, batch):
+    """A candidate table's entry for `batch` rows (batches past its largest key take that one's)."""
+    return table[min(next_pow2(batch), max(table))]
+
+
 def _time(label, f, *args, n=(10, 40)):
     try:
         return loop_timer(f, n=n)(*args)
@@ -333,9 +338,9 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
             ((t, union),) = thresholds_for(x, wg, [sparsity])
             hidden = K.gate_up(x, w_gu, t, scale=s_gu)
             kinds = (
-                ("gate_up", GATE_UP_CANDIDATES[next_pow2(b)],
+                ("gate_up", candidates(GATE_UP_CANDIDATES, b),
                  lambda blk: (lambda x, t, w: K.gate_up(x, w, t, scale=s_gu, blocks=blk)), (x, t, w_gu)),
-                ("sparse_gemv", GEMV_CANDIDATES[next_pow2(b)],
+                ("sparse_gemv", candidates(GEMV_CANDIDATES, b),
                  lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk, scale=s_down)), (hidden, w_down)),
             )
             for kind, cands, make, args in kinds:
@@ -410,7 +415,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
             if tune_at is not None:
                 t, _ = _gemv_thresholds(x, segs, tune_at)
                 timed = []
-                for cand in GEMV_CANDIDATES[min(next_pow2(b), max(GEMV_CANDIDATES))]:
+                for cand in candidates(GEMV_CANDIDATES, b):
                     cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
                     gemv = lambda x, w, t, c=cand: _gemv(x, w, t, segs, c, scale, tune_at)
                     us = _time(f"{label} B={b} {cand}", gemv, x, wk, t, n=(20, 100))

@@ -207,8 +207,8 @@ def cases(model: str, int8: bool, device: str):
     out.append(("add+norm", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs),
                 (S((1, h), bf16), S((1, h + 128), f32), S((h,), bf16), *h_scale)))
     if int8:  # dense int8: the add + norm also zeroes q|k|v's and o's output buffers
-        widths = (G.output_width(h, sum(qkv)), G.output_width(h, h))
-        out.append(("add+norm zeroing", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs, zeros=widths),
+        shapes = (G.sum_shape(1, h, (sum(qkv),), dense=True), G.sum_shape(1, h, (h,), dense=True))
+        out.append(("add+norm zeroing", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs, zeros=shapes),
                     (S((1, h), bf16), S((1, h + 128), f32), S((h,), bf16), *h_scale)))
     qkv_blk = tuned.get((1, h, sum(qkv)))
     if isinstance(qkv_blk, G.GatherBlocks):  # the add + norm compacting q|k|v's gather input

@@ -17,9 +17,9 @@ Pallas kernels; which kernel runs where is then decided from the shapes at trace
 (`Plan.*_kernel`). Rebuild the decoder after changing the model's thresholds. On the kernels, a
 GEMV's output reaches the next kernel (decode attention, the residual add + norm, and for TEAL's
 and dense int8's gate|up the down GEMV, which computes silu(gate) * up) as the GEMV leaves it
-(`Sums`): that kernel scales and rounds it as it loads it, so no launch does only that. Dense int8
-GEMVs add into fp32 buffers that the add + norm launch before them zeroed (`_dense_outputs`), no
-memset of XLA's. The other way round, a TEAL GEMV on the gather path (batch 1) gets its input
+(`Sums`): that kernel scales and rounds it as it loads it, so no launch does only that. GEMVs on
+the masked tiles add into fp32 buffers that the add + norm launch before them zeroed
+(`_sum_buffers`), no memset of XLA's. The other way round, a TEAL GEMV on the gather path (batch 1) gets its input
 already thresholded and compacted (sparse_gemv.Compacted) by the kernel that makes it: the add +
 norm before q|k|v and gate|up, the attention's combine before o (`_compaction`); where XLA
 computes o, that combine applies o's rule.
@@ -103,18 +103,18 @@ class Decoder(NamedTuple):
 
 class Sums(NamedTuple):
     """A decode step's projection as its kernel leaves it (sparse_gemv's finish=False): fp32 sums
-    [B, P >= out], unscaled, with the int8 scale [out] or None. The next kernel (decode attention,
+    [R >= B, P >= out] (padding rows and columns zeros), unscaled, with the int8 scale [out] or None. The next kernel (decode attention,
     add_rms_norm, the down GEMV of silu(gate) * up) scales and rounds them as it loads them: one
     launch fewer than finishing them apart. `_finished` is the same in jnp, for any other consumer."""
     sums: jax.Array
     scale: jax.Array | None
 
 
-def _finished(y, n: int, dtype):
-    """y itself, or Sums finished as sparse_gemv would: [B, 1, n] in dtype."""
+def _finished(y, b: int, n: int, dtype):
+    """y itself, or Sums finished as sparse_gemv would: [b, 1, n] in dtype."""
     if not isinstance(y, Sums):
         return y
-    return finished(y.sums[:, :n], y.scale, dtype)[:, None]
+    return finished(y.sums[:b, :n], y.scale, dtype)[:, None]
 
 
 QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
@@ -193,8 +193,8 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
     the weighted criterion, its own factors (factors [segments, in]; None: magnitude). w int8:
     scale fp32 [out]. sums: a product on the kernels comes back as Sums, for the next kernel to finish.
     x Sums (a gate|up product on the kernels, for the down projection): the input is silu(gate) * up,
-    computed by the down GEMV's kernels as they read x (sparse_gemv's gated input). out: a dense
-    GEMV's output buffer, zeroed by the add + norm before (_dense_outputs), or None."""
+    computed by the down GEMV's kernels as they read x (sparse_gemv's gated input). out: the output
+    buffer of a GEMV on the masked tiles, zeroed by the add + norm before (_sum_buffers), or None."""
     if isinstance(x, Sums):
         return _gated_product(x, w, thresholds, factors, scale, dtype, sums, out)
     if isinstance(x, sparse_gemv.Compacted):  # thresholded and compacted by the kernel that made it
@@ -208,7 +208,7 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
                                         skip_zeros=False, zeroed=out)
         else:
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, _kernel_thresholds(thresholds), segments=widths,
-                                        factors=factors, scale=scale, out_dtype=dtype, finish=not sums)
+                                        factors=factors, scale=scale, out_dtype=dtype, finish=not sums, zeroed=out)
         return Sums(y, scale) if sums else y.reshape(b, t, -1)
     if not thresholded:
         return dot(x, w, scale, dtype)
@@ -271,9 +271,9 @@ def _thresholds(lw, name: str) -> list:
 
 
 def _widths(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    """The output width of each site's columns in decode weight `name` ("qkv", "gate_up", "o")."""
-    n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return {"qkv": (n * d, k * d, k * d), "gate_up": (cfg.intermediate_size,) * 2, "o": (cfg.hidden_size,)}[name]
+    """The output width of each site's columns in decode weight `name` ("qkv", "gate_up", "o", "down")."""
+    n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    return {"qkv": (n * d, k * d, k * d), "gate_up": (cfg.intermediate_size,) * 2, "o": (h,), "down": (h,)}[name]
 
 
 def _grouped(plan: Plan, lw, x, group: str, sums=False, out=None):
@@ -298,24 +298,28 @@ def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
                                       _factors(lw, name))
 
 
-def _dense_width(plan: Plan, x, w, thresholded: bool) -> int | None:
-    """Where the decode-step product of x [B, T, in] and w is a batch-1 dense GEMV on the kernels
-    (int8 weights, no threshold): the width of its fp32 output buffer, for the add + norm before it
-    to zero (one memset launch fewer); None elsewhere."""
-    if w is None or thresholded or w.dtype != jnp.int8 or x.shape[0] != 1 or not plan.gemv_kernel(x, w):
+def _sum_buffer(plan: Plan, x, w, segments, thresholded: bool, cats_down: bool = False) -> tuple[int, int] | None:
+    """Where the decode-step product of x [B, T, in] and w runs on the masked tiles (thresholded,
+    int8, or CATS's down GEMV of its sparse hidden activations): the shape of the fp32 buffer it adds
+    into (sparse_gemv.sum_shape), for the add + norm before it to zero (one memset launch fewer);
+    None elsewhere (XLA's products; the gather path, whose compaction zeroes its own)."""
+    if w is None:
         return None
-    return sparse_gemv.output_width(*w.shape)
+    on = plan.cats_kernel(x) if cats_down else (thresholded or w.dtype == jnp.int8) and plan.gemv_kernel(x, w)
+    dense = not (thresholded or cats_down)
+    return sparse_gemv.sum_shape(x.shape[0], w.shape[0], segments, dense) if on else None
 
 
-def _dense_outputs(plan: Plan, lw, x, names) -> tuple[int | None, ...]:
-    """_dense_width of each decode weight in names ("qkv", "o"; "gate_up", "down"), x the rows of
-    the block they run in (CATS's down GEMV reads its sparse hidden activations: not dense)."""
-    return tuple(_dense_width(plan, x, lw.get(name), (plan.cats and name == "down")
-                              or any(t is not None for t in _thresholds(lw, name))) for name in names)
+def _sum_buffers(plan: Plan, lw, x, names) -> tuple[tuple[int, int] | None, ...]:
+    """_sum_buffer of each decode weight in names ("qkv", "o"; "gate_up", "down"), x the rows of the
+    block they run in."""
+    return tuple(_sum_buffer(plan, x, lw.get(name), _widths(plan.cfg, name),
+                             any(t is not None for t in _thresholds(lw, name)), plan.cats and name == "down")
+                 for name in names)
 
 
 def _attention(plan: Plan, lw, x, positions, kv, outs=(None, None)):
-    """outs: q|k|v's and o's zeroed output buffers (_dense_outputs) or None."""
+    """outs: q|k|v's and o's zeroed output buffers (_sum_buffers) or None."""
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -351,7 +355,7 @@ class Hidden(NamedTuple):
 def _mlp(plan: Plan, lw, x, outs=(None, None)):
     """The gated MLP of x [B, T, H]: (y [B, T, H] or on the kernels Sums, the per-token fraction of
     kept neurons [B, T], on the CATS kernel its Hidden, or None). outs: gate|up's and down's zeroed
-    output buffers (_dense_outputs) or None."""
+    output buffers (_sum_buffers) or None."""
     b, t, h = x.shape
     down_t = _thresholds(lw, "down")
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
@@ -363,15 +367,16 @@ def _mlp(plan: Plan, lw, x, outs=(None, None)):
         if not isinstance(gu, Sums):
             g, u = jnp.split(gu, 2, axis=-1)
             gu = jax.nn.silu(g) * u
-        return _product(plan, gu, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down"), x.dtype,
-                        sums=sums, out=outs[1]), None
+        y = _product(plan, gu, lw["down"], down_t, (h,), _factors(lw, "down"), _scale(lw, "down"), x.dtype,
+                     sums=sums, out=outs[1])
+        return y if sums else y[:b], None  # a gated input's rows are gate|up's padded ones
     threshold = lw["thresholds"][sparsity.CATS_SITE]
     down = _factors(lw, "down")
     factor = None if down is None else down[0]  # CATS's factor of neuron i: ||W_down[i, :]|| or rms(u_i)
     if plan.cats_kernel(x):
         scales = None if _scale(lw, "down") is None else (_scale(lw, "gate_up_t"), _scale(lw, "down"))
         y, hidden = cats_mlp.cats_mlp(x.reshape(b, h), lw["gate_up_t"], lw["down"], threshold, factor, scales,
-                                      finish=not sums)
+                                      finish=not sums, zeroed=outs[1])
         y = Sums(y, _scale(lw, "down")) if sums else y.reshape(x.shape)
         return y, Hidden(hidden)
     # fp32 gate: the threshold test must not depend on the bf16 rounding of x W_gate
@@ -413,19 +418,19 @@ def _add_norm(plan: Plan, x, h, scale, compaction=None, threshold=None, zeros=()
     None: x itself. threshold: TEAL's rule applied to that input (_shared_rule). Decode steps on the
     kernels take one launch for all (pallas_kernels.norm), which also finishes h when it comes as
     Sums, given the next GEMV's compaction compacts the input for it, and zeroes the output buffers
-    of the block's dense GEMVs (zeros: their widths or None, _dense_outputs; buffers: one per
-    width, None where no kernel zeroed one)."""
+    of the block's GEMVs on the masked tiles (zeros: their shapes or None, _sum_buffers; buffers: one
+    per shape, None where no kernel zeroed one; none beside a compaction)."""
     eps = plan.cfg.rms_norm_eps
     b, t, n = x.shape
     if h is not None and plan.norm_kernel(x, scale):
         rows, h_scale = (h.sums, h.scale) if isinstance(h, Sums) else (h.reshape(b, n), None)
-        widths = tuple(w for w in zeros if w is not None)
+        zeros = zeros if compaction is None else (None,) * len(zeros)
         x, y, *bufs = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale, compaction=compaction,
-                                        threshold=threshold, zeros=widths)
+                                        threshold=threshold, zeros=tuple(z for z in zeros if z is not None))
         bufs = iter(bufs)
         return (x.reshape(b, t, n), y if compaction is not None else y.reshape(b, t, n),
                 tuple(None if w is None else next(bufs) for w in zeros))
-    x = x if h is None else x + _finished(h, n, x.dtype)
+    x = x if h is None else x + _finished(h, b, n, x.dtype)
     y = rms_norm(x, scale, eps)
     return x, y if threshold is None else sparsity.teal_input(y, threshold), (None,) * len(zeros)
 
@@ -444,19 +449,19 @@ def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     new_cache, kept = [], []
     for lw, kv in zip(weights["layers"], cache):
         x, y, outs = _add_norm(plan, x, h, lw["attn_norm"], _compaction(plan, lw, x, "qkv"),
-                               _shared_rule(plan, lw, x, "qkv"), _dense_outputs(plan, lw, x, ("qkv", "o")))
+                               _shared_rule(plan, lw, x, "qkv"), _sum_buffers(plan, lw, x, ("qkv", "o")))
         h, kv = _attention(plan, lw, y, positions, kv, outs)
         x, y, outs = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"], _compaction(plan, lw, x, "gate_up"),
-                               _shared_rule(plan, lw, x, "gate_up"), _dense_outputs(plan, lw, x, ("gate_up", "down")))
+                               _shared_rule(plan, lw, x, "gate_up"), _sum_buffers(plan, lw, x, ("gate_up", "down")))
         h, frac = _mlp(plan, lw, y, outs)
         h = _all_reduce(plan, h)
         new_cache.append(kv)
         kept.append(frac)
     head = weights["head"]
     if last is None:
-        _, h, (out,) = _add_norm(plan, x, h, weights["norm"], zeros=(_dense_width(plan, x, head, False),))
+        _, h, (out,) = _add_norm(plan, x, h, weights["norm"], zeros=(_sum_buffer(plan, x, head, head.shape[1:], False),))
     else:  # prefill: only each row's last token, [B, 1, H]
-        x = (x + _finished(h, x.shape[-1], x.dtype))[jnp.arange(x.shape[0]), last][:, None]
+        x = (x + _finished(h, x.shape[0], x.shape[-1], x.dtype))[jnp.arange(x.shape[0]), last][:, None]
         h = rms_norm(x, weights["norm"], plan.cfg.rms_norm_eps)
         out = None
     # an int8 head is a dense int8 product: on the kernels' masked tiles for one token per row

@@ -6,7 +6,7 @@ must equal it. Shapes: B rows, N query heads, K kv heads (G = N / K per kv head)
 power of two), S cache slots.
 
 - qkv [B, (N + 2K) D]: the fused q|k|v projection of each row's token, before RoPE; or that
-  projection's unfinished fp32 sums [B, P >= (N + 2K) D] (sparse_gemv with finish=False) with its
+  projection's unfinished fp32 sums [R >= B, P >= (N + 2K) D] (sparse_gemv with finish=False) with its
   int8 scale qkv_scale or None: the kernel scales and rounds them to the cache dtype as it loads
   them, as the projection would have finished them, so no launch of its own does that.
 - positions [B]: each row's position p; its key and value go to slot p, and it attends to slots
@@ -167,11 +167,11 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
         raise ValueError(f"decode_attention: caches {k_cache.shape} / {v_cache.shape} need [B, S, {num_kv_heads}, D] "
                          "with D a power of two, at least 16")
     width = (num_heads + 2 * k) * d
-    if (qkv.ndim != 2 or qkv.shape[0] != b or qkv.shape[1] < width or positions.shape != (b,) or num_heads % k
+    if (qkv.ndim != 2 or qkv.shape[0] < b or qkv.shape[1] < width or positions.shape != (b,) or num_heads % k
             or (qkv_scale is not None and jnp.shape(qkv_scale) != (width,))):
         raise ValueError(f"decode_attention: qkv {qkv.shape}, positions {positions.shape}, qkv_scale "
                          f"{None if qkv_scale is None else jnp.shape(qkv_scale)} do not fit {num_heads} heads over "
-                         f"caches {k_cache.shape} (qkv [B, >= {width}], qkv_scale None or [{width}])")
+                         f"caches {k_cache.shape} (qkv [>= B, >= {width}], qkv_scale None or [{width}])")
     groups = num_heads // k
     gp = max(16, next_pow2(groups))  # tensor-core dots take at least 16 rows
     blk = blocks or blocks_for(b, k, groups, s)

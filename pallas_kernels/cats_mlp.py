@@ -167,16 +167,17 @@ def gate_up(x, w_gu, threshold, factor=None, scale=None, *, blocks: GateUpBlocks
 
 
 def cats_mlp(x, w_gu, w_down, threshold, factor=None, scales=None, *, blocks: GateUpBlocks | None = None,
-             down_blocks: GemvBlocks | GatherBlocks | None = None, finish: bool = True):
+             down_blocks: GemvBlocks | GatherBlocks | None = None, finish: bool = True, zeroed=None):
     """The CATS MLP of decode rows x [B, H] with neuron-major weights w_gu [2I, H], w_down [I, H]
     (factor: None, or the weighted criterion's [I]; scales: None for float weights, or for int8
     ones (s_gu [2I], s_down [H]), gate_up's and sparse_gemv's scale): (y [B, H] in x.dtype, the
     hidden activations h [B, I], zero where dropped). finish=False: y as the down projection's
-    unfinished fp32 sums (sparse_gemv's finish), for a consumer kernel to scale and round."""
+    unfinished fp32 sums (sparse_gemv's finish), for a consumer kernel to scale and round; zeroed:
+    the down projection's zeroed output buffer (sparse_gemv's) or None."""
     if w_gu.shape != (2 * w_down.shape[0], w_down.shape[1]):
         raise ValueError(f"cats_mlp: w_down {w_down.shape} must be [I, H] for w_gu {w_gu.shape} = [2I, H]")
     if scales is not None and len(scales) != 2:
         raise ValueError(f"cats_mlp: scales must be the pair (s_gu [2I], s_down [H]), not {len(scales)} arrays")
     s_gu, s_down = scales or (None, None)
     h = gate_up(x, w_gu, threshold, factor, s_gu, blocks=blocks)
-    return sparse_gemv(h, w_down, blocks=down_blocks, scale=s_down, finish=finish), h
+    return sparse_gemv(h, w_down, blocks=down_blocks, scale=s_down, finish=finish, zeroed=zeroed), h

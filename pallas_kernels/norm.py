@@ -7,7 +7,7 @@ few bytes' work; a decode step has two per layer. The jnp definition is cats_jax
 after a residual add in the activation dtype, and the kernel rounds where it does: x + h to
 x's dtype, the normalised row to x's dtype before the scale, the product to x's dtype.
 
-x [B, H], scale [H]. h [B, H] or a kernel's unfinished fp32 sums [B, P >= H] (sparse_gemv with
+x [B, H], scale [H]. h [B, H] or a kernel's unfinished fp32 sums [R >= B, P >= H] (sparse_gemv with
 finish=False) with their int8 scale h_scale [H] or None: h is scaled and rounded to x's dtype first,
 as the projection would have finished it, so no launch of its own does that. One program per row
 holds the whole row (H up to a few thousand per 4 warps).
@@ -15,9 +15,8 @@ holds the whole row (H up to a few thousand per 4 warps).
 At batch 1, before a gather GEMV (TEAL's q|k|v and gate|up), the launch can also compact the
 normalised row for it (sparse_gemv.Compaction): one program per segment and chunk of the gather
 computes the row's rms, then its chunk of the output, and lists the chunk's kept inputs; the
-compaction launch of its own is gone. Before dense GEMVs (int8 decode's masked tiles, which add
-into a zeroed fp32 buffer), extra programs can zero those buffers (`zeros`): one memset launch
-fewer each.
+compaction launch of its own is gone. Before GEMVs on the masked tiles (which add into a zeroed
+fp32 buffer), extra programs can zero those buffers (`zeros`): one memset launch fewer each.
 """
 
 from __future__ import annotations
@@ -108,25 +107,26 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     that reads them: one launch fewer than a select of its own.
     compaction (batch 1): the normalised row comes back compacted for the gather GEMV that reads it
     (sparse_gemv.Compacted), one launch fewer than its own compaction.
-    zeros: widths w of fp32 buffers [1, w] that come back zeroed after the two, for the dense GEMVs
-    that follow (sparse_gemv's `zeroed`)."""
+    zeros: shapes (rows, width) of fp32 buffers that come back zeroed after the two, for the GEMVs
+    on the masked tiles that follow (sparse_gemv's `zeroed`, sum_shape)."""
     b, n = x.shape
-    if (h.ndim != 2 or h.shape[0] != b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
+    if (h.ndim != 2 or h.shape[0] < b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
             or (h_scale is not None and jnp.shape(h_scale) != (n,))):
         raise ValueError(f"add_rms_norm: x {x.shape} {x.dtype}, h {h.shape}, scale {scale.shape} {scale.dtype}, "
-                         f"h_scale {None if h_scale is None else jnp.shape(h_scale)} need h [B, >= H], scale [H] in "
+                         f"h_scale {None if h_scale is None else jnp.shape(h_scale)} need h [>= B, >= H], scale [H] in "
                          "x's dtype and h_scale None or [H]")
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     warps = num_warps or max(1, min(8, next_pow2(n) // 1024))
     extra = () if h_scale is None else (jnp.asarray(h_scale, f32),)
     if compaction is None:
-        zeros = tuple(zeros)
+        flat = tuple(r * w for r, w in zeros)  # each buffer zeroed as one row
         kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None,
-                                   thresholded=threshold is not None, batch=b, zeros=zeros)
+                                   thresholded=threshold is not None, batch=b, zeros=flat)
         rule = () if threshold is None else (jnp.asarray(threshold, f32).reshape(1),)
-        bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in zeros)
-        return call(kernel, (out, out, *bufs), grid=(b + sum(pl.cdiv(w, ZERO_SPAN) for w in zeros),),
-                    num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra, *rule)
+        bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in flat)
+        x, y, *zeroed = call(kernel, (out, out, *bufs), grid=(b + sum(pl.cdiv(w, ZERO_SPAN) for w in flat),),
+                             num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra, *rule)
+        return x, y, *(z.reshape(shape) for z, shape in zip(zeroed, zeros))
     if threshold is not None or zeros:
         raise ValueError("add_rms_norm: a compaction applies the thresholds itself and zeroes its gather's output "
                          "(pass threshold=None, zeros=())")

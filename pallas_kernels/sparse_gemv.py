@@ -9,9 +9,11 @@ rule); without it, the inputs are already sparse (the CATS MLP's hidden activati
 Grid: (output column blocks, split-K). A program walks its share of the input rows in steps of
 `rows`, loading a [rows, cols] tile of W with a per-row mask: predicated-off rows issue no memory
 traffic, so skipped rows cost nothing but the mask test. Batch 1 multiplies and adds elementwise
-and its many short splits atomic-add into one fp32 output (more loads in flight); batches 2..8
-feed tensor-core dots on rows padded to 16, each split writing fp32 partials [splits, B, out]
-that one small XLA reduction sums (deterministic). Never atomics on bf16.
+in many short splits (more loads in flight); batches 2..16 feed tensor-core dots on rows padded
+to 16. Every split atomic-adds its fp32 sums into one zeroed fp32 buffer [R, P] (`sum_shape`: the
+batch rows padded to a power of two, the columns to whole blocks), which an earlier kernel can
+zero (`zeroed`) and a later one can finish: no launch of its own sums splits (fp32 partials per
+split cost an XLA reduction a GEMV). Never atomics on bf16.
 
 Batch 1 can instead take the gather path (GatherBlocks), whose work scales with the kept rows
 rather than with the matrix: the masked tiles above still issue every tile, test every row and
@@ -141,8 +143,8 @@ def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class GemvBlocks:
-    """Blocks of the masked-tile path (module docstring): batch 1 adds atomically, batches 2..8
-    use dots and partials."""
+    """Blocks of the masked-tile path (module docstring): batch 1 multiplies and adds, batches 2..16
+    use dots."""
     rows: int  # input rows (rows of W) per loop step
     cols: int  # output columns per program
     splits: int  # programs along the input axis (split-K)
@@ -226,11 +228,16 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     return dataclasses.replace(b, rows=rows, cols=cols, splits=max(1, min(b.splits, pl.cdiv(n_in, rows))))
 
 
-def output_width(n_in: int, n_out: int) -> int:
-    """The width of the fp32 buffer a batch-1 dense GEMV (skip_zeros=False, the dense blocks) adds
-    into: n_out padded to whole column blocks (an earlier kernel can zero it: sparse_gemv's `zeroed`)."""
-    cols = blocks_for(1, n_in, n_out, dense=True).cols
-    return pl.cdiv(n_out, cols) * cols
+def sum_shape(batch: int, n_in: int, segments: tuple[int, ...], dense: bool = False) -> tuple[int, int] | None:
+    """The fp32 buffer [R, P] that the masked tiles of a GEMV of `batch` rows add into (dense: one that
+    reads every row, skip_zeros=False without thresholds): R the rows padded to a power of two, P the
+    outputs padded to whole column blocks, for an earlier kernel to zero (sparse_gemv's `zeroed`);
+    None where the blocks take the gather path, whose compaction zeroes its own output."""
+    n_out = sum(segments)
+    blk = blocks_for(batch, n_in, n_out, dense=True) if dense else _segmented_blocks(batch, n_in, segments)
+    if isinstance(blk, GatherBlocks):
+        return None
+    return next_pow2(batch), pl.cdiv(n_out, blk.cols) * blk.cols
 
 
 def _bounds(segments) -> tuple[int, ...]:
@@ -269,7 +276,7 @@ def _pass_rows(blk: GemvBlocks, dtype) -> int:
 
 def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds,
             skip_zeros, gated, gated_scaled, dt):
-    dot = batch > 1  # tensor-core dots on padded batch rows and partials; batch 1: multiply-add, atomics
+    dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
     xs_ref, refs = (refs[0], refs[1:]) if gated_scaled else (None, refs)
     *t_refs, o_ref = refs
     f_ref = t_refs.pop() if weighted else None  # [segments, in]
@@ -324,10 +331,15 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
 
     init = jnp.zeros((bp, cols) if dot else (_pass_rows(blk, w_ref.dtype), cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
-    if not dot:  # atomic adds; the output is padded to whole blocks: no mask (padding columns add zeros)
-        atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
-    else:
-        plgpu.store(o_ref.at[split, pl.ds(0, acc.shape[0]), pl.ds(c0, cols)], acc, mask=mask2d(batch_ok, col_ok))
+    # Atomic adds into the zeroed buffer [R, P], padded to whole blocks: no mask (padding columns and
+    # rows add zeros). Dots: the padding rows of acc are zeros, so folding its bp rows onto the
+    # buffer's R adds each real row to itself and nothing else.
+    r = o_ref.shape[0]
+    if not dot:
+        acc = jnp.sum(acc, axis=0)[None, :]
+    elif r < acc.shape[0]:
+        acc = acc.reshape(acc.shape[0] // r, r, cols).sum(axis=0)
+    atomic_add(o_ref, (pl.ds(0, r), pl.ds(c0, cols)), acc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,16 +522,16 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     (the weighted criterion); needs a threshold.
     gated: x is a gate|up GEMV's unfinished fp32 sums [B, >= 2 in] (x_scale: their int8 scale [2 in]
     or None) and the input is gated_input(x, x_scale, in, out_dtype): silu(gate) * up.
-    finish=False: the fp32 sums [B, P >= out] as the kernels leave them, unscaled, columns past
-    `out` padding, for a consumer kernel that scales and rounds them as it loads them
+    finish=False: the fp32 sums [R >= B, P >= out] as the kernels leave them, unscaled, rows past B
+    and columns past `out` padding (zeros), for a consumer kernel that scales and rounds them as it loads them
     (pallas_kernels.norm, pallas_kernels.attention): no launch of its own finishes them.
     skip_zeros=False (masked tiles, no threshold): read every row of w without testing x first, for
     an input with no zeros worth skipping (dense int8 decode): the weight loads then need not wait
     for x's.
     x Compacted: batch 1's input as a kernel upstream compacted it (Compaction), thresholds applied:
     the gather alone runs.
-    zeroed (batch 1, masked tiles): the fp32 buffer [1, P] the tiles add into, zeroed by an earlier
-    kernel (P: output_width; pallas_kernels.norm's zeros), instead of a memset launch of XLA's.
+    zeroed (masked tiles): the fp32 buffer [R, P] the tiles add into (sum_shape), zeroed by an earlier
+    kernel (pallas_kernels.norm's zeros), instead of a memset launch of XLA's.
     """
     if isinstance(x, Compacted):
         segments = tuple(segments or (w.shape[1],))
@@ -575,7 +587,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         program)."""
         if not finish:
             return y
-        return finished(y[:, :n_out], scale, out_dtype)
+        return finished(y[:batch, :n_out], scale, out_dtype)
 
     if isinstance(blk, GatherBlocks):
         if batch != 1:
@@ -593,15 +605,12 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     )
     col_blocks = pl.cdiv(n_out, blk.cols)
     xs = () if not gated or x_scale is None else (jnp.asarray(x_scale, f32).reshape(1, -1),)
-    if not dot:  # batch 1: x as a column; one fp32 sum, padded to whole blocks, zeroed before the adds
+    if not dot:  # batch 1: x as a column
         x, xs = x.reshape(-1, 1), tuple(v.reshape(-1, 1) for v in xs)
-        shape, accumulate = (1, col_blocks * blk.cols), (0,)
-    else:  # fp32 partials per split, summed by XLA: deterministic
-        shape, accumulate = (splits, bp, n_out), ()
-    given = ()
+    shape, accumulate, given = (next_pow2(batch), col_blocks * blk.cols), (0,), ()  # sum_shape's
     if zeroed is not None:
-        if dot or (zeroed.shape, zeroed.dtype) != (shape, f32):
-            raise ValueError(f"sparse_gemv: zeroed {zeroed.shape} {zeroed.dtype} is not the batch-1 output buffer "
+        if (zeroed.shape, zeroed.dtype) != (shape, f32):
+            raise ValueError(f"sparse_gemv: zeroed {zeroed.shape} {zeroed.dtype} is not the output buffer "
                              f"{shape} float32 of these blocks")
         accumulate, given = (), (zeroed,)
     out = call(
@@ -609,4 +618,4 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         num_warps=blk.num_warps, num_stages=blk.num_stages, name="sparse_gemv", accumulate=accumulate,
         given=tuple(range(len(given))),
     )(x, w, *xs, *ts, *fs, *given)
-    return done(jnp.sum(out[:, :batch], axis=0) if dot else out)
+    return done(out)

@@ -133,15 +133,21 @@ def test_dense_int8_gemv_of_a_gated_input(b, blocks):
     np.testing.assert_allclose(np.asarray(got, f32), np.asarray(want, f32), rtol=1e-2, atol=1e-3)
 
 
-def test_dense_int8_gemv_adds_into_a_zeroed_buffer():
-    """zeroed: the batch-1 output buffer an earlier kernel zeroed (output_width wide), used as it is."""
+@pytest.mark.parametrize("b", [1, 3])
+def test_dense_int8_gemv_adds_into_a_zeroed_buffer(b):
+    """zeroed: the output buffer an earlier kernel zeroed (sum_shape: rows padded to a power of two,
+    columns to whole blocks), used as it is; unfinished, the padding rows stay zeros."""
     q, scale = int8_weights(256, 96, seed=3)
-    x = jax.random.normal(jax.random.key(4), (1, 256), f32).astype(bf16)
-    zeroed = jnp.zeros((1, G.output_width(256, 96)), f32)
-    got = _poisoned(lambda x, q, s, z: sparse_gemv(x, q, scale=s, skip_zeros=False, zeroed=z), x, q, scale, zeroed)
-    assert _rel(got, x.astype(f32) @ dequantized(q, scale)) < 1e-2
-    with pytest.raises(ValueError, match="zeroed .* is not the batch-1 output buffer"):
-        sparse_gemv(x, q, scale=scale, skip_zeros=False, zeroed=jnp.zeros((1, 95), f32))
+    x = jax.random.normal(jax.random.key(4), (b, 256), f32).astype(bf16)
+    shape = G.sum_shape(b, 256, (96,), dense=True)
+    assert shape[0] == (1 if b == 1 else 4) and shape[1] >= 96
+    gemv = lambda x, q, s, z, finish=True: sparse_gemv(x, q, scale=s, skip_zeros=False, zeroed=z, finish=finish)
+    got = _poisoned(gemv, x, q, scale, jnp.zeros(shape, f32))
+    assert got.shape == (b, 96) and _rel(got, x.astype(f32) @ dequantized(q, scale)) < 1e-2
+    sums = _poisoned(lambda *a: gemv(*a, finish=False), x, q, scale, jnp.zeros(shape, f32))
+    assert sums.shape == shape and np.all(np.asarray(sums[b:]) == 0)
+    with pytest.raises(ValueError, match="zeroed .* is not the output buffer"):
+        sparse_gemv(x, q, scale=scale, skip_zeros=False, zeroed=jnp.zeros((shape[0], 95), f32))
 
 
 def _int8_mlp(h, i, seed):
