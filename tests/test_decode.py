@@ -327,20 +327,27 @@ def test_cats_decode_step_counts_kept_neurons_once(kernels_on_tiny_weights):
     assert [e.primitive.name for e in jaxpr.eqns].count("ne") == 1
 
 
-def test_dense_int8_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights):
-    """Dense int8 decode (LM head too): each add + norm launch also zeroes the fp32 buffers that the
-    block's GEMVs (and the head) add into, so XLA runs no memset for them; only the first layer's
-    q|k|v and o, after a norm with no add (no launch), start from XLA's zeros."""
-    dec = decode.prepare(_model("dense", int8="head"), "pallas")
+@pytest.mark.parametrize("mode,int8,batch,per_layer", [("dense", "head", 1, 4), ("teal", False, 3, 4),
+                                                        ("cats", False, 3, 1), ("dense", "head", 3, 4)])
+def test_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights, mode, int8, batch, per_layer):
+    """Every GEMV on the masked tiles (dense int8 with its LM head, TEAL at 3 rows, CATS's down at 3
+    rows) adds into an fp32 buffer that the add + norm launch before it zeroed: XLA runs no memset
+    and no sum of splits for them; only the first layer's q|k|v and o, after a norm with no add (no
+    launch), start from XLA's zeros."""
+    dec = decode.prepare(_model(mode, int8=int8), "pallas")
+    tokens = jnp.zeros((batch, 1), jnp.int32)
     with interpret_on_cpu():
-        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, jnp.zeros((1, 1), jnp.int32), M.init_cache(
-            CFG, 1, 16, f32), plan=dec.plan))(jnp.zeros((1, 1), jnp.int32)).jaxpr
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, tokens, M.init_cache(
+            CFG, batch, 16, f32), plan=dec.plan))(tokens).jaxpr
     made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
     gemvs = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] == "sparse_gemv"]
-    starts = [made_by[e.invars[-1]] for e in gemvs]  # the aliased initial output
+    starts = [made_by[e.invars[-1]] for e in gemvs]  # the aliased initial output (through a reshape)
+    starts = [made_by[e.invars[0]] if e.primitive.name == "reshape" else e for e in starts]
     from_norm = [e.primitive.name == "pallas_call" and e.params["name"] == "add_rms_norm" for e in starts]
-    assert len(gemvs) == 4 * CFG.num_layers + 1 and sum(from_norm) == len(gemvs) - 2
+    first = 0 if mode == "cats" else 2  # CATS's down follows an add + norm in every layer
+    assert len(gemvs) == per_layer * CFG.num_layers + (int8 == "head") and sum(from_norm) == len(gemvs) - first
     assert all(e.primitive.name == "broadcast_in_dim" for e, ok in zip(starts, from_norm) if not ok)
+    assert not [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum" and e.params["axes"] == (0,)]  # splits
 
 
 @pytest.mark.parametrize("zeros", [(), ((1, 96), (4, 1250))])

@@ -81,11 +81,12 @@ def test_sparse_gemv_lowers(lowered_for_gpu, batch, blocks):
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)  # compact + gather
 
 
-@pytest.mark.parametrize("blocks", [G.GemvBlocks(64, 32, 4), G.GatherBlocks(16, 32, 128)])
-def test_sparse_gemv_adds_with_relaxed_atomics(lowered_for_gpu, blocks):
-    """Batch 1's fp32 sums are accumulated by relaxed atomic adds (common.atomic_add): no fence and
-    no wait for the old value at the end of each program."""
-    _lower(lambda x, w: G.sparse_gemv(x, w, blocks=blocks), S((1, H), bf16), S((H, 96), bf16))
+@pytest.mark.parametrize("batch,blocks", [(1, G.GemvBlocks(64, 32, 4)), (1, G.GatherBlocks(16, 32, 128)),
+                                          (3, G.GemvBlocks(32, 32, 2))])
+def test_sparse_gemv_adds_with_relaxed_atomics(lowered_for_gpu, batch, blocks):
+    """The fp32 sums are accumulated by relaxed atomic adds (common.atomic_add): no fence and no wait
+    for the old value at the end of each program (3 rows: the dots' tile folded onto 4 buffer rows)."""
+    _lower(lambda x, w: G.sparse_gemv(x, w, blocks=blocks), S((batch, H), bf16), S((H, 96), bf16))
     adds = [line for r in lowered_for_gpu for line in str(r.module).splitlines() if "tt.atomic_rmw" in line]
     assert adds and all("fadd, relaxed, gpu" in line for line in adds), adds
 
@@ -155,9 +156,10 @@ def test_add_rms_norm_of_unfinished_int8_sums_lowers(lowered_for_gpu, n):
 
 
 def test_add_rms_norm_zeroing_the_next_gemvs_buffers_lowers(lowered_for_gpu):
-    """Dense int8 decode's add + norm: extra programs zero q|k|v's and o's output buffers."""
-    _lower(lambda x, h, s, hs: N.add_rms_norm(x, h, s, 1e-5, hs, zeros=(6144, 4096 + 64)), S((1, 4096), bf16),
-           S((1, 4096), f32), S((4096,), bf16), S((4096,), f32))
+    """The add + norm before GEMVs on the masked tiles: extra programs zero their output buffers
+    (3 rows: 4 padded)."""
+    _lower(lambda x, h, s, hs: N.add_rms_norm(x, h, s, 1e-5, hs, zeros=((4, 6144), (4, 4096 + 64))),
+           S((3, 4096), bf16), S((4, 4096), f32), S((4096,), bf16), S((4096,), f32))
     assert len(lowered_for_gpu) == 1
 
 
