@@ -72,8 +72,9 @@ f32 = jnp.float32
 
 # TEAL decode steps of up to this many rows use the kernels. Rows threshold independently, so a
 # batch's union of kept rows is nearly dense beyond a few rows (real text's unions are only a
-# little sparser than random ones, docs/batching.md). H100, TEAL 50% against dense: 2 rows 1.265x,
-# 8 rows 1.027x on the kernels; 16 rows 0.922x, against 0.991x off them (docs/benchmarks.md).
+# little sparser than random ones, docs/batching.md). H100, TEAL 50% against dense: 2 rows 1.341x,
+# 8 rows 1.128x on the kernels; 16 rows 0.922x, against 0.991x off them, when the kernels' batch
+# sums were fp32 partials that XLA summed (docs/benchmarks.md).
 MAX_KERNEL_BATCH = 8
 # Smaller weight matrices stay with XLA, unless TUNED lists their shape: the kernels' fixed cost
 # exceeded XLA's dense GEMV there (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200
@@ -182,8 +183,9 @@ TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
         (1, 4096, 4096): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),  # o (XLA: 17.0 us)
         (1, 4096, 28672): GatherBlocks(rows=16, cols=128, chunk=512, num_warps=4, num_stages=3),  # gate|up
         (1, 14336, 4096): GatherBlocks(rows=32, cols=64, chunk=512, num_warps=4, num_stages=3),  # down
-        # gate|up at 2..8 rows: 4 splits, not the table's 16 (XLA sums batch x splits x outputs fp32
-        # partials): 66.5 / 80.5 / 87.2 us against 71.9 / 88.0 / 98.9 at 2 / 4 / 8 rows, 50%
+        # gate|up at 2..8 rows: 4 splits, not the table's 16: 66.5 / 80.5 / 87.2 us against 71.9 /
+        # 88.0 / 98.9 at 2 / 4 / 8 rows, 50%, when splits wrote fp32 partials; with the atomic adds,
+        # 87.9 against 90.4 at 8 rows
         **{(b, 4096, 28672): GemvBlocks(rows=32, cols=256, splits=4, num_warps=4, num_stages=3) for b in (2, 4, 8)},
     },
     "NVIDIA H200": {

@@ -24,7 +24,7 @@ def _thresholded(x, t):
 
 
 # (batch, in, segments, sparsities): ragged inputs, q|k|v-like segments with their own thresholds,
-# batch 1 (atomic multiply-add) and 2..8 (dot, padded batch rows, partials), 0..95% sparsity
+# batch 1 (multiply-add) and 2..8 (dot, padded batch rows), both atomic adds, 0..95% sparsity
 SEGMENT_CASES = [
     (1, 200, (64, 32, 32), (0.0, 0.5, 0.95)),
     (2, 96, (32, 16, 16), (0.3, 0.6, 0.9)),
@@ -100,7 +100,7 @@ def test_gather_path_skips_zero_inputs_without_a_threshold():
 # the weighted criterion: each segment keeps input j where |x_j| * factor[segment, j] > its threshold
 @pytest.mark.parametrize("b,n_in,segments,blocks", [
     (1, 200, (64, 32, 32), None),  # batch 1, masked tiles with atomic adds
-    (3, 130, (32, 32, 32), None),  # dots and partials
+    (3, 130, (32, 32, 32), None),  # dots, 3 rows folded onto 4
     (1, 300, (64, 32, 32), G.GatherBlocks(rows=16, cols=16, chunk=128)),  # the gather path
 ])
 def test_sparse_gemv_weighted_criterion_matches_the_rule(b, n_in, segments, blocks):
