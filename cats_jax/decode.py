@@ -19,10 +19,10 @@ GEMV's output reaches the next kernel (decode attention, the residual add + norm
 and dense int8's gate|up the down GEMV, which computes silu(gate) * up) as the GEMV leaves it
 (`Sums`): that kernel scales and rounds it as it loads it, so no launch does only that. GEMVs on
 the masked tiles add into fp32 buffers that the add + norm launch before them zeroed
-(`_sum_buffers`), no memset of XLA's. The other way round, a TEAL GEMV on the gather path (batch 1) gets its input
-already thresholded and compacted (sparse_gemv.Compacted) by the kernel that makes it: the add +
-norm before q|k|v and gate|up, the attention's combine before o (`_compaction`); where XLA
-computes o, that combine applies o's rule.
+(`_sum_buffers`), no memset of XLA's. The other way round, a TEAL GEMV on the gather path (batch
+1) gets its input already thresholded and compacted (sparse_gemv.Compacted) by the kernel that
+makes it: the add + norm before q|k|v and gate|up, the attention's combine before o
+(`_compaction`); where XLA computes o, that combine applies o's rule.
 
 The math is the model's (same functions: rms_norm, attend, the sparsity rules); tests check that
 greedy tokens equal those of the model in fp32. With several thresholded projections fused in one
@@ -103,9 +103,10 @@ class Decoder(NamedTuple):
 
 class Sums(NamedTuple):
     """A decode step's projection as its kernel leaves it (sparse_gemv's finish=False): fp32 sums
-    [R >= B, P >= out] (padding rows and columns zeros), unscaled, with the int8 scale [out] or None. The next kernel (decode attention,
-    add_rms_norm, the down GEMV of silu(gate) * up) scales and rounds them as it loads them: one
-    launch fewer than finishing them apart. `_finished` is the same in jnp, for any other consumer."""
+    [R >= B, P >= out] (padding rows and columns zeros), unscaled, with the int8 scale [out] or
+    None. The next kernel (decode attention, add_rms_norm, the down GEMV of silu(gate) * up) scales
+    and rounds them as it loads them: one launch fewer than finishing them apart. `_finished` is
+    the same in jnp, for any other consumer."""
     sums: jax.Array
     scale: jax.Array | None
 
@@ -459,7 +460,8 @@ def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
         kept.append(frac)
     head = weights["head"]
     if last is None:
-        _, h, (out,) = _add_norm(plan, x, h, weights["norm"], zeros=(_sum_buffer(plan, x, head, head.shape[1:], False),))
+        head_sums = _sum_buffer(plan, x, head, head.shape[1:], thresholded=False)
+        _, h, (out,) = _add_norm(plan, x, h, weights["norm"], zeros=(head_sums,))
     else:  # prefill: only each row's last token, [B, 1, H]
         x = (x + _finished(h, x.shape[0], x.shape[-1], x.dtype))[jnp.arange(x.shape[0]), last][:, None]
         h = rms_norm(x, weights["norm"], plan.cfg.rms_norm_eps)
