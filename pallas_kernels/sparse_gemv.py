@@ -237,8 +237,10 @@ def sum_shape(batch: int, n_in: int, segments: tuple[int, ...], dense: bool = Fa
     None where the blocks take the gather path, whose compaction zeroes its own output."""
     n_out = sum(segments)
     blk = blocks_for(batch, n_in, n_out, dense=True) if dense else _segmented_blocks(batch, n_in, segments)
-    if isinstance(blk, GatherBlocks):
-        return None
+    return None if isinstance(blk, GatherBlocks) else _sum_shape(batch, n_out, blk)
+
+
+def _sum_shape(batch: int, n_out: int, blk: GemvBlocks) -> tuple[int, int]:
     return next_pow2(batch), pl.cdiv(n_out, blk.cols) * blk.cols
 
 
@@ -609,7 +611,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     xs = () if not gated or x_scale is None else (jnp.asarray(x_scale, f32).reshape(1, -1),)
     if not dot:  # batch 1: x as a column
         x, xs = x.reshape(-1, 1), tuple(v.reshape(-1, 1) for v in xs)
-    shape, accumulate, given = (next_pow2(batch), col_blocks * blk.cols), (0,), ()  # sum_shape's
+    shape, accumulate, given = _sum_shape(batch, n_out, blk), (0,), ()
     if zeroed is not None:
         if (zeroed.shape, zeroed.dtype) != (shape, f32):
             raise ValueError(f"sparse_gemv: zeroed {zeroed.shape} {zeroed.dtype} is not the output buffer "
