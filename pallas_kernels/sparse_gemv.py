@@ -235,9 +235,8 @@ def sum_shape(batch: int, n_in: int, segments: tuple[int, ...], dense: bool = Fa
     reads every row, skip_zeros=False without thresholds): R the rows padded to a power of two, P the
     outputs padded to whole column blocks, for an earlier kernel to zero (sparse_gemv's `zeroed`);
     None where the blocks take the gather path, whose compaction zeroes its own output."""
-    n_out = sum(segments)
-    blk = blocks_for(batch, n_in, n_out, dense=True) if dense else _segmented_blocks(batch, n_in, segments)
-    return None if isinstance(blk, GatherBlocks) else _sum_shape(batch, n_out, blk)
+    blk = _gemv_blocks(batch, n_in, segments, dense)
+    return None if isinstance(blk, GatherBlocks) else _sum_shape(batch, sum(segments), blk)
 
 
 def _sum_shape(batch: int, n_out: int, blk: GemvBlocks) -> tuple[int, int]:
@@ -247,6 +246,11 @@ def _sum_shape(batch: int, n_out: int, blk: GemvBlocks) -> tuple[int, int]:
 def _bounds(segments) -> tuple[int, ...]:
     """The first column of every output segment after the first."""
     return tuple(itertools.accumulate(segments))[:-1]
+
+
+def _gemv_blocks(batch: int, n_in: int, segments, dense: bool) -> GemvBlocks | GatherBlocks:
+    """The blocks sparse_gemv takes when given none: the dense ones for a GEMV that reads every row."""
+    return blocks_for(batch, n_in, sum(segments), dense=True) if dense else _segmented_blocks(batch, n_in, segments)
 
 
 def _segmented_blocks(batch: int, n_in: int, segments) -> GemvBlocks | GatherBlocks:
@@ -527,8 +531,8 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
     gated: x is a gate|up GEMV's unfinished fp32 sums [B, >= 2 in] (x_scale: their int8 scale [2 in]
     or None) and the input is gated_input(x, x_scale, in, out_dtype): silu(gate) * up.
     finish=False: the fp32 sums [R >= B, P >= out] as the kernels leave them, unscaled, rows past B
-    and columns past `out` padding (zeros), for a consumer kernel that scales and rounds them as it loads them
-    (pallas_kernels.norm, pallas_kernels.attention): no launch of its own finishes them.
+    and columns past `out` padding (zeros), for a consumer kernel that scales and rounds them as it
+    loads them (pallas_kernels.norm, pallas_kernels.attention): no launch of its own finishes them.
     skip_zeros=False (masked tiles, no threshold): read every row of w without testing x first, for
     an input with no zeros worth skipping (dense int8 decode): the weight loads then need not wait
     for x's.
@@ -575,7 +579,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
                              f"[segments, in] = {(len(segments), n_in)}")
     fs = [] if factors is None else [jnp.asarray(factors, f32)]  # the kernels take them after the thresholds
     dense = not skip_zeros and threshold is None
-    blk = blocks or (blocks_for(batch, n_in, n_out, dense=True) if dense else _segmented_blocks(batch, n_in, segments))
+    blk = blocks or _gemv_blocks(batch, n_in, segments, dense)
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     scale = check_scale("sparse_gemv", w, scale, n_out)
