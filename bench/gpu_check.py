@@ -364,7 +364,7 @@ def main(argv=None):
     mlp_cases = [(b, h, i, sp()) for b, h, i in (REAL[2:3] if a.quick else REAL)]
     mlp_cases += [(int(rng.integers(1, 9)), int(rng.integers(16, 3000)), int(rng.integers(16, 6000)), sp())
                   for _ in range(2 if a.quick else 6)]
-    gemv_cases = [(int(rng.integers(1, 9)), int(rng.integers(16, 15000)), int(rng.integers(16, 9000)), sp())
+    gemv_cases = [(int(rng.integers(1, 17)), int(rng.integers(16, 15000)), int(rng.integers(16, 9000)), sp())
                   for _ in range(2 if a.quick else 5)]
     attention_cases = [(1, 32, 8, 128, 4096, None), (4, 32, 8, 128, 640, 256), (3, 9, 3, 64, 300, None),
                        (2, 24, 3, 128, 1000, None), (8, 8, 8, 64, 77, 16)][: 2 if a.quick else None]

@@ -1,6 +1,6 @@
 """Sparse-input GEMV: y = x @ W for a few rows x (decode), skipping the rows of W whose inputs are zero.
 
-x [B, in] (B = 1..8 decode rows), W [in, out] (the Flax kernel layout, input-major: the weights of
+x [B, in] (B = 1..16 decode rows), W [in, out] (the Flax kernel layout, input-major: the weights of
 one input channel are one contiguous row). Row r of W is read only if some batch row has
 x[b, r] != 0 (the union over the batch); each batch row still multiplies its own values, zeros
 included. With `threshold` the test is fused: x[b, r] := 0 where |x[b, r]| <= threshold (TEAL's
@@ -72,10 +72,10 @@ f32 = jnp.float32
 
 # TEAL decode steps of up to this many rows use the kernels. Rows threshold independently, so a
 # batch's union of kept rows is nearly dense beyond a few rows (real text's unions are only a
-# little sparser than random ones, docs/batching.md). H100, TEAL 50% against dense: 2 rows 1.341x,
-# 8 rows 1.128x on the kernels; 16 rows 0.922x, against 0.991x off them, when the kernels' batch
-# sums were fp32 partials that XLA summed (docs/benchmarks.md).
-MAX_KERNEL_BATCH = 8
+# little sparser than random ones, docs/batching.md), but the kernels' dots still beat XLA's
+# products there. H100, TEAL 50% against dense: 2 rows 1.341x, 8 rows 1.128x, 16 rows 1.049x on
+# the kernels against 0.989x off them (docs/benchmarks.md).
+MAX_KERNEL_BATCH = 16
 # Smaller weight matrices stay with XLA, unless TUNED lists their shape: the kernels' fixed cost
 # exceeded XLA's dense GEMV there (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200
 # with the table's blocks; docs/benchmarks.md). Tests set it to 0 to run the kernels on tiny models.

@@ -24,12 +24,13 @@ def _thresholded(x, t):
 
 
 # (batch, in, segments, sparsities): ragged inputs, q|k|v-like segments with their own thresholds,
-# batch 1 (multiply-add) and 2..8 (dot, padded batch rows), both atomic adds, 0..95% sparsity
+# batch 1 (multiply-add) and 2..16 (dot, padded batch rows), both atomic adds, 0..95% sparsity
 SEGMENT_CASES = [
     (1, 200, (64, 32, 32), (0.0, 0.5, 0.95)),
     (2, 96, (32, 16, 16), (0.3, 0.6, 0.9)),
     (5, 72, (48, 16), (0.8, 0.2)),
     (8, 130, (32, 32, 32), (0.95, 0.95, 0.5)),
+    (16, 80, (32, 16), (0.5, 0.95)),
 ]
 
 
@@ -187,5 +188,5 @@ def test_a_tuned_shape_takes_the_kernel_below_the_size_rule(monkeypatch):
     with interpret_on_cpu():
         assert G.kernel_pays(1, 64, 96) and not G.kernel_pays(1, 64, 64)
         assert G.kernel_pays(1, 8192, 4096)  # above MIN_KERNEL_WEIGHTS
-        assert G.kernel_pays(8, 8192, 4096) and not G.kernel_pays(9, 8192, 4096)  # MAX_KERNEL_BATCH
+        assert G.kernel_pays(16, 8192, 4096) and not G.kernel_pays(17, 8192, 4096)  # MAX_KERNEL_BATCH
     assert not G.kernel_pays(1, 64, 96)  # kernels off (the CPU outside interpret mode)
