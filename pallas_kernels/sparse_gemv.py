@@ -81,8 +81,9 @@ MAX_KERNEL_BATCH = 16
 # with the table's blocks; docs/benchmarks.md). Tests set it to 0 to run the kernels on tiny models.
 MIN_KERNEL_WEIGHTS = 20_000_000
 # int8 weights take the kernels up to this many rows, thresholded or not: XLA's GEMV of an int8
-# matrix converted in the product ran at a third of the read ceiling (docs/benchmarks.md).
-MAX_INT8_BATCH = 8
+# matrix converted in the product ran at a third of the read ceiling (docs/benchmarks.md). At 9-16
+# rows the kernels run the tiles they run at 8 (the dots pad the rows to 16 either way).
+MAX_INT8_BATCH = 16
 
 
 def score(value, factor=None):

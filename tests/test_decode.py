@@ -230,11 +230,13 @@ def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, monkey
     assert len(fed) == (CFG.num_layers if path == "gather" else 0)
 
 
-@pytest.mark.parametrize("mode,int8", [("cats", False), ("teal", False), ("teal", True), ("dense", True)])
-def test_kernel_decode_of_ragged_batches(kernels_on_tiny_weights, mode, int8):
-    """Batch 3 (padding rows too): the kernels' greedy tokens equal the jnp path's (CATS on its
-    kernel, TEAL and int8 on the masked tiles' batched dots)."""
+@pytest.mark.parametrize("mode,int8,rows", [("cats", False, 3), ("teal", False, 3), ("teal", True, 3),
+                                           ("dense", True, 3), ("teal", True, 12)])
+def test_kernel_decode_of_ragged_batches(kernels_on_tiny_weights, mode, int8, rows):
+    """Batches of 3 and 12 rows (padding rows too): the kernels' greedy tokens equal the jnp path's
+    (CATS on its kernel, TEAL and int8 on the masked tiles' batched dots)."""
     prompts = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]]
+    prompts = [[(t + 7 * (i // 3)) % 97 for t in prompts[i % 3]] for i in range(rows)]
     m = _model(mode, int8=int8)
     want = generate(decode.prepare(m, "jnp"), prompts, 8, eos_ids=())
     with interpret_on_cpu(), poisoned_outputs():
@@ -328,10 +330,11 @@ def test_cats_decode_step_counts_kept_neurons_once(kernels_on_tiny_weights):
 
 
 @pytest.mark.parametrize("mode,int8,batch,per_layer", [("dense", "head", 1, 4), ("teal", False, 3, 4),
-                                                        ("cats", False, 3, 1), ("dense", "head", 3, 4)])
+                                                        ("cats", False, 3, 1), ("dense", "head", 3, 4),
+                                                        ("teal", False, 16, 4), ("dense", "head", 12, 4)])
 def test_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights, mode, int8, batch, per_layer):
-    """Every GEMV on the masked tiles (dense int8 with its LM head, TEAL at 3 rows, CATS's down at 3
-    rows) adds into an fp32 buffer that the add + norm launch before it zeroed: XLA runs no memset
+    """Every GEMV on the masked tiles (dense int8 with its LM head at 1, 3 and 12 rows, TEAL at 3 and
+    16 rows, CATS's down at 3 rows) adds into an fp32 buffer that the add + norm launch before it zeroed: XLA runs no memset
     and no sum of splits for them; only the first layer's q|k|v and o, after a norm with no add (no
     launch), start from XLA's zeros."""
     dec = decode.prepare(_model(mode, int8=int8), "pallas")

@@ -75,7 +75,7 @@ def _thresholded(x, t):
 
 # (batch, in, segments, sparsities, blocks, activation dtype): ragged inputs and columns,
 # q|k|v-like segments with their own thresholds, 0..95% sparsity; batch 1 on the masked tiles
-# (multiply-add, atomics) and on the gather path, batches 2..8 on the dot path
+# (multiply-add, atomics) and on the gather path, batches 2..16 on the dot path
 GEMV_CASES = [
     (1, 200, (64, 32, 32), (0.0, 0.5, 0.95), None, bf16),
     (1, 300, (48, 40), (0.9, 0.3), G.GatherBlocks(rows=16, cols=16, chunk=128), bf16),
@@ -83,6 +83,7 @@ GEMV_CASES = [
     (2, 96, (32, 16, 16), (0.3, 0.6, 0.9), None, bf16),
     (5, 72, (48, 16), (0.8, 0.2), None, f32),
     (8, 130, (32, 32, 32), (0.95, 0.95, 0.5), None, bf16),
+    (16, 80, (32, 16), (0.5, 0.95), None, bf16),
 ]
 
 
@@ -102,7 +103,8 @@ def test_sparse_gemv_int8_matches_the_dequantized_reference(b, n_in, segments, s
 
 @pytest.mark.parametrize("b,n_in,n_out,blocks", [(1, 200, 96, G.GemvBlocks(rows=32, cols=32, splits=4)),  # a row tail
                                                   (1, 128, 64, G.GemvBlocks(rows=16, cols=64, splits=2)),
-                                                  (3, 72, 48, G.GemvBlocks(rows=16, cols=16, splits=2))])
+                                                  (3, 72, 48, G.GemvBlocks(rows=16, cols=16, splits=2)),
+                                                  (13, 72, 48, None)])  # the dense blocks, fitted
 def test_dense_int8_gemv_reads_every_row(b, n_in, n_out, blocks):
     """skip_zeros=False (dense int8 decode): no row is tested, zeros in x included; the input's tail
     past its end is still masked."""
