@@ -334,9 +334,9 @@ def test_cats_decode_step_counts_kept_neurons_once(kernels_on_tiny_weights):
                                                         ("teal", False, 16, 4), ("dense", "head", 12, 4)])
 def test_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights, mode, int8, batch, per_layer):
     """Every GEMV on the masked tiles (dense int8 with its LM head at 1, 3 and 12 rows, TEAL at 3 and
-    16 rows, CATS's down at 3 rows) adds into an fp32 buffer that the add + norm launch before it zeroed: XLA runs no memset
-    and no sum of splits for them; only the first layer's q|k|v and o, after a norm with no add (no
-    launch), start from XLA's zeros."""
+    16 rows, CATS's down at 3 rows) adds into an fp32 buffer that the add + norm launch before it
+    zeroed: XLA runs no memset and no sum of splits for them; only the first layer's q|k|v and o,
+    after a norm with no add (no launch), start from XLA's zeros."""
     dec = decode.prepare(_model(mode, int8=int8), "pallas")
     tokens = jnp.zeros((batch, 1), jnp.int32)
     with interpret_on_cpu():
