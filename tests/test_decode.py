@@ -235,8 +235,8 @@ def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, monkey
 def test_kernel_decode_of_ragged_batches(kernels_on_tiny_weights, mode, int8, rows):
     """Batches of 3 and 12 rows (padding rows too): the kernels' greedy tokens equal the jnp path's
     (CATS on its kernel, TEAL and int8 on the masked tiles' batched dots)."""
-    prompts = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]]
-    prompts = [[(t + 7 * (i // 3)) % 97 for t in prompts[i % 3]] for i in range(rows)]
+    base = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]]  # past 3 rows, shifted copies of these
+    prompts = [[(t + 7 * (i // 3)) % CFG.vocab_size for t in base[i % 3]] for i in range(rows)]
     m = _model(mode, int8=int8)
     want = generate(decode.prepare(m, "jnp"), prompts, 8, eos_ids=())
     with interpret_on_cpu(), poisoned_outputs():
