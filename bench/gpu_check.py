@@ -3,7 +3,7 @@
     python -m bench.gpu_check [--seed N] [--no-model]
 
 1. cats_mlp and sparse_gemv (masked tiles, and the batch-1 gather path) on fresh random inputs:
-   real shapes and random ragged ones, B = 1..8, sparsity 0..95%, outputs NaN-poisoned; relative
+   real shapes and random ragged ones, B = 1..16, sparsity 0..95%, outputs NaN-poisoned; relative
    error against the fp32 reference (sparsity.gated_mlp at full fp32 matmul precision) and the
    exact set of kept neurons; the same with int8 weights (one fp32 scale per output channel)
    against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel, and
@@ -362,7 +362,7 @@ def main(argv=None):
     rng = np.random.default_rng(seed)
     sp = lambda: float(rng.uniform(0.0, 0.95))
     mlp_cases = [(b, h, i, sp()) for b, h, i in (REAL[2:3] if a.quick else REAL)]
-    mlp_cases += [(int(rng.integers(1, 9)), int(rng.integers(16, 3000)), int(rng.integers(16, 6000)), sp())
+    mlp_cases += [(int(rng.integers(1, 17)), int(rng.integers(16, 3000)), int(rng.integers(16, 6000)), sp())
                   for _ in range(2 if a.quick else 6)]
     gemv_cases = [(int(rng.integers(1, 17)), int(rng.integers(16, 15000)), int(rng.integers(16, 9000)), sp())
                   for _ in range(2 if a.quick else 5)]
