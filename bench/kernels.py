@@ -366,19 +366,20 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
 
 
 # ---- TEAL: sparse-input GEMVs of every projection ---------------------------------------------
-def projections(models, tp=1):
+def projections(models, tp=1, compare=True):
     """(label, n_in, segments) per distinct projection GEMV of the models, as TEAL runs them: q/k/v
-    fused (one input, three thresholds), o, gate/up fused (and gate alone, to compare), down;
-    tp > 1: one device's shard of each."""
+    fused (one input, three thresholds), o, gate/up fused (and with compare, gate alone, which
+    decode never runs: a tune skips it), down; tp > 1: one device's shard of each."""
     out = {}
     for m in models:
         c = config(m, tp)
         qkv = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
         for name, n_in, segs in (("qkv", c.hidden_size, qkv), ("o", c.num_heads * c.head_dim, (c.hidden_size,)),
                                  ("gate|up", c.hidden_size, (c.intermediate_size,) * 2),
-                                 ("gate", c.hidden_size, (c.intermediate_size,)),  # gate or up alone
+                                 ("gate", c.hidden_size, (c.intermediate_size,)),
                                  ("down", c.intermediate_size, (c.hidden_size,))):
-            out.setdefault((n_in, segs), f"{m} {name}" + (f" tp{tp} shard" if tp > 1 else ""))
+            if name != "gate" or compare:
+                out.setdefault((n_in, segs), f"{m} {name}" + (f" tp{tp} shard" if tp > 1 else ""))
     return [(label, n_in, segs) for (n_in, segs), label in out.items()]
 
 
@@ -404,7 +405,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
     sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
     copy, bw = _ceilings()
     rows = []
-    for label, n_in, segs in projections(models, tp):
+    for label, n_in, segs in projections(models, tp, compare=tune_at is None):
         w = (jax.random.normal(jax.random.key(0), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
         wk, scale = quantize_int8(w) if int8 else (w, None)  # the kernel's weights; XLA's stay bf16
         for b in batch:

@@ -78,3 +78,13 @@ def test_forced_check_tells_a_kernel_error_from_agreement(monkeypatch):
         kernel_thresholds = decode._kernel_thresholds
         monkeypatch.setattr(decode, "_kernel_thresholds", lambda ths: [t * 1.3 for t in kernel_thresholds(ths)])
         assert not check_forced(jnp.float32, "teal", steps=2, batch=1, cfg=cfg)
+
+
+def test_a_tune_times_only_the_projections_decode_runs():
+    from bench.kernels import projections
+
+    labels = [label for label, _, _ in projections(["mistral-7b"])]
+    tuned = [label for label, _, _ in projections(["mistral-7b"], compare=False)]
+    assert "mistral-7b gate" in labels
+    assert tuned == [label for label in labels if label != "mistral-7b gate"]
+    assert tuned == ["mistral-7b qkv", "mistral-7b o", "mistral-7b gate|up", "mistral-7b down"]
