@@ -391,34 +391,63 @@ def _gemv_thresholds(x, segs, sparsity):
     return tuple(jnp.full((), t, f32) for _ in segs), union  # one scalar per segment, as the model passes them
 
 
-def _gemv(x, w, t, segs, blocks, scale, sparsity):
-    """The sparse GEMV as TEAL's decode runs it; at sparsity 0 the dense GEMV as dense int8 decode
-    runs it (no threshold, every row read without testing x; bf16 too, to compare with XLA's)."""
-    if sparsity == 0:  # and with the dense blocks, as decode has them
-        blocks = blocks or G.blocks_for(x.shape[0], *w.shape, dense=True)
-        return G.sparse_gemv(x, w, blocks=blocks, scale=scale, skip_zeros=False)
-    return G.sparse_gemv(x, w, t, segments=segs, blocks=blocks, scale=scale)
+def _gemv_input(batch, n_in, gated):
+    """A projection's input as decode hands it over, and its values: bf16 rows [B, in]; gated (the
+    down projection): the gate|up GEMV's unfinished fp32 sums [B, 2 in], whose values are
+    silu(gate) * up (sparse_gemv's gated input)."""
+    key = jax.random.key(batch)
+    if not gated:
+        x = jax.random.normal(key, (batch, n_in), f32).astype(jnp.bfloat16)
+        return x, x
+    sums = 2 * jax.random.normal(key, (batch, 2 * n_in), f32)
+    return sums, G.gated_input(sums, None, n_in, jnp.bfloat16)
+
+
+def _gemv_call(x, w, t, segs, blocks, scale, sparsity, gated):
+    """(f, args): the GEMV as TEAL's decode launches it (dense int8's at sparsity 0), for loop_timer.
+    Its sums stay unfinished (the next kernel finishes them). The down projection (gated) computes
+    silu(gate) * up from gate|up's sums, in its compaction or in its tiles. The other projections'
+    gathers take their input compacted by the kernel that makes it (the add + norm, the
+    attention's combine), so their compaction runs once, outside the timed loop. The buffer the
+    masked tiles or a compacted input's gather add into costs an XLA memset or copy a call alike,
+    where decode's add + norm and compactions zero it."""
+    dense = sparsity == 0
+    kw = dict(segments=segs, blocks=blocks, scale=scale, finish=False, gated=gated,
+              out_dtype=jnp.bfloat16 if gated else None)
+    if gated or not isinstance(blocks, G.GatherBlocks):
+        if dense:
+            return (lambda x, w: G.sparse_gemv(x, w, skip_zeros=False, **kw)), (x, w)
+        return (lambda x, w, t: G.sparse_gemv(x, w, t, **kw)), (x, w, t)
+    layout = G.CompactLayout(w.shape[0], w.shape[1], len(segs), blocks, thresholded=not dense)
+    ts = tuple(jnp.asarray(v, f32).reshape(1) for v in (t if not dense else [0.0] * len(segs)))
+    xc = G.compact(x, G.Compaction(layout, ts), jnp.bfloat16)
+
+    def gather(val, idx, count, out, w):  # the compacted values carry the loop's dependency
+        return G.sparse_gemv(G.Compacted(layout, idx, val, count, out), w, segments=segs, scale=scale, finish=False)
+
+    return gather, (xc.val, xc.idx, xc.count, xc.out, w)
 
 
 def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=None, int8=False, tp=1):
-    """Per projection: sparse_gemv with the fused threshold vs XLA's dense x @ W. With tune_at (a
-    sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
+    """Per projection: sparse_gemv as decode launches it (_gemv_call) vs XLA's dense x @ W. With
+    tune_at (a sparsity), first time GEMV_CANDIDATES per (projection, batch) there and use the best."""
     copy, bw = _ceilings()
     rows = []
     for label, n_in, segs in projections(models, tp, compare=tune_at is None):
+        gated = label.split()[1] == "down"
         w = (jax.random.normal(jax.random.key(0), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
         wk, scale = quantize_int8(w) if int8 else (w, None)  # the kernel's weights; XLA's stay bf16
         for b in batch:
-            x = jax.random.normal(jax.random.key(b), (b, n_in), f32).astype(jnp.bfloat16)
-            dense_us = loop_timer(lambda x, w: x @ w, n=(20, 100))(x, w)
+            x, values = _gemv_input(b, n_in, gated)
+            dense_us = loop_timer(lambda x, w: x @ w, n=(20, 100))(values, w)
             blk = None
             if tune_at is not None:
-                t, _ = _gemv_thresholds(x, segs, tune_at)
+                t, _ = _gemv_thresholds(values, segs, tune_at)
                 timed = []
                 for cand in candidates(GEMV_CANDIDATES, b):
                     cand = dataclasses.replace(cand, cols=min(cand.cols, math.gcd(*segs) & -math.gcd(*segs)))
-                    gemv = lambda x, w, t, c=cand: _gemv(x, w, t, segs, c, scale, tune_at)
-                    us = _time(f"{label} B={b} {cand}", gemv, x, wk, t, n=(20, 100))
+                    f, args = _gemv_call(x, wk, t, segs, cand, scale, tune_at, gated)
+                    us = _time(f"{label} B={b} {cand}", f, *args, n=(20, 100))
                     if us is not None:
                         timed.append((us, cand))
                         print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
@@ -427,8 +456,9 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 G._tuned()[key] = blk  # in this process
                 print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {blk}", flush=True)
             for s in sparsity:
-                t, union = _gemv_thresholds(x, segs, s)
-                us = loop_timer(lambda x, w, t: _gemv(x, w, t, segs, blk, scale, s), n=(20, 100))(x, wk, t)
+                t, union = _gemv_thresholds(values, segs, s)
+                f, args = _gemv_call(x, wk, t, segs, blk or G._gemv_blocks(b, n_in, segs, s == 0), scale, s, gated)
+                us = loop_timer(f, n=(20, 100))(*args)
                 ideal = n_in * (1 - union) * sum(segs) * (1 if int8 else 2) / bw * 1e6
                 rows.append(dict(shape=label + (" int8" if int8 else ""), H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,
                                  kernel_us=us, dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal,

@@ -88,3 +88,23 @@ def test_a_tune_times_only_the_projections_decode_runs():
     assert "mistral-7b gate" in labels
     assert tuned == [label for label in labels if label != "mistral-7b gate"]
     assert tuned == ["mistral-7b qkv", "mistral-7b o", "mistral-7b gate|up", "mistral-7b down"]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("blocks", [G.GemvBlocks(rows=16, cols=32, splits=4), G.GatherBlocks(rows=8, cols=32, chunk=64)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_a_tune_times_each_gemv_as_decode_launches_it(gated, blocks, sparsity):
+    """bench.kernels times what decode runs: the unfinished sums of x' @ W, x' the thresholded input
+    (down: silu(gate) * up from gate|up's sums), a gather's input compacted before the timed call."""
+    from bench.kernels import _gemv_call, _gemv_input, _gemv_thresholds
+
+    n_in, segs = 160, (64, 32, 32)
+    w = jax.random.normal(jax.random.key(7), (n_in, sum(segs)), jnp.float32).astype(jnp.bfloat16)
+    x, values = _gemv_input(1, n_in, gated)
+    t, union = _gemv_thresholds(values, segs, sparsity)
+    f, args = _gemv_call(x, w, t, segs, blocks, None, sparsity, gated)
+    got = f(*args)[:1, :sum(segs)]
+    v = values.astype(jnp.float32)
+    want = jnp.where(jnp.abs(v) > t[0], v, 0.0) @ w.astype(jnp.float32)
+    assert abs(union - sparsity) < 0.05
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 1e-5
