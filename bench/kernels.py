@@ -235,7 +235,8 @@ def _meta(copy, read):
         versions=versions, python=platform.python_version(),
         copy_bandwidth_TBps=copy / 1e12, read_bandwidth_TBps=read / 1e12,
         tables={"gate_up": {k: dataclasses.asdict(v) for k, v in K.TABLE.items()},
-                "sparse_gemv": {k: dataclasses.asdict(v) for k, v in G.TABLE.items()}},
+                "sparse_gemv": {k: dataclasses.asdict(v) for k, v in G.TABLE.items()},
+                "sparse_gemv_tuned": {str(k): dataclasses.asdict(v) for k, v in G._tuned().items()}},
     )
 
 
@@ -325,7 +326,9 @@ def _time(label, f, *args, n=(10, 40)):
 
 def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
     """Time every candidate at `sparsity`: gate_up and sparse_gemv (the down projection). Print
-    them; the winners replace the tables' entries in this process."""
+    them; in this process the winners become the blocks the kernels take: gate_up's in
+    cats_mlp.TABLE, the down projection's as this device's sparse_gemv.TUNED entry for its shape
+    (where blocks_for looks first; printed as a line to paste there)."""
     copy, bw = _ceilings()
     out = []
     for label, h, i in shapes(models):
@@ -346,7 +349,7 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
                 for blk in cands:
                     us = _time(f"{label} B={b} {kind} {blk}", make(blk), *args)
                     if us is not None:
-                        out.append(dict(shape=label, batch=b, kernel=kind, blocks=dataclasses.asdict(blk),
+                        out.append(dict(shape=label, H=h, I=i, batch=b, kernel=kind, blocks=dataclasses.asdict(blk),
                                         block_type=type(blk).__name__, us=us, union_sparsity=union))
                         print(f"{label} B={b} {kind} {blk}: {us:.1f} us", flush=True)
     print("\nbest per (shape, batch, kernel):")
@@ -358,8 +361,10 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
     for key, r in best.items():
         print(f"  {key}: {r['us']:.1f} us  {r['blocks']}")
     for (_, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
-        if kind == "sparse_gemv":
-            G.TABLE[next_pow2(b)] = getattr(G, r["block_type"])(**r["blocks"])
+        if kind == "sparse_gemv":  # where blocks_for looks first: the down projection [I, H] of this shape
+            key = (next_pow2(b), r["I"], r["H"])
+            G._tuned()[key] = getattr(G, r["block_type"])(**r["blocks"])
+            print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {G._tuned()[key]}", flush=True)
         if kind == "gate_up":
             K.TABLE[next_pow2(b)] = K.GateUpBlocks(**r["blocks"])
     return dict(meta=_meta(copy, bw), tune=out)

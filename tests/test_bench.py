@@ -108,3 +108,23 @@ def test_a_tune_times_each_gemv_as_decode_launches_it(gated, blocks, sparsity):
     want = jnp.where(jnp.abs(v) > t[0], v, 0.0) @ w.astype(jnp.float32)
     assert abs(union - sparsity) < 0.05
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 1e-5
+
+
+def test_the_cats_tune_leaves_its_winners_where_the_kernels_look(monkeypatch):
+    """bench.kernels.tune's down-projection winner goes to this device's sparse_gemv.TUNED entry for
+    the shape (blocks_for reads it before the table), gate_up's to cats_mlp.TABLE."""
+    from bench import kernels as B
+    from pallas_kernels import cats_mlp as K
+
+    monkeypatch.setattr(K, "TABLE", dict(K.TABLE))
+    monkeypatch.setattr(G, "TUNED", {})
+    monkeypatch.setattr(B, "_ceilings", lambda: (1e12, 1e12))
+    times = iter(range(1000, 0, -1))  # every candidate faster than the one before: the last wins
+    monkeypatch.setattr(B, "_time", lambda label, f, *args, n=None: float(next(times)))
+    B.tune(models=("smollm2-135m",), batch=(1,), sparsity=0.5)
+    assert K.TABLE[1] == B.GATE_UP_CANDIDATES[1][-1]
+    cfg = B.config("smollm2-135m")
+    winner = B.GEMV_CANDIDATES[1][-1]
+    assert G._tuned()[(1, cfg.intermediate_size, cfg.hidden_size)] == winner
+    picked = G.blocks_for(1, cfg.intermediate_size, cfg.hidden_size)  # fitted to the shape
+    assert (type(picked), picked.rows, picked.num_warps) == (type(winner), winner.rows, winner.num_warps)
