@@ -324,6 +324,13 @@ def _time(label, f, *args, n=(10, 40)):
         return None
 
 
+def _set_tuned(key, blocks):
+    """A tune's winner as this device's sparse_gemv.TUNED entry (in this process), printed as the
+    line to paste there."""
+    G._tuned()[key] = blocks
+    print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {blocks}", flush=True)
+
+
 def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
     """Time every candidate at `sparsity`: gate_up and sparse_gemv (the down projection). Print
     them; in this process the winners become the blocks the kernels take: gate_up's in
@@ -362,9 +369,7 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
         print(f"  {key}: {r['us']:.1f} us  {r['blocks']}")
     for (_, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
         if kind == "sparse_gemv":  # where blocks_for looks first: the down projection [I, H] of this shape
-            key = (next_pow2(b), r["I"], r["H"])
-            G._tuned()[key] = getattr(G, r["block_type"])(**r["blocks"])
-            print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {G._tuned()[key]}", flush=True)
+            _set_tuned((next_pow2(b), r["I"], r["H"]), getattr(G, r["block_type"])(**r["blocks"]))
         if kind == "gate_up":
             K.TABLE[next_pow2(b)] = K.GateUpBlocks(**r["blocks"])
     return dict(meta=_meta(copy, bw), tune=out)
@@ -457,9 +462,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                         timed.append((us, cand))
                         print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
                 blk = min(timed, key=lambda r: r[0])[1]
-                key = (next_pow2(b), n_in, sum(segs))
-                G._tuned()[key] = blk  # in this process
-                print(f"TUNED[{jax.devices()[0].device_kind!r}][{key}] = {blk}", flush=True)
+                _set_tuned((next_pow2(b), n_in, sum(segs)), blk)
             for s in sparsity:
                 t, union = _gemv_thresholds(values, segs, s)
                 f, args = _gemv_call(x, wk, t, segs, blk or G._gemv_blocks(b, n_in, segs, s == 0), scale, s, gated)
