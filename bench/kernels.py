@@ -369,7 +369,8 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
         print(f"  {key}: {r['us']:.1f} us  {r['blocks']}")
     for (_, b, kind), r in best.items():  # the winners replace the tables' entries, in this process
         if kind == "sparse_gemv":  # where blocks_for looks first: the down projection [I, H] of this shape
-            _set_tuned((next_pow2(b), r["I"], r["H"]), getattr(G, r["block_type"])(**r["blocks"]))
+            _set_tuned(G.tuned_key(b, r["I"], r["H"], G.gemv_variant(w_down.dtype, cats_down=True)),
+                       getattr(G, r["block_type"])(**r["blocks"]))
         if kind == "gate_up":
             K.TABLE[next_pow2(b)] = K.GateUpBlocks(**r["blocks"])
     return dict(meta=_meta(copy, bw), tune=out)
@@ -462,10 +463,11 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                         timed.append((us, cand))
                         print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
                 blk = min(timed, key=lambda r: r[0])[1]
-                _set_tuned((next_pow2(b), n_in, sum(segs)), blk)
+                _set_tuned(G.tuned_key(b, n_in, sum(segs), G.gemv_variant(wk.dtype)), blk)
             for s in sparsity:
                 t, union = _gemv_thresholds(values, segs, s)
-                f, args = _gemv_call(x, wk, t, segs, blk or G._gemv_blocks(b, n_in, segs, s == 0), scale, s, gated)
+                f, args = _gemv_call(x, wk, t, segs, blk or G._gemv_blocks(b, n_in, segs, s == 0, G.gemv_variant(wk.dtype)),
+                                     scale, s, gated)
                 us = loop_timer(f, n=(20, 100))(*args)
                 ideal = n_in * (1 - union) * sum(segs) * (1 if int8 else 2) / bw * 1e6
                 rows.append(dict(shape=label + (" int8" if int8 else ""), H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,

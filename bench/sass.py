@@ -180,11 +180,16 @@ def cases(model: str, int8: bool, device: str):
     wt = i8 if int8 else bf16
     tuned = G.TUNED.get(device, {})
 
+    def tuned_blocks(n_in, n_out, cats_down=False):
+        """TUNED's blocks for `device` as blocks_for looks them up (the variant's first), or None."""
+        variant = G.gemv_variant(wt, cats_down)
+        return (variant and tuned.get(G.tuned_key(1, n_in, n_out, variant))) or tuned.get(G.tuned_key(1, n_in, n_out))
+
     def gemv(name, n_in, segs, thresholded=True, gated=False):
         """(label, fn, args) of a projection's GEMV: thresholded ones with TUNED's blocks, dense
         (int8) ones with the dense blocks (sparse_gemv.DENSE), as decode runs them."""
         n_out = sum(segs)
-        blk = (tuned.get((1, n_in, n_out)) if thresholded else None) or G.blocks_for(1, n_in, n_out, dense=not thresholded)
+        blk = (tuned_blocks(n_in, n_out) if thresholded else None) or G.blocks_for(1, n_in, n_out, dense=not thresholded)
         scale = (S((n_out,), f32),) if int8 else ()
         x_scale = (S((2 * n_in,), f32),) if int8 and gated else ()  # the gate|up sums' int8 scale
         x = S((1, 2 * n_in + 128), f32) if gated else S((1, n_in), bf16)
@@ -210,7 +215,7 @@ def cases(model: str, int8: bool, device: str):
         shapes = (G.sum_shape(1, h, (sum(qkv),), dense=True), G.sum_shape(1, h, (h,), dense=True))
         out.append(("add+norm zeroing", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs, zeros=shapes),
                     (S((1, h), bf16), S((1, h + 128), f32), S((h,), bf16), *h_scale)))
-    qkv_blk = tuned.get((1, h, sum(qkv)))
+    qkv_blk = tuned_blocks(h, sum(qkv))
     if isinstance(qkv_blk, G.GatherBlocks):  # the add + norm compacting q|k|v's gather input
         layout = G.CompactLayout(h, sum(qkv), 3, qkv_blk)
         out.append(("add+norm compacting", lambda x, hh, s, *ts: N.add_rms_norm(
@@ -221,7 +226,7 @@ def cases(model: str, int8: bool, device: str):
         (S((1, sum(qkv)), bf16), S((1,), jnp.int32), S((1, 4096, c.num_kv_heads, c.head_dim), bf16),
          S((1, 4096, c.num_kv_heads, c.head_dim), bf16), S((c.head_dim // 2,), f32))))
     scales = (S((2 * n_i,), f32), S((h,), f32)) if int8 else ()
-    down_blk = tuned.get((1, n_i, h))  # CATS's down GEMV as decode runs it on `device`
+    down_blk = tuned_blocks(n_i, h, cats_down=True)  # CATS's down GEMV as decode runs it
     out.append(("cats gate_up+down", lambda x, gu, d, t, *s: K.cats_mlp(x, gu, d, t, scales=s or None,
                                                                          down_blocks=down_blk)[0],
                 (S((1, h), bf16), S((2 * n_i, h), wt), S((n_i, h), wt), S((), f32), *scales)))

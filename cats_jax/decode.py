@@ -296,7 +296,7 @@ def _compaction(plan: Plan, lw, x, name: str) -> sparse_gemv.Compaction | None:
     if w is None or all(t is None for t in thresholds) or not plan.gemv_kernel(x, w):
         return None
     return sparse_gemv.compaction_for(x.shape[0], w.shape[0], _widths(plan.cfg, name), _kernel_thresholds(thresholds),
-                                      _factors(lw, name))
+                                      _factors(lw, name), sparse_gemv.gemv_variant(w.dtype))
 
 
 def _sum_buffer(plan: Plan, x, w, segments, thresholded: bool, cats_down: bool = False) -> tuple[int, int] | None:
@@ -308,7 +308,8 @@ def _sum_buffer(plan: Plan, x, w, segments, thresholded: bool, cats_down: bool =
         return None
     on = plan.cats_kernel(x) if cats_down else (thresholded or w.dtype == jnp.int8) and plan.gemv_kernel(x, w)
     dense = not (thresholded or cats_down)
-    return sparse_gemv.sum_shape(x.shape[0], w.shape[0], segments, dense) if on else None
+    return sparse_gemv.sum_shape(x.shape[0], w.shape[0], segments, dense,
+                                 sparse_gemv.gemv_variant(w.dtype, cats_down)) if on else None
 
 
 def _sum_buffers(plan: Plan, lw, x, names) -> tuple[tuple[int, int] | None, ...]:

@@ -178,12 +178,22 @@ TABLE = {
 # down, and o where its kernel beat XLA's): the fastest blocks at 50% sparsity (`python -m bench.kernels --teal
 # --tune`; docs/benchmarks.md); other devices and shapes take TABLE's. A shape listed here takes
 # the kernel even below MIN_KERNEL_WEIGHTS: list one only where the tuned kernel beats XLA.
-TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
+# A key (padded batch, in, out, variant) holds the blocks of one kind of GEMV of that shape where
+# they differ from the plain key's (TEAL's float GEMVs): "int8" (int8 weights) and "cats" (CATS's
+# down projection of float weights, whose input is already sparse: no threshold, no gate); gemv_variant.
+TUNED: dict[str, dict[tuple, GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
-        (1, 4096, 6144): GatherBlocks(rows=16, cols=128, chunk=128, num_warps=4, num_stages=3),  # Mistral-7B q|k|v
-        (1, 4096, 4096): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),  # o (XLA: 17.0 us)
-        (1, 4096, 28672): GatherBlocks(rows=16, cols=128, chunk=512, num_warps=4, num_stages=3),  # gate|up
+        # 64 x 64 masked tiles on 2 warps against the gathers below (kept for int8): TEAL 50% 2.880 ->
+        # 2.805 ms/step in decode; TEAL's down (gated) kept its gather (2.886 -> 2.985 on the tiles)
+        (1, 4096, 6144): GemvBlocks(rows=64, cols=64, splits=1024, num_warps=2, num_stages=1),  # Mistral-7B q|k|v
+        (1, 4096, 4096): GemvBlocks(rows=64, cols=64, splits=1024, num_warps=2, num_stages=1),  # o (XLA: 16.6 us)
+        (1, 4096, 28672): GemvBlocks(rows=64, cols=64, splits=1024, num_warps=2, num_stages=1),  # gate|up
         (1, 14336, 4096): GatherBlocks(rows=32, cols=64, chunk=512, num_warps=4, num_stages=3),  # down
+        (1, 4096, 6144, "int8"): GatherBlocks(rows=16, cols=128, chunk=128, num_warps=4, num_stages=3),
+        (1, 4096, 4096, "int8"): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),
+        (1, 4096, 28672, "int8"): GatherBlocks(rows=16, cols=128, chunk=512, num_warps=4, num_stages=3),
+        # CATS's down on the tiles: no compaction launch; CATS 50% 4.356 -> 4.272 ms/step
+        (1, 14336, 4096, "cats"): GemvBlocks(rows=64, cols=64, splits=1024, num_warps=2, num_stages=1),
         # gate|up at 2..8 rows: 4 splits, not the table's 16: 66.5 / 80.5 / 87.2 us against 71.9 /
         # 88.0 / 98.9 at 2 / 4 / 8 rows, 50%, when splits wrote fp32 partials; with the atomic adds,
         # 87.9 against 90.4 at 8 rows
@@ -208,19 +218,33 @@ TUNED: dict[str, dict[tuple[int, int, int], GemvBlocks | GatherBlocks]] = {
 DENSE = GemvBlocks(rows=128, cols=128, splits=16, num_warps=4, num_stages=1)
 
 
-def _tuned() -> dict[tuple[int, int, int], GemvBlocks | GatherBlocks]:
+def _tuned() -> dict[tuple, GemvBlocks | GatherBlocks]:
     return TUNED.setdefault(jax.devices()[0].device_kind, {})
 
 
+def gemv_variant(w_dtype, cats_down: bool = False) -> str | None:
+    """Which of TUNED's variant keys a GEMV of these weights looks up first: "int8" for int8 weights,
+    "cats" for CATS's down projection (cats_down) of float weights, None for TEAL's float GEMVs."""
+    return "int8" if w_dtype == jnp.int8 else ("cats" if cats_down else None)
+
+
+def tuned_key(batch: int, n_in: int, n_out: int, variant: str | None = None) -> tuple:
+    """The TUNED key of a GEMV of `batch` rows of this shape and variant."""
+    return (next_pow2(batch), n_in, n_out) + ((variant,) if variant else ())
+
+
 def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None,
-               dense: bool = False) -> GemvBlocks | GatherBlocks:
+               dense: bool = False, variant: str | None = None) -> GemvBlocks | GatherBlocks:
     """The tuned (else the table's) blocks for this batch, fitted to the shape (no block longer than
     its axis); dense: those of a GEMV that reads every row (DENSE at batch 1, else the table's).
-    col_multiple: a length every column block must divide (segment boundaries)."""
+    col_multiple: a length every column block must divide (segment boundaries). variant: the
+    GEMV's gemv_variant, whose TUNED entry comes before the shape's plain one."""
     if dense:
         b = DENSE if batch == 1 else TABLE[min(next_pow2(batch), max(TABLE))]
     else:
-        b = _tuned().get((next_pow2(batch), n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
+        tuned = _tuned()
+        b = (variant and tuned.get(tuned_key(batch, n_in, n_out, variant))) or tuned.get(
+            tuned_key(batch, n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
     low = 16 if batch > 1 and isinstance(b, GemvBlocks) else 1  # tensor-core dots need 16
     cols = max(block_along(n_out, b.cols), low)
     if col_multiple is not None:
@@ -231,12 +255,14 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     return dataclasses.replace(b, rows=rows, cols=cols, splits=max(1, min(b.splits, pl.cdiv(n_in, rows))))
 
 
-def sum_shape(batch: int, n_in: int, segments: tuple[int, ...], dense: bool = False) -> tuple[int, int] | None:
+def sum_shape(batch: int, n_in: int, segments: tuple[int, ...], dense: bool = False,
+              variant: str | None = None) -> tuple[int, int] | None:
     """The fp32 buffer [R, P] that the masked tiles of a GEMV of `batch` rows add into (dense: one that
-    reads every row, skip_zeros=False without thresholds): R the rows padded to a power of two, P the
-    outputs padded to whole column blocks, for an earlier kernel to zero (sparse_gemv's `zeroed`);
-    None where the blocks take the gather path, whose compaction zeroes its own output."""
-    blk = _gemv_blocks(batch, n_in, segments, dense)
+    reads every row, skip_zeros=False without thresholds; variant: the GEMV's): R the rows padded to a
+    power of two, P the outputs padded to whole column blocks, for an earlier kernel to zero
+    (sparse_gemv's `zeroed`); None where the blocks take the gather path, whose compaction zeroes its
+    own output."""
+    blk = _gemv_blocks(batch, n_in, segments, dense, variant)
     return None if isinstance(blk, GatherBlocks) else _sum_shape(batch, sum(segments), blk)
 
 
@@ -249,15 +275,17 @@ def _bounds(segments) -> tuple[int, ...]:
     return tuple(itertools.accumulate(segments))[:-1]
 
 
-def _gemv_blocks(batch: int, n_in: int, segments, dense: bool) -> GemvBlocks | GatherBlocks:
+def _gemv_blocks(batch: int, n_in: int, segments, dense: bool, variant: str | None) -> GemvBlocks | GatherBlocks:
     """The blocks sparse_gemv takes when given none: the dense ones for a GEMV that reads every row."""
-    return blocks_for(batch, n_in, sum(segments), dense=True) if dense else _segmented_blocks(batch, n_in, segments)
+    if dense:
+        return blocks_for(batch, n_in, sum(segments), dense=True)
+    return _segmented_blocks(batch, n_in, segments, variant)
 
 
-def _segmented_blocks(batch: int, n_in: int, segments) -> GemvBlocks | GatherBlocks:
+def _segmented_blocks(batch: int, n_in: int, segments, variant: str | None = None) -> GemvBlocks | GatherBlocks:
     """blocks_for a matrix of these output segments: no column block straddles a segment boundary."""
     bounds = _bounds(segments)
-    return blocks_for(batch, n_in, sum(segments), math.gcd(*bounds) if bounds else None)
+    return blocks_for(batch, n_in, sum(segments), math.gcd(*bounds) if bounds else None, variant=variant)
 
 
 def _segment(c0, bounds):
@@ -416,10 +444,11 @@ class Compacted(NamedTuple):
         return self.val.dtype
 
 
-def compaction_for(batch: int, n_in: int, segments: tuple[int, ...], thresholds, factors=None) -> Compaction | None:
-    """The Compaction of a TEAL GEMV whose blocks (blocks_for) take the gather path; None for the masked
-    tiles, where there is nothing to compact. thresholds: one per segment (scalars)."""
-    blk = _segmented_blocks(batch, n_in, segments)
+def compaction_for(batch: int, n_in: int, segments: tuple[int, ...], thresholds, factors=None,
+                   variant: str | None = None) -> Compaction | None:
+    """The Compaction of a TEAL GEMV whose blocks (blocks_for; variant: the GEMV's) take the gather path;
+    None for the masked tiles, where there is nothing to compact. thresholds: one per segment (scalars)."""
+    blk = _segmented_blocks(batch, n_in, segments, variant)
     if batch != 1 or not isinstance(blk, GatherBlocks):
         return None
     layout = CompactLayout(n_in, sum(segments), len(segments), blk, weighted=factors is not None)
@@ -580,7 +609,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
                              f"[segments, in] = {(len(segments), n_in)}")
     fs = [] if factors is None else [jnp.asarray(factors, f32)]  # the kernels take them after the thresholds
     dense = not skip_zeros and threshold is None
-    blk = blocks or _gemv_blocks(batch, n_in, segments, dense)
+    blk = blocks or _gemv_blocks(batch, n_in, segments, dense, gemv_variant(w.dtype, threshold is None and not gated))
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     scale = check_scale("sparse_gemv", w, scale, n_out)

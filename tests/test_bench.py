@@ -112,7 +112,8 @@ def test_a_tune_times_each_gemv_as_decode_launches_it(gated, blocks, sparsity):
 
 def test_the_cats_tune_leaves_its_winners_where_the_kernels_look(monkeypatch):
     """bench.kernels.tune's down-projection winner goes to this device's sparse_gemv.TUNED entry for
-    the shape (blocks_for reads it before the table), gate_up's to cats_mlp.TABLE."""
+    CATS's down projection of the shape (the "cats" variant, which blocks_for reads before the plain
+    entry and the table; TEAL's down keeps its own), gate_up's to cats_mlp.TABLE."""
     from bench import kernels as B
     from pallas_kernels import cats_mlp as K
 
@@ -125,6 +126,6 @@ def test_the_cats_tune_leaves_its_winners_where_the_kernels_look(monkeypatch):
     assert K.TABLE[1] == B.GATE_UP_CANDIDATES[1][-1]
     cfg = B.config("smollm2-135m")
     winner = B.GEMV_CANDIDATES[1][-1]
-    assert G._tuned()[(1, cfg.intermediate_size, cfg.hidden_size)] == winner
-    picked = G.blocks_for(1, cfg.intermediate_size, cfg.hidden_size)  # fitted to the shape
+    assert G._tuned() == {(1, cfg.intermediate_size, cfg.hidden_size, "cats"): winner}
+    picked = G.blocks_for(1, cfg.intermediate_size, cfg.hidden_size, variant="cats")  # fitted to the shape
     assert (type(picked), picked.rows, picked.num_warps) == (type(winner), winner.rows, winner.num_warps)

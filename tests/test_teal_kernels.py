@@ -3,6 +3,7 @@ the model's TEAL decode steps through the kernels. Outputs are NaN-poisoned and 
 kernel must skip are NaN, so an unwritten output or a row read by mistake fails."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,25 @@ def test_gated_input_rejects_bad_shapes():
         sparse_gemv(jnp.zeros((1, 16), bf16), w, 0.1, gated=True, out_dtype=f32)  # sums are fp32
     with pytest.raises(ValueError, match="out_dtype"):
         sparse_gemv(jnp.zeros((1, 16), f32), w, 0.1, gated=True)
+
+
+def test_a_variant_entry_comes_before_the_shape_entry(monkeypatch):
+    """TUNED's (batch, in, out, variant) entry is what int8 weights ("int8") and CATS's down projection
+    ("cats") take before the shape's plain entry (TEAL's float GEMVs); with none, the plain one.
+    sparse_gemv, sum_shape and compaction_for look up the same blocks."""
+    kind = jax.devices()[0].device_kind
+    plain, cats = G.GatherBlocks(rows=16, cols=32, chunk=32), G.GemvBlocks(rows=16, cols=32, splits=4)
+    monkeypatch.setattr(G, "TUNED", {kind: {(1, 64, 96): plain, (1, 64, 96, "cats"): cats}})
+    assert [G.gemv_variant(dt, down) for dt in (bf16, jnp.int8) for down in (False, True)] == [None, "cats", "int8", "int8"]
+    assert G.blocks_for(1, 64, 96) == plain and G.blocks_for(1, 64, 96, variant="int8") == plain
+    assert G.blocks_for(1, 64, 96, variant="cats") == cats
+    assert G.sum_shape(1, 64, (96,)) is None and G.sum_shape(1, 64, (96,), variant="cats") == (1, 96)
+    assert G.compaction_for(1, 64, (96,), [0.5]) is not None and G.compaction_for(1, 64, (96,), [0.5], variant="cats") is None
+    x, w = jnp.ones((1, 64), bf16), jnp.ones((64, 96), bf16)
+    with interpret_on_cpu():  # the kernels each call launches: a CATS down (no threshold) on the tiles, TEAL's on the gather
+        launched = [re.findall(r"name=(\w+)", str(jax.make_jaxpr(f)(x, w))) for f in
+                    (lambda x, w: sparse_gemv(x, w), lambda x, w: sparse_gemv(x, w, 0.5))]
+    assert [[n for n in names if "gemv" in n] for names in launched] == [["sparse_gemv"], ["gather_gemv"]]
 
 
 def test_a_tuned_shape_takes_the_kernel_below_the_size_rule(monkeypatch):

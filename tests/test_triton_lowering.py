@@ -93,11 +93,13 @@ def test_sparse_gemv_adds_with_relaxed_atomics(lowered_for_gpu, batch, blocks):
 
 @pytest.mark.parametrize("kind,shape", [(kind, shape) for kind, table in G.TUNED.items() for shape in table])
 def test_tuned_blocks_lower_at_their_shapes(lowered_for_gpu, kind, shape):
-    """Each entry of the tuned table lowers at its own shape: a bad entry fails here, not on its GPU."""
-    batch, n_in, n_out = shape
+    """Each entry of the tuned table lowers at its own shape and variant (int8 weights; CATS's down
+    projection: no threshold): a bad entry fails here, not on its GPU."""
+    (batch, n_in, n_out), variant = shape[:3], shape[3:]
     blocks = G.TUNED[kind][shape]
-    _lower(lambda x, w, t: G.sparse_gemv(x, w, t, blocks=blocks), S((batch, n_in), bf16), S((n_in, n_out), bf16),
-           S((), f32))
+    int8, cats = variant == ("int8",), variant == ("cats",)
+    _lower(lambda x, w, t, s: G.sparse_gemv(x, w, None if cats else t, blocks=blocks, scale=s if int8 else None),
+           S((batch, n_in), bf16), S((n_in, n_out), i8 if int8 else bf16), S((), f32), S((n_out,), f32))
     assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)
 
 
