@@ -421,12 +421,11 @@ def _add_norm(plan: Plan, x, h, scale, compaction=None, threshold=None, zeros=()
     kernels take one launch for all (pallas_kernels.norm), which also finishes h when it comes as
     Sums, given the next GEMV's compaction compacts the input for it, and zeroes the output buffers
     of the block's GEMVs on the masked tiles (zeros: their shapes or None, _sum_buffers; buffers: one
-    per shape, None where no kernel zeroed one; none beside a compaction)."""
+    per shape, None where no kernel zeroed one)."""
     eps = plan.cfg.rms_norm_eps
     b, t, n = x.shape
     if h is not None and plan.norm_kernel(x, scale):
         rows, h_scale = (h.sums, h.scale) if isinstance(h, Sums) else (h.reshape(b, n), None)
-        zeros = zeros if compaction is None else (None,) * len(zeros)
         x, y, *bufs = norm.add_rms_norm(x.reshape(b, n), rows, scale, eps, h_scale, compaction=compaction,
                                         threshold=threshold, zeros=tuple(z for z in zeros if z is not None))
         bufs = iter(bufs)

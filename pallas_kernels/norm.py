@@ -16,7 +16,8 @@ At batch 1, before a gather GEMV (TEAL's q|k|v and gate|up), the launch can also
 normalised row for it (sparse_gemv.Compaction): one program per segment and chunk of the gather
 computes the row's rms, then its chunk of the output, and lists the chunk's kept inputs; the
 compaction launch of its own is gone. Before GEMVs on the masked tiles (which add into a zeroed
-fp32 buffer), extra programs can zero those buffers (`zeros`): one memset launch fewer each.
+fp32 buffer), extra programs can zero those buffers (`zeros`): one memset launch fewer each; a
+compacting launch zeroes them in its own programs, a span each.
 """
 
 from __future__ import annotations
@@ -82,12 +83,19 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, ze
                 first += spans
 
 
-def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout):
+def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout, zeros):
     """Batch 1, program (segment, chunk) of the gather GEMV that reads y: the whole row's rms, then this
-    chunk of x + h (stored by segment 0's programs) and of y, compacted (sparse_gemv.compact_chunk)."""
+    chunk of x + h (stored by segment 0's programs) and of y, compacted (sparse_gemv.compact_chunk);
+    and its span of each buffer in `zeros` zeroed."""
     hs_ref, refs = (refs[0], refs[1:]) if h_scaled else (None, refs)
+    refs, z_refs = refs[:len(refs) - len(zeros)], refs[len(refs) - len(zeros):]
     in_refs, sum_ref, out_refs = refs[:-5], refs[-5], refs[-4:]
     seg, c = pl.program_id(0), pl.program_id(1)
+    programs = layout.segments * layout.chunks
+    for z_ref, width in zip(z_refs, zeros):
+        span = next_pow2(pl.cdiv(width, programs))
+        cols = iota(span, (seg * layout.chunks + c) * span)
+        plgpu.store(z_ref.at[0, cols], jnp.zeros((span,), f32), mask=cols < width)
     dt = x_ref.dtype
     cols = iota(next_pow2(n))
     inv_rms = _inv_rms(_summed(x_ref, h_ref, hs_ref, 0, cols, cols < n if n & (n - 1) else None, dt), n, eps)
@@ -107,8 +115,9 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     that reads them: one launch fewer than a select of its own.
     compaction (batch 1): the normalised row comes back compacted for the gather GEMV that reads it
     (sparse_gemv.Compacted), one launch fewer than its own compaction.
-    zeros: shapes (rows, width) of fp32 buffers that come back zeroed after the two, for the GEMVs
-    on the masked tiles that follow (sparse_gemv's `zeroed`, sum_shape)."""
+    zeros: shapes (rows, width) of fp32 buffers that come back zeroed after the two (or the row
+    and its compaction), for the GEMVs on the masked tiles that follow (sparse_gemv's `zeroed`,
+    sum_shape)."""
     b, n = x.shape
     if (h.ndim != 2 or h.shape[0] < b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
             or (h_scale is not None and jnp.shape(h_scale) != (n,))):
@@ -118,22 +127,24 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     warps = num_warps or max(1, min(8, next_pow2(n) // 1024))
     extra = () if h_scale is None else (jnp.asarray(h_scale, f32),)
+    flat = tuple(r * w for r, w in zeros)  # each buffer zeroed as one row
+    bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in flat)
     if compaction is None:
-        flat = tuple(r * w for r, w in zeros)  # each buffer zeroed as one row
         kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None,
                                    thresholded=threshold is not None, batch=b, zeros=flat)
         rule = () if threshold is None else (jnp.asarray(threshold, f32).reshape(1),)
-        bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in flat)
         x, y, *zeroed = call(kernel, (out, out, *bufs), grid=(b + sum(pl.cdiv(w, ZERO_SPAN) for w in flat),),
                              num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra, *rule)
         return x, y, *(z.reshape(shape) for z, shape in zip(zeroed, zeros))
-    if threshold is not None or zeros:
-        raise ValueError("add_rms_norm: a compaction applies the thresholds itself and zeroes its gather's output "
-                         "(pass threshold=None, zeros=())")
+    if threshold is not None:
+        raise ValueError("add_rms_norm: a compaction applies the thresholds itself (pass threshold=None)")
     layout = compaction.layout
     if b != 1 or layout.n_in != n:
         raise ValueError(f"add_rms_norm: a compaction for {layout.n_in} inputs needs x [1, {layout.n_in}], not {x.shape}")
-    kernel = functools.partial(_compact_kernel, n=n, eps=eps, h_scaled=h_scale is not None, layout=layout)
-    x, *listed = call(kernel, (out, *layout.outputs(x.dtype)), grid=(layout.segments, layout.chunks), num_warps=warps,
-                      num_stages=1, name="add_rms_norm_compact")(x, h, scale, *extra, *compaction.args())
-    return x, sparse_gemv.Compacted(layout, *listed)
+    kernel = functools.partial(_compact_kernel, n=n, eps=eps, h_scaled=h_scale is not None, layout=layout,
+                               zeros=flat)
+    x, *listed = call(kernel, (out, *layout.outputs(x.dtype), *bufs), grid=(layout.segments, layout.chunks),
+                      num_warps=warps, num_stages=1, name="add_rms_norm_compact")(x, h, scale, *extra,
+                                                                                  *compaction.args())
+    listed, zeroed = listed[:4], listed[4:]
+    return x, sparse_gemv.Compacted(layout, *listed), *(z.reshape(shape) for z, shape in zip(zeroed, zeros))

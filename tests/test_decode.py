@@ -353,6 +353,34 @@ def test_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights, m
     assert not [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum" and e.params["axes"] == (0,)]  # splits
 
 
+def test_a_compacting_add_norm_zeroes_the_tiles_buffers(kernels_on_tiny_weights, monkeypatch):
+    """TEAL at batch 1 with q|k|v on the gather and o, gate|up and down on the masked tiles: the add +
+    norm that compacts q|k|v's input also zeroes o's buffer (no XLA memset but the first layer's, whose
+    norm has no add), and the tokens are the jnp path's."""
+    h, i, qkv = CFG.hidden_size, CFG.intermediate_size, (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim
+    tiles = G.GemvBlocks(rows=16, cols=16, splits=4)
+    monkeypatch.setattr(G, "TUNED", {jax.devices()[0].device_kind: {
+        (1, h, qkv): G.GatherBlocks(rows=16, cols=16, chunk=32), (1, h, h): tiles, (1, h, 2 * i): tiles,
+        (1, i, h): tiles}})
+    m = _model("teal")
+    dec = decode.prepare(m, "pallas")
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    with interpret_on_cpu():
+        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, tokens, M.init_cache(CFG, 1, 16, f32),
+                                                        plan=dec.plan))(tokens).jaxpr
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+    gemvs = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] == "sparse_gemv"]
+    starts = [made_by[e.invars[-1]] for e in gemvs]
+    starts = [made_by[e.invars[0]] if e.primitive.name == "reshape" else e for e in starts]
+    names = [e.params["name"] if e.primitive.name == "pallas_call" else e.primitive.name for e in starts]
+    assert len(gemvs) == 3 * CFG.num_layers
+    assert names.count("add_rms_norm_compact") == CFG.num_layers - 1 and names.count("broadcast_in_dim") == 1
+    prompt = [[5, 17, 3, 88, 41, 9, 2]]
+    want = generate(decode.prepare(m, "jnp"), prompt, 8, eos_ids=())
+    with interpret_on_cpu(), poisoned_outputs():
+        assert generate(dec, prompt, 8, eos_ids=()).tokens == want.tokens
+
+
 @pytest.mark.parametrize("zeros", [(), ((1, 96), (4, 1250))])
 def test_add_rms_norm_zeroes_buffers_for_the_next_gemvs(zeros):
     """zeros: after x + h and the normalised rows, fp32 buffers of these shapes, zeros (written by the
@@ -431,7 +459,8 @@ def test_teal_off_the_kernels_thresholds_in_the_norm(kernels_on_tiny_weights):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
 def test_add_rms_norm_compacts_for_the_gather(n, segments, chunk, sparsity):
     """At batch 1 the add + norm launch lists the normalised row's kept inputs for a gather GEMV, per
-    segment with its own threshold: the gather then gives the GEMV of the jnp path's thresholded row."""
+    segment with its own threshold: the gather then gives the GEMV of the jnp path's thresholded row.
+    The same launch also zeroes the buffers of GEMVs on the masked tiles (poisoned otherwise)."""
     ks = jax.random.split(jax.random.key(n), 4)
     x, h = (jax.random.normal(k, (1, n), f32) for k in ks[:2])
     scale = 1 + jax.random.normal(ks[2], (n,), f32) / 4
@@ -442,11 +471,13 @@ def test_add_rms_norm_compacts_for_the_gather(n, segments, chunk, sparsity):
     want = jnp.concatenate([jnp.where(jnp.abs(y) > t, y, 0) @ w[:, 32 * i:32 * (i + 1)] for i, t in enumerate(ts)], 1)
     layout = G.CompactLayout(n, 32 * segments, segments, G.GatherBlocks(rows=16, cols=32, chunk=chunk))
     comp = G.Compaction(layout, tuple(jnp.reshape(t, 1) for t in ts))
+    zeros = ((1, 4096), (1, 96))
     with interpret_on_cpu(), poisoned_outputs():
-        got_x, yc = add_rms_norm(x, h, scale, 1e-5, compaction=comp)
+        got_x, yc, *bufs = add_rms_norm(x, h, scale, 1e-5, compaction=comp, zeros=zeros)
         got = G.sparse_gemv(yc, w, segments=(32,) * segments)
     np.testing.assert_array_equal(np.asarray(got_x), np.asarray(want_x))
     assert rel_err(got, want) < 1e-5
+    assert [b.shape for b in bufs] == list(zeros) and all(np.all(np.asarray(b) == 0) for b in bufs)
 
 
 @pytest.mark.parametrize("kv_heads,groups,d,splits", [(4, 1, 16, 3), (3, 3, 32, 5), (2, 4, 16, 2), (1, 8, 64, 7)])

@@ -186,9 +186,10 @@ def test_add_rms_norm_applying_the_teal_rule_lowers(lowered_for_gpu):
 
 
 @pytest.mark.parametrize("n,segments,chunk", [(4096, 3, 256), (576, 2, 512), (200, 1, 128)])  # tail chunks too
-def test_add_rms_norm_compacting_for_a_gather_lowers(lowered_for_gpu, n, segments, chunk):
+@pytest.mark.parametrize("zeros", [(), ((1, 4096),)])  # and o's buffer zeroed for its masked tiles
+def test_add_rms_norm_compacting_for_a_gather_lowers(lowered_for_gpu, n, segments, chunk, zeros):
     layout = G.CompactLayout(n, 192 * segments, segments, G.GatherBlocks(rows=32, cols=64, chunk=chunk))
-    _lower(lambda x, h, s, *ts: N.add_rms_norm(x, h, s, 1e-5, compaction=G.Compaction(layout, ts))[1].val,
+    _lower(lambda x, h, s, *ts: N.add_rms_norm(x, h, s, 1e-5, compaction=G.Compaction(layout, ts), zeros=zeros)[1].val,
            S((1, n), bf16), S((1, n + 64), f32), S((n,), bf16), *[S((1,), f32)] * segments)
     assert len(lowered_for_gpu) == 1
 
