@@ -181,9 +181,8 @@ def cases(model: str, int8: bool, device: str):
     tuned = G.TUNED.get(device, {})
 
     def tuned_blocks(n_in, n_out, cats_down=False):
-        """TUNED's blocks for `device` as blocks_for looks them up (the variant's first), or None."""
-        variant = G.gemv_variant(wt, cats_down)
-        return (variant and tuned.get(G.tuned_key(1, n_in, n_out, variant))) or tuned.get(G.tuned_key(1, n_in, n_out))
+        """TUNED's blocks for `device` at batch 1 as blocks_for looks them up, or None."""
+        return G.tuned_blocks(tuned, 1, n_in, n_out, G.gemv_variant(wt, cats_down))
 
     def gemv(name, n_in, segs, thresholded=True, gated=False):
         """(label, fn, args) of a projection's GEMV: thresholded ones with TUNED's blocks, dense

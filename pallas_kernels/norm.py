@@ -54,6 +54,12 @@ def _normed(s, inv_rms, scale, dt):
     return (scale.astype(f32) * y.astype(f32)).astype(dt)
 
 
+def _zero_span(z_ref, width, k, span, mine=True):
+    """Zero span k (`span` fp32 values) of a buffer [1, width], where `mine` (this program's turn)."""
+    cols = iota(span, k * span)
+    plgpu.store(z_ref.at[0, cols], jnp.zeros((span,), f32), mask=mine & (cols < width))
+
+
 def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, zeros):
     refs, z_refs = refs[:len(refs) - len(zeros)], refs[len(refs) - len(zeros):]
     hs_ref, (sum_ref, y_ref) = (refs[0] if h_scaled else None), refs[-2:]
@@ -77,9 +83,7 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, ze
             q, first = b - batch, 0
             for z_ref, width in zip(z_refs, zeros):
                 spans = pl.cdiv(width, ZERO_SPAN)
-                cols = iota(ZERO_SPAN, (q - first) * ZERO_SPAN)
-                plgpu.store(z_ref.at[0, cols], jnp.zeros((ZERO_SPAN,), f32),
-                            mask=(q >= first) & (q < first + spans) & (cols < width))
+                _zero_span(z_ref, width, q - first, ZERO_SPAN, (q >= first) & (q < first + spans))
                 first += spans
 
 
@@ -91,11 +95,8 @@ def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout, zeros)
     refs, z_refs = refs[:len(refs) - len(zeros)], refs[len(refs) - len(zeros):]
     in_refs, sum_ref, out_refs = refs[:-5], refs[-5], refs[-4:]
     seg, c = pl.program_id(0), pl.program_id(1)
-    programs = layout.segments * layout.chunks
     for z_ref, width in zip(z_refs, zeros):
-        span = next_pow2(pl.cdiv(width, programs))
-        cols = iota(span, (seg * layout.chunks + c) * span)
-        plgpu.store(z_ref.at[0, cols], jnp.zeros((span,), f32), mask=cols < width)
+        _zero_span(z_ref, width, seg * layout.chunks + c, next_pow2(pl.cdiv(width, layout.segments * layout.chunks)))
     dt = x_ref.dtype
     cols = iota(next_pow2(n))
     inv_rms = _inv_rms(_summed(x_ref, h_ref, hs_ref, 0, cols, cols < n if n & (n - 1) else None, dt), n, eps)

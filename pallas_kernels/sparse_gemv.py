@@ -233,6 +233,12 @@ def tuned_key(batch: int, n_in: int, n_out: int, variant: str | None = None) -> 
     return (next_pow2(batch), n_in, n_out) + ((variant,) if variant else ())
 
 
+def tuned_blocks(tuned: dict, batch: int, n_in: int, n_out: int, variant: str | None = None):
+    """A device's TUNED entry (tuned) for this GEMV, as blocks_for looks it up: the variant's, else
+    the shape's plain one, else None."""
+    return (variant and tuned.get(tuned_key(batch, n_in, n_out, variant))) or tuned.get(tuned_key(batch, n_in, n_out))
+
+
 def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None,
                dense: bool = False, variant: str | None = None) -> GemvBlocks | GatherBlocks:
     """The tuned (else the table's) blocks for this batch, fitted to the shape (no block longer than
@@ -242,9 +248,7 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     if dense:
         b = DENSE if batch == 1 else TABLE[min(next_pow2(batch), max(TABLE))]
     else:
-        tuned = _tuned()
-        b = (variant and tuned.get(tuned_key(batch, n_in, n_out, variant))) or tuned.get(
-            tuned_key(batch, n_in, n_out)) or TABLE[min(next_pow2(batch), max(TABLE))]
+        b = tuned_blocks(_tuned(), batch, n_in, n_out, variant) or TABLE[min(next_pow2(batch), max(TABLE))]
     low = 16 if batch > 1 and isinstance(b, GemvBlocks) else 1  # tensor-core dots need 16
     cols = max(block_along(n_out, b.cols), low)
     if col_multiple is not None:
