@@ -463,11 +463,11 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                         timed.append((us, cand))
                         print(f"{label} ({n_in}->{sum(segs)}) B={b} {cand}: {us:.1f} us", flush=True)
                 blk = min(timed, key=lambda r: r[0])[1]
-                _set_tuned(G.tuned_key(b, n_in, sum(segs), G.gemv_variant(wk.dtype)), blk)
+                _set_tuned(G.tuned_key(b, n_in, sum(segs), G.gemv_variant(wk.dtype, dense=tune_at == 0)), blk)
             for s in sparsity:
                 t, union = _gemv_thresholds(values, segs, s)
-                f, args = _gemv_call(x, wk, t, segs, blk or G._gemv_blocks(b, n_in, segs, s == 0, G.gemv_variant(wk.dtype)),
-                                     scale, s, gated)
+                blocks = blk or G._gemv_blocks(b, n_in, segs, s == 0, G.gemv_variant(wk.dtype, dense=s == 0))
+                f, args = _gemv_call(x, wk, t, segs, blocks, scale, s, gated)
                 us = loop_timer(f, n=(20, 100))(*args)
                 ideal = n_in * (1 - union) * sum(segs) * (1 if int8 else 2) / bw * 1e6
                 rows.append(dict(shape=label + (" int8" if int8 else ""), H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,

@@ -89,6 +89,13 @@ class Plan:
             return self._step_kernels(x) and x.shape[0] <= sparse_gemv.MAX_INT8_BATCH
         return self._step_kernels(x) and sparse_gemv.kernel_pays(x.shape[0], *w.shape)
 
+    def product_kernel(self, x, w, thresholded: bool) -> bool:
+        """Whether x @ w runs on the GEMV kernels: thresholded or int8 where they pay (gemv_kernel), a
+        dense float product only where this device lists tuned blocks for it (sparse_gemv.dense_pays)."""
+        if thresholded or w.dtype == jnp.int8:
+            return self.gemv_kernel(x, w)
+        return self._step_kernels(x) and sparse_gemv.dense_pays(x.shape[0], *w.shape)
+
     def cats_kernel(self, x) -> bool:
         return self._step_kernels(x) and cats_mlp.kernel_pays(x.shape[0])
 
@@ -203,8 +210,8 @@ def _product(plan: Plan, x, w, thresholds, widths, factors=None, scale=None, dty
         return Sums(y, scale) if sums else y[:, None]
     b, t, n_in = x.shape
     thresholded = any(th is not None for th in thresholds)
-    if (thresholded or scale is not None) and plan.gemv_kernel(x, w):
-        if not thresholded:  # dense int8: the masked tiles read every row, with nothing to compact or test
+    if plan.product_kernel(x, w, thresholded):
+        if not thresholded:  # dense: the masked tiles read every row, with nothing to compact or test
             y = sparse_gemv.sparse_gemv(x.reshape(b, n_in), w, scale=scale, out_dtype=dtype, finish=not sums,
                                         skip_zeros=False, zeroed=out)
         else:
@@ -306,10 +313,10 @@ def _sum_buffer(plan: Plan, x, w, segments, thresholded: bool, cats_down: bool =
     None elsewhere (XLA's products; the gather path, whose compaction zeroes its own)."""
     if w is None:
         return None
-    on = plan.cats_kernel(x) if cats_down else (thresholded or w.dtype == jnp.int8) and plan.gemv_kernel(x, w)
+    on = plan.cats_kernel(x) if cats_down else plan.product_kernel(x, w, thresholded)
     dense = not (thresholded or cats_down)
     return sparse_gemv.sum_shape(x.shape[0], w.shape[0], segments, dense,
-                                 sparse_gemv.gemv_variant(w.dtype, cats_down)) if on else None
+                                 sparse_gemv.gemv_variant(w.dtype, cats_down, dense)) if on else None
 
 
 def _sum_buffers(plan: Plan, lw, x, names) -> tuple[tuple[int, int] | None, ...]:
@@ -364,7 +371,7 @@ def _mlp(plan: Plan, lw, x, outs=(None, None)):
     if not plan.cats:
         # on the kernels, the down GEMV computes silu(gate) * up from gate|up as their kernel leaves
         # them: TEAL's in its compaction, dense int8's masked tiles as they load each tile's inputs
-        gated = (down_t[0] is not None or _scale(lw, "down") is not None) and plan.gemv_kernel(x, lw["down"])
+        gated = plan.product_kernel(x, lw["down"], down_t[0] is not None)
         gu = _grouped(plan, lw, x, "gate_up", sums=gated, out=outs[0])
         if not isinstance(gu, Sums):
             g, u = jnp.split(gu, 2, axis=-1)

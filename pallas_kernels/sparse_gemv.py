@@ -179,8 +179,10 @@ TABLE = {
 # --tune`; docs/benchmarks.md); other devices and shapes take TABLE's. A shape listed here takes
 # the kernel even below MIN_KERNEL_WEIGHTS: list one only where the tuned kernel beats XLA.
 # A key (padded batch, in, out, variant) holds the blocks of one kind of GEMV of that shape where
-# they differ from the plain key's (TEAL's float GEMVs): "int8" (int8 weights) and "cats" (CATS's
-# down projection of float weights, whose input is already sparse: no threshold, no gate); gemv_variant.
+# they differ from the plain key's (TEAL's float GEMVs): "int8" (int8 weights), "cats" (CATS's
+# down projection of float weights, whose input is already sparse: no threshold, no gate) and
+# "dense" (a float GEMV that reads every row: it takes the kernel only where listed, dense_pays);
+# gemv_variant.
 TUNED: dict[str, dict[tuple, GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
         # 64 x 64 masked tiles on 2 warps against the gathers below (kept for int8): TEAL 50% 2.880 ->
@@ -222,10 +224,17 @@ def _tuned() -> dict[tuple, GemvBlocks | GatherBlocks]:
     return TUNED.setdefault(jax.devices()[0].device_kind, {})
 
 
-def gemv_variant(w_dtype, cats_down: bool = False) -> str | None:
+def gemv_variant(w_dtype, cats_down: bool = False, dense: bool = False) -> str | None:
     """Which of TUNED's variant keys a GEMV of these weights looks up first: "int8" for int8 weights,
-    "cats" for CATS's down projection (cats_down) of float weights, None for TEAL's float GEMVs."""
-    return "int8" if w_dtype == jnp.int8 else ("cats" if cats_down else None)
+    "cats" for CATS's down projection (cats_down) of float weights, "dense" for a float GEMV that
+    reads every row, None for TEAL's float GEMVs."""
+    return "int8" if w_dtype == jnp.int8 else "cats" if cats_down else "dense" if dense else None
+
+
+def dense_pays(batch: int, n_in: int, n_out: int) -> bool:
+    """Whether a float GEMV that reads every row should run the kernel: only where this device's
+    TUNED lists blocks for it (they beat XLA's GEMV there)."""
+    return kernels_enabled() and tuned_key(batch, n_in, n_out, "dense") in _tuned()
 
 
 def tuned_key(batch: int, n_in: int, n_out: int, variant: str | None = None) -> tuple:
@@ -245,10 +254,12 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     its axis); dense: those of a GEMV that reads every row (DENSE at batch 1, else the table's).
     col_multiple: a length every column block must divide (segment boundaries). variant: the
     GEMV's gemv_variant, whose TUNED entry comes before the shape's plain one."""
-    if dense:
-        b = DENSE if batch == 1 else TABLE[min(next_pow2(batch), max(TABLE))]
+    tuned = _tuned()
+    if dense:  # int8's: DENSE at batch 1; float ones: their "dense" entry
+        b = (variant == "dense" and tuned.get(tuned_key(batch, n_in, n_out, "dense"))) or (
+            DENSE if batch == 1 else TABLE[min(next_pow2(batch), max(TABLE))])
     else:
-        b = tuned_blocks(_tuned(), batch, n_in, n_out, variant) or TABLE[min(next_pow2(batch), max(TABLE))]
+        b = tuned_blocks(tuned, batch, n_in, n_out, variant) or TABLE[min(next_pow2(batch), max(TABLE))]
     low = 16 if batch > 1 and isinstance(b, GemvBlocks) else 1  # tensor-core dots need 16
     cols = max(block_along(n_out, b.cols), low)
     if col_multiple is not None:
@@ -282,7 +293,7 @@ def _bounds(segments) -> tuple[int, ...]:
 def _gemv_blocks(batch: int, n_in: int, segments, dense: bool, variant: str | None) -> GemvBlocks | GatherBlocks:
     """The blocks sparse_gemv takes when given none: the dense ones for a GEMV that reads every row."""
     if dense:
-        return blocks_for(batch, n_in, sum(segments), dense=True)
+        return blocks_for(batch, n_in, sum(segments), dense=True, variant=variant)
     return _segmented_blocks(batch, n_in, segments, variant)
 
 
@@ -613,7 +624,8 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
                              f"[segments, in] = {(len(segments), n_in)}")
     fs = [] if factors is None else [jnp.asarray(factors, f32)]  # the kernels take them after the thresholds
     dense = not skip_zeros and threshold is None
-    blk = blocks or _gemv_blocks(batch, n_in, segments, dense, gemv_variant(w.dtype, threshold is None and not gated))
+    blk = blocks or _gemv_blocks(batch, n_in, segments, dense,
+                                 gemv_variant(w.dtype, threshold is None and not gated and not dense, dense))
     if any(b % blk.cols for b in bounds):
         raise ValueError(f"sparse_gemv: column block {blk.cols} straddles a segment boundary {bounds}")
     scale = check_scale("sparse_gemv", w, scale, n_out)

@@ -135,11 +135,16 @@ def test_prepare_rejects_an_unknown_impl():
 @pytest.mark.parametrize("path,mode,int8", [("masked", "teal", False), ("gather", "teal", False),
                                             ("masked", "cats", False), ("gather", "cats", False),
                                             ("gather", "teal", True), ("masked", "cats", True),
-                                            ("masked", "dense", True)])
+                                            ("masked", "dense", True), ("listed", "dense", False)])
 def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monkeypatch, path, mode, int8):
     if path == "gather":  # batch 1 on the gather path: two kernels (compact, gather) per GEMV
         monkeypatch.setitem(G.TABLE, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
         monkeypatch.setattr(G, "TUNED", {})
+    if path == "listed":  # dense float GEMVs take the kernels where the device lists their "dense" blocks
+        h, i, qkv = CFG.hidden_size, CFG.intermediate_size, (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim
+        monkeypatch.setattr(G, "TUNED", {jax.devices()[0].device_kind: {
+            G.tuned_key(1, n_in, n_out, "dense"): G.GemvBlocks(rows=16, cols=16, splits=4)
+            for n_in, n_out in ((h, qkv), (h, h), (h, 2 * i), (i, h))}})
     prompt = [[5, 17, 3, 88, 41, 9, 2]]  # batch 1: the rows the TEAL kernels serve
     m = _model(mode, int8=int8)
     want = generate(decode.prepare(m, "jnp"), prompt, 10, eos_ids=())
@@ -150,7 +155,8 @@ def test_kernel_decode_gives_the_jnp_greedy_tokens(kernels_on_tiny_weights, monk
                                                             plan=dec.plan))(jnp.array(prompt)[:, :1]))
     # per layer: attention, two residual adds + norms (the first layer's first norm has no add, the
     # final norm has one), and the GEMVs (TEAL: q|k|v, o, gate|up, down; CATS: gate|up + down, and
-    # int8 q|k|v and o on the kernels' masked tiles; dense int8: the four, down computing silu(gate) * up)
+    # int8 q|k|v and o on the kernels' masked tiles; dense int8 or listed: the four, down computing
+    # silu(gate) * up)
     gemvs = {"teal": 4 * (2 if path == "gather" else 1), "dense": 4,
              "cats": 1 + (2 if path == "gather" else 1) + 2 * int8}[mode]
     # TEAL's gathers of q|k|v and gate|up read inputs their add + norm launch compacted (the first

@@ -201,6 +201,27 @@ def test_a_variant_entry_comes_before_the_shape_entry(monkeypatch):
     assert [[n for n in names if "gemv" in n] for names in launched] == [["sparse_gemv"], ["gather_gemv"]]
 
 
+def test_a_dense_float_gemv_takes_the_kernel_only_where_listed(monkeypatch):
+    """A float GEMV that reads every row runs the kernel only where TUNED lists its "dense" blocks
+    (dense_pays), on those blocks; dense int8 keeps DENSE whatever is listed."""
+    kind = jax.devices()[0].device_kind
+    listed = G.GemvBlocks(rows=16, cols=32, splits=4)
+    monkeypatch.setattr(G, "TUNED", {kind: {(1, 64, 96, "dense"): listed, (1, 64, 96): G.GatherBlocks()}})
+    with interpret_on_cpu():
+        assert G.dense_pays(1, 64, 96) and not G.dense_pays(1, 64, 64) and not G.dense_pays(2, 64, 96)
+    assert not G.dense_pays(1, 64, 96)  # kernels off (the CPU outside interpret mode)
+    assert G.blocks_for(1, 64, 96, dense=True, variant="dense") == listed
+    assert G.blocks_for(1, 64, 96, dense=True, variant="int8") == G.blocks_for(1, 64, 96, dense=True)
+    assert G.sum_shape(1, 64, (96,), dense=True, variant="dense") == (1, 96)
+    x, w = jax.random.normal(jax.random.key(0), (1, 64), f32), jax.random.normal(jax.random.key(1), (64, 96), f32)
+    with interpret_on_cpu():
+        jaxpr = jax.make_jaxpr(lambda x, w: sparse_gemv(x, w, skip_zeros=False))(x, w).jaxpr
+        got = jax.jit(lambda x, w: sparse_gemv(x, w, skip_zeros=False))(x, w)
+    (call,) = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert call.params["grid_mapping"].grid == (96 // 32, 4)  # the listed blocks: 32 columns, 4 splits
+    assert _rel(got, x @ w) < 1e-5
+
+
 def test_a_tuned_shape_takes_the_kernel_below_the_size_rule(monkeypatch):
     """kernel_pays: large matrices, or a shape whose tuned blocks this device lists (they beat XLA)."""
     kind = jax.devices()[0].device_kind
