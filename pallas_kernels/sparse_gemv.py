@@ -192,8 +192,13 @@ TUNED: dict[str, dict[tuple, GemvBlocks | GatherBlocks]] = {
         (1, 4096, 28672): GemvBlocks(rows=64, cols=64, splits=1024, num_warps=2, num_stages=1),  # gate|up
         (1, 14336, 4096): GatherBlocks(rows=32, cols=64, chunk=512, num_warps=4, num_stages=3),  # down
         (1, 4096, 6144, "int8"): GatherBlocks(rows=16, cols=128, chunk=128, num_warps=4, num_stages=3),
-        (1, 4096, 4096, "int8"): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),
         (1, 4096, 28672, "int8"): GatherBlocks(rows=16, cols=128, chunk=512, num_warps=4, num_stages=3),
+        # int8 o on 64 x 256 tiles (9.9 us against its gather's 11.6) and down on its own gather (19.0
+        # against the float down's blocks, 26.0, which it took before; `bench.kernels --int8 --teal
+        # --tune`): int8 TEAL 50% 2.351 / 2.311 -> 2.158 / 2.178 ms/step, int8 CATS 3.298 / 3.282 ->
+        # 3.059 / 3.050 (one machine, alternating)
+        (1, 4096, 4096, "int8"): GemvBlocks(rows=64, cols=256, splits=56, num_warps=4, num_stages=3),
+        (1, 14336, 4096, "int8"): GatherBlocks(rows=16, cols=256, chunk=256, num_warps=4, num_stages=2),
         # dense float GEMVs on the tiles (the dense tune's best, tied with XLA's GEMVs; 12.3 -> 8.3
         # launches a layer): dense 5.216 / 5.209 -> 5.047 / 5.054 ms/step, CATS 4.164 / 4.171 -> 4.065 / 4.071
         (1, 4096, 6144, "dense"): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),
