@@ -387,6 +387,21 @@ def test_a_compacting_add_norm_zeroes_the_tiles_buffers(kernels_on_tiny_weights,
         assert generate(dec, prompt, 8, eos_ids=()).tokens == want.tokens
 
 
+def test_int8_teal_with_o_alone_on_the_tiles_gives_the_jnp_tokens(kernels_on_tiny_weights, monkeypatch):
+    """int8 TEAL at batch 1 as the H100's table has it: q|k|v, gate|up and down on their gathers, o on
+    the masked tiles (its buffer zeroed by the add + norm that compacts q|k|v's input)."""
+    h, i, qkv = CFG.hidden_size, CFG.intermediate_size, (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim
+    gather = G.GatherBlocks(rows=16, cols=16, chunk=32)
+    monkeypatch.setattr(G, "TUNED", {jax.devices()[0].device_kind: {
+        (1, h, qkv, "int8"): gather, (1, h, h, "int8"): G.GemvBlocks(rows=16, cols=16, splits=4),
+        (1, h, 2 * i, "int8"): gather, (1, i, h, "int8"): gather}})
+    m = _model("teal", int8=True)
+    prompt = [[5, 17, 3, 88, 41, 9, 2]]
+    want = generate(decode.prepare(m, "jnp"), prompt, 8, eos_ids=())
+    with interpret_on_cpu(), poisoned_outputs():
+        assert generate(decode.prepare(m, "pallas"), prompt, 8, eos_ids=()).tokens == want.tokens
+
+
 @pytest.mark.parametrize("zeros", [(), ((1, 96), (4, 1250))])
 def test_add_rms_norm_zeroes_buffers_for_the_next_gemvs(zeros):
     """zeros: after x + h and the normalised rows, fp32 buffers of these shapes, zeros (written by the
