@@ -202,7 +202,7 @@ def cases(model: str, int8: bool, device: str):
         return f"{name} {'' if thresholded else 'dense '}{kind}", fn, (x, S((n_in, n_out), wt), *ts, *scale, *x_scale)
 
     out = [gemv("qkv", h, qkv), gemv("gate|up", h, (n_i, n_i)), gemv("down", n_i, (h,), gated=True)]
-    if (1, h, h) in tuned:  # o on the kernels only where TUNED lists it
+    if int8 or G.tuned_key(1, h, h) in tuned:  # o on the kernels where TUNED lists it (int8: always, as decode)
         out.insert(1, gemv("o", h, (h,)))
     if int8:  # dense int8 GEMVs: masked tiles, nothing thresholded; down computes silu(gate) * up
         out += [gemv(name, n_in, (n_out,), thresholded=False, gated=name == "down")

@@ -140,7 +140,7 @@ def kernel_pays(batch: int, n_in: int, n_out: int) -> bool:
     """Whether a TEAL decode step of `batch` rows should run the kernel: a large matrix, or a shape
     whose tuned blocks beat XLA on this device (an entry in TUNED)."""
     return kernels_enabled() and batch <= MAX_KERNEL_BATCH and (
-        n_in * n_out >= MIN_KERNEL_WEIGHTS or (next_pow2(batch), n_in, n_out) in _tuned())
+        n_in * n_out >= MIN_KERNEL_WEIGHTS or tuned_key(batch, n_in, n_out) in _tuned())
 
 
 @dataclasses.dataclass(frozen=True)
