@@ -143,7 +143,7 @@ def check_attention(b, heads, kv_heads, d, slots, window, seed, dtype=jnp.bfloat
         blk = AttentionBlocks(block=16, span=next_pow2(slots)) if one_span else None
         out, gk, gv = jax.jit(lambda q, s, *a: decode_attention(q, *a, num_heads=heads, num_kv_heads=kv_heads,
                                                                 sliding_window=window, blocks=blk, qkv_scale=s))(
-            given, q_scale, pos, ck, cv, M.rope_inv_freq(cfg))
+            given, q_scale, pos, ck, cv, M.rope_angles(pos, M.rope_inv_freq(cfg)))
     err, kerr, verr = rel_err(out, ref[:, 0]), rel_err(gk, rk), rel_err(gv, rv)
     ok = max(err, kerr, verr) < TOL
     print(f"decode_attention{' one span' if one_span else ''}{' unfinished qkv' if unfinished else ''} B={b} heads {heads}/{kv_heads} D={d} slots {slots} window {window} positions "
@@ -213,7 +213,8 @@ def check_compacted(n_in, n_out, segments, sparsity, seed) -> bool:
     slots = 700
     qkv = jax.random.normal(ks[4], (1, (heads + 2 * kv) * d), f32).astype(bf)
     ck, cv = (jax.random.normal(k, (1, slots, kv, d), f32).astype(bf) for k in jax.random.split(ks[5]))
-    pos, inv = jnp.asarray([slots - 5], jnp.int32), M.rope_inv_freq(cfg)
+    pos = jnp.asarray([slots - 5], jnp.int32)
+    inv = M.rope_angles(pos, M.rope_inv_freq(cfg))
     attend = lambda **kw: A.decode_attention(qkv, pos, ck, cv, inv, num_heads=heads, num_kv_heads=kv,
                                              blocks=A.AttentionBlocks(64, 128), **kw)[0]
     out = attend()

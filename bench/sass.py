@@ -220,10 +220,10 @@ def cases(model: str, int8: bool, device: str):
         out.append(("add+norm compacting", lambda x, hh, s, *ts: N.add_rms_norm(
             x, hh, s, 1e-5, compaction=G.Compaction(layout, ts))[1].val,
             (S((1, h), bf16), S((1, h + 128), f32), S((h,), bf16), *[S((1,), f32)] * 3)))
-    out.append(("attention", lambda qkv_, pos, k, v, inv: A.decode_attention(
-        qkv_, pos, k, v, inv, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads),
+    out.append(("attention", lambda qkv_, pos, k, v, rope: A.decode_attention(
+        qkv_, pos, k, v, rope, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads),
         (S((1, sum(qkv)), bf16), S((1,), jnp.int32), S((1, 4096, c.num_kv_heads, c.head_dim), bf16),
-         S((1, 4096, c.num_kv_heads, c.head_dim), bf16), S((c.head_dim // 2,), f32))))
+         S((1, 4096, c.num_kv_heads, c.head_dim), bf16), (S((1, c.head_dim // 2), f32),) * 2)))
     scales = (S((2 * n_i,), f32), S((h,), f32)) if int8 else ()
     down_blk = tuned_blocks(n_i, h, cats_down=True)  # CATS's down GEMV as decode runs it
     out.append(("cats gate_up+down", lambda x, gu, d, t, *s: K.cats_mlp(x, gu, d, t, scales=s or None,

@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from cats_jax import sharding, sparsity
 from cats_jax.config import ModelConfig
-from cats_jax.model import QLinear, Transformer, attend, rms_norm, rope_inv_freq, site_threshold
+from cats_jax.model import QLinear, Transformer, attend, rms_norm, rope_angles, rope_inv_freq, site_threshold
 from cats_jax.quantize import dot
 from pallas_kernels import attention, cats_mlp, norm, sparse_gemv
 from pallas_kernels.common import finished, kernels_enabled
@@ -327,8 +327,9 @@ def _sum_buffers(plan: Plan, lw, x, names) -> tuple[tuple[int, int] | None, ...]
                  for name in names)
 
 
-def _attention(plan: Plan, lw, x, positions, kv, outs=(None, None)):
-    """outs: q|k|v's and o's zeroed output buffers (_sum_buffers) or None."""
+def _attention(plan: Plan, lw, x, positions, rope, kv, outs=(None, None)):
+    """rope: RoPE's angles at positions[:, 0] (model.rope_angles) for the kernel; outs: q|k|v's and o's
+    zeroed output buffers (_sum_buffers) or None."""
     cfg = plan.cfg
     b, t, _ = x.shape
     n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -341,7 +342,7 @@ def _attention(plan: Plan, lw, x, positions, kv, outs=(None, None)):
         # XLA's product (weighted criterion: left to the product)
         compaction = _compaction(plan, lw, x, "o")
         early = o_t is not None and "factors" not in lw and not plan.gemv_kernel(x, lw["o"])  # no compaction then
-        out, ck, cv = attention.decode_attention(rows, positions[:, 0], *kv, rope_inv_freq(cfg), num_heads=n,
+        out, ck, cv = attention.decode_attention(rows, positions[:, 0], *kv, rope, num_heads=n,
                                                  num_kv_heads=k, sliding_window=cfg.sliding_window, qkv_scale=scale,
                                                  out_threshold=o_t if early else None, compaction=compaction)
         out, kv = out if isinstance(out, sparse_gemv.Compacted) else out[:, None], (ck, cv)
@@ -454,11 +455,12 @@ def _kept_fractions(kept) -> jax.Array:
 
 def _forward(weights, tokens, positions, cache, last, *, plan: Plan):
     x, h = weights["embed"][tokens], None  # h: the last block's output, not yet added to x
+    rope = rope_angles(positions[:, 0], rope_inv_freq(plan.cfg))  # once a step, for every layer's attention kernel
     new_cache, kept = [], []
     for lw, kv in zip(weights["layers"], cache):
         x, y, outs = _add_norm(plan, x, h, lw["attn_norm"], _compaction(plan, lw, x, "qkv"),
                                _shared_rule(plan, lw, x, "qkv"), _sum_buffers(plan, lw, x, ("qkv", "o")))
-        h, kv = _attention(plan, lw, y, positions, kv, outs)
+        h, kv = _attention(plan, lw, y, positions, rope, kv, outs)
         x, y, outs = _add_norm(plan, x, _all_reduce(plan, h), lw["mlp_norm"], _compaction(plan, lw, x, "gate_up"),
                                _shared_rule(plan, lw, x, "gate_up"), _sum_buffers(plan, lw, x, ("gate_up", "down")))
         h, frac = _mlp(plan, lw, y, outs)

@@ -74,11 +74,15 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [..., D/2] in fp32 of RoPE's angles positions x inv_freq, positions [...]."""
+    freqs = positions[..., None].astype(f32) * inv_freq
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """HF rotate-half RoPE. x [B, T, heads, D], positions [B, T]."""
-    freqs = positions[..., None].astype(f32) * inv_freq  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    cos, sin = (jnp.concatenate([a, a], axis=-1)[:, :, None, :] for a in rope_angles(positions, inv_freq))
     x1, x2 = jnp.split(x.astype(f32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x.astype(f32) * cos + rotated * sin).astype(x.dtype)

@@ -11,6 +11,9 @@ power of two), S cache slots.
   them, as the projection would have finished them, so no launch of its own does that.
 - positions [B]: each row's position p; its key and value go to slot p, and it attends to slots
   0..p (p - window + 1..p with a sliding window). Slots < p hold earlier tokens of the row.
+- rope (cos, sin) [B, D / 2] fp32: RoPE's angles at each row's position (model.rope_angles),
+  computed once a decode step for every layer: in each program, libdevice's sin and cos took ~700
+  of its ~2800 sm_90 instructions and spilled registers (bench.sass).
 - k_cache, v_cache [B, S, K, D]: updated in place (aliased): only slot p of each row is written.
 
 Grid (B, K, splits): a program takes one row, one kv head (its G query heads share every key it
@@ -68,7 +71,8 @@ def _rope(x1, x2, cos, sin):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk, window, scale, single, qkv_scaled):
+def _kernel(qkv_ref, pos_ref, cos_ref, sin_ref, *refs, n_heads, n_kv, groups, gp, d, blk, window, scale, single,
+            qkv_scaled):
     # kc_ref / vc_ref are the caches themselves (outputs aliased to the inputs): read, and slot pos written
     if qkv_scaled:
         qs_ref, *refs = refs
@@ -78,8 +82,7 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
     hp = max(h, 16)  # a half as a dot operand: at least 16 columns, the padding zeros
     h_ok = iota(hp) < h if hp != h else None
     pos = load(pos_ref.at[pl.ds(b, 1)])[0]
-    freqs = pos.astype(f32) * load(inv_ref.at[iota(hp)], mask=h_ok)
-    cos, sin = jnp.cos(freqs)[None, :], jnp.sin(freqs)[None, :]
+    cos, sin = (load(r.at[b, iota(hp)], mask=h_ok)[None, :] for r in (cos_ref, sin_ref))
     dt = kc_ref.dtype
 
     def projected(cols, mask=None):
@@ -155,7 +158,7 @@ def _kernel(qkv_ref, pos_ref, inv_ref, *refs, n_heads, n_kv, groups, gp, d, blk,
     plgpu.store(acc_ref.at[b, kh, sp, pl.ds(0, gp), pl.ds(0, d)], acc)
 
 
-def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: int, num_kv_heads: int,
+def decode_attention(qkv, positions, k_cache, v_cache, rope, *, num_heads: int, num_kv_heads: int,
                      sliding_window: int | None = None, blocks: AttentionBlocks | None = None, qkv_scale=None,
                      out_threshold=None, compaction: sparse_gemv.Compaction | None = None):
     """One decode token per row (module docstring): (out [B, N D] in k_cache's dtype, k_cache, v_cache).
@@ -167,11 +170,14 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
         raise ValueError(f"decode_attention: caches {k_cache.shape} / {v_cache.shape} need [B, S, {num_kv_heads}, D] "
                          "with D a power of two, at least 16")
     width = (num_heads + 2 * k) * d
+    cos, sin = rope
     if (qkv.ndim != 2 or qkv.shape[0] < b or qkv.shape[1] < width or positions.shape != (b,) or num_heads % k
-            or (qkv_scale is not None and jnp.shape(qkv_scale) != (width,))):
-        raise ValueError(f"decode_attention: qkv {qkv.shape}, positions {positions.shape}, qkv_scale "
-                         f"{None if qkv_scale is None else jnp.shape(qkv_scale)} do not fit {num_heads} heads over "
-                         f"caches {k_cache.shape} (qkv [>= B, >= {width}], qkv_scale None or [{width}])")
+            or (qkv_scale is not None and jnp.shape(qkv_scale) != (width,)) or cos.shape != (b, d // 2)
+            or sin.shape != cos.shape):
+        raise ValueError(f"decode_attention: qkv {qkv.shape}, positions {positions.shape}, rope {cos.shape} / "
+                         f"{sin.shape}, qkv_scale {None if qkv_scale is None else jnp.shape(qkv_scale)} do not fit "
+                         f"{num_heads} heads over caches {k_cache.shape} (qkv [>= B, >= {width}], rope [B, {d // 2}], "
+                         f"qkv_scale None or [{width}])")
     groups = num_heads // k
     gp = max(16, next_pow2(groups))  # tensor-core dots take at least 16 rows
     blk = blocks or blocks_for(b, k, groups, s)
@@ -190,7 +196,7 @@ def decode_attention(qkv, positions, k_cache, v_cache, inv_freq, *, num_heads: i
     *parts, k_cache, v_cache = call(kernel, (*outs, *caches), grid=(b, k, splits), num_warps=blk.num_warps,
                                     num_stages=blk.num_stages, name="decode_attention",
                                     given=(len(outs), len(outs) + 1))(
-        qkv, positions.astype(jnp.int32), jnp.asarray(inv_freq, f32),
+        qkv, positions.astype(jnp.int32), cos.astype(f32), sin.astype(f32),
         *(() if qkv_scale is None else (jnp.asarray(qkv_scale, f32),)), k_cache, v_cache)
     if splits == 1:
         out = parts[0]

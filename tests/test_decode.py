@@ -318,7 +318,7 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
     with interpret_on_cpu(), poisoned_outputs():
         got, gk, gv = jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads,
                                                           sliding_window=window))(
-            qkv, pos, ck, cv, M.rope_inv_freq(cfg))
+            qkv, pos, ck, cv, M.rope_angles(pos, M.rope_inv_freq(cfg)))
     assert rel_err(got, want[:, 0]) < (1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_allclose(np.asarray(gk, f32), np.asarray(wk, f32), atol=1e-5 if dtype == f32 else 1e-2)
     np.testing.assert_array_equal(np.asarray(gv, f32), np.asarray(wv, f32))
@@ -573,8 +573,9 @@ def test_decode_attention_finishes_unfinished_sums(dtype, scaled):
     sums, q_scale, qkv = _unfinished((heads + 2 * kv_heads) * d, 2, ks[0], dtype, scaled)
     ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:])
     pos = jnp.asarray([69, 12], jnp.int32)
-    inv = M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                                      num_heads=heads, num_kv_heads=kv_heads, head_dim=d, name="t"))
+    inv = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                                                         num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
+                                                         head_dim=d, name="t")))
     run = jax.jit(lambda q, s, *a: decode_attention(q, *a, num_heads=heads, num_kv_heads=kv_heads, qkv_scale=s))
     with interpret_on_cpu(), poisoned_outputs():
         want = run(qkv, None, pos, ck, cv, inv)
@@ -592,8 +593,9 @@ def test_decode_attention_one_span_equals_splits():
     qkv = jax.random.normal(ks[0], (2, (heads + 2 * kv_heads) * d), f32)
     ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32) for k in ks[1:])
     pos = jnp.asarray([129, 40], jnp.int32)
-    inv = M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                                      num_heads=heads, num_kv_heads=kv_heads, head_dim=d, name="t"))
+    inv = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                                                         num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
+                                                         head_dim=d, name="t")))
     run = lambda blk: jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads, blocks=blk))(
         qkv, pos, ck, cv, inv)
     with interpret_on_cpu(), poisoned_outputs():
@@ -607,5 +609,5 @@ def test_decode_attention_one_span_equals_splits():
 def test_decode_attention_rejects_bad_shapes():
     ck = jnp.zeros((1, 8, 2, 12))
     with pytest.raises(ValueError, match="D a power of two"):
-        decode_attention(jnp.zeros((1, 96)), jnp.zeros((1,), jnp.int32), ck, ck, jnp.zeros(6), num_heads=4,
+        decode_attention(jnp.zeros((1, 96)), jnp.zeros((1,), jnp.int32), ck, ck, (jnp.zeros((1, 6)),) * 2, num_heads=4,
                          num_kv_heads=2)

@@ -172,10 +172,11 @@ def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, sp
     b, s, width = 2, 384, (heads + 2 * kv_heads) * d
     blk = None if span is None else A.AttentionBlocks(block=16, span=span)  # span: one program per kv head
     qkv = (S((b, width + 512), f32), S((width,), f32)) if unfinished else (S((b, width), bf16), None)
-    _lower(lambda qkv, qs, pos, k, v, inv: A.decode_attention(qkv, pos, k, v, inv, num_heads=heads,
+    _lower(lambda qkv, qs, pos, k, v, rope: A.decode_attention(qkv, pos, k, v, rope, num_heads=heads,
                                                               num_kv_heads=kv_heads, sliding_window=window, blocks=blk,
                                                               qkv_scale=qs),
-           *qkv, S((b,), jnp.int32), S((b, s, kv_heads, d), bf16), S((b, s, kv_heads, d), bf16), S((d // 2,), f32))
+           *qkv, S((b,), jnp.int32), S((b, s, kv_heads, d), bf16), S((b, s, kv_heads, d), bf16),
+           (S((b, d // 2), f32),) * 2)
     assert len(lowered_for_gpu) == (1 if span else 2)  # several spans: and the launch that combines them
 
 
