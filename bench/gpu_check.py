@@ -214,8 +214,8 @@ def check_compacted(n_in, n_out, segments, sparsity, seed) -> bool:
     qkv = jax.random.normal(ks[4], (1, (heads + 2 * kv) * d), f32).astype(bf)
     ck, cv = (jax.random.normal(k, (1, slots, kv, d), f32).astype(bf) for k in jax.random.split(ks[5]))
     pos = jnp.asarray([slots - 5], jnp.int32)
-    inv = M.rope_angles(pos, M.rope_inv_freq(cfg))
-    attend = lambda **kw: A.decode_attention(qkv, pos, ck, cv, inv, num_heads=heads, num_kv_heads=kv,
+    rope = M.rope_angles(pos, M.rope_inv_freq(cfg))
+    attend = lambda **kw: A.decode_attention(qkv, pos, ck, cv, rope, num_heads=heads, num_kv_heads=kv,
                                              blocks=A.AttentionBlocks(64, 128), **kw)[0]
     out = attend()
     t = threshold_for(out, sparsity)

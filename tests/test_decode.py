@@ -573,13 +573,13 @@ def test_decode_attention_finishes_unfinished_sums(dtype, scaled):
     sums, q_scale, qkv = _unfinished((heads + 2 * kv_heads) * d, 2, ks[0], dtype, scaled)
     ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:])
     pos = jnp.asarray([69, 12], jnp.int32)
-    inv = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+    rope = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
                                                          num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
                                                          head_dim=d, name="t")))
     run = jax.jit(lambda q, s, *a: decode_attention(q, *a, num_heads=heads, num_kv_heads=kv_heads, qkv_scale=s))
     with interpret_on_cpu(), poisoned_outputs():
-        want = run(qkv, None, pos, ck, cv, inv)
-        got = run(sums, q_scale, pos, ck, cv, inv)
+        want = run(qkv, None, pos, ck, cv, rope)
+        got = run(sums, q_scale, pos, ck, cv, rope)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == f32 else dict(rtol=0, atol=0)  # as above
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g, f32), np.asarray(w, f32), **tol)
@@ -593,11 +593,11 @@ def test_decode_attention_one_span_equals_splits():
     qkv = jax.random.normal(ks[0], (2, (heads + 2 * kv_heads) * d), f32)
     ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32) for k in ks[1:])
     pos = jnp.asarray([129, 40], jnp.int32)
-    inv = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+    rope = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
                                                          num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
                                                          head_dim=d, name="t")))
     run = lambda blk: jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads, blocks=blk))(
-        qkv, pos, ck, cv, inv)
+        qkv, pos, ck, cv, rope)
     with interpret_on_cpu(), poisoned_outputs():
         one, k1, v1 = run(AttentionBlocks(block=16, span=256))
         split, k2, v2 = run(AttentionBlocks(block=16, span=32))
