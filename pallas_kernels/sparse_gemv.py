@@ -180,8 +180,9 @@ TABLE = {
 # the kernel even below MIN_KERNEL_WEIGHTS: list one only where the tuned kernel beats XLA.
 # A key (padded batch, in, out, variant) holds the blocks of one kind of GEMV of that shape where
 # they differ from the plain key's (TEAL's float GEMVs): "int8" (int8 weights), "cats" (CATS's
-# down projection of float weights, whose input is already sparse: no threshold, no gate) and
-# "dense" (a float GEMV that reads every row: it takes the kernel only where listed, dense_pays);
+# down projection of float weights, whose input is already sparse: no threshold, no gate),
+# "dense" (a float GEMV that reads every row: it takes the kernel only where listed, dense_pays) and
+# "int8 dense" (an int8 GEMV that reads every row, dense int8 decode's: DENSE where none is listed);
 # gemv_variant.
 TUNED: dict[str, dict[tuple, GemvBlocks | GatherBlocks]] = {
     "NVIDIA H100 80GB HBM3": {
@@ -224,10 +225,11 @@ TUNED: dict[str, dict[tuple, GemvBlocks | GatherBlocks]] = {
 }
 
 
-# Batch 1 GEMVs that read every row (dense int8 decode: skip_zeros=False): 128 x 128 tiles in 16
-# splits beat the table's one tile a program on Mistral-7B's q|k|v, o and down (15.5 / 12.2 / 28.6
-# us against 16.9 / 13.1 / 29.4; gate|up 50.1 against 49.4) in `bench.kernels --int8 --teal --tune
-# --tune-at 0` on an H100 (docs/benchmarks.md)
+# Batch 1 int8 GEMVs that read every row (dense int8 decode: skip_zeros=False) on shapes with no "int8
+# dense" entry in TUNED: 128 x 128 tiles in 16 splits beat the table's one tile a program on
+# Mistral-7B's q|k|v, o and down (15.5 / 12.2 / 28.6 us against 16.9 / 13.1 / 29.4; gate|up 50.1
+# against 49.4) in `bench.kernels --int8 --teal --tune --tune-at 0` on an H100, and 17 blocks of more
+# programs or warps did not beat them (docs/decisions.md)
 DENSE = GemvBlocks(rows=128, cols=128, splits=16, num_warps=4, num_stages=1)
 
 
@@ -236,10 +238,12 @@ def _tuned() -> dict[tuple, GemvBlocks | GatherBlocks]:
 
 
 def gemv_variant(w_dtype, cats_down: bool = False, dense: bool = False) -> str | None:
-    """Which of TUNED's variant keys a GEMV of these weights looks up first: "int8" for int8 weights,
-    "cats" for CATS's down projection (cats_down) of float weights, "dense" for a float GEMV that
-    reads every row, None for TEAL's float GEMVs."""
-    return "int8" if w_dtype == jnp.int8 else "cats" if cats_down else "dense" if dense else None
+    """Which of TUNED's variant keys a GEMV of these weights looks up first: "int8 dense" and "dense"
+    for an int8 or float GEMV that reads every row, "int8" for other int8 ones, "cats" for CATS's
+    down projection (cats_down) of float weights, None for TEAL's float GEMVs."""
+    if w_dtype == jnp.int8:
+        return "int8 dense" if dense else "int8"
+    return "cats" if cats_down else "dense" if dense else None
 
 
 def dense_pays(batch: int, n_in: int, n_out: int) -> bool:
@@ -266,8 +270,8 @@ def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = Non
     col_multiple: a length every column block must divide (segment boundaries). variant: the
     GEMV's gemv_variant, whose TUNED entry comes before the shape's plain one."""
     tuned = _tuned()
-    if dense:  # int8's: DENSE at batch 1; float ones: their "dense" entry
-        b = (variant == "dense" and tuned.get(tuned_key(batch, n_in, n_out, "dense"))) or (
+    if dense:  # their "dense" or "int8 dense" entry, else DENSE at batch 1
+        b = (variant in ("dense", "int8 dense") and tuned.get(tuned_key(batch, n_in, n_out, variant))) or (
             DENSE if batch == 1 else TABLE[min(next_pow2(batch), max(TABLE))])
     else:
         b = tuned_blocks(tuned, batch, n_in, n_out, variant) or TABLE[min(next_pow2(batch), max(TABLE))]

@@ -203,10 +203,15 @@ def test_a_variant_entry_comes_before_the_shape_entry(monkeypatch):
 
 def test_a_dense_float_gemv_takes_the_kernel_only_where_listed(monkeypatch):
     """A float GEMV that reads every row runs the kernel only where TUNED lists its "dense" blocks
-    (dense_pays), on those blocks; dense int8 keeps DENSE whatever is listed."""
+    (dense_pays), on those blocks; dense int8 takes its own "int8 dense" entry, else DENSE, never TEAL's
+    int8 or float blocks."""
     kind = jax.devices()[0].device_kind
-    listed = G.GemvBlocks(rows=16, cols=32, splits=4)
-    monkeypatch.setattr(G, "TUNED", {kind: {(1, 64, 96, "dense"): listed, (1, 64, 96): G.GatherBlocks()}})
+    listed, int8 = G.GemvBlocks(rows=16, cols=32, splits=4), G.GemvBlocks(rows=32, cols=16, splits=2)
+    monkeypatch.setattr(G, "TUNED", {kind: {(1, 64, 96, "dense"): listed, (1, 64, 96): G.GatherBlocks(),
+                                            (1, 64, 96, "int8"): G.GatherBlocks(), (1, 64, 128, "int8 dense"): int8}})
+    assert G.gemv_variant(jnp.int8, dense=True) == "int8 dense" and G.gemv_variant(bf16, dense=True) == "dense"
+    assert G.blocks_for(1, 64, 128, dense=True, variant="int8 dense") == int8
+    assert G.blocks_for(1, 64, 96, dense=True, variant="int8 dense") == G.blocks_for(1, 64, 96, dense=True)  # DENSE
     with interpret_on_cpu():
         assert G.dense_pays(1, 64, 96) and not G.dense_pays(1, 64, 64) and not G.dense_pays(2, 64, 96)
     assert not G.dense_pays(1, 64, 96)  # kernels off (the CPU outside interpret mode)
