@@ -5,6 +5,7 @@
     python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
     python -m bench.kernels --attention         # decode attention: block candidates per context
     python -m bench.kernels --norm              # residual add + RMSNorm: per kind of input and warp count
+    python -m bench.kernels --prefetch [--int8] # add + norm reading the next GEMV's first weights into L2
     python -m bench.kernels --int8 [--teal] [--tune]   # the kernels on int8 weights (bf16 XLA baseline)
     python -m bench.kernels --teal --tp 4 --models llama3-70b   # one device's shard under tensor parallelism
 
@@ -581,6 +582,40 @@ def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips
     return rows
 
 
+def bench_prefetch(models=("mistral-7b",), int8=False, mib=(0, 2, 4, 8, 16, 0)):
+    """The add + norm launch and the dense batch-1 GEMV after it (q|k|v, gate|up; as decode launches
+    them: the norm zeroes the GEMV's buffer, the GEMV reads every row), the launch's extra programs
+    reading the first `mib` MiB of the GEMV's weights into L2 (norm.add_rms_norm's prefetch): us per
+    pair; the weights cycle through copies, each pair prefetching the copy its GEMV reads."""
+    from pallas_kernels import norm as N
+
+    rows = []
+    for name in models:
+        c = config(name)
+        n = c.hidden_size
+        ks = jax.random.split(jax.random.key(n), 4)
+        x = jax.random.normal(ks[0], (1, n), f32).astype(jnp.bfloat16)
+        h = 3 * jax.random.normal(ks[1], (1, n + 512), f32)  # the previous GEMV's sums, padded
+        scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(jnp.bfloat16)
+        hs = jnp.full((n,), 0.01, f32) if int8 else None
+        for label, width in (("q|k|v", (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), ("gate|up", 2 * c.intermediate_size)):
+            w = (jax.random.normal(ks[3], (n, width), f32) / np.sqrt(n)).astype(jnp.bfloat16)
+            wk, ws = quantize_int8(w) if int8 else (w, None)
+            buf = G.sum_shape(1, n, (width,), dense=True, variant=G.gemv_variant(wk.dtype, dense=True))
+            for m in mib:
+                count = m * 2**20 // wk.dtype.itemsize
+
+                def pair(x, w, count=count):
+                    _, y, out = N.add_rms_norm(x, h, scale, 1e-5, hs, zeros=(buf,), prefetch=(w, count) if count else None)
+                    return G.sparse_gemv(y, w, scale=ws, skip_zeros=False, finish=False, zeroed=out)
+
+                us = loop_timer(pair, n=(20, 100))(x, wk)
+                rows.append(dict(shape=f"{name} {label}", n_in=n, n_out=width, int8=int8, prefetch_mib=m, us=us))
+                print(f"{name} {label} ({'int8' if int8 else 'bf16'}, {wk.nbytes / 2**20:.0f} MiB): add + norm "
+                      f"prefetching {m} MiB, then the GEMV: {us:.2f} us", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="presets whose MLP shapes to time (comma-separated)")
@@ -606,6 +641,9 @@ def main(argv=None):
                    help="time decode attention (block candidates) at 256 and 4096 slots instead")
     p.add_argument("--norm", action="store_true",
                    help="time the residual add + RMSNorm kernel (per kind of input and warp count) instead")
+    p.add_argument("--prefetch", action="store_true",
+                   help="time the add + norm launch and the dense GEMV after it (q|k|v, gate|up) instead, the "
+                        "launch reading 0-16 MiB of the GEMV's weights into L2 as it runs (with --int8: int8 weights)")
     a = p.parse_args(argv)
     models = a.models.split(",")
     for m in models:
@@ -621,6 +659,11 @@ def main(argv=None):
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
     levels = [float(s) for s in a.sparsity.split(",")]
+    if a.prefetch:
+        rows = bench_prefetch(models[:1], int8=a.int8)
+        if a.json:
+            a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
+        return
     if a.attention or a.norm:
         rows = (bench_attention if a.attention else bench_norm)(models[:1], batch=batch)
         if a.json:

@@ -35,6 +35,7 @@ from pallas_kernels.sparse_gemv import teal_input
 
 f32 = jnp.float32
 ZERO_SPAN = 4096  # fp32 zeros a program writes (`zeros`)
+PREFETCH_TILE = (32, 1024)  # weights a program reads into L2 (`prefetch`): 64 KB of bf16
 
 
 def _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt):
@@ -60,8 +61,24 @@ def _zero_span(z_ref, width, k, span, mine=True):
     plgpu.store(z_ref.at[0, cols], jnp.zeros((span,), f32), mask=mine & (cols < width))
 
 
-def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, zeros):
+def _prefetch(w_ref, d_ref, q, tiles):
+    """Program q (< tiles) reads tile q of w's flat view [rows, PREFETCH_TILE[1]] into L2 for the GEMV
+    after this launch. Its sum is stored only if it equals a value it cannot take, so the loads stay
+    (a load whose value is unused would be removed)."""
+    @pl.when((q >= 0) & (q < tiles))
+    def _():
+        r, c = PREFETCH_TILE
+        rows = w_ref.shape[0]
+        w = load(w_ref.at[pl.ds(q * r, r), pl.ds(0, c)], mask=(iota(r, q * r) < rows)[:, None] if rows % r else None,
+                 eviction_policy="evict_last")
+        t = jnp.sum(w.astype(f32))
+        plgpu.store(d_ref.at[pl.ds(q, 1)], t[None], mask=(t == 1.5e38)[None])
+
+
+def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, zeros, prefetch):
+    d_ref, refs = (refs[-1], refs[:-1]) if prefetch else (None, refs)
     refs, z_refs = refs[:len(refs) - len(zeros)], refs[len(refs) - len(zeros):]
+    w_ref, refs = (refs[-3], refs[:-3] + refs[-2:]) if prefetch else (None, refs)
     hs_ref, (sum_ref, y_ref) = (refs[0] if h_scaled else None), refs[-2:]
     b = pl.program_id(0)
 
@@ -77,14 +94,17 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, ze
             y = teal_input(y, refs[-3][0])
         plgpu.store(y_ref.at[b, cols], y, mask=ok)
 
+    spans = sum(pl.cdiv(width, ZERO_SPAN) for width in zeros)
     if zeros:  # programs past the rows: each zeroes one span of one buffer
-        @pl.when(b >= batch)
+        @pl.when((b >= batch) & (b < batch + spans))
         def _():
             q, first = b - batch, 0
             for z_ref, width in zip(z_refs, zeros):
-                spans = pl.cdiv(width, ZERO_SPAN)
-                _zero_span(z_ref, width, q - first, ZERO_SPAN, (q >= first) & (q < first + spans))
-                first += spans
+                k = pl.cdiv(width, ZERO_SPAN)
+                _zero_span(z_ref, width, q - first, ZERO_SPAN, (q >= first) & (q < first + k))
+                first += k
+    if prefetch:  # the last programs: the next GEMV's first weights into L2
+        _prefetch(w_ref, d_ref, b - batch - spans, prefetch)
 
 
 def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout, zeros):
@@ -109,7 +129,8 @@ def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout, zeros)
 
 
 def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None,
-                 compaction: sparse_gemv.Compaction | None = None, threshold=None, zeros: tuple[int, ...] = ()):
+                 compaction: sparse_gemv.Compaction | None = None, threshold=None, zeros: tuple[int, ...] = (),
+                 prefetch: tuple[jax.Array, int] | None = None):
     """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring).
     num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm).
     threshold: TEAL's rule applied to the normalised rows (sparsity.teal_input), for an XLA product
@@ -118,7 +139,10 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     (sparse_gemv.Compacted), one launch fewer than its own compaction.
     zeros: shapes (rows, width) of fp32 buffers that come back zeroed after the two (or the row
     and its compaction), for the GEMVs on the masked tiles that follow (sparse_gemv's `zeroed`,
-    sum_shape)."""
+    sum_shape).
+    prefetch (no compaction): (w, n): extra programs read the first n weights of w (the next
+    GEMV's matrix, in memory order) while the launch's own work leaves DRAM idle, so that they
+    sit in L2 when that GEMV starts; its size a multiple of PREFETCH_TILE[1]."""
     b, n = x.shape
     if (h.ndim != 2 or h.shape[0] < b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
             or (h_scale is not None and jnp.shape(h_scale) != (n,))):
@@ -131,12 +155,25 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     flat = tuple(r * w for r, w in zeros)  # each buffer zeroed as one row
     bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in flat)
     if compaction is None:
+        tiles, ahead, dummy = 0, (), ()
+        if prefetch is not None:
+            w, count = prefetch
+            if w.size % PREFETCH_TILE[1] or count < 0:
+                raise ValueError(f"add_rms_norm: prefetch of {count} weights of {w.shape}: its size must be a "
+                                 f"multiple of {PREFETCH_TILE[1]}")
+            flat_w = w.reshape(-1, PREFETCH_TILE[1])  # a view in memory order: its first rows are w's first weights
+            tiles = pl.cdiv(min(count, w.size) // PREFETCH_TILE[1], PREFETCH_TILE[0])
+            ahead, dummy = ((flat_w,), (jax.ShapeDtypeStruct((max(tiles, 1),), f32),)) if tiles else ((), ())
         kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None,
-                                   thresholded=threshold is not None, batch=b, zeros=flat)
+                                   thresholded=threshold is not None, batch=b, zeros=flat, prefetch=tiles)
         rule = () if threshold is None else (jnp.asarray(threshold, f32).reshape(1),)
-        x, y, *zeroed = call(kernel, (out, out, *bufs), grid=(b + sum(pl.cdiv(w, ZERO_SPAN) for w in flat),),
-                             num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra, *rule)
+        grid = b + sum(pl.cdiv(w, ZERO_SPAN) for w in flat) + tiles
+        x, y, *zeroed = call(kernel, (out, out, *bufs, *dummy), grid=(grid,), num_warps=warps, num_stages=1,
+                             name="add_rms_norm")(x, h, scale, *extra, *rule, *ahead)
+        zeroed = zeroed[:len(zeros)]
         return x, y, *(z.reshape(shape) for z, shape in zip(zeroed, zeros))
+    if prefetch is not None:
+        raise ValueError("add_rms_norm: prefetch runs without a compaction")
     if threshold is not None:
         raise ValueError("add_rms_norm: a compaction applies the thresholds itself (pass threshold=None)")
     layout = compaction.layout
