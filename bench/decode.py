@@ -46,6 +46,7 @@ import datetime
 import functools
 import re
 import statistics
+import time
 from pathlib import Path
 
 import flax
@@ -155,14 +156,27 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     ceiling, read = (args.tp * f(args.copy_mib / 1024) for f in (copy_bandwidth, read_bandwidth))  # aggregate
     mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
     print(f"copy ceiling: {ceiling / 1e9:.1f} GB/s, read ceiling {read / 1e9:.1f} GB/s", flush=True)
-    base = random_model(cfg, args.seed)
+    clock = time.perf_counter()
+
+    def took(what):  # the setup's phases, so that a run's time outside the timed rows shows
+        nonlocal clock
+        jax.block_until_ready(jax.tree.leaves(nnx.state(model if what != "random weights" else base)))
+        print(f"{what}: {time.perf_counter() - clock:.1f} s", flush=True)
+        clock = time.perf_counter()
+
+    base = model = random_model(cfg, args.seed)
+    took("random weights")
     sparse = [m for m in args.mode if m != "dense"]
     rows, dense_ms = [], {}
     settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
     for quant in args.quantize:
         model = base if quant == "none" else quantize_model(base, head=args.quantize_head)
+        if quant != "none":
+            took(f"{quant} copy")
         quant += "+head" if quant != "none" and args.quantize_head else ""
         thresholds = random_thresholds(model, args.sparsity, args.calib_tokens, args.seed) if sparse else {}
+        if sparse:
+            took(f"calibration ({args.calib_tokens} tokens)")
         for mode, level in settings:
             for site in MODES[mode]:
                 model.set_thresholds(site, thresholds[level][site])
