@@ -160,7 +160,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
 
     def took(what):  # the setup's phases, so that a run's time outside the timed rows shows
         nonlocal clock
-        jax.block_until_ready(jax.tree.leaves(nnx.state(model if what != "random weights" else base)))
+        jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
         print(f"{what}: {time.perf_counter() - clock:.1f} s", flush=True)
         clock = time.perf_counter()
 
