@@ -17,7 +17,9 @@ normalised row for it (sparse_gemv.Compaction): one program per segment and chun
 computes the row's rms, then its chunk of the output, and lists the chunk's kept inputs; the
 compaction launch of its own is gone. Before GEMVs on the masked tiles (which add into a zeroed
 fp32 buffer), extra programs can zero those buffers (`zeros`): one memset launch fewer each; a
-compacting launch zeroes them in its own programs, a span each.
+compacting launch zeroes them in its own programs, a span each. Other extra programs can read the
+first weights of the GEMV after the launch into L2 (`prefetch`), while the launch's own few bytes
+leave DRAM idle (`bench.kernels --prefetch` times it; decode does not use it yet).
 """
 
 from __future__ import annotations
