@@ -583,10 +583,11 @@ def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips
 
 
 def bench_prefetch(models=("mistral-7b",), int8=False, mib=(0, 2, 4, 8, 16, 0)):
-    """The add + norm launch and the dense batch-1 GEMV after it (q|k|v, gate|up; as decode launches
-    them: the norm zeroes the GEMV's buffer, the GEMV reads every row), the launch's extra programs
-    reading the first `mib` MiB of the GEMV's weights into L2 (norm.add_rms_norm's prefetch): us per
-    pair; the weights cycle through copies, each pair prefetching the copy its GEMV reads."""
+    """The add + norm launch and the batch-1 kernel after it, as decode launches them (the dense GEMVs of
+    q|k|v and gate|up, whose buffer the norm zeroes; CATS's gate_up at 50%), the launch's extra
+    programs reading the first `mib` MiB of that kernel's weights into L2 (norm.add_rms_norm's
+    prefetch): us per pair; the weights cycle through copies, each pair prefetching the copy its
+    kernel reads."""
     from pallas_kernels import norm as N
 
     rows = []
@@ -598,21 +599,31 @@ def bench_prefetch(models=("mistral-7b",), int8=False, mib=(0, 2, 4, 8, 16, 0)):
         h = 3 * jax.random.normal(ks[1], (1, n + 512), f32)  # the previous GEMV's sums, padded
         scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(jnp.bfloat16)
         hs = jnp.full((n,), 0.01, f32) if int8 else None
+        cases = []  # (label, weights, the kernel of the normalised row y and the buffer the norm zeroed)
         for label, width in (("q|k|v", (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), ("gate|up", 2 * c.intermediate_size)):
             w = (jax.random.normal(ks[3], (n, width), f32) / np.sqrt(n)).astype(jnp.bfloat16)
             wk, ws = quantize_int8(w) if int8 else (w, None)
             buf = G.sum_shape(1, n, (width,), dense=True, variant=G.gemv_variant(wk.dtype, dense=True))
+            cases.append((label, wk, (buf,), lambda y, w, out, ws=ws: G.sparse_gemv(
+                y, w, scale=ws, skip_zeros=False, finish=False, zeroed=out[0])))
+        wg, wu, wd = random_mlp(n, c.intermediate_size)
+        w_gu, _, scales = kernel_weights(wg, wu, wd, int8)
+        ((t, _),) = thresholds_for(N.add_rms_norm(x, h, scale, 1e-5, hs)[1], wg, [0.5])
+        cases.append(("CATS gate_up 50%", w_gu, (), lambda y, w, out, s=None if scales is None else scales[0]:
+                      K.gate_up(y, w, t, scale=s)))
+        for label, wk, zeros, kernel in cases:
             for m in mib:
                 count = m * 2**20 // wk.dtype.itemsize
 
-                def pair(x, w, count=count):
-                    _, y, out = N.add_rms_norm(x, h, scale, 1e-5, hs, zeros=(buf,), prefetch=(w, count) if count else None)
-                    return G.sparse_gemv(y, w, scale=ws, skip_zeros=False, finish=False, zeroed=out)
+                def pair(x, w, count=count, zeros=zeros, kernel=kernel):
+                    _, y, *out = N.add_rms_norm(x, h, scale, 1e-5, hs, zeros=zeros,
+                                                prefetch=(w, count) if count else None)
+                    return kernel(y, w, out)
 
                 us = loop_timer(pair, n=(20, 100))(x, wk)
-                rows.append(dict(shape=f"{name} {label}", n_in=n, n_out=width, int8=int8, prefetch_mib=m, us=us))
+                rows.append(dict(shape=f"{name} {label}", weights=list(wk.shape), int8=int8, prefetch_mib=m, us=us))
                 print(f"{name} {label} ({'int8' if int8 else 'bf16'}, {wk.nbytes / 2**20:.0f} MiB): add + norm "
-                      f"prefetching {m} MiB, then the GEMV: {us:.2f} us", flush=True)
+                      f"prefetching {m} MiB, then the kernel: {us:.2f} us", flush=True)
     return rows
 
 
@@ -642,8 +653,9 @@ def main(argv=None):
     p.add_argument("--norm", action="store_true",
                    help="time the residual add + RMSNorm kernel (per kind of input and warp count) instead")
     p.add_argument("--prefetch", action="store_true",
-                   help="time the add + norm launch and the dense GEMV after it (q|k|v, gate|up) instead, the "
-                        "launch reading 0-16 MiB of the GEMV's weights into L2 as it runs (with --int8: int8 weights)")
+                   help="time the add + norm launch and the kernel after it (dense q|k|v and gate|up, CATS's "
+                        "gate_up) instead, the launch reading 0-16 MiB of its weights into L2 as it runs (with "
+                        "--int8: int8 weights)")
     a = p.parse_args(argv)
     models = a.models.split(",")
     for m in models:
