@@ -78,9 +78,8 @@ def _prefetch(w_ref, d_ref, q, tiles):
 
 
 def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, zeros, prefetch):
-    d_ref, refs = (refs[-1], refs[:-1]) if prefetch else (None, refs)
+    (w_ref, *refs), d_ref = (refs[:-1], refs[-1]) if prefetch else ((None, *refs), None)  # the weights, its dummy
     refs, z_refs = refs[:len(refs) - len(zeros)], refs[len(refs) - len(zeros):]
-    w_ref, refs = (refs[-3], refs[:-3] + refs[-2:]) if prefetch else (None, refs)
     hs_ref, (sum_ref, y_ref) = (refs[0] if h_scaled else None), refs[-2:]
     b = pl.program_id(0)
 
@@ -161,18 +160,17 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
         if prefetch is not None:
             w, count = prefetch
             if w.size % PREFETCH_TILE[1] or count < 0:
-                raise ValueError(f"add_rms_norm: prefetch of {count} weights of {w.shape}: its size must be a "
-                                 f"multiple of {PREFETCH_TILE[1]}")
-            flat_w = w.reshape(-1, PREFETCH_TILE[1])  # a view in memory order: its first rows are w's first weights
+                raise ValueError(f"add_rms_norm: prefetch of {count} weights of {w.shape}: the count must be >= 0 "
+                                 f"and the size a multiple of {PREFETCH_TILE[1]}")
             tiles = pl.cdiv(min(count, w.size) // PREFETCH_TILE[1], PREFETCH_TILE[0])
-            ahead, dummy = ((flat_w,), (jax.ShapeDtypeStruct((max(tiles, 1),), f32),)) if tiles else ((), ())
+        if tiles:  # w's view in memory order (its first rows are w's first weights), and the kernel's dummy output
+            ahead, dummy = (w.reshape(-1, PREFETCH_TILE[1]),), (jax.ShapeDtypeStruct((tiles,), f32),)
         kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None,
                                    thresholded=threshold is not None, batch=b, zeros=flat, prefetch=tiles)
         rule = () if threshold is None else (jnp.asarray(threshold, f32).reshape(1),)
         grid = b + sum(pl.cdiv(w, ZERO_SPAN) for w in flat) + tiles
         x, y, *zeroed = call(kernel, (out, out, *bufs, *dummy), grid=(grid,), num_warps=warps, num_stages=1,
-                             name="add_rms_norm")(x, h, scale, *extra, *rule, *ahead)
-        zeroed = zeroed[:len(zeros)]
+                             name="add_rms_norm")(x, h, scale, *ahead, *extra, *rule)
         return x, y, *(z.reshape(shape) for z, shape in zip(zeroed, zeros))
     if prefetch is not None:
         raise ValueError("add_rms_norm: prefetch runs without a compaction")
