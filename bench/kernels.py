@@ -599,7 +599,7 @@ def bench_prefetch(models=("mistral-7b",), int8=False, mib=(0, 2, 4, 8, 16, 0)):
         h = 3 * jax.random.normal(ks[1], (1, n + 512), f32)  # the previous GEMV's sums, padded
         scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(jnp.bfloat16)
         hs = jnp.full((n,), 0.01, f32) if int8 else None
-        cases = []  # (label, weights, the kernel of the normalised row y and the buffer the norm zeroed)
+        cases = []  # (label, weights, the buffers the norm zeroes, the kernel of the normalised row y and those buffers)
         for label, width in (("q|k|v", (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), ("gate|up", 2 * c.intermediate_size)):
             w = (jax.random.normal(ks[3], (n, width), f32) / np.sqrt(n)).astype(jnp.bfloat16)
             wk, ws = quantize_int8(w) if int8 else (w, None)
