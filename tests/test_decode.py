@@ -297,6 +297,12 @@ def test_teal_jnp_step_reads_the_weights_whole(batch, monkeypatch):
     assert len(_weight_slices("teal", batch)) >= 2 * WIDE.num_layers  # what the test would catch
 
 
+def _attention_config(heads, kv_heads, d, window=None) -> ModelConfig:
+    """A config of these attention shapes, for its RoPE frequencies and attend (the rest unused)."""
+    return ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=d, sliding_window=window, name="t")
+
+
 @pytest.mark.parametrize("heads,kv_heads,d,slots,positions,window", [
     (4, 4, 16, 40, [0, 5, 39], None),  # GQA ratio 1, the first and the last slot
     (9, 3, 16, 70, [69, 33], 7),  # ratio 3 (padded to 4 query heads), a sliding window
@@ -305,8 +311,7 @@ def test_teal_jnp_step_reads_the_weights_whole(batch, monkeypatch):
 ])
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, window, dtype):
-    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=heads,
-                      num_kv_heads=kv_heads, head_dim=d, sliding_window=window, name="t")
+    cfg = _attention_config(heads, kv_heads, d, window)
     b = len(positions)
     ks = jax.random.split(jax.random.key(slots + heads), 3)
     qkv = jax.random.normal(ks[0], (b, (heads + 2 * kv_heads) * d), f32).astype(dtype)
@@ -592,9 +597,7 @@ def test_decode_attention_finishes_unfinished_sums(dtype, scaled):
     sums, q_scale, qkv = _unfinished((heads + 2 * kv_heads) * d, 2, ks[0], dtype, scaled)
     ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:])
     pos = jnp.asarray([69, 12], jnp.int32)
-    rope = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
-                                                         num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
-                                                         head_dim=d, name="t")))
+    rope = M.rope_angles(pos, M.rope_inv_freq(_attention_config(heads, kv_heads, d)))
     run = jax.jit(lambda q, s, *a: decode_attention(q, *a, num_heads=heads, num_kv_heads=kv_heads, qkv_scale=s))
     with interpret_on_cpu(), poisoned_outputs():
         want = run(qkv, None, pos, ck, cv, rope)
@@ -612,9 +615,7 @@ def test_decode_attention_one_span_equals_splits():
     qkv = jax.random.normal(ks[0], (2, (heads + 2 * kv_heads) * d), f32)
     ck, cv = (jax.random.normal(k, (2, slots, kv_heads, d), f32) for k in ks[1:])
     pos = jnp.asarray([129, 40], jnp.int32)
-    rope = M.rope_angles(pos, M.rope_inv_freq(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
-                                                         num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
-                                                         head_dim=d, name="t")))
+    rope = M.rope_angles(pos, M.rope_inv_freq(_attention_config(heads, kv_heads, d)))
     run = lambda blk: jax.jit(lambda *a: decode_attention(*a, num_heads=heads, num_kv_heads=kv_heads, blocks=blk))(
         qkv, pos, ck, cv, rope)
     with interpret_on_cpu(), poisoned_outputs():
