@@ -5,7 +5,6 @@
     python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
     python -m bench.kernels --attention         # decode attention: block candidates per context
     python -m bench.kernels --norm              # residual add + RMSNorm: per kind of input and warp count
-    python -m bench.kernels --prefetch [--int8] # add + norm reading the next GEMV's first weights into L2
     python -m bench.kernels --int8 [--teal] [--tune]   # the kernels on int8 weights (bf16 XLA baseline)
     python -m bench.kernels --teal --tp 4 --models llama3-70b   # one device's shard under tensor parallelism
 
@@ -582,51 +581,6 @@ def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips
     return rows
 
 
-def bench_prefetch(models=("mistral-7b",), int8=False, mib=(0, 2, 4, 8, 16, 0)):
-    """The add + norm launch and the batch-1 kernel after it, as decode launches them (the dense GEMVs of
-    q|k|v and gate|up, whose buffer the norm zeroes; CATS's gate_up at 50%), the launch's extra
-    programs reading the first `mib` MiB of that kernel's weights into L2 (norm.add_rms_norm's
-    prefetch): us per pair; the weights cycle through copies, each pair prefetching the copy its
-    kernel reads."""
-    from pallas_kernels import norm as N
-
-    rows = []
-    for name in models:
-        c = config(name)
-        n = c.hidden_size
-        ks = jax.random.split(jax.random.key(n), 4)
-        x = jax.random.normal(ks[0], (1, n), f32).astype(jnp.bfloat16)
-        h = 3 * jax.random.normal(ks[1], (1, n + 512), f32)  # the previous GEMV's sums, padded
-        scale = (1 + jax.random.normal(ks[2], (n,), f32) / 4).astype(jnp.bfloat16)
-        hs = jnp.full((n,), 0.01, f32) if int8 else None
-        cases = []  # (label, weights, the buffers the norm zeroes, the kernel of the normalised row y and those buffers)
-        for label, width in (("q|k|v", (c.num_heads + 2 * c.num_kv_heads) * c.head_dim), ("gate|up", 2 * c.intermediate_size)):
-            w = (jax.random.normal(ks[3], (n, width), f32) / np.sqrt(n)).astype(jnp.bfloat16)
-            wk, ws = quantize_int8(w) if int8 else (w, None)
-            buf = G.sum_shape(1, n, (width,), dense=True, variant=G.gemv_variant(wk.dtype, dense=True))
-            cases.append((label, wk, (buf,), lambda y, w, out, ws=ws: G.sparse_gemv(
-                y, w, scale=ws, skip_zeros=False, finish=False, zeroed=out[0])))
-        wg, wu, wd = random_mlp(n, c.intermediate_size)
-        w_gu, _, scales = kernel_weights(wg, wu, wd, int8)
-        ((t, _),) = thresholds_for(N.add_rms_norm(x, h, scale, 1e-5, hs)[1], wg, [0.5])
-        cases.append(("CATS gate_up 50%", w_gu, (), lambda y, w, out, s=None if scales is None else scales[0]:
-                      K.gate_up(y, w, t, scale=s)))
-        for label, wk, zeros, kernel in cases:
-            for m in mib:
-                count = m * 2**20 // wk.dtype.itemsize
-
-                def pair(x, w, count=count, zeros=zeros, kernel=kernel):
-                    _, y, *out = N.add_rms_norm(x, h, scale, 1e-5, hs, zeros=zeros,
-                                                prefetch=(w, count) if count else None)
-                    return kernel(y, w, out)
-
-                us = loop_timer(pair, n=(20, 100))(x, wk)
-                rows.append(dict(shape=f"{name} {label}", weights=list(wk.shape), int8=int8, prefetch_mib=m, us=us))
-                print(f"{name} {label} ({'int8' if int8 else 'bf16'}, {wk.nbytes / 2**20:.0f} MiB): add + norm "
-                      f"prefetching {m} MiB, then the kernel: {us:.2f} us", flush=True)
-    return rows
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="presets whose MLP shapes to time (comma-separated)")
@@ -652,10 +606,6 @@ def main(argv=None):
                    help="time decode attention (block candidates) at 256 and 4096 slots instead")
     p.add_argument("--norm", action="store_true",
                    help="time the residual add + RMSNorm kernel (per kind of input and warp count) instead")
-    p.add_argument("--prefetch", action="store_true",
-                   help="time the add + norm launch and the kernel after it (dense q|k|v and gate|up, CATS's "
-                        "gate_up) instead, the launch reading 0-16 MiB of its weights into L2 as it runs (with "
-                        "--int8: int8 weights)")
     a = p.parse_args(argv)
     models = a.models.split(",")
     for m in models:
@@ -671,11 +621,6 @@ def main(argv=None):
     if jax.default_backend() != "gpu":
         p.error("the benchmark needs a GPU (on the CPU the kernels only run in interpret mode)")
     levels = [float(s) for s in a.sparsity.split(",")]
-    if a.prefetch:
-        rows = bench_prefetch(models[:1], int8=a.int8)
-        if a.json:
-            a.json.write_text(json.dumps(dict(meta=_meta(*_ceilings()), rows=rows), indent=1))
-        return
     if a.attention or a.norm:
         rows = (bench_attention if a.attention else bench_norm)(models[:1], batch=batch)
         if a.json:

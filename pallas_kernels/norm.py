@@ -17,9 +17,7 @@ normalised row for it (sparse_gemv.Compaction): one program per segment and chun
 computes the row's rms, then its chunk of the output, and lists the chunk's kept inputs; the
 compaction launch of its own is gone. Before GEMVs on the masked tiles (which add into a zeroed
 fp32 buffer), extra programs can zero those buffers (`zeros`): one memset launch fewer each; a
-compacting launch zeroes them in its own programs, a span each. Other extra programs can read the
-first weights of the GEMV after the launch into L2 (`prefetch`), while the launch's own few bytes
-leave DRAM idle (`bench.kernels --prefetch` times it; decode does not use it yet).
+compacting launch zeroes them in its own programs, a span each.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ from pallas_kernels.sparse_gemv import teal_input
 
 f32 = jnp.float32
 ZERO_SPAN = 4096  # fp32 zeros a program writes (`zeros`)
-PREFETCH_TILE = (32, 1024)  # weights a program reads into L2 (`prefetch`): 64 KB of bf16
 
 
 def _summed(x_ref, h_ref, hs_ref, b, cols, ok, dt):
@@ -63,22 +60,7 @@ def _zero_span(z_ref, width, k, span, mine=True):
     plgpu.store(z_ref.at[0, cols], jnp.zeros((span,), f32), mask=mine & (cols < width))
 
 
-def _prefetch(w_ref, d_ref, q, tiles):
-    """Program q (< tiles) reads tile q of w's flat view [rows, PREFETCH_TILE[1]] into L2 for the GEMV
-    after this launch. Its sum is stored only if it equals a value it cannot take, so the loads stay
-    (a load whose value is unused would be removed)."""
-    @pl.when((q >= 0) & (q < tiles))
-    def _():
-        r, c = PREFETCH_TILE
-        rows = w_ref.shape[0]
-        w = load(w_ref.at[pl.ds(q * r, r), pl.ds(0, c)], mask=(iota(r, q * r) < rows)[:, None] if rows % r else None,
-                 eviction_policy="evict_last")
-        t = jnp.sum(w.astype(f32))
-        plgpu.store(d_ref.at[pl.ds(q, 1)], t[None], mask=(t == 1.5e38)[None])
-
-
-def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, zeros, prefetch):
-    (w_ref, *refs), d_ref = (refs[:-1], refs[-1]) if prefetch else ((None, *refs), None)  # the weights, its dummy
+def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, zeros):
     refs, z_refs = refs[:len(refs) - len(zeros)], refs[len(refs) - len(zeros):]
     hs_ref, (sum_ref, y_ref) = (refs[0] if h_scaled else None), refs[-2:]
     b = pl.program_id(0)
@@ -95,17 +77,14 @@ def _kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, thresholded, batch, ze
             y = teal_input(y, refs[-3][0])
         plgpu.store(y_ref.at[b, cols], y, mask=ok)
 
-    spans = sum(pl.cdiv(width, ZERO_SPAN) for width in zeros)
     if zeros:  # programs past the rows: each zeroes one span of one buffer
-        @pl.when((b >= batch) & (b < batch + spans))
+        @pl.when(b >= batch)
         def _():
             q, first = b - batch, 0
             for z_ref, width in zip(z_refs, zeros):
-                k = pl.cdiv(width, ZERO_SPAN)
-                _zero_span(z_ref, width, q - first, ZERO_SPAN, (q >= first) & (q < first + k))
-                first += k
-    if prefetch:  # the last programs: the next GEMV's first weights into L2
-        _prefetch(w_ref, d_ref, b - batch - spans, prefetch)
+                spans = pl.cdiv(width, ZERO_SPAN)
+                _zero_span(z_ref, width, q - first, ZERO_SPAN, (q >= first) & (q < first + spans))
+                first += spans
 
 
 def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout, zeros):
@@ -130,8 +109,7 @@ def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout, zeros)
 
 
 def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None,
-                 compaction: sparse_gemv.Compaction | None = None, threshold=None, zeros: tuple[int, ...] = (),
-                 prefetch: tuple[jax.Array, int] | None = None):
+                 compaction: sparse_gemv.Compaction | None = None, threshold=None, zeros: tuple[int, ...] = ()):
     """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring).
     num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm).
     threshold: TEAL's rule applied to the normalised rows (sparsity.teal_input), for an XLA product
@@ -140,10 +118,7 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     (sparse_gemv.Compacted), one launch fewer than its own compaction.
     zeros: shapes (rows, width) of fp32 buffers that come back zeroed after the two (or the row
     and its compaction), for the GEMVs on the masked tiles that follow (sparse_gemv's `zeroed`,
-    sum_shape).
-    prefetch (no compaction): (w, n): extra programs read the first n weights of w (the next
-    GEMV's matrix, in memory order) while the launch's own work leaves DRAM idle, so that they
-    sit in L2 when that GEMV starts; its size a multiple of PREFETCH_TILE[1]."""
+    sum_shape)."""
     b, n = x.shape
     if (h.ndim != 2 or h.shape[0] < b or h.shape[1] < n or scale.shape != (n,) or scale.dtype != x.dtype
             or (h_scale is not None and jnp.shape(h_scale) != (n,))):
@@ -156,24 +131,12 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
     flat = tuple(r * w for r, w in zeros)  # each buffer zeroed as one row
     bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in flat)
     if compaction is None:
-        tiles, ahead, dummy = 0, (), ()
-        if prefetch is not None:
-            w, count = prefetch
-            if w.size % PREFETCH_TILE[1] or count < 0:
-                raise ValueError(f"add_rms_norm: prefetch of {count} weights of {w.shape}: the count must be >= 0 "
-                                 f"and the size a multiple of {PREFETCH_TILE[1]}")
-            tiles = pl.cdiv(min(count, w.size) // PREFETCH_TILE[1], PREFETCH_TILE[0])
-        if tiles:  # w's view in memory order (its first rows are w's first weights), and the kernel's dummy output
-            ahead, dummy = (w.reshape(-1, PREFETCH_TILE[1]),), (jax.ShapeDtypeStruct((tiles,), f32),)
         kernel = functools.partial(_kernel, n=n, eps=eps, h_scaled=h_scale is not None,
-                                   thresholded=threshold is not None, batch=b, zeros=flat, prefetch=tiles)
+                                   thresholded=threshold is not None, batch=b, zeros=flat)
         rule = () if threshold is None else (jnp.asarray(threshold, f32).reshape(1),)
-        grid = b + sum(pl.cdiv(w, ZERO_SPAN) for w in flat) + tiles
-        x, y, *zeroed = call(kernel, (out, out, *bufs, *dummy), grid=(grid,), num_warps=warps, num_stages=1,
-                             name="add_rms_norm")(x, h, scale, *ahead, *extra, *rule)
+        x, y, *zeroed = call(kernel, (out, out, *bufs), grid=(b + sum(pl.cdiv(w, ZERO_SPAN) for w in flat),),
+                             num_warps=warps, num_stages=1, name="add_rms_norm")(x, h, scale, *extra, *rule)
         return x, y, *(z.reshape(shape) for z, shape in zip(zeroed, zeros))
-    if prefetch is not None:
-        raise ValueError("add_rms_norm: prefetch runs without a compaction")
     if threshold is not None:
         raise ValueError("add_rms_norm: a compaction applies the thresholds itself (pass threshold=None)")
     layout = compaction.layout

@@ -2,13 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from bench import sass
 from bench.profile_decode import idle_gaps
 from pallas_kernels import sparse_gemv as G
-from pallas_kernels.common import interpret_on_cpu
 
 
 def test_idle_gaps_split_launch_gaps_from_host_round_trips():
@@ -131,20 +129,3 @@ def test_the_cats_tune_leaves_its_winners_where_the_kernels_look(monkeypatch):
     assert G._tuned() == {(1, cfg.intermediate_size, cfg.hidden_size, "cats"): winner}
     picked = G.blocks_for(1, cfg.intermediate_size, cfg.hidden_size, variant="cats")  # fitted to the shape
     assert (type(picked), picked.rows, picked.num_warps) == (type(winner), winner.rows, winner.num_warps)
-
-
-@pytest.mark.parametrize("int8", [False, True])
-def test_the_prefetch_bench_times_the_norm_and_gemv_pair(monkeypatch, int8):
-    """bench.kernels --prefetch times the add + norm (prefetching 0-16 MiB of the next weights) and
-    the kernel after it: every pair computes the same from the normalised row, prefetch or not."""
-    from bench import kernels as B
-
-    outs = []
-    monkeypatch.setattr(B, "loop_timer", lambda f, n=None, reps=None: lambda x, *a: outs.append(f(x, *a)) or 1.0)
-    with interpret_on_cpu():
-        rows = B.bench_prefetch(("smollm2-135m",), int8=int8, mib=(0, 1))
-    assert [(r["shape"].split(maxsplit=1)[1], r["prefetch_mib"]) for r in rows] == [
-        ("q|k|v", 0), ("q|k|v", 1), ("gate|up", 0), ("gate|up", 1), ("CATS gate_up 50%", 0), ("CATS gate_up 50%", 1)]
-    for plain, prefetched in (outs[0:2], outs[2:4], outs[4:6]):
-        np.testing.assert_array_equal(np.asarray(plain), np.asarray(prefetched))
-        assert np.all(np.isfinite(np.asarray(plain))) and float(jnp.max(jnp.abs(plain))) > 0

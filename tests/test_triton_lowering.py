@@ -165,14 +165,6 @@ def test_add_rms_norm_zeroing_the_next_gemvs_buffers_lowers(lowered_for_gpu):
     assert len(lowered_for_gpu) == 1
 
 
-@pytest.mark.parametrize("w_dtype", [bf16, jnp.int8])
-def test_add_rms_norm_prefetching_the_next_weights_lowers(lowered_for_gpu, w_dtype):
-    """The add + norm whose extra programs also read the next GEMV's first 8 MB into L2 (a tail tile too)."""
-    _lower(lambda x, h, s, w: N.add_rms_norm(x, h, s, 1e-5, zeros=((1, 6144),), prefetch=(w, 2**22 + 1000))[1],
-           S((1, 4096), bf16), S((1, 4096), f32), S((4096,), bf16), S((4096, 6144), w_dtype))
-    assert len(lowered_for_gpu) == 1
-
-
 @pytest.mark.parametrize("heads,kv_heads,d,window,span", [(32, 8, 128, None, None), (9, 3, 64, 4096, None),
                                                           (4, 4, 16, None, None), (32, 8, 128, None, 512)])
 @pytest.mark.parametrize("unfinished", [False, True])  # qkv: a GEMV's padded fp32 sums with an int8 scale
