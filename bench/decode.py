@@ -35,6 +35,10 @@ thresholds come from a quick calibration of that random model on one row of rand
 layer and site, the quantile of the dense model's |values| at --sparsity (uniform allocation;
 cats_jax.teal.sample_inputs). --impl pallas runs decode steps through the kernels.
 
+--blocks-from own,KIND: each row again with device KIND's tuned GEMV blocks over this device's
+(sparse_gemv.TUNED), labelled ", KIND blocks": whether one device's tune pays on another, against
+this device's own rows of the same process.
+
 --tp N: tensor parallel over the first N devices (cats_jax.sharding); the ceilings are then N times
 one device's (the aggregate), so "% of read" is of N x read ceiling.
 """
@@ -42,8 +46,10 @@ one device's (the aggregate), so "% of read" is of N x read ceiling.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
+import itertools
 import re
 import statistics
 import time
@@ -62,6 +68,7 @@ from cats_jax.config import PRESETS, QUANTIZATIONS, ModelConfig
 from cats_jax.generate import generate
 from cats_jax.model import Transformer, quantize_model
 from cats_jax.sparsity import MODES
+from pallas_kernels import sparse_gemv
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
@@ -187,7 +194,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
             weight_gb = weight_bytes(decoder) / 1e9
             label = ("" if quant == "none" else f"{quant} ") + (
                 mode if mode == "dense" else f"{mode} ({args.impl}) {level:g}")
-            for batch in args.batch:
+            for batch, kind in itertools.product(args.batch, args.blocks_from or ["own"]):
                 rng = np.random.default_rng(args.seed + batch)
                 prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
                 bench = functools.partial(generate, decoder, prompts, args.new_tokens, eos_ids=(),
@@ -195,7 +202,8 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
                 # each row compiles its own decode loop: the kernels' blocks (sparse_gemv.TUNED) are read
                 # when it is traced, not keyed, and the launches below count this row's executable
                 generation._COMPILED.clear()
-                compile_s = bench().compile_s  # first run: compiles and warms up
+                with blocks_from(kind):
+                    compile_s = bench().compile_s  # first run: compiles and warms up
                 runs = [bench() for _ in range(args.repeats)]
                 steps = runs[0].decode_steps
                 decode_s = statistics.median(r.decode_s for r in runs)
@@ -209,7 +217,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
                     dense_ms.setdefault(batch, ms)
                 speedup = f"{dense_ms[batch] / ms:.3f}x" if batch in dense_ms else "-"
                 rows.append(
-                    f"| {label} | {'-' if measured is None else f'{measured:.3f}'} | {batch} "
+                    f"| {label}{'' if args.blocks_from is None else f', {kind} blocks'} | {'-' if measured is None else f'{measured:.3f}'} | {batch} "
                     f"| {args.prompt_len} | {args.new_tokens} | {prefill_s * 1e3:.1f} | {ms:.3f} | {speedup} "
                     f"| {batch * steps / decode_s:.1f} | {nbytes / 1e9:.3f} | {weight_gb:.3f} | {gbs / 1e9:.1f} "
                     f"| {100 * gbs / ceiling:.1f}% "
@@ -233,6 +241,20 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
         *rows,
         "",
     ])
+
+
+@contextlib.contextmanager
+def blocks_from(kind: str):
+    """Inside, the kernels traced take device `kind`'s tuned GEMV blocks over this device's own
+    (sparse_gemv.TUNED; "own": this device's alone), as --blocks-from rows are compiled."""
+    own = jax.devices()[0].device_kind
+    saved = dict(sparse_gemv.TUNED.get(own, {}))
+    if kind != "own":
+        sparse_gemv.TUNED[own] = {**saved, **sparse_gemv.TUNED[kind]}
+    try:
+        yield
+    finally:
+        sparse_gemv.TUNED[own] = saved
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -260,6 +282,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
     ap.add_argument("--copy-mib", type=int, default=None, help="copy-ceiling array size (default 1024 on GPU, 64 on CPU)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--blocks-from", type=lambda s: s.split(","), default=None,
+                    help="rows with another device kind's tuned GEMV blocks (pallas_kernels.sparse_gemv.TUNED) over "
+                         "this device's, comma-separated; 'own' for this device's alone, e.g. "
+                         "'own,NVIDIA H100 80GB HBM3': a tune of one device tried on another in one process")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices (default 1)")
     ap.add_argument("--out", type=Path, help="append the markdown table to this file (e.g. docs/benchmarks.md)")
@@ -272,6 +298,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for q in args.quantize:
         if q not in ("none", *QUANTIZATIONS):
             ap.error(f"--quantize: unknown quantization {q!r} (choose from none, {', '.join(QUANTIZATIONS)})")
+    for kind in args.blocks_from or ():
+        if kind != "own" and kind not in sparse_gemv.TUNED:
+            ap.error(f"--blocks-from: no tuned blocks for {kind!r} (choose from own, {', '.join(sparse_gemv.TUNED)})")
     if args.quantize_head and set(args.quantize) == {"none"}:
         ap.error("--quantize-head quantizes the LM head of the int8 copy: add int8 to --quantize (e.g. none,int8)")
     try:  # the devices and the shapes, before any work

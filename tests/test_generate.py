@@ -240,6 +240,28 @@ def test_bench_bytes_per_step_and_random_bf16_weights():
     assert bench_decode.bytes_per_step(MISTRAL, model, 3, 8, 5) == weights + 3 * kv * 4
 
 
+def test_bench_rows_with_another_devices_blocks(monkeypatch, capsys):
+    """--blocks-from own,KIND: each row twice, the second traced with KIND's tuned GEMV blocks over
+    this device's own (restored after); an unknown kind is refused before any work."""
+    from pallas_kernels import sparse_gemv as G
+
+    own = jax.devices()[0].device_kind
+    mine, theirs = G.GemvBlocks(rows=16, cols=32, splits=4), G.GatherBlocks()
+    monkeypatch.setattr(G, "TUNED", {own: {(1, 64, 96): mine, (1, 64, 64): mine}, "other": {(1, 64, 96): theirs}})
+    with bench_decode.blocks_from("other"):
+        assert G._tuned() == {(1, 64, 96): theirs, (1, 64, 64): mine}
+    assert G._tuned() == {(1, 64, 96): mine, (1, 64, 64): mine}
+    with bench_decode.blocks_from("own"):
+        assert G._tuned() == {(1, 64, 96): mine, (1, 64, 64): mine}
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--blocks-from", "own,nowhere"])
+    assert "no tuned blocks for 'nowhere' (choose from own, " in capsys.readouterr().err
+    args = bench_decode.parse_args(["--batch", "1", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1",
+                                    "--copy-mib", "4", "--impl", "jnp", "--blocks-from", "own,other"])
+    labels = [r.split("|")[1].strip() for r in bench_decode.run(LLAMA, args).splitlines() if r.startswith("| dense")]
+    assert labels == ["dense, own blocks", "dense, other blocks"]
+
+
 def test_bench_runs_and_reports(capsys):
     args = bench_decode.parse_args(["--batch", "2", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1",
                                     "--copy-mib", "4", "--mode", "dense,cats", "--impl", "jnp", "--sparsity", "0.5",
