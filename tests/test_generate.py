@@ -18,6 +18,7 @@ from cats_jax.config import ModelConfig
 from cats_jax.generate import generate, generate_text, main, padded_length
 from cats_jax.model import init_random
 from cats_jax.sampling import Sampling, apply_repetition_penalty, sample
+from pallas_kernels.common import interpret_on_cpu
 
 LLAMA = ModelConfig(
     vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -242,7 +243,8 @@ def test_bench_bytes_per_step_and_random_bf16_weights():
 
 def test_bench_rows_with_another_devices_blocks(monkeypatch, capsys):
     """--blocks-from own,KIND: each row twice, the second traced with KIND's tuned GEMV blocks over
-    this device's own (restored after); an unknown kind is refused before any work."""
+    this device's own (restored after; kernels in interpret mode); an unknown kind is refused
+    before any work."""
     from pallas_kernels import sparse_gemv as G
 
     own = jax.devices()[0].device_kind
@@ -256,10 +258,17 @@ def test_bench_rows_with_another_devices_blocks(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench_decode.parse_args(["--blocks-from", "own,nowhere"])
     assert "no tuned blocks for 'nowhere' (choose from own, " in capsys.readouterr().err
+    # "other" lists dense blocks for the tiny model's four GEMVs: its row's step runs them on the kernels
+    h, i, qkv = LLAMA.hidden_size, LLAMA.intermediate_size, (LLAMA.num_heads + 2 * LLAMA.num_kv_heads) * LLAMA.head_dim
+    dense = G.GemvBlocks(rows=16, cols=16, splits=2)
+    G.TUNED["other"] = {G.tuned_key(1, a, b, "dense"): dense for a, b in ((h, qkv), (h, h), (h, 2 * i), (i, h))}
     args = bench_decode.parse_args(["--batch", "1", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1",
-                                    "--copy-mib", "4", "--impl", "jnp", "--blocks-from", "own,other"])
-    labels = [r.split("|")[1].strip() for r in bench_decode.run(LLAMA, args).splitlines() if r.startswith("| dense")]
-    assert labels == ["dense, own blocks", "dense, other blocks"]
+                                    "--copy-mib", "4", "--impl", "pallas", "--blocks-from", "own,other"])
+    with interpret_on_cpu():
+        rows = [r.split("|") for r in bench_decode.run(LLAMA, args).splitlines() if r.startswith("| dense")]
+    assert [r[1].strip() for r in rows] == ["dense, own blocks", "dense, other blocks"]
+    assert rows[0][-3] != rows[1][-3]  # launches: each row traced with its own blocks
+    assert G._tuned() == {(1, 64, 96): mine, (1, 64, 64): mine}
 
 
 def test_bench_runs_and_reports(capsys):
