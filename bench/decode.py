@@ -199,9 +199,11 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
                 prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
                 bench = functools.partial(generate, decoder, prompts, args.new_tokens, eos_ids=(),
                                           prefill_chunk=args.prefill_chunk)
-                # each row compiles its own decode loop: the kernels' blocks (sparse_gemv.TUNED) are read
-                # when it is traced, not keyed, and the launches below count this row's executable
+                # each row traces and compiles its own decode loop: the kernels' blocks (sparse_gemv.TUNED)
+                # are read when it is traced, keyed neither here nor in JAX's trace caches (a row may differ
+                # from the last in its blocks alone: --blocks-from), and the launches below count this row's
                 generation._COMPILED.clear()
+                jax.clear_caches()
                 with blocks_from(kind):
                     compile_s = bench().compile_s  # first run: compiles and warms up
                 runs = [bench() for _ in range(args.repeats)]
