@@ -250,7 +250,7 @@ def blocks_from(kind: str):
     """Inside, the kernels traced take device `kind`'s tuned GEMV blocks over this device's own
     (sparse_gemv.TUNED; "own": this device's alone), as --blocks-from rows are compiled."""
     own = jax.devices()[0].device_kind
-    saved = dict(sparse_gemv.TUNED.get(own, {}))
+    saved = sparse_gemv.TUNED.get(own, {})  # the table itself comes back, not a copy
     if kind != "own":
         sparse_gemv.TUNED[own] = {**saved, **sparse_gemv.TUNED[kind]}
     try:
