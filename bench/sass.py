@@ -188,9 +188,8 @@ def cases(model: str, int8: bool, device: str):
         """(label, fn, args) of a projection's GEMV: thresholded ones with TUNED's blocks, dense
         (int8) ones with their "int8 dense" entry or sparse_gemv.DENSE, as decode runs them."""
         n_out = sum(segs)
-        listed = tuned_blocks(n_in, n_out) if thresholded else tuned.get(  # a dense one only under its own key
-            G.tuned_key(1, n_in, n_out, G.gemv_variant(wt, dense=True)))
-        blk = listed or G.blocks_for(1, n_in, n_out, dense=not thresholded)
+        blk = G.blocks_for(1, n_in, n_out, dense=not thresholded, tuned=tuned,
+                           variant=G.gemv_variant(wt, dense=not thresholded))
         scale = (S((n_out,), f32),) if int8 else ()
         x_scale = (S((2 * n_in,), f32),) if int8 and gated else ()  # the gate|up sums' int8 scale
         x = S((1, 2 * n_in + 128), f32) if gated else S((1, n_in), bf16)

@@ -264,12 +264,13 @@ def tuned_blocks(tuned: dict, batch: int, n_in: int, n_out: int, variant: str | 
 
 
 def blocks_for(batch: int, n_in: int, n_out: int, col_multiple: int | None = None,
-               dense: bool = False, variant: str | None = None) -> GemvBlocks | GatherBlocks:
+               dense: bool = False, variant: str | None = None, tuned: dict | None = None) -> GemvBlocks | GatherBlocks:
     """The tuned (else the table's) blocks for this batch, fitted to the shape (no block longer than
     its axis); dense: those of a GEMV that reads every row (DENSE at batch 1, else the table's).
     col_multiple: a length every column block must divide (segment boundaries). variant: the
-    GEMV's gemv_variant, whose TUNED entry comes before the shape's plain one."""
-    tuned = _tuned()
+    GEMV's gemv_variant, whose TUNED entry comes before the shape's plain one. tuned: a device's
+    TUNED table (default: this device's)."""
+    tuned = _tuned() if tuned is None else tuned
     if dense:  # their "dense" or "int8 dense" entry, else DENSE at batch 1
         b = (variant in ("dense", "int8 dense") and tuned.get(tuned_key(batch, n_in, n_out, variant))) or (
             DENSE if batch == 1 else TABLE[min(next_pow2(batch), max(TABLE))])
