@@ -80,10 +80,13 @@ class GateUpBlocks:
 
 # Per padded batch size: the winners of `python -m bench.kernels --tune` on an H100 at
 # H = 4096, I = 14336, 50% sparsity (docs/benchmarks.md); blocks_for fits them to other shapes.
+# Batches 2-16: 128 neurons a program on 8 warps (112 programs at Mistral-7B's I, 32 KB bf16 tiles
+# in 3 stages) against 32 on 4: CATS 50% decode at 2 / 4 / 8 rows 0.5-0.8% / 0.2% / 0.6% faster
+# (H100; 16 rows not timed; docs/decisions.md).
 TABLE = {
     1: GateUpBlocks(rows=8, cols=1024, num_warps=4, num_stages=4),
-    2: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=4),
-    4: GateUpBlocks(rows=32, cols=128, num_warps=4, num_stages=3),
+    2: GateUpBlocks(rows=128, cols=128, num_warps=8, num_stages=3),
+    4: GateUpBlocks(rows=128, cols=128, num_warps=8, num_stages=3),
 }
 
 
