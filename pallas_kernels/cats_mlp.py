@@ -118,7 +118,15 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-            w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
+            if dot or w_ref.dtype == x_ref.dtype:
+                w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
+            else:  # int8 rows at batch 1, loaded in vectors as long as x's (16 bytes of x), so that the tile
+                # shares x's layout: Triton gave 16-byte int8 vectors a layout of their own and converted
+                # every tile through shared memory (two barriers a step; bench.sass). c0 + j written as
+                # runs of v is what tells Triton that length.
+                v, j = 16 // jnp.dtype(x_ref.dtype).itemsize, iota(cols)
+                at = (iota(rows, first + i0)[:, None], (c0 + jax.lax.div(j, v) * v + jax.lax.rem(j, v))[None, :])
+                w = load(w_ref.at[at], mask=mask2d(row_mask, col_ok))
             if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, convert(w, x.dtype), trans_b=True)

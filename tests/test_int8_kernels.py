@@ -182,10 +182,11 @@ def test_cats_mlp_int8_matches_the_dequantized_reference(b, h, i, sparsity):
     assert _rel(y, gated_mlp(x, wg, wu, wd, t)) < 1e-2
 
 
-def test_gate_up_int8_weighted_criterion_and_fp32_activations():
+@pytest.mark.parametrize("b", [1, 3])  # batch 1: the int8 rows in 4-byte vectors, as long as fp32 x's
+def test_gate_up_int8_weighted_criterion_and_fp32_activations(b):
     """fp32 activations keep their precision against int8 weights (no rounding to the weights'
     dtype), and the weighted criterion reads the scaled gate as the magnitude one does."""
-    b, h, i = 3, 72, 96
+    h, i = 72, 96
     (w_gu, s_gu, _, _), (wg, wu, _) = _int8_mlp(h, i, seed=11)
     x = jax.random.normal(jax.random.key(b), (b, h), f32)
     f = jax.random.uniform(jax.random.key(i), (i,), f32, 0.1, 3.0)
