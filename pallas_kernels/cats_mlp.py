@@ -118,7 +118,7 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-            if dot or w_ref.dtype == x_ref.dtype:
+            if dot or not scaled:
                 w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
             else:  # int8 rows at batch 1, loaded in vectors as long as x's (16 bytes of x), so that the tile
                 # shares x's layout: Triton gave 16-byte int8 vectors a layout of their own and converted
