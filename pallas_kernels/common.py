@@ -127,8 +127,8 @@ def _int8_bias_bits(w):
 def convert(w, dtype, packed: bool = False):
     """A loaded weight tile in `dtype`: int8 exactly by the bit tricks above, float by a conversion.
     packed: four int8 a register on the GPU (above), for a tile used in the layout it was loaded in
-    (batch 1's multiply-adds); a tile that moves to another layout (a dot operand, the CATS gate_up's)
-    would move as fp32 instead of int8, which cost more than it saved (bench.sass)."""
+    (batch 1's multiply-adds); a tile that moves to another layout (a dot operand) would move as
+    fp32 instead of int8, which cost more than it saved (bench.sass)."""
     if w.dtype != jnp.int8:
         return w.astype(dtype)
     bits = _int8_bias_bits(w) if packed else w.astype(jnp.int32) + _INT8_BIAS_BITS
