@@ -14,8 +14,9 @@ Columns: registers per thread, spilled bytes, the global loads per thread by wid
 eight 16-byte loads; 4x128a: four 16-byte copies to shared memory, cp.async), then per thread
 FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD, ISETP, ...), tensor-core MMAs and
 barriers, counted in the code (a loop body once), and the instructions of each loop body (what
-a program repeats: "317+323" for two loops), the figure to read against the bytes a step loads.
-Last, the launch's programs, how many fit on an SM at once (registers, warps, shared memory) and
+a program repeats: "317+323" for two loops), the figure to read against the bytes a step loads,
+and how far into each body its last 8- or 16-byte load comes ("loads by": early, a step's weight
+loads are in flight together; late, ptxas issued them a few at a time: loop_bodies). Last, the launch's programs, how many fit on an SM at once (registers, warps, shared memory) and
 the waves they make on 132 SMs (H100 / H200): a latency-bound kernel at 3.39 waves runs its last
 wave two-fifths full.
 """
@@ -132,7 +133,9 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
         for ext, text in (("ttgir", c.asm["ttgir"]), ("ptx", c.asm["ptx"]), ("sass", sass)):
             (save / f"{k.name}.{ext}").write_text(text)
     res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    loops = "+".join(str(n) for n in loop_sizes(sass)) or "-"
+    bodies = loop_bodies(sass)
+    loops = "+".join(str(n) for n, _ in bodies) or "-"
+    loads_by = "+".join("-" if at is None else f"{100 * at // n}%" for n, at in bodies) or "-"
     ops = collections.Counter(op.split(".")[0] for _, op in _INSTRUCTION.findall(sass))
     loads = collections.Counter(re.findall(r"\bLDG\.E(?:\.EF|\.EL|\.LU)?(?:\.(\d+|U16|U8|S16|S8))?\b", sass))
     loads.update(f"{w or 32}a" for w in re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?(?:\.LTC128B)?(?:\.(\d+))?\b", sass))
@@ -144,16 +147,21 @@ def compile_sm90(k: Kernel, save: Path | None = None) -> dict:
                              sorted(loads.items(), key=lambda t: -int(width.get(t[0], t[0]).rstrip("a")))),
                 ffma=ops["FFMA"], fadd=ops["FADD"],
                 int=sum(ops[o] for o in ("IADD3", "LOP3", "PRMT", "SHF", "IMAD", "ISETP", "SEL", "LEA", "IABS", "I2F", "F2I")),
-                mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"] + ops["REDG"], loops=loops)
+                mma=ops["HMMA"] + ops["IMMA"], bar=ops["BAR"], atom=ops["ATOMG"] + ops["RED"] + ops["REDG"], loops=loops,
+                loads_by=loads_by)
 
 
 # a line of nvdisasm's listing: its address and its instruction (past a predicate)
 _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", re.M)
 
 
-def loop_sizes(sass: str) -> list[int]:
-    """The instructions (NOPs aside) of each loop body in nvdisasm's listing: from a label to a
-    later branch back to it, in order."""
+def loop_bodies(sass: str) -> list[tuple[int, int | None]]:
+    """Each loop body of nvdisasm's listing, from a label to a later branch back to it, in order:
+    its instructions (NOPs aside) and how many of them come before its last 8- or 16-byte global
+    load (the weight loads), None if it has none. A late last load means ptxas issued the step's
+    loads a few at a time between the arithmetic (it does so to save registers), so that a thread
+    has fewer bytes in flight than its tile (int8 `gate_up`'s loads sat 61% into the body when it
+    read at 1.3 TB/s; docs/decisions.md)."""
     labels, pending = {}, []
     for line in sass.splitlines():
         if m := re.match(r"^(\.L_x_\d+):", line):
@@ -161,14 +169,16 @@ def loop_sizes(sass: str) -> list[int]:
         elif m := _INSTRUCTION.match(line):
             labels.update((name, int(m.group(1), 16)) for name in pending)
             pending = []
-    code = [(int(a, 16), op) for a, op in _INSTRUCTION.findall(sass)]
-    sizes = []
+    code = [(int(a, 16), op) for a, op in _INSTRUCTION.findall(sass) if op != "NOP"]
+    bodies = []
     for line in sass.splitlines():
         m = re.match(r"^\s+/\*([0-9a-f]+)\*/.*\bBRA\b.*`\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(2), 1 << 62) < int(m.group(1), 16):
             lo, hi = labels[m.group(2)], int(m.group(1), 16)
-            sizes.append(sum(lo <= a <= hi and op != "NOP" for a, op in code))
-    return sizes
+            body = [op for a, op in code if lo <= a <= hi]
+            wide = [i for i, op in enumerate(body) if re.match(r"LDG\.E(\.\w+)*\.(64|128)$", op)]
+            bodies.append((len(body), wide[-1] if wide else None))
+    return bodies
 
 
 def cases(model: str, int8: bool, device: str):
@@ -247,7 +257,7 @@ def main(argv=None):
         sys.exit("bench.sass needs the triton wheel (pip install triton==3.6.0): it compiles the kernels for sm_90")
     only = [s for s in a.only.split(",") if s]
     print(f"{'kernel':<34} {'launch':<16} {'warps':>5} {'regs':>4} {'spill':>5} {'global loads':<18} "
-          f"{'FFMA':>5} {'FADD':>5} {'int':>5} {'MMA':>4} {'BAR':>4} {'atomic':>6} {'loop bodies':>11} "
+          f"{'FFMA':>5} {'FADD':>5} {'int':>5} {'MMA':>4} {'BAR':>4} {'atomic':>6} {'loop bodies':>11} {'loads by':>9} "
           f"{'programs':>8} {'per SM':>6} {'waves':>5}")
     for label, fn, args in cases(a.model, a.int8, a.device):
         if only and not any(s in label for s in only):
@@ -255,7 +265,7 @@ def main(argv=None):
         for k in kernels_of(fn, *args):
             r = compile_sm90(k, a.save and a.save / re.sub(r"\W+", "_", label))
             print(f"{label:<34} {k.name:<16} {k.num_warps:>5} {r['regs']:>4} {r['spill']:>5} {r['ldg']:<18} "
-                  f"{r['ffma']:>5} {r['fadd']:>5} {r['int']:>5} {r['mma']:>4} {r['bar']:>4} {r['atom']:>6} {r['loops']:>11} "
+                  f"{r['ffma']:>5} {r['fadd']:>5} {r['int']:>5} {r['mma']:>4} {r['bar']:>4} {r['atom']:>6} {r['loops']:>11} {r['loads_by']:>9} "
                   f"{k.programs:>8} {r['per_sm']:>6} {r['waves']:>5.2f}",
                   flush=True)
 

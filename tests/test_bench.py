@@ -58,9 +58,16 @@ def test_sass_loop_bodies_are_counted_from_their_label_to_the_branch_back():
         /*0040*/               @P0 BRA `(.L_x_0) ;
         /*0050*/                   BRA `(.L_x_1) ;
 .L_x_1:
-        /*0060*/                   EXIT ;
+        /*0060*/               @!P1 LDG.E.EF.128 R8, desc[UR4][R4.64] ;
+        /*0070*/                   FFMA R6, R8, R3, R6 ;
+        /*0080*/                   LDG.E.64 R10, desc[UR4][R4.64+0x10] ;
+        /*0090*/                   FFMA R6, R10, R3, R6 ;
+        /*00a0*/               @P0 BRA `(.L_x_1) ;
+        /*00b0*/                   EXIT ;
 """
-    assert sass.loop_sizes(listing) == [3]  # LDG, FFMA and the branch; the forward branch is no loop
+    # LDG, FFMA and the branch (no wide load); the forward branch is no loop; the second loop's last
+    # 8- or 16-byte load comes after two of its instructions
+    assert sass.loop_bodies(listing) == [(3, None), (5, 2)]
 
 
 def test_forced_check_tells_a_kernel_error_from_agreement(monkeypatch):
