@@ -279,7 +279,7 @@ GATE_UP_CANDIDATES = {
                                                       # 1024, 4) runs 1792 at 4 an SM, 3.39 waves
                                                       (16, 256, 4, 4), (8, 256, 2, 4), (2, 1024, 2, 4),
                                                       # int8's per-thread sums leave registers for
-                                                      # 16 bytes of weights a thread a step
+                                                      # 128 weights a thread a step (the table's 64)
                                                       (16, 1024, 4, 4), (8, 2048, 4, 4)]],
     **{b: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3), (16, 256, 4, 3),
                                                           (64, 128, 4, 3), (32, 256, 8, 3), (16, 512, 4, 4),

@@ -16,9 +16,10 @@ FFMA, FADD, integer ops (IADD3, LOP3, PRMT, SHF, IMAD, ISETP, ...), tensor-core 
 barriers, counted in the code (a loop body once), and the instructions of each loop body (what
 a program repeats: "317+323" for two loops), the figure to read against the bytes a step loads,
 and how far into each body its last 8- or 16-byte load comes ("loads by": early, a step's weight
-loads are in flight together; late, ptxas issued them a few at a time: loop_bodies). Last, the launch's programs, how many fit on an SM at once (registers, warps, shared memory) and
-the waves they make on 132 SMs (H100 / H200): a latency-bound kernel at 3.39 waves runs its last
-wave two-fifths full.
+loads are in flight together; late, ptxas issued them a few at a time: loop_bodies). Last, the
+launch's programs, how many fit on an SM at once (registers, warps, shared memory) and the waves
+they make on 132 SMs (H100 / H200): a latency-bound kernel at 3.39 waves runs its last wave
+two-fifths full.
 """
 
 from __future__ import annotations

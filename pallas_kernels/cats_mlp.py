@@ -107,6 +107,7 @@ def kernel_pays(batch: int) -> bool:
 def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons, weighted, scaled):
     *opt, h_ref = refs  # the factors [I] if weighted, then the scales [2I] if scaled
     dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
+    int8_row = scaled and not dot  # int8 rows at batch 1: loaded and summed in x's vectors (below)
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
     row_ok = iota(rows, i0) < n_neurons if n_neurons % rows else None
@@ -119,15 +120,15 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-            if dot or not scaled:
-                w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
-            else:  # int8 rows at batch 1, loaded in vectors as long as x's, so that the tile shares
-                # x's layout: Triton gave 16-byte int8 vectors a layout of their own and converted every
-                # tile through shared memory (two barriers a step; bench.sass). c0 + j written as runs
-                # of v is what tells Triton that length.
+            if int8_row:  # loaded in vectors as long as x's, so that the tile shares x's layout: Triton
+                # gave 16-byte int8 vectors a layout of their own and converted every tile through
+                # shared memory (two barriers a step; bench.sass). c0 + j written as runs of v is what
+                # tells Triton that length.
                 j = iota(cols)
                 at = (iota(rows, first + i0)[:, None], (c0 + jax.lax.div(j, v) * v + jax.lax.rem(j, v))[None, :])
                 w = load(w_ref.at[at], mask=mask2d(row_mask, col_ok))
+            else:
+                w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
             if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, convert(w, x.dtype), trans_b=True)
@@ -138,10 +139,10 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             # 4 programs an SM; [rows, cols / v] takes 48 registers, 10 programs an SM (H100: 48.8 ->
             # 42.1 us a call).
             x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
-            prod = convert(w, f32, packed=scaled) * x.astype(f32)
-            return acc + (jnp.sum(prod.reshape(rows, cols // v, v), axis=2) if scaled else prod)
+            prod = convert(w, f32, packed=int8_row) * x.astype(f32)
+            return acc + (jnp.sum(prod.reshape(rows, cols // v, v), axis=2) if int8_row else prod)
 
-        init = jnp.zeros((bp, rows) if dot else (rows, cols // v if scaled else cols), f32)
+        init = jnp.zeros((bp, rows) if dot else (rows, cols // v if int8_row else cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
         acc = acc if dot else jnp.sum(acc, axis=1)[None, :]
         if scaled:  # int8: each row's scale, once on the fp32 sums
