@@ -192,14 +192,16 @@ TUNED: dict[str, dict[tuple, GemvBlocks | GatherBlocks]] = {
         (1, 4096, 4096): GemvBlocks(rows=64, cols=64, splits=1024, num_warps=2, num_stages=1),  # o (XLA: 16.6 us)
         (1, 4096, 28672): GemvBlocks(rows=64, cols=64, splits=1024, num_warps=2, num_stages=1),  # gate|up
         (1, 14336, 4096): GatherBlocks(rows=32, cols=64, chunk=512, num_warps=4, num_stages=3),  # down
-        (1, 4096, 6144, "int8"): GatherBlocks(rows=16, cols=128, chunk=128, num_warps=4, num_stages=3),
-        (1, 4096, 28672, "int8"): GatherBlocks(rows=16, cols=128, chunk=512, num_warps=4, num_stages=3),
+        # int8 q|k|v, gate|up and down after the gathers' [pass rows, cols] sums (`--int8 --teal --tune`:
+        # 12.7 / 31.5 / 19.7 -> 11.7 / 29.7 / 17.9 us): int8 TEAL 50% 2.150 -> 2.071 ms/step
+        (1, 4096, 6144, "int8"): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),
+        (1, 4096, 28672, "int8"): GatherBlocks(rows=32, cols=128, chunk=1024, num_warps=4, num_stages=3),
         # int8 o on 64 x 256 tiles (9.9 us against its gather's 11.6) and down on its own gather (19.0
         # against the float down's blocks, 26.0, which it took before; `bench.kernels --int8 --teal
         # --tune`): int8 TEAL 50% 2.351 / 2.311 -> 2.158 / 2.178 ms/step, int8 CATS 3.298 / 3.282 ->
         # 3.059 / 3.050 (one machine, alternating)
         (1, 4096, 4096, "int8"): GemvBlocks(rows=64, cols=256, splits=56, num_warps=4, num_stages=3),
-        (1, 14336, 4096, "int8"): GatherBlocks(rows=16, cols=256, chunk=256, num_warps=4, num_stages=2),
+        (1, 14336, 4096, "int8"): GatherBlocks(rows=32, cols=128, chunk=512, num_warps=4, num_stages=3),
         # dense float GEMVs on the tiles (the dense tune's best, tied with XLA's GEMVs; 12.3 -> 8.3
         # launches a layer): dense 5.216 / 5.209 -> 5.047 / 5.054 ms/step, CATS 4.164 / 4.171 -> 4.065 / 4.071
         (1, 4096, 6144, "dense"): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),
@@ -550,9 +552,14 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
         ok = (iota(rows, k * rows) < count)[:, None]  # rows past the kept ones: no traffic
         w = load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=ok if col_ok is None else ok & col_ok[None, :],
                  eviction_policy="evict_first")
-        return acc + v.astype(f32)[:, None] * convert(w, f32, packed=True)
+        prod = v.astype(f32)[:, None] * convert(w, f32, packed=True)
+        passes = rows // acc.shape[0]  # 1: no sum (over a length-1 axis: int8 gate|up 30.4 -> 41.1 us, H100)
+        return acc + (prod if passes == 1 else jnp.sum(prod.reshape(passes, acc.shape[0], cols), axis=0))
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, jnp.zeros((rows, cols), f32))
+    # the sum of a step's rows into the rows one pass of the threads loads, as the masked tiles do:
+    # fewer registers (int8 down on 16 x 256: 48 -> 40, `bench.sass`)
+    init = jnp.zeros((_pass_rows(blk, w_ref.dtype), cols), f32)
+    acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, init)
     atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
 
 
