@@ -344,6 +344,15 @@ def _pass_rows(blk: GemvBlocks, dtype) -> int:
     return max(1, min(blk.rows, blk.num_warps * 32 // per_row))
 
 
+def _add_passes(acc, prod):
+    """acc [p, cols] plus a step's products [rows, cols] (p divides rows) summed down to p rows: the
+    rows one pass of a program's threads loads, so each thread adds its own rows, no data moves. A
+    step of one pass adds as it is: a sum over an axis of length one ran 10 us slower a call in XLA's
+    Triton (int8 gate|up gather, H100), though `bench.sass` showed the same code."""
+    passes = prod.shape[0] // acc.shape[0]
+    return acc + (prod if passes == 1 else jnp.sum(prod.reshape(passes, *acc.shape), axis=0))
+
+
 def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds,
             skip_zeros, gated, gated_scaled, dt):
     dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
@@ -396,8 +405,7 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         # Batch 1: elementwise multiply-add into an accumulator of the rows one pass of the threads
         # covers (the tile's other rows sit in the same threads: adding them moves no data), reduced
         # across threads once at the end; a [rows, cols] one held a tile of registers per thread
-        prod = xf * convert(w, f32, packed=True)
-        return acc + jnp.sum(prod.reshape(rows // acc.shape[0], acc.shape[0], cols), axis=0)
+        return _add_passes(acc, xf * convert(w, f32, packed=True))
 
     init = jnp.zeros((bp, cols) if dot else (_pass_rows(blk, w_ref.dtype), cols), f32)
     acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
@@ -552,12 +560,10 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
         ok = (iota(rows, k * rows) < count)[:, None]  # rows past the kept ones: no traffic
         w = load(w_ref.at[idx[:, None], iota(cols, c0)[None, :]], mask=ok if col_ok is None else ok & col_ok[None, :],
                  eviction_policy="evict_first")
-        prod = v.astype(f32)[:, None] * convert(w, f32, packed=True)
-        passes = rows // acc.shape[0]  # 1: no sum (over a length-1 axis: int8 gate|up 30.4 -> 41.1 us, H100)
-        return acc + (prod if passes == 1 else jnp.sum(prod.reshape(passes, acc.shape[0], cols), axis=0))
+        return _add_passes(acc, v.astype(f32)[:, None] * convert(w, f32, packed=True))
 
-    # the sum of a step's rows into the rows one pass of the threads loads, as the masked tiles do:
-    # fewer registers (int8 down on 16 x 256: 48 -> 40, `bench.sass`)
+    # into the rows one pass of the threads loads, as the masked tiles: fewer registers than a
+    # [rows, cols] accumulator (int8 down on 16 x 256: 48 -> 40, `bench.sass`)
     init = jnp.zeros((_pass_rows(blk, w_ref.dtype), cols), f32)
     acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, init)
     atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
