@@ -338,7 +338,7 @@ def _threshold(t_refs, seg):
     return t
 
 
-def _pass_rows(blk: GemvBlocks, dtype) -> int:
+def _pass_rows(blk: GemvBlocks | GatherBlocks, dtype) -> int:
     """The tile rows that one pass of a program's threads loads, each thread 16 bytes of a row."""
     per_row = max(1, blk.cols * jnp.dtype(dtype).itemsize // 16)  # threads a row takes
     return max(1, min(blk.rows, blk.num_warps * 32 // per_row))
@@ -402,9 +402,8 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
                  eviction_policy="evict_first")  # W is streamed once; keep x in cache
         if dot:  # [bp, cols]; x' is exact in x's dtype; int8 w converts exactly to it
             return acc + plgpu.dot(xf.astype(dt), convert(w, dt))
-        # Batch 1: elementwise multiply-add into an accumulator of the rows one pass of the threads
-        # covers (the tile's other rows sit in the same threads: adding them moves no data), reduced
-        # across threads once at the end; a [rows, cols] one held a tile of registers per thread
+        # Batch 1: elementwise multiply-add into the rows of one pass (_add_passes), reduced across
+        # threads once at the end; a [rows, cols] accumulator held a tile of registers per thread
         return _add_passes(acc, xf * convert(w, f32, packed=True))
 
     init = jnp.zeros((bp, cols) if dot else (_pass_rows(blk, w_ref.dtype), cols), f32)
