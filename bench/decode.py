@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -66,18 +67,27 @@ from bench.kernels import copy_bandwidth, read_bandwidth
 from cats_jax import cli, decode, sharding
 from cats_jax.config import PRESETS, QUANTIZATIONS, ModelConfig
 from cats_jax.generate import generate
-from cats_jax.model import Transformer, quantize_model
+from cats_jax.model import Block, Transformer, quantize_model
 from cats_jax.sparsity import MODES
 from pallas_kernels import sparse_gemv
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
-    """Random weights made on the default device by one jitted init (bf16 in, bf16 out); quantize
-    them with cats_jax.model.quantize_model."""
-    make = functools.partial(Transformer, cfg, dtype=dtype)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(seed))))
-    state = jax.jit(lambda: nnx.split(make(rngs=nnx.Rngs(seed)))[1])()
-    return nnx.merge(graphdef, state)
+    """Random weights made on the default device, as the model's own init draws them: the embedding,
+    final norm and head by one jitted init of the model without its layers, then every layer by one
+    jitted init of a Block, compiled once (the whole model's init as one program took 36-42 s to
+    compile on an H100). Quantize them with cats_jax.model.quantize_model."""
+    def init(module):  # module(rngs) -> (its graph, one jitted init from a key: compiled once)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: module(nnx.Rngs(0))))
+        state = jax.jit(lambda key: nnx.split(module(nnx.Rngs(key)))[1])
+        return lambda key: nnx.merge(graphdef, state(key))
+
+    top, *keys = jax.random.split(jax.random.key(seed), cfg.num_layers + 1)
+    model = init(lambda rngs: Transformer(dataclasses.replace(cfg, num_layers=0), dtype=dtype, rngs=rngs))(top)
+    block = init(lambda rngs: Block(cfg, dtype, rngs))
+    model.cfg = cfg
+    model.layers = nnx.List([block(key) for key in keys])
+    return model
 
 
 def bytes_per_step(cfg: ModelConfig, model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> float:

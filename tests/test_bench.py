@@ -136,3 +136,23 @@ def test_the_cats_tune_leaves_its_winners_where_the_kernels_look(monkeypatch):
     assert G._tuned() == {(1, cfg.intermediate_size, cfg.hidden_size, "cats"): winner}
     picked = G.blocks_for(1, cfg.intermediate_size, cfg.hidden_size, variant="cats")  # fitted to the shape
     assert (type(picked), picked.rows, picked.num_warps) == (type(winner), winner.rows, winner.num_warps)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_random_model_is_the_models_own_init_a_layer_at_a_time(tiny_cfg, tied):
+    from flax import nnx
+
+    from bench.decode import random_model
+    from cats_jax.model import Transformer
+
+    cfg = tiny_cfg(num_layers=3, tie_word_embeddings=tied)
+    model = random_model(cfg, seed=1)
+    own = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    made = nnx.state(model)
+    shapes = lambda s: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(s))  # noqa: E731
+    assert model.cfg == cfg and shapes(made) == shapes(own)
+    q = [layer.attn.q_proj.kernel[...] for layer in model.layers]
+    assert not jnp.array_equal(q[0], q[1]) and not jnp.array_equal(q[1], q[2])  # a key per layer
+    assert jnp.array_equal(q[2], random_model(cfg, seed=1).layers[2].attn.q_proj.kernel[...])  # the seed's
+    std = float(jnp.std(q[0].astype(jnp.float32)))
+    assert 0.5 / cfg.hidden_size ** 0.5 < std < 1.5 / cfg.hidden_size ** 0.5  # the init's fan-in scale
