@@ -187,6 +187,7 @@ def run(cfg: ModelConfig, args: argparse.Namespace) -> str:
     rows, dense_ms = [], {}
     settings = [("dense", None)] * ("dense" in args.mode) + [(m, p) for m in sparse for p in args.sparsity]
     for quant in args.quantize:
+        clock = time.perf_counter()  # not the rows before
         model = base if quant == "none" else quantize_model(base, head=args.quantize_head)
         if quant != "none":
             took(f"{quant} copy")
