@@ -73,11 +73,11 @@ from pallas_kernels import sparse_gemv
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transformer:
-    """Random weights made on the default device, as the model's own init draws them: the embedding,
+    """Random weights made on the default device with the model's own initializers: the embedding,
     final norm and head by one jitted init of the model without its layers, then every layer by one
     jitted init of a Block, compiled once (the whole model's init as one program took 36-42 s to
     compile on an H100). Quantize them with cats_jax.model.quantize_model."""
-    def init(module):  # module(rngs) -> (its graph, one jitted init from a key: compiled once)
+    def init(module):  # module(rngs) -> a function of a key to the module, its init jitted once
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: module(nnx.Rngs(0))))
         state = jax.jit(lambda key: nnx.split(module(nnx.Rngs(key)))[1])
         return lambda key: nnx.merge(graphdef, state(key))

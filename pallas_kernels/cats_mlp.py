@@ -26,7 +26,7 @@ For B > 1 the union of the rows kept by any batch row is read; each batch row us
 activations. Beyond a few rows the union is nearly dense (docs/batching.md), but the kernels'
 dots still read the whole MLP faster than XLA's products at 8-16 rows, where the jnp path's
 product of the neuron-major [2I, H] ran slower than dense's [H, 2I] and added threshold launches
-(docs/benchmarks.md); batches beyond `MAX_KERNEL_BATCH` take the jnp path.
+(docs/decisions.md); batches beyond `MAX_KERNEL_BATCH` take the jnp path.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ f32 = jnp.float32
 # batch's union of kept rows is nearly dense beyond a few rows (real text's unions are only a
 # little sparser than random ones, docs/batching.md), but the kernels' dots still beat XLA's
 # products there. H100, TEAL 50% against dense: 2 rows 1.341x, 8 rows 1.128x, 16 rows 1.049x on
-# the kernels against 0.989x off them (docs/benchmarks.md).
+# the kernels against 0.989x off them (docs/decisions.md).
 MAX_KERNEL_BATCH = 16
 # Smaller weight matrices stay with XLA, unless TUNED lists their shape: the kernels' fixed cost
 # exceeded XLA's dense GEMV there (Mistral-7B's o_proj, 4096 x 4096, lost on the H100 and the H200
@@ -196,12 +196,11 @@ TUNED: dict[str, dict[tuple, GemvBlocks | GatherBlocks]] = {
         # 12.7 / 31.5 / 19.7 -> 11.7 / 29.7 / 17.9 us): int8 TEAL 50% 2.150 -> 2.071 ms/step
         (1, 4096, 6144, "int8"): GatherBlocks(rows=32, cols=128, chunk=256, num_warps=4, num_stages=3),
         (1, 4096, 28672, "int8"): GatherBlocks(rows=32, cols=128, chunk=1024, num_warps=4, num_stages=3),
-        # int8 o on 64 x 256 tiles (9.9 us against its gather's 11.6) and down on its own gather (19.0
-        # against the float down's blocks, 26.0, which it took before; `bench.kernels --int8 --teal
-        # --tune`): int8 TEAL 50% 2.351 / 2.311 -> 2.158 / 2.178 ms/step, int8 CATS 3.298 / 3.282 ->
-        # 3.059 / 3.050 (one machine, alternating)
-        (1, 4096, 4096, "int8"): GemvBlocks(rows=64, cols=256, splits=56, num_warps=4, num_stages=3),
         (1, 14336, 4096, "int8"): GatherBlocks(rows=32, cols=128, chunk=512, num_warps=4, num_stages=3),
+        # int8 o on 64 x 256 tiles (9.9 us against its gather's 11.6; `bench.kernels --int8 --teal
+        # --tune`), with int8 down on its own gather then: int8 TEAL 50% 2.351 / 2.311 -> 2.158 / 2.178
+        # ms/step, int8 CATS 3.298 / 3.282 -> 3.059 / 3.050 (one machine, alternating)
+        (1, 4096, 4096, "int8"): GemvBlocks(rows=64, cols=256, splits=56, num_warps=4, num_stages=3),
         # dense float GEMVs on the tiles (the dense tune's best, tied with XLA's GEMVs; 12.3 -> 8.3
         # launches a layer): dense 5.216 / 5.209 -> 5.047 / 5.054 ms/step, CATS 4.164 / 4.171 -> 4.065 / 4.071
         (1, 4096, 6144, "dense"): GemvBlocks(rows=128, cols=64, splits=1024, num_warps=4, num_stages=1),
@@ -562,7 +561,7 @@ def _gather_kernel(idx_ref, val_ref, cnt_ref, w_ref, o_ref, *, blk, n_out, bound
         return _add_passes(acc, v.astype(f32)[:, None] * convert(w, f32, packed=True))
 
     # into the rows one pass of the threads loads, as the masked tiles: fewer registers than a
-    # [rows, cols] accumulator (int8 down on 16 x 256: 48 -> 40, `bench.sass`)
+    # [rows, cols] accumulator (int8 down at its old 16 x 256 blocks: 48 -> 40, `bench.sass`)
     init = jnp.zeros((_pass_rows(blk, w_ref.dtype), cols), f32)
     acc = jax.lax.fori_loop(0, pl.cdiv(count, rows), step, init)
     atomic_add(o_ref, (pl.ds(0, 1), pl.ds(c0, cols)), jnp.sum(acc, axis=0)[None, :])
