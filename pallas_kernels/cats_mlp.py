@@ -42,6 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import (
     block_along,
     call,
+    check_blocks,
     convert,
     iota,
     kernels_enabled,
@@ -76,6 +77,9 @@ class GateUpBlocks:
     cols: int  # hidden columns per loop step
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self):
+        check_blocks(self, "rows", "cols")
 
 
 # Per padded batch size: the winners of `python -m bench.kernels --tune` on an H100 at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import warnings
 
 import jax
@@ -190,6 +191,19 @@ def atomic_add(ref, idx, val):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def check_blocks(blocks, *names: str) -> None:
+    """A clear error for block sizes Triton cannot take (its tiles and warp counts are powers of two),
+    rather than a failure deep in the lowering."""
+    for name in names + ("num_warps",):
+        v = getattr(blocks, name)
+        try:
+            n = operator.index(v)
+        except TypeError:  # not an integer
+            n = 0
+        if n < 1 or n & (n - 1):
+            raise ValueError(f"{type(blocks).__name__}: {name}={v!r} must be a positive power of two")
 
 
 def block_along(n: int, preferred: int, smallest: int = 16) -> int:

@@ -58,6 +58,7 @@ from pallas_kernels.common import (
     atomic_add,
     block_along,
     call,
+    check_blocks,
     convert,
     finished,
     iota,
@@ -153,6 +154,9 @@ class GemvBlocks:
     num_warps: int = 4
     num_stages: int = 3
 
+    def __post_init__(self):
+        check_blocks(self, "rows", "cols")
+
 
 @dataclasses.dataclass(frozen=True)
 class GatherBlocks:
@@ -162,6 +166,9 @@ class GatherBlocks:
     chunk: int = 512  # input rows per chunk (and per program)
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self):
+        check_blocks(self, "rows", "cols", "chunk")
 
 
 # Per padded batch size: the winners of `python -m bench.kernels --tune` (and `--teal --tune`) on

@@ -13,6 +13,7 @@ import pytest
 from bench.kernels import random_mlp, threshold_for
 from cats_jax import sparsity
 from conftest import rel_err as _rel
+from pallas_kernels import cats_mlp
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.common import interpret_on_cpu, poisoned_outputs
 from pallas_kernels.sparse_gemv import TABLE, sparse_gemv
@@ -141,6 +142,15 @@ def test_sparse_gemv_rejects_bad_segments():
         sparse_gemv(x, w, jnp.zeros(2), segments=(32, 8))
     with pytest.raises(ValueError, match="2 thresholds for 3"):
         sparse_gemv(x, w, jnp.zeros(2), segments=(16, 16, 16))
+
+
+@pytest.mark.parametrize("make", [lambda: G.GemvBlocks(rows=24, cols=64, splits=56),
+                                  lambda: G.GatherBlocks(rows=32, cols=128, chunk=300),
+                                  lambda: cats_mlp.GateUpBlocks(rows=8, cols=1024, num_warps=3),
+                                  lambda: G.GemvBlocks(rows=64.0, cols=64, splits=8)])
+def test_blocks_triton_cannot_take_are_refused_by_name(make):
+    with pytest.raises(ValueError, match=r"(rows|chunk|num_warps)=.* must be a positive power of two"):
+        make()
 
 
 @pytest.mark.parametrize("blocks", [G.GatherBlocks(rows=16, cols=16, chunk=128), G.GemvBlocks(rows=32, cols=32, splits=4)])
