@@ -78,8 +78,8 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16) -> Transfo
     jitted init of a Block, compiled once (the whole model's init as one program took 36-42 s to
     compile on an H100). Quantize them with cats_jax.model.quantize_model."""
     def init(module):  # module(rngs) -> a function of a key to the module, its init jitted once
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: module(nnx.Rngs(0))))
-        state = jax.jit(lambda key: nnx.split(module(nnx.Rngs(key)))[1])
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: module(nnx.Rngs(0))))
+        state = jax.jit(lambda key: nnx.state(module(nnx.Rngs(key))))
         return lambda key: nnx.merge(graphdef, state(key))
 
     top, *keys = jax.random.split(jax.random.key(seed), cfg.num_layers + 1)
