@@ -16,8 +16,8 @@
    (cats_jax.decode with "pallas") against its jnp path, the same tokens expected in fp32 (dense;
    the sparse modes' tokens are reported, as a flipped threshold test may part them); and
    both paths teacher-forced on the same tokens and cache, their logits compared step by step
-   (check_forced: tells a threshold test flipped by rounding from a kernel error); TEAL also with
-   batch 1 on the gather path.
+   (check_forced: tells a threshold test flipped by rounding from a kernel error), float and int8
+   at batch 1 and 3 (--quick: 1); TEAL also with batch 1 on the gather path.
 Exits non-zero on any failure.
 """
 
@@ -388,10 +388,11 @@ def main(argv=None):
             # a sparse mode's fp32 greedy tokens may part where a threshold test flips (check_greedy):
             # reported; the teacher-forced steps decide
             counted = mode == "dense"
-            same = check_greedy(jnp.float32, mode, batch=(1,) if a.quick else (1, 3))
-            same &= check_greedy(jnp.float32, mode, batch=(1,), quantized=True)
-            ok &= check_forced(jnp.float32, mode, batch=1 if a.quick else 3)
-            ok &= check_forced(jnp.float32, mode, batch=1, quantized=True)
+            batches = (1,) if a.quick else (1, 3)
+            same = check_greedy(jnp.float32, mode, batch=batches)
+            same &= check_greedy(jnp.float32, mode, batch=batches, quantized=True)
+            ok &= check_forced(jnp.float32, mode, batch=batches[-1])
+            ok &= check_forced(jnp.float32, mode, batch=batches[-1], quantized=True)
             if mode == "teal":  # batch 1 on the gather path, its inputs compacted by the kernels that make them
                 same &= check_greedy(jnp.float32, mode, batch=(1,), gather=True)
                 ok &= check_forced(jnp.float32, mode, batch=1, gather=True)

@@ -22,6 +22,7 @@ from cats_jax.cli import InputError, run
 from cats_jax.config import ConfigError, ModelConfig
 from conftest import hf_tensors, write_hf_dir
 from convert.__main__ import main as convert_main
+from eval.__main__ import main as eval_main
 
 f32 = jnp.float32
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -210,6 +211,15 @@ def test_calibrating_the_int8_checkpoint(tiny_ckpt, tmp_path):
     assert th.model["quantization"] == "int8"
     level = thresholds.load_into(checkpoint.load_model(ckpt), ckpt, 0.5)
     assert 0.3 < np.mean(level.realised[sparsity.CATS_SITE]["calibration"]) < 0.7
+    # eval's CLI on it with no flag: the int8 model scored dense and at its own thresholds
+    out = tmp_path / "eval.json"
+    eval_main(["--ckpt", str(ckpt), "--sparsity", "dense,0.5", "--tasks", "none", "--ppl", str(text), "--ppl-tokens",
+               "200", "--context-length", "64", "--out", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    assert res["model"]["quantization"] == "int8"
+    dense, cats = res["results"]
+    assert dense["sparsity"]["mean"] == 0.0 and 0.3 < cats["sparsity"]["mean"] < 0.7
+    assert np.isfinite(dense["perplexity"]["perplexity"]) and dense["perplexity"]["tokens"] == 200
 
 
 def _load_error(ckpt, out, edit=None, remove=None) -> str:

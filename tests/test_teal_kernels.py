@@ -153,26 +153,32 @@ def test_blocks_triton_cannot_take_are_refused_by_name(make):
         make()
 
 
-@pytest.mark.parametrize("blocks", [G.GatherBlocks(rows=16, cols=16, chunk=128), G.GemvBlocks(rows=32, cols=32, splits=4)])
+GATHER, TILES = G.GatherBlocks(rows=16, cols=16, chunk=128), G.GemvBlocks(rows=32, cols=32, splits=4)
+
+
+@pytest.mark.parametrize("blocks,batch,sparsity", [(GATHER, 1, 0.6), (TILES, 1, 0.6), (GATHER, 1, 0.0),
+                                                   (GATHER, 1, 0.95), (TILES, 3, 0.6), (TILES, 8, 0.95),
+                                                   (TILES, 2, 0.0)])
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [f32, bf16])
-def test_gated_input_is_silu_gate_times_up(blocks, scaled, dtype):
+def test_gated_input_is_silu_gate_times_up(blocks, batch, sparsity, scaled, dtype):
     """The down projection of a gate|up GEMV's unfinished sums (padded with NaN, int8-scaled or not)
     equals sparse_gemv of gated_input, the same silu(gate) * up in jnp, and the rows it drops are
-    never read. The gather's compaction computes the input, the masked tiles each tile's rows of it."""
+    never read. The gather's compaction computes the input, the masked tiles each tile's rows of it
+    (at batch > 1 each row its own values, rows read where any row keeps them)."""
     n_in, n_out = 200, 48
     w, _, _ = random_mlp(n_in, n_out, seed=5)
-    ks = jax.random.split(jax.random.key(6), 2)
-    sums = jax.random.normal(ks[0], (1, 2 * n_in), f32) * 2
+    ks = jax.random.split(jax.random.key(6 + batch), 2)
+    sums = jax.random.normal(ks[0], (batch, 2 * n_in), f32) * 2
     x_scale = jax.random.uniform(ks[1], (2 * n_in,), f32, 0.5, 1.5) if scaled else None
-    padded = jnp.concatenate([sums, jnp.full((1, 24), jnp.nan, f32)], axis=1)
+    padded = jnp.concatenate([sums, jnp.full((batch, 24), jnp.nan, f32)], axis=1)
     h = G.gated_input(padded, x_scale, n_in, dtype)
     gu = (sums * (1 if x_scale is None else x_scale)).astype(dtype).astype(f32)
     want_h = jax.nn.silu(gu[:, :n_in]) * gu[:, n_in:]
     assert h.dtype == dtype and _rel(h, want_h) < (1e-6 if dtype == f32 else 1e-2)
-    t = threshold_for(h, 0.6)
+    t = threshold_for(h, sparsity)
     w = w.astype(dtype)
-    dropped = np.asarray(jnp.abs(h[0].astype(f32)) <= t)[:, None]
+    dropped = np.asarray(jnp.all(jnp.abs(h.astype(f32)) <= t, axis=0))[:, None]
     w_nan = jnp.where(dropped, jnp.nan, w).astype(dtype)
     with poisoned_outputs():
         got = jax.jit(lambda s, w, t: sparse_gemv(s, w, t, blocks=blocks, out_dtype=dtype, gated=True, x_scale=x_scale))(

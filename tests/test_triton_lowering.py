@@ -60,7 +60,7 @@ def test_cats_mlp_lowers(lowered_for_gpu, batch):
 
 
 @pytest.mark.parametrize("dtype", [bf16, f32])  # the activations'
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
 def test_cats_mlp_int8_lowers(lowered_for_gpu, batch, dtype):
     _lower(lambda x, w_gu, wd, t, s_gu, s_d: K.cats_mlp(x, w_gu, wd, t, scales=(s_gu, s_d))[0],
            S((batch, H), dtype), *INT8_MLP)
@@ -166,7 +166,8 @@ def test_add_rms_norm_zeroing_the_next_gemvs_buffers_lowers(lowered_for_gpu):
 
 
 @pytest.mark.parametrize("heads,kv_heads,d,window,span", [(32, 8, 128, None, None), (9, 3, 64, 4096, None),
-                                                          (4, 4, 16, None, None), (32, 8, 128, None, 512)])
+                                                          (4, 4, 16, None, None), (64, 8, 128, None, None),
+                                                          (32, 8, 128, None, 512)])  # GQA 4, 3, 1, 8
 @pytest.mark.parametrize("unfinished", [False, True])  # qkv: a GEMV's padded fp32 sums with an int8 scale
 def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, span, unfinished):
     b, s, width = 2, 384, (heads + 2 * kv_heads) * d
@@ -196,9 +197,10 @@ def test_add_rms_norm_compacting_for_a_gather_lowers(lowered_for_gpu, n, segment
 
 
 @pytest.mark.parametrize("out", ["threshold", "compacted"])
-def test_combine_lowers(lowered_for_gpu, out):
+@pytest.mark.parametrize("k,groups,d", [(8, 4, 128), (8, 8, 128), (3, 3, 64), (4, 1, 64)])  # GQA 4, 8, 3, 1
+def test_combine_lowers(lowered_for_gpu, out, k, groups, d):
     """The attention splits combined (6 of them: a tail past the power of two), o's rule applied or o's input compacted."""
-    b, k, groups, d = (1, 8, 4, 128)
+    b = 1
     layout = G.CompactLayout(k * groups * d, 4096, 1, G.GatherBlocks(rows=32, cols=128, chunk=256))
     kw = (lambda t: dict(threshold=t)) if out == "threshold" else (
         lambda t: dict(compaction=G.Compaction(layout, (t,))))
