@@ -3,9 +3,10 @@
     python -m bench.profile_decode --config mistral-7b --batch 1,8 [--layers 8] [--mode teal --sparsity 0.5]
 
 For each batch size: run cats_jax.generate once (compile), then once more under jax.profiler with
-a Perfetto trace, and print per kernel name the GPU time per decode step (summed over calls),
-its calls per step and mean duration, and the GPU-busy time per step against the wall time per step
-(the difference is idle GPU time: launch gaps, host syncs). Random bf16 weights, as bench.decode.
+a Perfetto trace, and print the kernels a decode step launches (counted in its optimized HLO, as
+bench.decode does), per kernel name the GPU time per decode step (summed over calls), its calls per
+step and mean duration, and the GPU-busy time per step against the wall time per step (the
+difference is idle GPU time: launch gaps, host syncs). Random bf16 weights, as bench.decode.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import jax
 import numpy as np
 
-from bench.decode import random_model, random_thresholds
+from bench.decode import kernel_launches, latest_decode_hlo, random_model, random_thresholds
 from cats_jax import decode
 from cats_jax.config import PRESETS, QUANTIZATIONS
 from cats_jax.generate import generate
@@ -76,6 +77,7 @@ def profile(decoder, cfg, batch, args) -> None:
     prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
     run = lambda: generate(decoder, prompts, args.new_tokens, eos_ids=())
     run()
+    launches = len(kernel_launches(latest_decode_hlo()))  # in the compiled loop: a regression shows here
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             gen = run()
@@ -93,7 +95,7 @@ def profile(decoder, cfg, batch, args) -> None:
     print(f"\n### {cfg.name} layers={cfg.num_layers} batch={batch} mode={args.mode}{quant} ({args.impl}): "
           f"{wall_ms:.3f} ms/step wall "
           f"(decode_s over {steps} steps), GPU busy {busy / 1e3 / steps:.3f} ms/step (prefill included), "
-          f"{len(events)} kernel events")
+          f"{len(events)} kernel events; {launches} launches a decode step ({launches / cfg.num_layers:.1f} a layer)")
     gap_s, n_s, gap_l, n_l = idle_gaps(events)
     print(f"idle between kernels per step: {gap_s / steps:.1f} us in {n_s / steps:.1f} gaps under 20 us (launches), "
           f"{gap_l / steps:.1f} us in {n_l / steps:.2f} longer gaps (host round trips; prefill included)")

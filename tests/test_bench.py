@@ -1,10 +1,12 @@
 """Helpers of the GPU benchmarks that run without a GPU."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from bench import sass
+from bench import profile_decode, sass
 from bench.profile_decode import idle_gaps
 from pallas_kernels import sparse_gemv as G
 
@@ -17,6 +19,15 @@ def test_idle_gaps_split_launch_gaps_from_host_round_trips():
               ev(107, 1)]  # 3
     assert idle_gaps(list(reversed(events))) == (5.0, 2, 74.0, 1)
     assert idle_gaps([]) == (0.0, 0, 0.0, 0)
+
+
+def test_profile_reports_the_launches_of_a_decode_step(capsys):
+    """The profile's header counts the kernels a step launches (on the CPU: XLA's CPU kernels)."""
+    profile_decode.main(["--config", "smollm2-135m", "--layers", "2", "--batch", "1", "--prompt-len", "4",
+                         "--new-tokens", "3", "--mode", "teal", "--impl", "jnp"])
+    head = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("### "))
+    per_step, per_layer = re.search(r"; (\d+) launches a decode step \(([\d.]+) a layer\)", head).groups()
+    assert int(per_step) > 0 and float(per_layer) == int(per_step) / 2
 
 
 def _gather_kernels(blk):
