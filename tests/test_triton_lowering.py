@@ -104,14 +104,16 @@ def test_tuned_blocks_lower_at_their_shapes(lowered_for_gpu, kind, shape):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_sparse_gemv_of_a_gated_input_lowers(lowered_for_gpu, int8):
-    """The gather's compaction computing silu(gate) * up from gate|up sums (and their int8 scale)."""
-    blocks = G.GatherBlocks(16, 32, 128)
+@pytest.mark.parametrize("batch,blocks", [(1, G.GatherBlocks(16, 32, 128)), (1, G.GemvBlocks(64, 32, 4)),
+                                          (3, G.GemvBlocks(32, 32, 2)), (8, G.GemvBlocks(32, 32, 2))])
+def test_sparse_gemv_of_a_gated_input_lowers(lowered_for_gpu, int8, batch, blocks):
+    """silu(gate) * up from gate|up sums (and their int8 scale): computed by the gather's compaction,
+    or by each masked tile for its rows."""
     w = S((H, 160), i8 if int8 else bf16)
     scales = (S((2 * H,), f32), S((160,), f32)) if int8 else (None, None)
     _lower(lambda x, w, t, xs, s: G.sparse_gemv(x, w, t, blocks=blocks, out_dtype=bf16, gated=True, x_scale=xs,
-                                                scale=s), S((1, 2 * H + 56), f32), w, S((), f32), *scales)
-    assert len(lowered_for_gpu) == 2
+                                                scale=s), S((batch, 2 * H + 56), f32), w, S((), f32), *scales)
+    assert len(lowered_for_gpu) == (2 if isinstance(blocks, G.GatherBlocks) else 1)
 
 
 @pytest.mark.parametrize("dtype", [bf16, f32])  # the activations': int8 tiles convert to fp32 or to x's dtype
