@@ -236,11 +236,11 @@ def test_kernels_take_the_projections_unfinished(kernels_on_tiny_weights, monkey
     assert len(fed) == (CFG.num_layers if path == "gather" else 0)
 
 
-@pytest.mark.parametrize("mode,int8,rows", [("cats", False, 3), ("teal", False, 3), ("teal", True, 3),
-                                           ("dense", True, 3), ("teal", True, 12)])
+@pytest.mark.parametrize("mode,int8,rows", [("cats", False, 3), ("cats", True, 3), ("teal", False, 3),
+                                           ("teal", True, 3), ("dense", True, 3), ("teal", True, 12)])
 def test_kernel_decode_of_ragged_batches(kernels_on_tiny_weights, mode, int8, rows):
     """Batches of 3 and 12 rows (padding rows too): the kernels' greedy tokens equal the jnp path's
-    (CATS on its kernel, TEAL and int8 on the masked tiles' batched dots)."""
+    (CATS on its kernel, float and int8, TEAL and int8 on the masked tiles' batched dots)."""
     base = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]]  # past 3 rows, shifted copies of these
     prompts = [[(t + 7 * (i // 3)) % CFG.vocab_size for t in base[i % 3]] for i in range(rows)]
     m = _model(mode, int8=int8)
