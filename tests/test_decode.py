@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from bench.decode import random_thresholds
-from cats_jax import decode
+from cats_jax import checkpoint, decode
 from cats_jax import model as M
 from cats_jax.config import ModelConfig
 from cats_jax.generate import generate
@@ -119,12 +119,17 @@ def test_decode_applies_the_criterions_rule(kernels_on_tiny_weights, mode, crite
     assert not np.allclose(got, other, atol=1e-4)
 
 
-def test_prepare_leaves_the_model_as_it_was():
+def test_prepare_leaves_the_model_as_it_was(tmp_path):
     m = _model("teal")
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m)))
     decode.prepare(m, "pallas")
     after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m)))
-    jax.tree.map(np.testing.assert_array_equal, after, before)  # so its params can still be saved
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    # so its params save and load back as they were
+    checkpoint.save(tmp_path / "ckpt", m.cfg, checkpoint.model_params(m))
+    loaded = checkpoint.model_params(checkpoint.load_model(tmp_path / "ckpt"))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded),
+                 jax.tree.map(np.asarray, checkpoint.model_params(m)))
 
 
 def test_prepare_rejects_an_unknown_impl():
