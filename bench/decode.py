@@ -159,7 +159,7 @@ def kernel_launches(hlo: str) -> list[str]:
 
 
 def latest_decode_hlo() -> str:
-    """The optimized HLO of the decode loop generate() compiled last."""
+    """The optimized HLO of the decode loop generate() ran last."""
     return [c for key, c in generation._COMPILED.items() if key[0] is generation._decode][-1].as_text()
 
 

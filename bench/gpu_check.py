@@ -5,7 +5,7 @@
 1. cats_mlp and sparse_gemv (masked tiles, and the batch-1 gather path) on fresh random inputs:
    real shapes and random ragged ones, B = 1..16, sparsity 0..95%, outputs NaN-poisoned; relative
    error against the fp32 reference (sparsity.gated_mlp at full fp32 matmul precision) and the
-   exact set of kept neurons; the same with int8 weights (one fp32 scale per output channel)
+   same kept neurons (but for gates within 1e-5 of the threshold: summation order); the same with int8 weights (one fp32 scale per output channel)
    against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel, and
    the kernels that compact a gather's input as they make it (check_compacted).
 2. The decode-attention kernel against model.attend: GQA ratios 1..8, sliding windows, positions
@@ -67,12 +67,17 @@ def check_mlp(b, h, i, sparsity, seed, quantized=False) -> bool:
         ref = gated_mlp(x, wg, wu, wd, t)
     with poisoned_outputs():
         y, hidden = K.cats_mlp(x, w_gu, w_down, t, scales=scales)
-    same_kept = bool(np.array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0))
+    # the same neurons kept, but for a gate within fp32 summation noise of the threshold (threshold_for
+    # puts it halfway between two values; at 55 k gates two can sit 1e-6 apart)
+    flips = (np.asarray(hidden) == 0) != (np.asarray(a) == 0)
+    ties = np.abs(np.abs(np.asarray(jax.nn.silu(g))) - t) <= 1e-5 * t
+    same_kept = not np.any(flips & ~ties)
     err = rel_err(y, ref)
     ok = same_kept and err < TOL
     union = float(jnp.mean(jnp.all(a == 0, axis=0)))
     print(f"cats_mlp{' int8' if quantized else ''} B={b} H={h:5d} I={i:5d} sparsity {sparsity:.2f} (union {union:.2f}): "
-          f"rel err {err:.2e}, same kept neurons {same_kept} -> {'ok' if ok else 'FAIL'}", flush=True)
+          f"rel err {err:.2e}, same kept neurons {same_kept} ({int(flips.sum())} flipped at ties) -> "
+          f"{'ok' if ok else 'FAIL'}", flush=True)
     return ok
 
 
@@ -391,8 +396,9 @@ def main(argv=None):
             batches = (1,) if a.quick else (1, 3)
             same = check_greedy(jnp.float32, mode, batch=batches)
             same &= check_greedy(jnp.float32, mode, batch=batches, quantized=True)
-            ok &= check_forced(jnp.float32, mode, batch=batches[-1])
-            ok &= check_forced(jnp.float32, mode, batch=batches[-1], quantized=True)
+            for b in batches:
+                ok &= check_forced(jnp.float32, mode, batch=b)
+                ok &= check_forced(jnp.float32, mode, batch=b, quantized=True)
             if mode == "teal":  # batch 1 on the gather path, its inputs compacted by the kernels that make them
                 same &= check_greedy(jnp.float32, mode, batch=(1,), gather=True)
                 ok &= check_forced(jnp.float32, mode, batch=1, gather=True)

@@ -82,6 +82,21 @@ def test_forward_equals_the_model(kernels_on_tiny_weights, mode, shared, criteri
     assert (kept is not None) == ("cats" in mode)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_projections_apart_give_the_model(monkeypatch, int8):
+    """Past MAX_STACKED_ROWS each thresholded projection reads its own columns of the fused matrix
+    (and of its int8 scales): the model's logits still."""
+    monkeypatch.setattr(decode, "MAX_STACKED_ROWS", 0)
+    m = _model("teal", shared=False, int8=int8)
+    dec = decode.prepare(m, "jnp")
+    toks = jax.random.randint(jax.random.key(2), (2, 5), 0, CFG.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    want, _ = m(toks, pos, M.init_cache(CFG, 2, 8, f32))
+    got, _, _ = jax.jit(decode.forward, static_argnames="plan")(dec.weights, toks, pos, M.init_cache(CFG, 2, 8, f32),
+                                                                plan=dec.plan)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 def test_int8_head_of_a_decode_step_runs_on_the_kernels(kernels_on_tiny_weights):
     """A decode step's int8 LM head is one more kernel (the masked tiles, as the other dense int8
     products); prefill's last-token logits take it too, and give the model's."""

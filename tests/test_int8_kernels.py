@@ -162,7 +162,7 @@ def _int8_mlp(h, i, seed):
 
 
 # (batch, hidden, intermediate, sparsity): ragged shapes, 0..95% sparsity, batch 1 (multiply-add)
-# and 2..4 (dots on padded batch rows)
+# and 2..16 (dots on padded batch rows)
 MLP_CASES = [(1, 72, 200, 0.95), (1, 64, 128, 0.5), (2, 96, 80, 0.0), (3, 200, 96, 0.8), (4, 40, 144, 0.6),
              (6, 64, 96, 0.5), (8, 72, 112, 0.7), (16, 64, 128, 0.5)]
 

@@ -158,7 +158,7 @@ GATHER, TILES = G.GatherBlocks(rows=16, cols=16, chunk=128), G.GemvBlocks(rows=3
 
 @pytest.mark.parametrize("blocks,batch,sparsity", [(GATHER, 1, 0.6), (TILES, 1, 0.6), (GATHER, 1, 0.0),
                                                    (GATHER, 1, 0.95), (TILES, 3, 0.6), (TILES, 8, 0.95),
-                                                   (TILES, 2, 0.0)])
+                                                   (TILES, 2, 0.0), (TILES, 2, 0.99)])  # 0.99: whole tiles skipped
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_gated_input_is_silu_gate_times_up(blocks, batch, sparsity, scaled, dtype):

@@ -169,7 +169,7 @@ def test_add_rms_norm_zeroing_the_next_gemvs_buffers_lowers(lowered_for_gpu):
 
 @pytest.mark.parametrize("heads,kv_heads,d,window,span", [(32, 8, 128, None, None), (9, 3, 64, 4096, None),
                                                           (4, 4, 16, None, None), (64, 8, 128, None, None),
-                                                          (32, 8, 128, None, 512)])  # GQA 4, 3, 1, 8
+                                                          (32, 8, 128, None, 512)])  # GQA 4, 3, 1, 8; one span
 @pytest.mark.parametrize("unfinished", [False, True])  # qkv: a GEMV's padded fp32 sums with an int8 scale
 def test_decode_attention_lowers(lowered_for_gpu, heads, kv_heads, d, window, span, unfinished):
     b, s, width = 2, 384, (heads + 2 * kv_heads) * d
