@@ -304,7 +304,11 @@ GEMV_CANDIDATES = {
                                     (16, 128, 128, 4, 3), (16, 64, 256, 2, 3), (32, 64, 512, 4, 3),
                                     # wide columns: each kept row read as one 1-2 KB run (DRAM page locality)
                                     (4, 512, 128, 4, 3), (8, 512, 256, 4, 3),
-                                    (4, 1024, 128, 4, 3), (4, 1024, 256, 8, 3)]],
+                                    (4, 1024, 128, 4, 3), (4, 1024, 256, 8, 3),
+                                    # more rows a step on 8 warps: fewer dependent steps a program,
+                                    # the same bytes a thread (80 registers int8, 75 bf16 at 64 x 128)
+                                    (64, 128, 256, 8, 3), (64, 128, 512, 8, 3), (64, 128, 1024, 8, 3),
+                                    (128, 128, 1024, 8, 3)]],
     **{b: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [(32, 256, 16, 4, 3), (64, 256, 32, 4, 3),
                                                                (32, 128, 32, 4, 3), (64, 128, 64, 4, 3),
                                                                (32, 256, 64, 4, 2), (16, 256, 128, 4, 2),
