@@ -5,9 +5,10 @@
 1. cats_mlp and sparse_gemv (masked tiles, and the batch-1 gather path) on fresh random inputs:
    real shapes and random ragged ones, B = 1..16, sparsity 0..95%, outputs NaN-poisoned; relative
    error against the fp32 reference (sparsity.gated_mlp at full fp32 matmul precision) and the
-   same kept neurons (but for gates within 1e-5 of the threshold: summation order); the same with int8 weights (one fp32 scale per output channel)
-   against the fp32 reference on the dequantized weights. The residual add + RMSNorm kernel, and
-   the kernels that compact a gather's input as they make it (check_compacted).
+   same kept neurons (but for gates within 1e-5 of the threshold: summation order); the same with
+   int8 weights (one fp32 scale per output channel) against the fp32 reference on the dequantized
+   weights. The residual add + RMSNorm kernel, and the kernels that compact a gather's input as
+   they make it (check_compacted).
 2. The decode-attention kernel against model.attend: GQA ratios 1..8, sliding windows, positions
    near the cache's capacity, caches updated in place. It and the norm kernel also take their
    input as a GEMV leaves it (padded fp32 sums and an int8 scale).

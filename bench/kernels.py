@@ -156,7 +156,8 @@ def dense_mlp(x, wg, wu, wd):
 
 def threshold_for(values, sparsity: float) -> float:
     """The threshold that drops `sparsity` of |values| (the quantile), placed halfway between two
-    of them so that no value sits on it (fp32 summation order then never flips a neuron)."""
+    of them so that no value sits on it (fp32 summation order then flips a neuron only where two
+    values sit within its noise of each other)."""
     v = np.sort(np.abs(np.asarray(values, np.float64)).ravel())
     k = int(round(sparsity * v.size))
     return 0.0 if k == 0 else float((v[k - 1] + v[min(k, v.size - 1)]) / 2)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from bench.decode import random_thresholds
+from bench.kernels import threshold_for
 from cats_jax import checkpoint, decode
 from cats_jax import model as M
 from cats_jax.config import ModelConfig
@@ -338,8 +339,8 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
     ck, cv = (jax.random.normal(k, (b, slots, kv_heads, d), f32).astype(dtype) for k in ks[1:])
     pos = jnp.asarray(positions, jnp.int32)
     q, key, val = jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=1)
-    want, (wk, wv) = M.attend(cfg, q.reshape(b, 1, heads, d), key.reshape(b, 1, kv_heads, d),
-                              val.reshape(b, 1, kv_heads, d), pos[:, None], (ck, cv))
+    qkv_heads = (q.reshape(b, 1, heads, d), key.reshape(b, 1, kv_heads, d), val.reshape(b, 1, kv_heads, d))
+    want, (wk, wv) = M.attend(cfg, *qkv_heads, pos[:, None], (ck, cv))
     # the slots a row does not attend (past its position, before its window) hold NaN: never read
     since = jnp.arange(slots)[None, :] - pos[:, None]
     unread = (since > 0) | (False if window is None else since <= -window)
@@ -349,9 +350,8 @@ def test_decode_attention_equals_attend(heads, kv_heads, d, slots, positions, wi
                                                           sliding_window=window))(
             qkv, pos, ck, cv, M.rope_angles(pos, M.rope_inv_freq(cfg)))
     # fp32 reference for bf16 too: the reference's own rounding would count against the kernel
-    ref = want if dtype == f32 else M.attend(cfg, *(a.astype(f32) for a in (
-        q.reshape(b, 1, heads, d), key.reshape(b, 1, kv_heads, d), val.reshape(b, 1, kv_heads, d))), pos[:, None],
-        (wk.astype(f32), wv.astype(f32)))[0]
+    ref = want if dtype == f32 else M.attend(cfg, *(a.astype(f32) for a in qkv_heads), pos[:, None],
+                                             (wk.astype(f32), wv.astype(f32)))[0]
     assert rel_err(got, ref[:, 0]) < (1e-5 if dtype == f32 else 1e-2)
     read = ~np.asarray(unread)[:, :, None, None]
     np.testing.assert_allclose(np.where(read, np.asarray(gk, f32), 0), np.where(read, np.asarray(wk, f32), 0),
@@ -553,9 +553,7 @@ def test_combine_equals_its_reference(kv_heads, groups, d, splits, sparsity):
     acc = jnp.where(empty[:, None, None], 0.0, acc)
     want = A.combine_reference(m, l, acc, groups, f32)
     n = want.shape[1]
-    v = jnp.sort(jnp.abs(want).ravel())  # the threshold between two values: no rounding flips a test
-    k = int(sparsity * v.size)
-    t = (v[k - 1] + v[k]) / 2 if k else v[0] / 2
+    t = threshold_for(want, sparsity)  # between two values: no rounding flips a test
     w = jax.random.normal(ks[3], (n, 48), f32)
     layout = G.CompactLayout(n, 48, 1, G.GatherBlocks(rows=16, cols=16, chunk=32))
     with interpret_on_cpu(), poisoned_outputs():
