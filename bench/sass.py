@@ -221,11 +221,6 @@ def cases(model: str, int8: bool, device: str):
     if int8:  # dense int8 GEMVs: masked tiles, nothing thresholded; down computes silu(gate) * up
         out += [gemv(name, n_in, (n_out,), thresholded=False, gated=name == "down")
                 for name, n_in, n_out in (("qkv", h, sum(qkv)), ("o", h, h), ("gate|up", h, 2 * n_i), ("down", n_i, h))]
-    chain = G.chain_for(1, h, n_i, i8) if int8 else None
-    if chain is not None:  # dense int8's gate|up and down in one launch
-        out.append(("gate|up+down dense chained", lambda x, wu, wd, su, sd: G.chained_mlp(
-            x, wu, wd, chain, up_scale=su, down_scale=sd, finish=False),
-            (S((1, h), bf16), S((h, 2 * n_i), i8), S((n_i, h), i8), S((2 * n_i,), f32), S((h,), f32))))
     h_scale = (S((h,), f32),) if int8 else ()  # a GEMV's unfinished sums, with their int8 scale
     out.append(("add+norm", lambda x, hh, s, *hs: N.add_rms_norm(x, hh, s, 1e-5, *hs),
                 (S((1, h), bf16), S((1, h + 128), f32), S((h,), bf16), *h_scale)))

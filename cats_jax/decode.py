@@ -325,9 +325,7 @@ def _sum_buffer(plan: Plan, x, w, segments, thresholded: bool, cats_down: bool =
 
 def _sum_buffers(plan: Plan, lw, x, names) -> tuple[tuple[int, int] | None, ...]:
     """_sum_buffer of each decode weight in names ("qkv", "o"; "gate_up", "down"), x the rows of the
-    block they run in; a chained MLP's two buffers (sparse_gemv.chain_shapes)."""
-    if names == ("gate_up", "down") and (chain := _chain(plan, lw, x)) is not None:
-        return sparse_gemv.chain_shapes(x.shape[0], chain, *lw["down"].shape[::-1])
+    block they run in."""
     return tuple(_sum_buffer(plan, x, lw.get(name), _widths(plan.cfg, name),
                              any(t is not None for t in _thresholds(lw, name)), plan.cats and name == "down")
                  for name in names)
@@ -368,16 +366,6 @@ class Hidden(NamedTuple):
     h: jax.Array
 
 
-def _chain(plan: Plan, lw, x) -> sparse_gemv.Chain | None:
-    """Where a decode step's dense gated MLP (no thresholds, not CATS) runs both GEMVs on the kernels'
-    masked tiles: their sparse_gemv.Chain, one launch for the two (where sparse_gemv.CHAIN_MLP); None
-    elsewhere."""
-    if not sparse_gemv.CHAIN_MLP or plan.cats or any(t is not None for t in _thresholds(lw, "gate_up") + _thresholds(lw, "down")) or not all(
-            plan.product_kernel(x, lw[name], False) for name in ("gate_up", "down")):
-        return None
-    return sparse_gemv.chain_for(x.shape[0], x.shape[-1], lw["down"].shape[0], lw["down"].dtype)
-
-
 def _mlp(plan: Plan, lw, x, outs=(None, None)):
     """The gated MLP of x [B, T, H]: (y [B, T, H] or on the kernels Sums, the per-token fraction of
     kept neurons [B, T], on the CATS kernel its Hidden, or None). outs: gate|up's and down's zeroed
@@ -385,11 +373,6 @@ def _mlp(plan: Plan, lw, x, outs=(None, None)):
     b, t, h = x.shape
     down_t = _thresholds(lw, "down")
     sums = plan.axis is None  # the next add_rms_norm finishes the down projection (not across devices)
-    if (chain := _chain(plan, lw, x)) is not None:
-        y = sparse_gemv.chained_mlp(x.reshape(b, h), lw["gate_up"], lw["down"], chain, up_scale=_scale(lw, "gate_up"),
-                                    down_scale=_scale(lw, "down"), out_dtype=x.dtype, finish=not sums,
-                                    zeroed=None if outs[0] is None else outs)
-        return Sums(y, _scale(lw, "down")) if sums else y.reshape(b, t, h), None
     if not plan.cats:
         # on the kernels, the down GEMV computes silu(gate) * up from gate|up as their kernel leaves
         # them: TEAL's in its compaction, dense int8's masked tiles as they load each tile's inputs

@@ -189,12 +189,6 @@ def atomic_add(ref, idx, val):
     _add_relaxed_p.bind(*args_flat, args_tree=args_tree)
 
 
-def barrier():
-    """Every thread of the program gets here before any goes on (interpret mode runs a program as one)."""
-    if on_gpu():
-        plgpu.debug_barrier()
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -56,7 +56,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
     atomic_add,
-    barrier,
     block_along,
     call,
     check_blocks,
@@ -310,11 +309,6 @@ def _sum_shape(batch: int, n_out: int, blk: GemvBlocks) -> tuple[int, int]:
     return next_pow2(batch), pl.cdiv(n_out, blk.cols) * blk.cols
 
 
-def _rows_per_split(n_in: int, blk: GemvBlocks) -> int:
-    """The input rows of one split of the masked tiles: whole steps of blk.rows."""
-    return pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
-
-
 def _bounds(segments) -> tuple[int, ...]:
     """The first column of every output segment after the first."""
     return tuple(itertools.accumulate(segments))[:-1]
@@ -366,17 +360,14 @@ def _add_passes(acc, prod):
 
 
 def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, thresholded, weighted, bounds,
-            skip_zeros, gated, gated_scaled, dt, place=None, wait=None, column_out=False):
-    """Program (column block, split) of the masked tiles; place: those two given (chained_mlp's
-    programs), wait: called once the first tile's weights are in flight, before x is read (a
-    chained consumer's wait for its input), column_out: batch 1's sums go to a column [P, 1]."""
+            skip_zeros, gated, gated_scaled, dt):
     dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
     xs_ref, refs = (refs[0], refs[1:]) if gated_scaled else (None, refs)
     *t_refs, o_ref = refs
     f_ref = t_refs.pop() if weighted else None  # [segments, in]
     rows, cols = blk.rows, blk.cols
-    block, split = place or (pl.program_id(0), pl.program_id(1))
-    c0 = pl.multiple_of(block * cols, cols)
+    c0 = pl.program_id(0) * cols
+    split = pl.program_id(1)
     col_ok = iota(cols, c0) < n_out if n_out % cols else None
     batch_ok = iota(bp) < batch if bp != batch else None
     row_tail = (n_in % rows_per_split) != 0  # the last split runs past the end of x / W
@@ -386,13 +377,11 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
     def x_tile(r0, row_ok):
         """x's rows r0.. ([bp, rows]; batch 1: [rows, 1]); gated: silu(gate) * up from the gate|up sums."""
         def rows_at(ref, at, scale=False):  # scale: the sums' int8 scale, [1, 2 in] (batch 1: [2 in, 1])
-            fresh = {} if wait is None or scale else {"volatile": True}  # sums made in this launch: strong loads
             if dot:
                 b = 1 if scale else bp
-                return load(ref.at[pl.ds(0, b), pl.ds(at + r0, rows)], mask=mask2d(None if scale else batch_ok, row_ok),
-                            **fresh)
+                return load(ref.at[pl.ds(0, b), pl.ds(at + r0, rows)], mask=mask2d(None if scale else batch_ok, row_ok))
             # batch 1: x arrives as a column [in, 1], so a tile of it broadcasts over W's rows
-            return load(ref.at[pl.ds(at + r0, rows), pl.ds(0, 1)], mask=mask2d(row_ok, None), **fresh)
+            return load(ref.at[pl.ds(at + r0, rows), pl.ds(0, 1)], mask=mask2d(row_ok, None))
 
         if not gated:
             return rows_at(x_ref, 0)
@@ -400,16 +389,9 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
                 for at in (0, n_in))
         return _gated(g, u, dt)
 
-    def at(k):
+    def step(k, acc):
         r0 = pl.multiple_of(split * rows_per_split + k * rows, rows)
-        return r0, iota(rows, r0) < n_in if row_tail else None
-
-    def weights(r0, mask):
-        return load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=mask,
-                    eviction_policy="evict_first")  # W is streamed once; keep x in cache
-
-    def step(k, acc, w=None):  # w: the step's weights, when loaded ahead
-        r0, row_ok = at(k)
+        row_ok = iota(rows, r0) < n_in if row_tail else None
         xf = x_tile(r0, row_ok).astype(f32)
         if thresholded:
             f = None
@@ -422,7 +404,8 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
             mask = live if col_ok is None else live & col_ok[None, :]
         else:  # every row is read (the input's tail masked), so W's loads need not wait for x's
             mask = mask2d(row_ok, col_ok)
-        w = weights(r0, mask) if w is None else w
+        w = load(w_ref.at[pl.ds(r0, rows), pl.ds(c0, cols)], mask=mask,
+                 eviction_policy="evict_first")  # W is streamed once; keep x in cache
         if dot:  # [bp, cols]; x' is exact in x's dtype; int8 w converts exactly to it
             return acc + plgpu.dot(xf.astype(dt), convert(w, dt))
         # Batch 1: elementwise multiply-add into the rows of one pass (_add_passes), reduced across
@@ -430,20 +413,10 @@ def _kernel(x_ref, w_ref, *refs, batch, bp, blk, n_in, n_out, rows_per_split, th
         return _add_passes(acc, xf * convert(w, f32, packed=True))
 
     init = jnp.zeros((bp, cols) if dot else (_pass_rows(blk, w_ref.dtype), cols), f32)
-    steps = rows_per_split // rows
-    if wait is None:
-        acc = jax.lax.fori_loop(0, steps, step, init)
-    else:  # every row read: the first weights need no x, so they load while the input is awaited
-        r0, row_ok = at(0)
-        w0 = weights(r0, mask2d(row_ok, col_ok))
-        wait()
-        acc = jax.lax.fori_loop(1, steps, step, step(0, init, w0))
+    acc = jax.lax.fori_loop(0, rows_per_split // rows, step, init)
     # Atomic adds into the zeroed buffer [R, P], padded to whole blocks: no mask (padding columns and
     # rows add zeros). Dots: the padding rows of acc are zeros, so folding its bp rows onto the
     # buffer's R adds each real row to itself and nothing else.
-    if column_out:
-        atomic_add(o_ref, (pl.ds(c0, cols), pl.ds(0, 1)), jnp.sum(acc, axis=0)[:, None])
-        return
     r = o_ref.shape[0]
     if not dot:
         acc = jnp.sum(acc, axis=0)[None, :]
@@ -720,7 +693,7 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         return done(gather(compact(x, Compaction(layout, tuple(ts), *fs), dt, x_scale, gated), w, bounds))
     dot = batch > 1
     bp = padded_batch(batch, dot)
-    rows_per_split = _rows_per_split(n_in, blk)
+    rows_per_split = pl.cdiv(pl.cdiv(n_in, blk.splits), blk.rows) * blk.rows
     splits = pl.cdiv(n_in, rows_per_split)
     kernel = functools.partial(
         _kernel, batch=batch, bp=bp, blk=blk, n_in=n_in, n_out=n_out,
@@ -743,135 +716,3 @@ def sparse_gemv(x, w, threshold=None, *, segments: tuple[int, ...] | None = None
         given=tuple(range(len(given))),
     )(x, w, *xs, *ts, *fs, *given)
     return done(out)
-
-
-# Whether decode runs a dense MLP (int8, or float where TUNED lists "dense" tiles) as one chained_mlp
-# launch instead of two GEMV launches. Off until a GPU decode run shows it pays (docs/decisions.md).
-CHAIN_MLP = False
-
-
-class Chain(NamedTuple):
-    """Static: how chained_mlp lays gate|up's and down's masked tiles into one launch. Down's split s
-    reads input rows [s * rows, (s + 1) * rows) of silu(gate) * up: group s of gate|up's column
-    blocks (`blocks` of gate's and the same of up's, every split of each), counted in one fp32
-    counter each as its programs finish."""
-    up: GemvBlocks  # gate|up's blocks
-    down: GemvBlocks
-    groups: int  # down's splits
-    blocks: int  # gate (and up) column blocks a group
-
-    @property
-    def per_group(self) -> int:
-        return 2 * self.blocks * self.up.splits
-
-    @property
-    def producers(self) -> int:
-        return self.groups * self.per_group
-
-
-def chain_for(batch: int, hidden: int, inter: int, w_dtype) -> Chain | None:
-    """The Chain of a dense gated MLP (x [batch, hidden] @ gate|up [hidden, 2 inter], down [inter,
-    hidden]) whose GEMVs both take the masked tiles, and whose down splits cover whole gate column
-    blocks; None elsewhere (then two launches)."""
-    variant = gemv_variant(w_dtype, dense=True)
-    if not (w_dtype == jnp.int8 or tuned_key(batch, hidden, 2 * inter, variant) in _tuned()):
-        return None
-    up = _gemv_blocks(batch, hidden, (inter, inter), True, variant)
-    down = _gemv_blocks(batch, inter, (hidden,), True, variant)
-    if not (isinstance(up, GemvBlocks) and isinstance(down, GemvBlocks)):
-        return None
-    rows = _rows_per_split(inter, down)
-    if rows % up.cols or inter % up.cols:
-        return None
-    up = dataclasses.replace(up, splits=pl.cdiv(hidden, _rows_per_split(hidden, up)))
-    down = dataclasses.replace(down, splits=pl.cdiv(inter, rows))
-    return Chain(up, down, down.splits, rows // up.cols)
-
-
-def chain_shapes(batch: int, chain: Chain, hidden: int, inter: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The zeroed fp32 buffers chained_mlp adds into: gate|up's sums and the counters (batch 1: a
-    column [P + groups, 1]; else [R, P + groups]), and down's sums [R, P]."""
-    r, p = _sum_shape(batch, 2 * inter, chain.up)
-    return (p + chain.groups, 1) if batch == 1 else (r, p + chain.groups), _sum_shape(batch, hidden, chain.down)
-
-
-def _chained_kernel(x_ref, wu_ref, wd_ref, *refs, chain: Chain, up, down, half_blocks, down_blocks, column, p_up):
-    """Program p: below chain.producers a gate|up tile (group by group) and then its group's count
-    (the tiles' adds released by the count); the rest down programs, which wait for their group's
-    count after their first weights are in flight. Down's programs come last, so when one runs every
-    gate|up program has started: they never wait on one that cannot (programs start in order)."""
-    *xs, t_ref, gu_ref, y_ref = refs
-    p = pl.program_id(0)
-    inner = chain.blocks * chain.up.splits  # a group's programs of one half (gate or up)
-    g, r = p // chain.per_group, p % chain.per_group
-    block = g * chain.blocks + (r % inner) // chain.up.splits
-
-    def counter(group):
-        at, zero = p_up + group, jnp.int32(0)  # traced indices: the atomics' interpret rule takes no Python ints
-        return (at, zero) if column else (zero, at)
-
-    @pl.when(p < chain.producers)
-    def _():
-        @pl.when(block < half_blocks)  # the last group's tail: no block, only the count
-        def _():
-            up(x_ref, wu_ref, t_ref, gu_ref, place=((r // inner) * half_blocks + block, r % chain.up.splits))
-
-        barrier()  # every thread's adds issued, then one thread's acq_rel count releases them
-        plgpu.atomic_add(gu_ref, counter(g), jnp.float32(1))
-
-    q = p - chain.producers
-    s = q // down_blocks
-
-    def wait():  # spin on the group's count (an atomic read: acquire)
-        at, nothing = counter(s), jnp.zeros((), f32)  # traced outside the loop (interpret: no constants inside)
-        jax.lax.while_loop(lambda c: c < chain.per_group, lambda c: plgpu.atomic_add(gu_ref, at, nothing), nothing)
-
-    @pl.when(p >= chain.producers)
-    def _():
-        down(gu_ref, wd_ref, *xs, t_ref, y_ref, place=(q % down_blocks, s), wait=wait)
-
-
-def chained_mlp(x, w_up, w_down, chain: Chain, *, up_scale=None, down_scale=None, out_dtype=None,
-                finish: bool = True, zeroed=None):
-    """y = gated(x @ w_up) @ w_down in one launch, both GEMVs reading every row (sparse_gemv's
-    skip_zeros=False): x [B, hidden], w_up gate|up [hidden, 2 inter], w_down [inter, hidden] (int8
-    with their scales, or float), chain from chain_for. The input of down is gated_input of gate|up's
-    fp32 sums, as sparse_gemv's gated input. finish=False: down's fp32 sums, as sparse_gemv's.
-    zeroed: the two buffers of chain_shapes, zeroed by an earlier kernel."""
-    batch, hidden = x.shape
-    inter = w_down.shape[0]
-    if w_up.shape != (hidden, 2 * inter) or w_down.shape != (inter, hidden):
-        raise ValueError(f"chained_mlp: x {x.shape}, gate|up {w_up.shape} and down {w_down.shape} do not chain as "
-                         "[B, hidden] @ [hidden, 2 inter], [inter, hidden]")
-    up_scale = check_scale("chained_mlp", w_up, up_scale, 2 * inter)
-    down_scale = check_scale("chained_mlp", w_down, down_scale, hidden)
-    out_dtype = out_dtype or x.dtype
-    dot = batch > 1
-    bp = padded_batch(batch, dot)
-    x = x if up_scale is not None else x.astype(w_up.dtype)
-    common = dict(batch=batch, bp=bp, thresholded=False, weighted=False, bounds=(), skip_zeros=False)
-    up = functools.partial(_kernel, **common, blk=chain.up, n_in=hidden, n_out=2 * inter, gated=False,
-                           gated_scaled=False, dt=x.dtype, rows_per_split=_rows_per_split(hidden, chain.up),
-                           column_out=not dot)
-    down = functools.partial(_kernel, **common, blk=chain.down, n_in=inter, n_out=hidden, gated=True,
-                             gated_scaled=up_scale is not None, dt=w_down.dtype if down_scale is None else out_dtype,
-                             rows_per_split=_rows_per_split(inter, chain.down))
-    shapes = chain_shapes(batch, chain, hidden, inter)
-    half_blocks = inter // chain.up.cols
-    kernel = functools.partial(_chained_kernel, chain=chain, up=up, down=down, half_blocks=half_blocks,
-                               down_blocks=pl.cdiv(hidden, chain.down.cols), column=not dot,
-                               p_up=2 * half_blocks * chain.up.cols)
-    xs = () if up_scale is None else (up_scale.reshape(-1, 1) if not dot else up_scale.reshape(1, -1),)
-    accumulate, given = (0, 1), ()
-    if zeroed is not None:
-        if tuple((z.shape, z.dtype) for z in zeroed) != tuple((s, f32) for s in shapes):
-            raise ValueError(f"chained_mlp: zeroed {[(z.shape, z.dtype) for z in zeroed]} are not the buffers "
-                             f"{shapes} float32 of this chain")
-        accumulate, given = (), tuple(zeroed)
-    warps, stages = max(chain.up.num_warps, chain.down.num_warps), max(chain.up.num_stages, chain.down.num_stages)
-    _, y = call(kernel, tuple(jax.ShapeDtypeStruct(s, f32) for s in shapes),
-                grid=(chain.producers + pl.cdiv(hidden, chain.down.cols) * chain.groups,),
-                num_warps=warps, num_stages=stages, name="chained_mlp", accumulate=accumulate,
-                given=tuple(range(len(given))))(
-        x.reshape(-1, 1) if not dot else x, w_up, w_down, *xs, jnp.zeros((1,), f32), *given)
-    return y if not finish else finished(y[:batch, :hidden], down_scale, out_dtype)

@@ -394,38 +394,6 @@ def test_gemvs_add_into_buffers_their_add_norm_zeroed(kernels_on_tiny_weights, m
     assert not [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum" and e.params["axes"] == (0,)]  # splits
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_dense_int8_mlp_runs_as_one_chained_launch(kernels_on_tiny_weights, monkeypatch, rows):
-    """Dense int8 with blocks whose down splits cover whole gate|up column blocks: each layer's
-    gate|up and down run as one chained_mlp launch, into the two buffers the add + norm before it
-    zeroed, and the greedy tokens are the jnp path's (1 and 3 rows; a short last group)."""
-    monkeypatch.setattr(G, "CHAIN_MLP", True)
-    small = G.GemvBlocks(rows=32, cols=32, splits=2)
-    monkeypatch.setattr(G, "DENSE", small)  # batch 1's
-    monkeypatch.setitem(G.TABLE, 4, small)  # 3 rows'
-    m = _model("dense", int8=True)
-    dec = decode.prepare(m, "pallas")
-    tokens = jnp.zeros((rows, 1), jnp.int32)
-    with interpret_on_cpu():
-        print(CFG.hidden_size, CFG.intermediate_size, G.chain_for(rows, 64, 96, jnp.int8))
-        assert G.chain_for(rows, CFG.hidden_size, CFG.intermediate_size, jnp.int8).groups == 2
-        jaxpr = jax.make_jaxpr(lambda t: decode.forward(dec.weights, t, tokens, M.init_cache(
-            CFG, rows, 16, f32), plan=dec.plan))(tokens).jaxpr
-    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
-    calls = [e.params["name"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
-    chained = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call" and e.params["name"] == "chained_mlp"]
-    assert len(chained) == CFG.num_layers and calls.count("sparse_gemv") == 2 * CFG.num_layers  # q|k|v, o
-    for e in chained:  # the aliased initial outputs (through a reshape, where one changes the shape)
-        starts = [made_by[v] for v in e.invars[-2:]]
-        starts = [made_by[s.invars[0]] if s.primitive.name == "reshape" else s for s in starts]
-        assert [s.params.get("name") for s in starts] == ["add_rms_norm"] * 2
-    prompts = [[5, 17, 3, 88, 41], [9, 2], [60, 61, 62, 63, 1, 7, 30]][:rows]
-    want = generate(decode.prepare(m, "jnp"), prompts, 8, eos_ids=())
-    with interpret_on_cpu(), poisoned_outputs():
-        got = generate(dec, prompts, 8, eos_ids=())
-    assert got.tokens == want.tokens
-
-
 def test_a_compacting_add_norm_zeroes_the_tiles_buffers(kernels_on_tiny_weights, monkeypatch):
     """TEAL at batch 1 with q|k|v on the gather and o, gate|up and down on the masked tiles: the add +
     norm that compacts q|k|v's input also zeroes o's buffer (no XLA memset but the first layer's, whose

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench.kernels import random_mlp, threshold_for
-from cats_jax import quantize, sparsity
+from cats_jax import sparsity
 from conftest import rel_err as _rel
 from pallas_kernels import cats_mlp
 from pallas_kernels import sparse_gemv as G
@@ -252,65 +252,3 @@ def test_a_tuned_shape_takes_the_kernel_below_the_size_rule(monkeypatch):
         assert G.kernel_pays(1, 8192, 4096)  # above MIN_KERNEL_WEIGHTS
         assert G.kernel_pays(16, 8192, 4096) and not G.kernel_pays(17, 8192, 4096)  # MAX_KERNEL_BATCH
     assert not G.kernel_pays(1, 64, 96)  # kernels off (the CPU outside interpret mode)
-
-
-def _chain(hidden, inter, up, down):
-    """The Chain of these blocks for an MLP [hidden, 2 inter] -> [inter, hidden] (chain_for's, with
-    blocks of the test's choosing)."""
-    rows = G._rows_per_split(inter, down)
-    return G.Chain(dataclasses.replace(up, splits=-(-hidden // G._rows_per_split(hidden, up))),
-                   dataclasses.replace(down, splits=-(-inter // rows)), -(-inter // rows), rows // up.cols)
-
-
-@pytest.mark.parametrize("batch,int8,dtype", [(1, True, bf16), (1, False, f32), (3, True, f32), (3, False, bf16)])
-def test_chained_mlp_equals_its_two_gemvs(batch, int8, dtype):
-    """Dense gate|up and down in one launch (down's programs wait for their rows' gate|up groups):
-    the fp32 reference of silu(gate) * up @ down within rounding, and exactly the two launches'
-    sums (the same adds). Groups of two gate|up blocks, the last one short (a tail of idle
-    programs), down's input rows in a tail too; the zeroed buffers given as decode's add + norm
-    gives them."""
-    hidden, inter = 72, 160
-    ks = jax.random.split(jax.random.key(batch), 3)
-    x = jax.random.normal(ks[0], (batch, hidden), f32).astype(dtype)
-    wu = jax.random.normal(ks[1], (hidden, 2 * inter), f32) / 8
-    wd = jax.random.normal(ks[2], (inter, hidden), f32) / 12
-    (qu, su), (qd, sd) = (quantize.quantize_int8(wu), quantize.quantize_int8(wd)) if int8 else (
-        (wu.astype(dtype), None), (wd.astype(dtype), None))
-    up, down = G.GemvBlocks(rows=32, cols=32, splits=2), G.GemvBlocks(rows=32, cols=16, splits=3)
-    chain = _chain(hidden, inter, up, down)
-    assert (chain.groups, chain.blocks) == (3, 2) and chain.groups * chain.blocks * up.cols > inter  # a short last group
-    zeroed = tuple(jnp.zeros(s, f32) for s in G.chain_shapes(batch, chain, hidden, inter))
-    with interpret_on_cpu(), poisoned_outputs():
-        got = jax.jit(lambda x, z: G.chained_mlp(x, qu, qd, chain, up_scale=su, down_scale=sd, out_dtype=dtype,
-                                                 zeroed=z))(x, zeroed)
-        gu = sparse_gemv(x, qu, scale=su, skip_zeros=False, finish=False, blocks=up)
-        two = sparse_gemv(gu, qd, scale=sd, gated=True, x_scale=su, out_dtype=dtype, skip_zeros=False, blocks=down)
-    np.testing.assert_array_equal(np.asarray(got, f32), np.asarray(two[:batch], f32))
-    wuf, wdf = (qu.astype(f32) * su, qd.astype(f32) * sd) if int8 else (qu.astype(f32), qd.astype(f32))
-    g = jnp.dot(x.astype(f32), wuf, precision="highest")
-    want = jnp.dot(G.gated_input(g, None, inter, dtype).astype(f32), wdf, precision="highest")
-    assert got.shape == (batch, hidden) and got.dtype == dtype
-    assert _rel(got, want) < (1e-5 if dtype == f32 else 1e-2)
-
-
-def test_chained_mlp_rejects_bad_input():
-    chain = _chain(64, 96, G.GemvBlocks(rows=32, cols=32, splits=2), G.GemvBlocks(rows=32, cols=32, splits=2))
-    x, wu, wd = jnp.zeros((1, 64), f32), jnp.zeros((64, 192), f32), jnp.zeros((96, 64), f32)
-    with pytest.raises(ValueError, match="do not chain"):
-        G.chained_mlp(x, wu[:, :190], wd, chain)
-    with pytest.raises(ValueError, match="zeroed"):
-        G.chained_mlp(x, wu, wd, chain, zeroed=(jnp.zeros((8, 1), f32), jnp.zeros((1, 64), f32)))
-    with pytest.raises(ValueError, match="scale"):
-        G.chained_mlp(x, wu.astype(jnp.int8), wd, chain)
-
-
-def test_chain_for_takes_dense_mlps_whose_down_splits_cover_whole_blocks(monkeypatch):
-    """chain_for: int8 at Mistral-7B's shapes (DENSE's blocks), float only where TUNED lists its dense
-    gate|up, none where down's splits would cut a gate|up column block."""
-    chain = G.chain_for(1, 4096, 14336, jnp.int8)
-    assert chain is not None and chain.groups * chain.blocks * chain.up.cols == 14336
-    assert G.chain_for(1, 4096, 14336, bf16) is None  # no "dense" entry on this device
-    monkeypatch.setattr(G, "DENSE", G.GemvBlocks(rows=128, cols=128, splits=7))  # 14336 / 7 rows: 2048, whole
-    assert G.chain_for(1, 4096, 14336, jnp.int8) is not None
-    monkeypatch.setattr(G, "DENSE", G.GemvBlocks(rows=32, cols=128, splits=1024))  # 32-row splits
-    assert G.chain_for(1, 4096, 14336, jnp.int8) is None
