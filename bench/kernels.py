@@ -487,8 +487,8 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
 
 
 # `--attention`'s candidates; spans of 128 and 512 slots on the best warps and stages only (at 4096
-# slots, one row of Mistral-7B: 2 programs an SM at 128, half of one at 512, between blocks_for's 256
-# and the 64 and 1024 that lost there on the H100)
+# slots, one row of Mistral-7B: 2 programs an SM at 128, half of one at 512; on the H100 both lost to
+# blocks_for's 256, as did 64 and 1024; the H200 has not timed them)
 ATTENTION_CANDIDATES = [A.AttentionBlocks(block, span, warps, stages) for block in (32, 64)
                         for span in (64, 256, 1024, 4096) for warps in (4, 8) for stages in (2, 3) if span >= block] + [
     A.AttentionBlocks(block, span, 4, 3) for block in (32, 64) for span in (128, 512)]
