@@ -355,7 +355,8 @@ def check_forced(dtype, mode="teal", steps=32, batch=3, quantized=False, cfg=Non
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, help="seed of the random shapes and inputs (default: fresh)")
     p.add_argument("--no-model", action="store_true", help="skip the greedy-decoding checks (need flax)")
     p.add_argument("--greedy", default="dense,cats,teal", help="modes of the greedy-decoding checks (default dense,cats,teal)")

@@ -595,7 +595,8 @@ def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="presets whose MLP shapes to time (comma-separated)")
     p.add_argument("--sparsity", default=",".join(map(str, SPARSITY)), help="target per-row sparsities")
     p.add_argument("--batch", default=",".join(map(str, BATCH)), help="decode batch sizes")

@@ -111,7 +111,8 @@ def profile(decoder, cfg, batch, args) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.profile_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(PRESETS), default="mistral-7b")
     ap.add_argument("--layers", type=int, help="override the number of layers (faster start; per-layer costs the same)")
     ap.add_argument("--batch", default="1,8")

@@ -247,7 +247,8 @@ def cases(model: str, int8: bool, device: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mistral-7b", help="preset whose shapes to compile (cats_jax.config.PRESETS)")
     p.add_argument("--int8", action="store_true", help="int8 weights (and the dense int8 GEMVs)")
     p.add_argument("--device", default="NVIDIA H200", help="whose TUNED blocks to use (device kind)")
