@@ -2,7 +2,7 @@
 
     python -m bench.kernels                     # CATS MLP: shapes x sparsity x batch
     python -m bench.kernels --tune              # first pick block sizes per batch size (timed)
-    python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV
+    python -m bench.kernels --teal [--tune]     # TEAL: each projection's sparse GEMV (and its bytes' stream)
     python -m bench.kernels --attention         # decode attention: block candidates per context
     python -m bench.kernels --norm              # residual add + RMSNorm: per kind of input and warp count
     python -m bench.kernels --int8 [--teal] [--tune]   # the kernels on int8 weights (bf16 XLA baseline)
@@ -12,7 +12,9 @@ Per (shape, batch, sparsity): kernel time, XLA dense time (jnp, jitted), their r
 sparsity (neurons / input rows no batch row keeps), and the ideal time: the bytes that must be
 read (CATS: all of W_gate, the union's rows of W_up and W_down; TEAL: the union's rows of W) over
 the read bandwidth measured in the same run (the copy bandwidth is recorded too; on an H200
-XLA's dense GEMVs read faster than a copy moves data, so the copy is no ceiling there).
+XLA's dense GEMVs read faster than a copy moves data, so the copy is no ceiling there). --teal
+also times a kernel that only reads each matrix (`stream`): what reading all of its bytes costs a
+launch in this timer, which no GEMV that reads them all can beat.
 Thresholds for a target sparsity are the quantile of |SiLU(x W_gate)| (CATS) or |x| (TEAL) over the batch.
 
 Timing: a jitted lax.fori_loop whose iterations depend on each other (each adds a vanishing
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import platform
@@ -39,6 +42,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from cats_jax import sharding
 from cats_jax.config import PRESETS
@@ -46,7 +51,7 @@ from cats_jax.quantize import quantize_int8
 from pallas_kernels import attention as A
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import sparse_gemv as G
-from pallas_kernels.common import next_pow2
+from pallas_kernels.common import call, load, next_pow2
 
 f32 = jnp.float32
 SPARSITY = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
@@ -129,6 +134,35 @@ def read_bandwidth(gib=1.0) -> float:
         return lambda: loop(x)  # x an argument, not a constant XLA could fold
 
     return x.nbytes / (_slope_us(make, (2, 10), 5) * 1e-6)
+
+
+def _stream_kernel(x_ref, w_ref, o_ref, *, rows, cols):
+    # x is an operand only so that the timer's dependency reaches the call
+    i0 = pl.program_id(0) * rows
+
+    def step(k, acc):
+        return acc ^ load(w_ref.at[pl.ds(i0, rows), pl.ds(pl.multiple_of(k * cols, cols), cols)])
+
+    acc = jax.lax.fori_loop(0, w_ref.shape[1] // cols, step, jnp.zeros((rows, cols), jnp.int32))
+    plgpu.store(o_ref.at[pl.ds(i0, rows)], jnp.sum(acc, axis=1))
+
+
+def stream(x, w, rows=8, cols=256, num_warps=4):
+    """XOR of w's bytes as int32 words, per 4 KB row of them [w.nbytes / 4096]: a kernel that reads
+    w and does nothing else (its time is the floor of any kernel that reads those bytes)."""
+    words = jax.lax.bitcast_convert_type(w.reshape(-1, 4 // w.dtype.itemsize), jnp.int32).reshape(-1, 1024)
+    kernel = functools.partial(_stream_kernel, rows=rows, cols=cols)
+    return call(kernel, jax.ShapeDtypeStruct((words.shape[0],), jnp.int32), grid=(words.shape[0] // rows,),
+                num_warps=num_warps, num_stages=1, name="stream")(x, words)
+
+
+# (rows of 4 KB, words a step, warps): the best three of seven on an H100 at 25-235 MB
+STREAM_BLOCKS = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
+
+
+def stream_us(x, w) -> float:
+    """us a call, in loop_timer, of the fastest STREAM_BLOCKS stream of w."""
+    return min(loop_timer(lambda x, w, b=b: stream(x, w, *b), n=(20, 100))(x, w) for b in STREAM_BLOCKS)
 
 
 def random_mlp(h, i, seed=0, dtype=jnp.bfloat16):
@@ -249,7 +283,7 @@ def _fmt_row(r):
     return (
         f"| {r['shape']} ({r['H']}x{r['I']}) | {r['batch']} | {r['sparsity']:.0%} | {r['union_sparsity']:.1%} | "
         f"{r['kernel_us']:.1f} | {r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['ideal_us']:.1f} "
-        f"| {r['pct_of_ideal']:.0f}% |"
+        f"| {r['pct_of_ideal']:.0f}% |" + (f" {r['stream_us']:.1f} |" if "stream_us" in r else "")
     )
 
 
@@ -257,13 +291,14 @@ def markdown(result) -> str:
     m = result["meta"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     teal = result.get("kind") == "teal"
-    header = HEADER.replace("shape (H x I)", "projection (in x out)") if teal else HEADER
+    header = HEADER.replace("shape (H x I)", "projection (in x out)") + " stream us (all of W) |" if teal else HEADER
     ideal = ("the union's rows of W" if teal else "W_gate + the union's rows of W_up and W_down")
+    floor = "; stream = a kernel that only reads all of W (`stream`), the floor of any that does" if teal else ""
     lines = [
         f"Device: {m['device']}; date: {m['date']}; {versions}, Python {m['python']}.",
         f"Bandwidth measured in the same run: copy {m['copy_bandwidth_TBps']:.2f} TB/s (read + write), "
         f"read {m['read_bandwidth_TBps']:.2f} TB/s; bf16 weights, random; batch rows x ~ N(0, 1); "
-        f"ideal = ({ideal}) / read bandwidth.",
+        f"ideal = ({ideal}) / read bandwidth{floor}.",
         "",
         header,
         "|" + "---|" * header.count(" |"),
@@ -457,6 +492,7 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
         gated = label.split()[1] == "down"
         w = (jax.random.normal(jax.random.key(0), (n_in, sum(segs)), f32) / np.sqrt(n_in)).astype(jnp.bfloat16)
         wk, scale = quantize_int8(w) if int8 else (w, None)  # the kernel's weights; XLA's stay bf16
+        floor = stream_us(jnp.ones((1, 1), jnp.bfloat16), wk)
         for b in batch:
             x, values = _gemv_input(b, n_in, gated)
             dense_us = loop_timer(lambda x, w: x @ w, n=(20, 100))(values, w)
@@ -481,7 +517,8 @@ def bench_gemv(models=("mistral-7b",), sparsity=SPARSITY, batch=(1,), tune_at=No
                 ideal = n_in * (1 - union) * sum(segs) * (1 if int8 else 2) / bw * 1e6
                 rows.append(dict(shape=label + (" int8" if int8 else ""), H=n_in, I=sum(segs), batch=b, sparsity=s, union_sparsity=union,
                                  kernel_us=us, dense_us=dense_us, speedup=dense_us / us, ideal_us=ideal,
-                                 pct_of_ideal=100 * ideal / us, blocks=dataclasses.asdict(blk) if blk else None))
+                                 pct_of_ideal=100 * ideal / us, stream_us=floor,
+                                 blocks=dataclasses.asdict(blk) if blk else None))
                 print(_fmt_row(rows[-1]), flush=True)
     return dict(meta=_meta(copy, bw), rows=rows, kind="teal")
 

@@ -187,3 +187,16 @@ def test_mlp_check_forgives_ties_only(monkeypatch):
         kernel = gpu_check.K.cats_mlp
         monkeypatch.setattr(gpu_check.K, "cats_mlp", lambda x, w_gu, w_d, t, **kw: kernel(x, w_gu, w_d, t * 1.02, **kw))
         assert not gpu_check.check_mlp(3, 64, 96, 0.5, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8])
+def test_the_stream_reads_every_byte_of_the_matrix(dtype):
+    """bench.kernels.stream (the floor of a kernel that reads a matrix) XORs each 4 KB row's int32
+    words: equal to the XOR in jnp, so no byte goes unread (interpret mode)."""
+    from bench.kernels import stream
+
+    w = jax.random.randint(jax.random.key(3), (64, 512), -100, 100).astype(dtype)
+    words = jax.lax.bitcast_convert_type(w.reshape(-1, 4 // w.dtype.itemsize), jnp.int32).reshape(-1, 4, 256)
+    want = jnp.sum(jax.lax.reduce(words, jnp.int32(0), jax.lax.bitwise_xor, (1,)), axis=1)
+    got = stream(jnp.ones((1, 1), jnp.bfloat16), w, rows=4, cols=256)
+    assert got.shape == (w.nbytes // 4096,) and bool(jnp.all(got == want))

@@ -210,3 +210,10 @@ def test_combine_lowers(lowered_for_gpu, out, k, groups, d):
     _lower(lambda *a: combined(*a) if out == "threshold" else combined(*a).val,
            S((b, k, 6, 16), f32), S((b, k, 6, 16), f32), S((b, k, 6, 16, d), f32), S((1,), f32))
     assert len(lowered_for_gpu) == 1
+
+
+def test_the_benchmarks_stream_lowers(lowered_for_gpu):
+    from bench.kernels import stream
+
+    _lower(lambda x, w: stream(x, w), S((1, 1), bf16), S((4096, 6144), i8))
+    assert len(lowered_for_gpu) == 1
