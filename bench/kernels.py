@@ -147,10 +147,17 @@ def _stream_kernel(x_ref, w_ref, o_ref, *, rows, cols):
     plgpu.store(o_ref.at[pl.ds(i0, rows)], jnp.sum(acc, axis=1))
 
 
-def stream(x, w, rows=8, cols=256, num_warps=4):
-    """XOR of w's bytes as int32 words, per 4 KB row of them [w.nbytes / 4096]: a kernel that reads
-    w and does nothing else (its time is the floor of any kernel that reads those bytes)."""
-    words = jax.lax.bitcast_convert_type(w.reshape(-1, 4 // w.dtype.itemsize), jnp.int32).reshape(-1, 1024)
+def stream_words(w) -> jax.Array:
+    """w's bytes as int32 words in rows of 4 KB [n, 1024], zeros padding the last 8 rows (32 KB at most)."""
+    per = 4 // w.dtype.itemsize
+    flat = w.reshape(-1)
+    flat = jnp.pad(flat, (0, -flat.size % (per * 8 * 1024)))
+    return jax.lax.bitcast_convert_type(flat.reshape(-1, per), jnp.int32).reshape(-1, 1024)
+
+
+def stream(x, words, rows=8, cols=256, num_warps=4):
+    """XOR of each 4 KB row of stream_words [n, 1024] over its words, summed per row [n]: a kernel that
+    reads those bytes and does nothing else (its time is the floor of any kernel that reads them)."""
     kernel = functools.partial(_stream_kernel, rows=rows, cols=cols)
     return call(kernel, jax.ShapeDtypeStruct((words.shape[0],), jnp.int32), grid=(words.shape[0] // rows,),
                 num_warps=num_warps, num_stages=1, name="stream")(x, words)
@@ -161,8 +168,9 @@ STREAM_BLOCKS = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
 
 
 def stream_us(x, w) -> float:
-    """us a call, in loop_timer, of the fastest STREAM_BLOCKS stream of w."""
-    return min(loop_timer(lambda x, w, b=b: stream(x, w, *b), n=(20, 100))(x, w) for b in STREAM_BLOCKS)
+    """us a call, in loop_timer, of the fastest STREAM_BLOCKS stream of w's bytes."""
+    words = stream_words(w)
+    return min(loop_timer(lambda x, words, b=b: stream(x, words, *b), n=(20, 100))(x, words) for b in STREAM_BLOCKS)
 
 
 def random_mlp(h, i, seed=0, dtype=jnp.bfloat16):

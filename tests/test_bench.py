@@ -189,14 +189,18 @@ def test_mlp_check_forgives_ties_only(monkeypatch):
         assert not gpu_check.check_mlp(3, 64, 96, 0.5, seed=0)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8])
-def test_the_stream_reads_every_byte_of_the_matrix(dtype):
+@pytest.mark.parametrize("dtype,shape", [(jnp.bfloat16, (64, 512)), (jnp.int8, (64, 512)), (jnp.int8, (33, 101))])
+def test_the_stream_reads_every_byte_of_the_matrix(dtype, shape):
     """bench.kernels.stream (the floor of a kernel that reads a matrix) XORs each 4 KB row's int32
-    words: equal to the XOR in jnp, so no byte goes unread (interpret mode)."""
-    from bench.kernels import stream
+    words: equal to the XOR in jnp, so no byte goes unread (interpret mode); bytes past whole rows
+    are padded with zeros."""
+    from bench.kernels import stream, stream_words
 
-    w = jax.random.randint(jax.random.key(3), (64, 512), -100, 100).astype(dtype)
-    words = jax.lax.bitcast_convert_type(w.reshape(-1, 4 // w.dtype.itemsize), jnp.int32).reshape(-1, 4, 256)
-    want = jnp.sum(jax.lax.reduce(words, jnp.int32(0), jax.lax.bitwise_xor, (1,)), axis=1)
-    got = stream(jnp.ones((1, 1), jnp.bfloat16), w, rows=4, cols=256)
-    assert got.shape == (w.nbytes // 4096,) and bool(jnp.all(got == want))
+    w = jax.random.randint(jax.random.key(3), shape, -100, 100).astype(dtype)
+    words = stream_words(w)
+    flat = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)
+    assert words.shape[0] % 8 == 0 and bool(jnp.all(flat[:w.nbytes] == jax.lax.bitcast_convert_type(
+        w.reshape(-1), jnp.uint8).reshape(-1))) and not bool(jnp.any(flat[w.nbytes:]))
+    want = jnp.sum(jax.lax.reduce(words.reshape(-1, 4, 256), jnp.int32(0), jax.lax.bitwise_xor, (1,)), axis=1)
+    got = stream(jnp.ones((1, 1), jnp.bfloat16), words, rows=4, cols=256)
+    assert bool(jnp.all(got == want))
