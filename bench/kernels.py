@@ -147,11 +147,17 @@ def _stream_kernel(x_ref, w_ref, o_ref, *, rows, cols):
     plgpu.store(o_ref.at[pl.ds(i0, rows)], jnp.sum(acc, axis=1))
 
 
+# (rows of 4 KB, words a step, warps): the best three of seven on an H100 at 25-235 MB
+STREAM_BLOCKS = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
+
+
 def stream_words(w) -> jax.Array:
-    """w's bytes as int32 words in rows of 4 KB [n, 1024], zeros padding the last 8 rows (32 KB at most)."""
+    """w's bytes as int32 words in rows of 4 KB [n, 1024], zeros padding n to a multiple of every
+    STREAM_BLOCKS row count (so each block's grid reads all of them)."""
     per = 4 // w.dtype.itemsize
+    rows = math.lcm(*(r for r, _, _ in STREAM_BLOCKS))
     flat = w.reshape(-1)
-    flat = jnp.pad(flat, (0, -flat.size % (per * 8 * 1024)))
+    flat = jnp.pad(flat, (0, -flat.size % (per * rows * 1024)))
     return jax.lax.bitcast_convert_type(flat.reshape(-1, per), jnp.int32).reshape(-1, 1024)
 
 
@@ -161,10 +167,6 @@ def stream(x, words, rows=8, cols=256, num_warps=4):
     kernel = functools.partial(_stream_kernel, rows=rows, cols=cols)
     return call(kernel, jax.ShapeDtypeStruct((words.shape[0],), jnp.int32), grid=(words.shape[0] // rows,),
                 num_warps=num_warps, num_stages=1, name="stream")(x, words)
-
-
-# (rows of 4 KB, words a step, warps): the best three of seven on an H100 at 25-235 MB
-STREAM_BLOCKS = ((8, 256, 4), (4, 256, 4), (8, 512, 4))
 
 
 def stream_us(x, w) -> float:
