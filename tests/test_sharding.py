@@ -59,6 +59,8 @@ def fake_devices():
     return found, "\n".join(err[-2000:] for _, err in outs)
 
 
+# one xdist worker runs them all, so the fixture's subprocesses start once
+@pytest.mark.xdist_group("fake_devices")
 @pytest.mark.parametrize("case", CASES, ids=_name)
 def test_on_fake_devices(fake_devices, case):
     found, stderr = fake_devices
