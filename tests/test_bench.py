@@ -194,12 +194,12 @@ def test_the_stream_reads_every_byte_of_the_matrix(dtype, shape):
     """bench.kernels.stream (the floor of a kernel that reads a matrix) XORs each 4 KB row's int32
     words: equal to the XOR in jnp, so no byte goes unread (interpret mode); bytes past whole rows
     are padded with zeros."""
-    from bench.kernels import stream, stream_words
+    from bench.kernels import STREAM_BLOCKS, stream, stream_words
 
     w = jax.random.randint(jax.random.key(3), shape, -100, 100).astype(dtype)
     words = stream_words(w)
     flat = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)
-    assert words.shape[0] % 8 == 0 and bool(jnp.all(flat[:w.nbytes] == jax.lax.bitcast_convert_type(
+    assert all(words.shape[0] % r == 0 for r, _, _ in STREAM_BLOCKS) and bool(jnp.all(flat[:w.nbytes] == jax.lax.bitcast_convert_type(
         w.reshape(-1), jnp.uint8).reshape(-1))) and not bool(jnp.any(flat[w.nbytes:]))
     want = jnp.sum(jax.lax.reduce(words.reshape(-1, 4, 256), jnp.int32(0), jax.lax.bitwise_xor, (1,)), axis=1)
     got = stream(jnp.ones((1, 1), jnp.bfloat16), words, rows=4, cols=256)
