@@ -601,10 +601,12 @@ def bench_attention(models=("mistral-7b",), contexts=(256, 4096), batch=(1,)):
     return rows
 
 
-def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips=(20, 100), reps=5):
+def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips=(20, 100), reps=5, calls=16):
     """The residual add + RMSNorm kernel per kind of h (bf16; a GEMV's fp32 sums; int8 sums with
     their scale, as decode steps hand them over) and warp count, against XLA's add and rms_norm:
-    us per call, each call's x + h the next one's x (a loop of launches, as in a decode step)."""
+    us per call, each call's x + h the next one's x (a chain of launches, as in a decode step).
+    A loop iteration chains `calls` of them: with one call an iteration the loop's own cost, not
+    the 2-3 us kernel, set the time (docs/decisions.md)."""
     from cats_jax import model as M
     from pallas_kernels import norm as N
 
@@ -621,11 +623,18 @@ def bench_norm(models=("mistral-7b",), batch=(1,), warps=(1, 2, 4, 8, 16), trips
                      "int8 sums": (sums, jax.random.uniform(ks[4], (n,), f32, 0.01, 0.05))}
 
             def timed(step):
+                def body(_, c):  # every call's output carried (none dead), no fusion across calls
+                    x, ys = c[0], []
+                    for _ in range(calls):
+                        x, y = jax.lax.optimization_barrier(step(x))
+                        ys.append(y)
+                    return x, *ys
+
                 def make(t):
-                    loop = jax.jit(lambda x: jax.lax.fori_loop(0, t, lambda _, c: step(c[0]), (x, x)))
+                    loop = jax.jit(lambda x: jax.lax.fori_loop(0, t, body, (x,) * (calls + 1)))
                     return lambda: loop(x0)
                 try:
-                    return _slope_us(make, trips, reps)
+                    return _slope_us(make, trips, reps) / calls
                 except Exception as e:  # a warp count that does not compile
                     print(f"failed: {type(e).__name__}: {str(e)[:200]}")
                     return None
