@@ -10,7 +10,7 @@ x's dtype, the normalised row to x's dtype before the scale, the product to x's 
 x [B, H], scale [H]. h [B, H] or a kernel's unfinished fp32 sums [R >= B, P >= H] (sparse_gemv with
 finish=False) with their int8 scale h_scale [H] or None: h is scaled and rounded to x's dtype first,
 as the projection would have finished it, so no launch of its own does that. One program per row
-holds the whole row (H up to a few thousand per 4 warps).
+holds the whole row, on 8 warps per 4096 columns (`bench.kernels --norm`).
 
 At batch 1, before a gather GEMV (TEAL's q|k|v and gate|up), the launch can also compact the
 normalised row for it (sparse_gemv.Compaction): one program per segment and chunk of the gather
@@ -111,7 +111,7 @@ def _compact_kernel(x_ref, h_ref, s_ref, *refs, n, eps, h_scaled, layout, zeros)
 def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = None,
                  compaction: sparse_gemv.Compaction | None = None, threshold=None, zeros: tuple[int, ...] = ()):
     """(x + h, rms_norm(x + h, scale, eps)) for x [B, H] and h [B, >= H] (module docstring).
-    num_warps: the default's 4 per 4096 columns (1 to 8), or the given (bench.kernels --norm).
+    num_warps: the default's 8 per 4096 columns (1 to 16), or the given (bench.kernels --norm).
     threshold: TEAL's rule applied to the normalised rows (sparsity.teal_input), for an XLA product
     that reads them: one launch fewer than a select of its own.
     compaction (batch 1): the normalised row comes back compacted for the gather GEMV that reads it
@@ -126,7 +126,7 @@ def add_rms_norm(x, h, scale, eps: float, h_scale=None, num_warps: int | None = 
                          f"h_scale {None if h_scale is None else jnp.shape(h_scale)} need h [>= B, >= H], scale [H] in "
                          "x's dtype and h_scale None or [H]")
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    warps = num_warps or max(1, min(8, next_pow2(n) // 1024))
+    warps = num_warps or max(1, min(16, next_pow2(n) // 512))
     extra = () if h_scale is None else (jnp.asarray(h_scale, f32),)
     flat = tuple(r * w for r, w in zeros)  # each buffer zeroed as one row
     bufs = tuple(jax.ShapeDtypeStruct((1, w), f32) for w in flat)
