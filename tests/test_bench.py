@@ -199,8 +199,9 @@ def test_the_stream_reads_every_byte_of_the_matrix(dtype, shape):
     w = jax.random.randint(jax.random.key(3), shape, -100, 100).astype(dtype)
     words = stream_words(w)
     flat = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)
-    assert all(words.shape[0] % r == 0 for r, _, _ in STREAM_BLOCKS) and bool(jnp.all(flat[:w.nbytes] == jax.lax.bitcast_convert_type(
-        w.reshape(-1), jnp.uint8).reshape(-1))) and not bool(jnp.any(flat[w.nbytes:]))
+    assert all(words.shape[0] % r == 0 for r, _, _ in STREAM_BLOCKS)
+    assert bool(jnp.all(flat[:w.nbytes] == jax.lax.bitcast_convert_type(w.reshape(-1), jnp.uint8).reshape(-1)))
+    assert not bool(jnp.any(flat[w.nbytes:]))
     want = jnp.sum(jax.lax.reduce(words.reshape(-1, 4, 256), jnp.int32(0), jax.lax.bitwise_xor, (1,)), axis=1)
     got = stream(jnp.ones((1, 1), jnp.bfloat16), words, rows=4, cols=256)
     assert bool(jnp.all(got == want))
