@@ -157,6 +157,24 @@ def test_the_cats_tune_leaves_its_winners_where_the_kernels_look(monkeypatch):
     assert (type(picked), picked.rows, picked.num_warps) == (type(winner), winner.rows, winner.num_warps)
 
 
+def test_the_dense_tune_times_no_gather(monkeypatch):
+    """At sparsity 0 (`--teal --tune --tune-at 0`) the tune times only masked tiles: a gather of every
+    row would need a compaction launch of its own, which its timer leaves out. Each projection's
+    "dense" winner goes to this device's TUNED entry."""
+    from bench import kernels as B
+
+    monkeypatch.setattr(G, "TUNED", {})
+    monkeypatch.setattr(B, "_ceilings", lambda: (1e12, 1e12))
+    monkeypatch.setattr(B, "stream_us", lambda *a: 1.0)
+    monkeypatch.setattr(B, "loop_timer", lambda f, n=None: lambda *a: 1.0)
+    timed = []
+    monkeypatch.setattr(B, "_time", lambda label, f, *a, n=None: timed.append(label) or float(1000 - len(timed)))
+    B.bench_gemv(models=("smollm2-135m",), sparsity=(0.0,), batch=(1,), tune_at=0.0)
+    tiles = [c for c in B.GEMV_CANDIDATES[1] if isinstance(c, G.GemvBlocks)]
+    assert len(timed) == 4 * len(tiles) and not any("GatherBlocks" in label for label in timed)
+    assert len(G._tuned()) == 4 and all(k[-1] == "dense" and isinstance(v, G.GemvBlocks) for k, v in G._tuned().items())
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_random_model_is_the_models_own_init_a_layer_at_a_time(tiny_cfg, tied):
     from flax import nnx
