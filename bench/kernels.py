@@ -670,7 +670,8 @@ def main(argv=None):
                         "instead of the CATS MLP (sparsity 0: the dense GEMV that reads every row, as dense "
                         "int8 decode runs it); with --tune, block candidates per projection at --tune-at")
     p.add_argument("--tune-at", type=float, default=0.5,
-                   help="the sparsity at which --teal --tune times candidates (default 0.5; 0 for the dense GEMVs)")
+                   help="the sparsity at which --teal --tune times candidates (default 0.5; 0 for the dense GEMVs, "
+                        "on the masked tiles only)")
     p.add_argument("--int8", action="store_true",
                    help="the kernels read the weights' int8 copy (one fp32 scale per output channel); XLA's "
                         "dense baseline stays bf16")
