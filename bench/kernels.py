@@ -332,6 +332,11 @@ GATE_UP_CANDIDATES = {
                                                           (128, 128, 8, 3)]]
        for b in (2, 4, 8, 16)},
 }
+# int8 weights at batch 1, besides the multiply-adds above: int8 tensor-core dots of x's digits,
+# 224-1792 programs at Mistral-7B's I (78 registers at 64 x 128: 6 an SM)
+GATE_UP_INT8_DOTS = [K.GateUpBlocks(r, c, w, s, int8_dots=True) for r, c, w, s in [
+    (32, 128, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (32, 256, 4, 3), (64, 256, 4, 3), (64, 128, 4, 5),
+    (16, 128, 2, 3), (16, 256, 2, 4), (8, 256, 1, 4), (128, 128, 8, 3)]]
 GEMV_CANDIDATES = {
     # masked tiles, many short splits (1-4 steps each), TEAL's layout
     1: [G.GemvBlocks(r, c, sp, w, s) for r, c, sp, w, s in [
@@ -401,7 +406,7 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
             ((t, union),) = thresholds_for(x, wg, [sparsity])
             hidden = K.gate_up(x, w_gu, t, scale=s_gu)
             kinds = (
-                ("gate_up", candidates(GATE_UP_CANDIDATES, b),
+                ("gate_up", candidates(GATE_UP_CANDIDATES, b) + (GATE_UP_INT8_DOTS if int8 and b == 1 else []),
                  lambda blk: (lambda x, t, w: K.gate_up(x, w, t, scale=s_gu, blocks=blk)), (x, t, w_gu)),
                 ("sparse_gemv", candidates(GEMV_CANDIDATES, b),
                  lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk, scale=s_down)), (hidden, w_down)),
@@ -426,7 +431,7 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
             _set_tuned(G.tuned_key(b, r["I"], r["H"], G.gemv_variant(w_down.dtype, cats_down=True)),
                        getattr(G, r["block_type"])(**r["blocks"]))
         if kind == "gate_up":
-            K.TABLE[next_pow2(b)] = K.GateUpBlocks(**r["blocks"])
+            (K.INT8_TABLE if int8 and b == 1 else K.TABLE)[next_pow2(b)] = K.GateUpBlocks(**r["blocks"])
     return dict(meta=_meta(copy, bw), tune=out)
 
 

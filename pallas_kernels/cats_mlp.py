@@ -44,6 +44,8 @@ from pallas_kernels.common import (
     call,
     check_blocks,
     convert,
+    from_int8_digits,
+    int8_digits,
     iota,
     kernels_enabled,
     load,
@@ -77,9 +79,14 @@ class GateUpBlocks:
     cols: int  # hidden columns per loop step
     num_warps: int = 4
     num_stages: int = 3
+    # int8 weights at batch 1: int8 tensor-core dots of x's digits (common.int8_digits) with the
+    # tiles as stored, instead of multiply-adds; a dot takes >= 8 neurons a warp, 32 columns
+    int8_dots: bool = False
 
     def __post_init__(self):
         check_blocks(self, "rows", "cols")
+        if self.int8_dots and (self.rows < 8 * self.num_warps or self.cols < 32):
+            raise ValueError(f"GateUpBlocks: int8_dots needs rows >= 8 * num_warps and cols >= 32, not {self}")
 
 
 # Per padded batch size: the winners of `python -m bench.kernels --tune` on an H100 at
@@ -94,12 +101,18 @@ TABLE = {
 }
 
 
-def blocks_for(batch: int, n_hidden: int, n_neurons: int) -> GateUpBlocks:
-    """The table's blocks for this batch, fitted to the shape (no block longer than its axis)."""
-    b = TABLE[min(next_pow2(batch), max(TABLE))]
-    low = 16 if batch > 1 else 1
+# int8 weights' own blocks per batch, where they differ from TABLE's. None yet: the int8 dots of
+# batch 1 (GateUpBlocks.int8_dots) await a GPU's tune (python -m bench.kernels --int8 --tune --batch 1).
+INT8_TABLE: dict[int, GateUpBlocks] = {}
+
+
+def blocks_for(batch: int, n_hidden: int, n_neurons: int, int8: bool = False) -> GateUpBlocks:
+    """The table's blocks for this batch (int8: INT8_TABLE's where it has them), fitted to the
+    shape (no block longer than its axis, nor shorter than its dots take)."""
+    b = INT8_TABLE[batch] if int8 and batch in INT8_TABLE else TABLE[min(next_pow2(batch), max(TABLE))]
+    rows, cols = (8 * b.num_warps, 32) if b.int8_dots else (16, 16) if batch > 1 else (1, 1)
     return dataclasses.replace(
-        b, rows=max(min(b.rows, next_pow2(n_neurons)), low), cols=max(block_along(n_hidden, b.cols), low)
+        b, rows=max(min(b.rows, next_pow2(n_neurons)), rows), cols=max(block_along(n_hidden, b.cols), cols)
     )
 
 
@@ -111,11 +124,16 @@ def kernel_pays(batch: int) -> bool:
 def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons, weighted, scaled):
     *opt, h_ref = refs  # the factors [I] if weighted, then the scales [2I] if scaled
     dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
-    int8_row = scaled and not dot  # int8 rows at batch 1: loaded and summed in x's vectors (below)
+    digits = scaled and not dot and blk.int8_dots  # int8 at batch 1 on int8 dots of x's digits
+    int8_row = scaled and not dot and not digits  # int8 rows at batch 1: loaded and summed in x's vectors (below)
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
     row_ok = iota(rows, i0) < n_neurons if n_neurons % rows else None
     batch_ok = iota(bp) < batch if bp != batch else None
+    if digits:  # the digits' scale: x's largest |x| (a program reads all of x, 8 KB at H = 4096)
+        hp = next_pow2(n_hidden)
+        xs = load(x_ref.at[pl.ds(0, 1), pl.ds(0, hp)], mask=mask2d(None, iota(hp) < n_hidden if hp != n_hidden else None))
+        amax = jnp.maximum(jnp.max(jnp.abs(xs.astype(f32))), 1e-30)
 
     def matvec(first, row_mask):
         """[bp, rows] = x @ w_ref[first + rows of this program]^T, loading only the rows in row_mask."""
@@ -136,6 +154,9 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, convert(w, x.dtype), trans_b=True)
+            if digits:
+                x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
+                return acc + plgpu.dot(int8_digits(x.astype(f32), amax), w, trans_b=True)
             # Batch 1: multiply-add. bf16 into a [rows, cols] accumulator, reduced once after the
             # loop (one reduced first per thread to [rows, cols / v] took half the registers but ran
             # slower: docs/decisions.md). int8 does reduce each thread's v columns first: its
@@ -146,9 +167,15 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             prod = convert(w, f32, packed=int8_row) * x.astype(f32)
             return acc + (jnp.sum(prod.reshape(rows, cols // v, v), axis=2) if int8_row else prod)
 
-        init = jnp.zeros((bp, rows) if dot else (rows, cols // v if int8_row else cols), f32)
+        if digits:
+            init = jnp.zeros((16, rows), jnp.int32)
+        else:
+            init = jnp.zeros((bp, rows) if dot else (rows, cols // v if int8_row else cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
-        acc = acc if dot else jnp.sum(acc, axis=1)[None, :]
+        if digits:
+            acc = from_int8_digits(acc, amax)[None, :]
+        elif not dot:
+            acc = jnp.sum(acc, axis=1)[None, :]
         if scaled:  # int8: each row's scale, once on the fp32 sums
             acc = acc * load(opt[-1].at[pl.ds(first + i0, rows)], mask=row_ok)[None, :]
         return acc
@@ -174,7 +201,7 @@ def gate_up(x, w_gu, threshold, factor=None, scale=None, *, blocks: GateUpBlocks
         raise ValueError(f"gate_up: x {x.shape}, w_gu {w_gu.shape}; expected [B, H], [2I, H]")
     batch, n_hidden = x.shape
     n_neurons = w_gu.shape[0] // 2
-    blk = blocks or blocks_for(batch, n_hidden, n_neurons)
+    blk = blocks or blocks_for(batch, n_hidden, n_neurons, int8=scale is not None)
     bp = padded_batch(batch, batch > 1)
     if factor is not None and jnp.shape(factor) != (n_neurons,):
         raise ValueError(f"gate_up: factor {jnp.shape(factor)}; expected one per neuron ({n_neurons},)")

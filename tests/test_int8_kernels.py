@@ -14,6 +14,7 @@ from bench.kernels import threshold_for
 from cats_jax.sparsity import cats_activation, gated_mlp
 from conftest import poisoned as _poisoned
 from conftest import rel_err as _rel
+from pallas_kernels import cats_mlp as K
 from pallas_kernels import common
 from pallas_kernels import sparse_gemv as G
 from pallas_kernels.cats_mlp import cats_mlp, gate_up
@@ -44,6 +45,26 @@ def test_convert_turns_every_int8_into_its_exact_value(dtype):
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got.astype(f32)), np.arange(-128, 128, dtype=np.float32).reshape(16, 16))
     np.testing.assert_array_equal(np.asarray(convert(jnp.asarray([1.5, -2.25], bf16), f32)), [1.5, -2.25])
+
+
+def test_int8_digits_are_x_to_23_bits_and_never_wrap():
+    """x's three int8 digits (batch 1's int8 dots) give round(x DIGITS_MAX / amax) exactly, also
+    where |x| = amax rounds past DIGITS_MAX (a digit of 128 would wrap to -128), and the dot's
+    int32 sums come back as x's products to fp32 precision."""
+    n = 256
+    x = jax.random.normal(jax.random.key(0), (64, 1, n), f32) * jax.random.uniform(jax.random.key(1), (64, 1, 1), f32, 0.01, 50)
+    x = x.at[:, :, :2].set(jnp.max(jnp.abs(x), axis=2, keepdims=True) * jnp.asarray([1.0, -1.0]))  # +-amax
+    amax = jnp.max(jnp.abs(x), axis=(1, 2))
+    d = np.asarray(jax.vmap(common.int8_digits)(x, amax), np.int64)  # [64, 16, n]
+    assert not d[:, 3:].any()
+    q = np.clip(np.floor(np.asarray(x[:, 0], np.float64) * (common.DIGITS_MAX / np.asarray(amax, np.float64))[:, None] + 0.5),
+                -common.DIGITS_MAX, common.DIGITS_MAX)
+    assert np.abs(65536 * d[:, 0] + 256 * d[:, 1] + d[:, 2] - q).max() <= 1  # fp32's rounding of x / amax
+    w = jax.random.randint(jax.random.key(2), (n, 128), -127, 128).astype(i8)
+    acc = jnp.einsum("bkn,no->bko", jnp.asarray(d, jnp.int32), w.astype(jnp.int32))
+    y = np.asarray(jax.vmap(common.from_int8_digits)(acc, amax), np.float64)
+    ref = np.asarray(x[:, 0], np.float64) @ np.asarray(w, np.float64)
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-6
 
 
 def test_packed_int8_bits_asm_gives_every_int8_in_every_byte():
@@ -181,6 +202,38 @@ def test_cats_mlp_int8_matches_the_dequantized_reference(b, h, i, sparsity):
     assert _rel(hidden, a * jnp.dot(x.astype(f32), wu)) < 1e-2
     assert y.shape == (b, h) and y.dtype == bf16
     assert _rel(y, gated_mlp(x, wg, wu, wd, t)) < 1e-2
+
+
+DOTS = K.GateUpBlocks(32, 64, 4, 3, int8_dots=True)
+
+
+@pytest.mark.parametrize("h,i,sparsity,blocks", [(72, 200, 0.95, DOTS), (64, 128, 0.5, DOTS), (200, 96, 0.0, DOTS),
+                                                  (96, 80, 0.7, K.GateUpBlocks(16, 32, 2, 3, int8_dots=True))])
+def test_gate_up_int8_dots_match_the_dequantized_reference(h, i, sparsity, blocks):
+    """Batch 1's int8 dots of x's digits (tails on both axes, 0..95% sparsity): the same neurons
+    kept as the fp32 reference, and h to its precision; the multiply-adds' h to fp32 rounding."""
+    (w_gu, s_gu, _, _), (wg, wu, _) = _int8_mlp(h, i, seed=h + i)
+    x = jax.random.normal(jax.random.key(i), (1, h), f32).astype(bf16)
+    g = jnp.dot(x.astype(f32), wg)
+    t = threshold_for(jax.nn.silu(g), sparsity)
+    a = cats_activation(g, t)
+    hidden = _poisoned(lambda x, w, t, s: gate_up(x, w, t, scale=s, blocks=blocks), x, w_gu, t, s_gu)
+    np.testing.assert_array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0)
+    assert _rel(hidden, a * jnp.dot(x.astype(f32), wu)) < 1e-2
+    adds = gate_up(x, w_gu, t, scale=s_gu, blocks=K.GateUpBlocks(8, 64))
+    np.testing.assert_allclose(np.asarray(hidden, f32), np.asarray(adds, f32), rtol=1e-2, atol=1e-6)
+
+
+def test_int8_dots_blocks_refuse_what_a_dot_cannot_take():
+    with pytest.raises(ValueError, match="int8_dots needs rows >= 8 \\* num_warps"):
+        K.GateUpBlocks(16, 128, 4, int8_dots=True)
+    assert K.blocks_for(1, 48, 20, int8=False).rows < 32  # fitted to the shape
+    K.INT8_TABLE[1] = K.GateUpBlocks(64, 128, 4, int8_dots=True)
+    try:
+        assert (K.blocks_for(1, 48, 20, int8=True).rows, K.blocks_for(1, 48, 20, int8=True).cols) == (32, 32)
+        assert not K.blocks_for(2, 48, 20, int8=True).int8_dots
+    finally:
+        del K.INT8_TABLE[1]
 
 
 @pytest.mark.parametrize("b", [1, 3])  # batch 1: the int8 rows in 4-byte vectors, as long as fp32 x's

@@ -67,6 +67,16 @@ def test_cats_mlp_int8_lowers(lowered_for_gpu, batch, dtype):
     assert len(lowered_for_gpu) == 2 and _int8_loads(lowered_for_gpu) == 2 and _int8_to_float(lowered_for_gpu) == 0
 
 
+@pytest.mark.parametrize("blocks", [K.GateUpBlocks(64, 128, 4, 3, int8_dots=True), K.GateUpBlocks(16, 64, 2, 4, int8_dots=True)])
+def test_gate_up_int8_dots_lower(lowered_for_gpu, blocks):
+    """Batch 1's int8 dots of x's digits: int8 tiles as stored into int8 tensor-core dots (int32)."""
+    _lower(lambda x, w_gu, t, s: K.gate_up(x, w_gu, t, scale=s, blocks=blocks), S((1, H), bf16), INT8_MLP[0],
+           INT8_MLP[2], INT8_MLP[3])
+    ir = str(lowered_for_gpu[0].module)
+    assert _int8_loads(lowered_for_gpu) == 1 and _int8_to_float(lowered_for_gpu) == 0
+    assert re.search(r"tt\.dot [^\n]*xi8> -> tensor<16x\d+xi32>", ir), "no int8 dot with int32 sums"
+
+
 GEMV_BLOCKS = [
     (1, G.GemvBlocks(64, 32, 4)), (3, G.GemvBlocks(32, 32, 2)), (8, G.GemvBlocks(32, 32, 2)),
     (1, G.GatherBlocks(16, 32, 128)), (1, G.GatherBlocks(32, 32, 256, 8, 2)),
