@@ -101,9 +101,10 @@ TABLE = {
 }
 
 
-# int8 weights' own blocks per batch, where they differ from TABLE's. None yet: the int8 dots of
-# batch 1 (GateUpBlocks.int8_dots) await a GPU's tune (python -m bench.kernels --int8 --tune --batch 1).
-INT8_TABLE: dict[int, GateUpBlocks] = {}
+# int8 weights' own blocks per batch, where they differ from TABLE's: batch 1 on int8 dots of x's
+# digits (`--int8 --tune --batch 1`, H100: 38.8 us a call against 40.1 for the best multiply-adds,
+# int8 CATS 50% decode 2.690 -> 2.613 ms/step; docs/decisions.md).
+INT8_TABLE = {1: GateUpBlocks(rows=64, cols=256, num_warps=4, num_stages=3, int8_dots=True)}
 
 
 def blocks_for(batch: int, n_hidden: int, n_neurons: int, int8: bool = False) -> GateUpBlocks:

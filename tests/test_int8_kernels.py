@@ -224,16 +224,13 @@ def test_gate_up_int8_dots_match_the_dequantized_reference(h, i, sparsity, block
     np.testing.assert_allclose(np.asarray(hidden, f32), np.asarray(adds, f32), rtol=1e-2, atol=1e-6)
 
 
-def test_int8_dots_blocks_refuse_what_a_dot_cannot_take():
+def test_int8_dots_blocks_refuse_what_a_dot_cannot_take(monkeypatch):
     with pytest.raises(ValueError, match="int8_dots needs rows >= 8 \\* num_warps"):
         K.GateUpBlocks(16, 128, 4, int8_dots=True)
     assert K.blocks_for(1, 48, 20, int8=False).rows < 32  # fitted to the shape
-    K.INT8_TABLE[1] = K.GateUpBlocks(64, 128, 4, int8_dots=True)
-    try:
-        assert (K.blocks_for(1, 48, 20, int8=True).rows, K.blocks_for(1, 48, 20, int8=True).cols) == (32, 32)
-        assert not K.blocks_for(2, 48, 20, int8=True).int8_dots
-    finally:
-        del K.INT8_TABLE[1]
+    monkeypatch.setattr(K, "INT8_TABLE", {1: K.GateUpBlocks(64, 128, 4, int8_dots=True)})
+    assert (K.blocks_for(1, 48, 20, int8=True).rows, K.blocks_for(1, 48, 20, int8=True).cols) == (32, 32)
+    assert not K.blocks_for(2, 48, 20, int8=True).int8_dots
 
 
 @pytest.mark.parametrize("b", [1, 3])  # batch 1: the int8 rows in 4-byte vectors, as long as fp32 x's
