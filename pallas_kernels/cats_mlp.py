@@ -20,7 +20,10 @@ the model is prepared for decoding (cats_jax.decode.prepare), not per call.
 int8 weights (symmetric, one fp32 scale per output channel: per row of w_gu, so each neuron's
 gate and up rows have their own, and per column of w_down): the kernels read int8 rows (half the
 bytes) and apply the scales to the fp32 sums after the accumulation, never dequantizing a matrix.
-gate_up scales the gate before the CATS rule, which must read the real activation.
+gate_up scales the gate before the CATS rule, which must read the real activation. At batch 1 it
+can sum int8 rows on int8 tensor-core dots, x taken as three int8 digits against its largest |x|
+(23 bits; common.int8_digits): sm_90 code of about 1.2 instructions a weight against 5 on
+multiply-adds (bench.sass).
 
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
 activations. Beyond a few rows the union is nearly dense (docs/batching.md), but the kernels'
@@ -74,7 +77,8 @@ MAX_KERNEL_BATCH = 16
 
 @dataclasses.dataclass(frozen=True)
 class GateUpBlocks:
-    """Batch 1 multiplies and adds elementwise; batches 2..16 use tensor-core dots on rows padded to 16."""
+    """Batch 1 multiplies and adds elementwise (int8 weights: or int8 dots, below); batches 2..16 use
+    tensor-core dots on rows padded to 16."""
     rows: int  # neurons per program
     cols: int  # hidden columns per loop step
     num_warps: int = 4
@@ -133,7 +137,8 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
     batch_ok = iota(bp) < batch if bp != batch else None
     if digits:  # the digits' scale: x's largest |x| (a program reads all of x, 8 KB at H = 4096)
         hp = next_pow2(n_hidden)
-        xs = load(x_ref.at[pl.ds(0, 1), pl.ds(0, hp)], mask=mask2d(None, iota(hp) < n_hidden if hp != n_hidden else None))
+        x_ok = iota(hp) < n_hidden if hp != n_hidden else None
+        xs = load(x_ref.at[pl.ds(0, 1), pl.ds(0, hp)], mask=mask2d(None, x_ok))
         amax = jnp.maximum(jnp.max(jnp.abs(xs.astype(f32))), 1e-30)
 
     def matvec(first, row_mask):

@@ -52,13 +52,14 @@ def test_int8_digits_are_x_to_23_bits_and_never_wrap():
     where |x| = amax rounds past DIGITS_MAX (a digit of 128 would wrap to -128), and the dot's
     int32 sums come back as x's products to fp32 precision."""
     n = 256
-    x = jax.random.normal(jax.random.key(0), (64, 1, n), f32) * jax.random.uniform(jax.random.key(1), (64, 1, 1), f32, 0.01, 50)
+    spread = jax.random.uniform(jax.random.key(1), (64, 1, 1), f32, 0.01, 50)
+    x = jax.random.normal(jax.random.key(0), (64, 1, n), f32) * spread
     x = x.at[:, :, :2].set(jnp.max(jnp.abs(x), axis=2, keepdims=True) * jnp.asarray([1.0, -1.0]))  # +-amax
     amax = jnp.max(jnp.abs(x), axis=(1, 2))
     d = np.asarray(jax.vmap(common.int8_digits)(x, amax), np.int64)  # [64, 16, n]
     assert not d[:, 3:].any()
-    q = np.clip(np.floor(np.asarray(x[:, 0], np.float64) * (common.DIGITS_MAX / np.asarray(amax, np.float64))[:, None] + 0.5),
-                -common.DIGITS_MAX, common.DIGITS_MAX)
+    unit = common.DIGITS_MAX / np.asarray(amax, np.float64)[:, None]
+    q = np.clip(np.floor(np.asarray(x[:, 0], np.float64) * unit + 0.5), -common.DIGITS_MAX, common.DIGITS_MAX)
     assert np.abs(65536 * d[:, 0] + 256 * d[:, 1] + d[:, 2] - q).max() <= 1  # fp32's rounding of x / amax
     w = jax.random.randint(jax.random.key(2), (n, 128), -127, 128).astype(i8)
     acc = jnp.einsum("bkn,no->bko", jnp.asarray(d, jnp.int32), w.astype(jnp.int32))
