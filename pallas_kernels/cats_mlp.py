@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
+    DIGIT_ROWS,
     block_along,
     call,
     check_blocks,
@@ -160,8 +161,8 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, convert(w, x.dtype), trans_b=True)
+            x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
             if digits:
-                x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
                 return acc + plgpu.dot(int8_digits(x.astype(f32), amax), w, trans_b=True)
             # Batch 1: multiply-add. bf16 into a [rows, cols] accumulator, reduced once after the
             # loop (one reduced first per thread to [rows, cols / v] took half the registers but ran
@@ -169,12 +170,11 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
             # [rows, cols] accumulator held 64 bytes of weights a thread in flight at 113 registers,
             # 4 programs an SM; [rows, cols / v] takes 48 registers, 10 programs an SM (H100: 48.8 ->
             # 42.1 us a call).
-            x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
             prod = convert(w, f32, packed=int8_row) * x.astype(f32)
             return acc + (jnp.sum(prod.reshape(rows, cols // v, v), axis=2) if int8_row else prod)
 
         if digits:
-            init = jnp.zeros((16, rows), jnp.int32)
+            init = jnp.zeros((DIGIT_ROWS, rows), jnp.int32)
         else:
             init = jnp.zeros((bp, rows) if dot else (rows, cols // v if int8_row else cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)

@@ -145,24 +145,25 @@ def convert(w, dtype, packed: bool = False):
 # operand, so that a dot's int32 sums take a whole int8 tile as it is stored: no conversion or
 # multiply-add a weight (sm_90: about 1 instruction a weight against 3.9, bench.sass).
 DIGITS_MAX = 127 * (65536 + 256 + 1)  # every digit of |q| <= DIGITS_MAX stays within int8
+DIGIT_ROWS = 16  # the A operand's rows: Triton's smallest dot M
 
 
 def int8_digits(x, amax):
-    """x [1, n] fp32 (|x| <= amax > 0) as int8 [16, n]: rows 0-2 hold the digits h, m, l of
-    q = 65536 h + 256 m + l, the other rows zeros."""
+    """x [1, n] fp32 (|x| <= amax > 0) as int8 [DIGIT_ROWS, n]: rows 0-2 hold the digits h, m, l
+    of q = 65536 h + 256 m + l, the other rows zeros."""
     # x DIGITS_MAX / amax may round past DIGITS_MAX where |x| = amax: a digit would wrap
     q = jnp.clip(jnp.floor(x * (DIGITS_MAX / amax) + 0.5), -DIGITS_MAX, DIGITS_MAX).astype(jnp.int32)
     low = ((q + 128) & 255) - 128
     q = (q - low) >> 8
     mid = ((q + 128) & 255) - 128
     high = (q - mid) >> 8
-    r = iota(16)[:, None]
+    r = iota(DIGIT_ROWS)[:, None]
     return jnp.where(r == 0, high, jnp.where(r == 1, mid, jnp.where(r == 2, low, 0))).astype(jnp.int8)
 
 
 def from_int8_digits(acc, amax):
-    """The fp32 sums [n] of x's products from a dot's int32 sums [16, n] of int8_digits(x, amax)."""
-    a, r = acc.astype(jnp.float32), iota(16)[:, None]
+    """The fp32 sums [n] of x's products from a dot's int32 sums [DIGIT_ROWS, n] of int8_digits(x, amax)."""
+    a, r = acc.astype(jnp.float32), iota(DIGIT_ROWS)[:, None]
     sums = jnp.where(r == 0, 65536.0 * a, jnp.where(r == 1, 256.0 * a, jnp.where(r == 2, a, 0.0)))
     return jnp.sum(sums, axis=0) * (amax / DIGITS_MAX)
 

@@ -230,7 +230,8 @@ def test_int8_dots_blocks_refuse_what_a_dot_cannot_take(monkeypatch):
         K.GateUpBlocks(16, 128, 4, int8_dots=True)
     assert K.blocks_for(1, 48, 20, int8=False).rows < 32  # fitted to the shape
     monkeypatch.setattr(K, "INT8_TABLE", {1: K.GateUpBlocks(64, 128, 4, int8_dots=True)})
-    assert (K.blocks_for(1, 48, 20, int8=True).rows, K.blocks_for(1, 48, 20, int8=True).cols) == (32, 32)
+    fitted = K.blocks_for(1, 48, 20, int8=True)
+    assert (fitted.int8_dots, fitted.rows, fitted.cols) == (True, 32, 32)
     assert not K.blocks_for(2, 48, 20, int8=True).int8_dots
 
 
