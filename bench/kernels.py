@@ -323,18 +323,15 @@ GATE_UP_CANDIDATES = {
                                                       # programs that fill whole waves at Mistral-7B's I on
                                                       # 132 SMs (sm_90 registers -> programs an SM): (8,
                                                       # 1024, 4) runs 1792 at 4 an SM, 3.39 waves
-                                                      (16, 256, 4, 4), (8, 256, 2, 4), (2, 1024, 2, 4),
-                                                      # int8's per-thread sums leave registers for
-                                                      # 128 weights a thread a step (the table's 64)
-                                                      (16, 1024, 4, 4), (8, 2048, 4, 4)]],
+                                                      (16, 256, 4, 4), (8, 256, 2, 4), (2, 1024, 2, 4)]],
     **{b: [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [(32, 128, 4, 4), (32, 128, 4, 3), (16, 256, 4, 3),
                                                           (64, 128, 4, 3), (32, 256, 8, 3), (16, 512, 4, 4),
                                                           (128, 128, 8, 3)]]
        for b in (2, 4, 8, 16)},
 }
-# int8 weights at batch 1, besides the multiply-adds above: int8 tensor-core dots of x's digits,
-# 224-1792 programs at Mistral-7B's I (78 registers at 64 x 128: 6 an SM)
-GATE_UP_INT8_DOTS = [K.GateUpBlocks(r, c, w, s, int8_dots=True) for r, c, w, s in [
+# int8 weights at batch 1 (int8 tensor-core dots of x's digits, >= 8 neurons a warp): 224-1792
+# programs at Mistral-7B's I (78 registers at 64 x 128: 6 an SM)
+GATE_UP_INT8 = [K.GateUpBlocks(r, c, w, s) for r, c, w, s in [
     (32, 128, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (32, 256, 4, 3), (64, 256, 4, 3), (64, 128, 4, 5),
     (16, 128, 2, 3), (16, 256, 2, 4), (8, 256, 1, 4), (128, 128, 8, 3)]]
 GEMV_CANDIDATES = {
@@ -406,7 +403,7 @@ def tune(models=("mistral-7b",), batch=BATCH, sparsity=0.5, int8=False):
             ((t, union),) = thresholds_for(x, wg, [sparsity])
             hidden = K.gate_up(x, w_gu, t, scale=s_gu)
             kinds = (
-                ("gate_up", candidates(GATE_UP_CANDIDATES, b) + (GATE_UP_INT8_DOTS if int8 and b == 1 else []),
+                ("gate_up", GATE_UP_INT8 if int8 and b == 1 else candidates(GATE_UP_CANDIDATES, b),
                  lambda blk: (lambda x, t, w: K.gate_up(x, w, t, scale=s_gu, blocks=blk)), (x, t, w_gu)),
                 ("sparse_gemv", candidates(GEMV_CANDIDATES, b),
                  lambda blk: (lambda hh, w: G.sparse_gemv(hh, w, blocks=blk, scale=s_down)), (hidden, w_down)),

@@ -21,9 +21,9 @@ int8 weights (symmetric, one fp32 scale per output channel: per row of w_gu, so 
 gate and up rows have their own, and per column of w_down): the kernels read int8 rows (half the
 bytes) and apply the scales to the fp32 sums after the accumulation, never dequantizing a matrix.
 gate_up scales the gate before the CATS rule, which must read the real activation. At batch 1 it
-can sum int8 rows on int8 tensor-core dots, x taken as three int8 digits against its largest |x|
-(23 bits; common.int8_digits): sm_90 code of about 1.2 instructions a weight against 5 on
-multiply-adds (bench.sass).
+sums int8 rows on int8 tensor-core dots, x taken as three int8 digits against its largest |x|
+(23 bits; common.int8_digits): sm_90 code of about 1.2 instructions a weight, where the
+multiply-adds of float weights took 5 for int8 ones (bench.sass; decisions.md).
 
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
 activations. Beyond a few rows the union is nearly dense (docs/batching.md), but the kernels'
@@ -78,20 +78,19 @@ MAX_KERNEL_BATCH = 16
 
 @dataclasses.dataclass(frozen=True)
 class GateUpBlocks:
-    """Batch 1 multiplies and adds elementwise (int8 weights: or int8 dots, below); batches 2..16 use
+    """Batch 1 multiplies and adds elementwise (int8 weights: int8 dots of x's digits with the tiles
+    as stored, which take >= 8 neurons a warp and 32 columns: int8_dots_fit); batches 2..16 use
     tensor-core dots on rows padded to 16."""
     rows: int  # neurons per program
     cols: int  # hidden columns per loop step
     num_warps: int = 4
     num_stages: int = 3
-    # int8 weights at batch 1: int8 tensor-core dots of x's digits (common.int8_digits) with the
-    # tiles as stored, instead of multiply-adds; a dot takes >= 8 neurons a warp, 32 columns
-    int8_dots: bool = False
 
     def __post_init__(self):
         check_blocks(self, "rows", "cols")
-        if self.int8_dots and (self.rows < 8 * self.num_warps or self.cols < 32):
-            raise ValueError(f"GateUpBlocks: int8_dots needs rows >= 8 * num_warps and cols >= 32, not {self}")
+
+    def int8_dots_fit(self) -> bool:
+        return self.rows >= 8 * self.num_warps and self.cols >= 32
 
 
 # Per padded batch size: the winners of `python -m bench.kernels --tune` on an H100 at
@@ -108,15 +107,15 @@ TABLE = {
 
 # int8 weights' own blocks per batch, where they differ from TABLE's: batch 1 on int8 dots of x's
 # digits (`--int8 --tune --batch 1`, H100: 38.8 us a call against 40.1 for the best multiply-adds,
-# int8 CATS 50% decode 2.690 -> 2.613 ms/step; docs/decisions.md).
-INT8_TABLE = {1: GateUpBlocks(rows=64, cols=256, num_warps=4, num_stages=3, int8_dots=True)}
+# which int8 then had; int8 CATS 50% decode 2.690 -> 2.613 ms/step; docs/decisions.md).
+INT8_TABLE = {1: GateUpBlocks(rows=64, cols=256, num_warps=4, num_stages=3)}
 
 
 def blocks_for(batch: int, n_hidden: int, n_neurons: int, int8: bool = False) -> GateUpBlocks:
     """The table's blocks for this batch (int8: INT8_TABLE's where it has them), fitted to the
     shape (no block longer than its axis, nor shorter than its dots take)."""
     b = INT8_TABLE[batch] if int8 and batch in INT8_TABLE else TABLE[min(next_pow2(batch), max(TABLE))]
-    rows, cols = (8 * b.num_warps, 32) if b.int8_dots else (16, 16) if batch > 1 else (1, 1)
+    rows, cols = (16, 16) if batch > 1 else (8 * b.num_warps, 32) if int8 else (1, 1)
     return dataclasses.replace(
         b, rows=max(min(b.rows, next_pow2(n_neurons)), rows), cols=max(block_along(n_hidden, b.cols), cols)
     )
@@ -129,9 +128,8 @@ def kernel_pays(batch: int) -> bool:
 
 def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neurons, weighted, scaled):
     *opt, h_ref = refs  # the factors [I] if weighted, then the scales [2I] if scaled
-    dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add
-    digits = scaled and not dot and blk.int8_dots  # int8 at batch 1 on int8 dots of x's digits
-    int8_row = scaled and not dot and not digits  # int8 rows at batch 1: loaded and summed in x's vectors (below)
+    dot = batch > 1  # tensor-core dots on padded batch rows; batch 1: multiply-add (float weights)
+    digits = scaled and not dot  # int8 at batch 1: int8 dots of x's digits
     rows, cols = blk.rows, blk.cols
     i0 = pl.program_id(0) * rows
     row_ok = iota(rows, i0) < n_neurons if n_neurons % rows else None
@@ -144,39 +142,26 @@ def _gate_up_kernel(x_ref, w_ref, t_ref, *refs, batch, bp, blk, n_hidden, n_neur
 
     def matvec(first, row_mask):
         """[bp, rows] = x @ w_ref[first + rows of this program]^T, loading only the rows in row_mask."""
-        v = min(cols, 16 // jnp.dtype(x_ref.dtype).itemsize)  # the columns of x a thread loads at once
 
         def step(k, acc):
             c0 = pl.multiple_of(k * cols, cols)
             col_ok = iota(cols, c0) < n_hidden if n_hidden % cols else None
-            if int8_row:  # loaded in vectors as long as x's, so that the tile shares x's layout: Triton
-                # gave 16-byte int8 vectors a layout of their own and converted every tile through
-                # shared memory (two barriers a step; bench.sass). c0 + j written as runs of v is what
-                # tells Triton that length.
-                j = iota(cols)
-                at = (iota(rows, first + i0)[:, None], (c0 + jax.lax.div(j, v) * v + jax.lax.rem(j, v))[None, :])
-                w = load(w_ref.at[at], mask=mask2d(row_mask, col_ok))
-            else:
-                w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
+            w = load(w_ref.at[pl.ds(first + i0, rows), pl.ds(c0, cols)], mask=mask2d(row_mask, col_ok))
             if dot:  # int8 w converts exactly (|q| <= 127) to x's dtype
                 x = load(x_ref.at[pl.ds(0, bp), pl.ds(c0, cols)], mask=mask2d(batch_ok, col_ok))
                 return acc + plgpu.dot(x, convert(w, x.dtype), trans_b=True)
             x = load(x_ref.at[pl.ds(0, 1), pl.ds(c0, cols)], mask=mask2d(None, col_ok))
             if digits:
                 return acc + plgpu.dot(int8_digits(x.astype(f32), amax), w, trans_b=True)
-            # Batch 1: multiply-add. bf16 into a [rows, cols] accumulator, reduced once after the
-            # loop (one reduced first per thread to [rows, cols / v] took half the registers but ran
-            # slower: docs/decisions.md). int8 does reduce each thread's v columns first: its
-            # [rows, cols] accumulator held 64 bytes of weights a thread in flight at 113 registers,
-            # 4 programs an SM; [rows, cols / v] takes 48 registers, 10 programs an SM (H100: 48.8 ->
-            # 42.1 us a call).
-            prod = convert(w, f32, packed=int8_row) * x.astype(f32)
-            return acc + (jnp.sum(prod.reshape(rows, cols // v, v), axis=2) if int8_row else prod)
+            # Batch 1, float weights: multiply-add into a [rows, cols] accumulator, reduced once after
+            # the loop (one reduced first per thread to [rows, cols / 8] took half the registers but
+            # ran slower: docs/decisions.md)
+            return acc + w.astype(f32) * x.astype(f32)
 
         if digits:
             init = jnp.zeros((DIGIT_ROWS, rows), jnp.int32)
         else:
-            init = jnp.zeros((bp, rows) if dot else (rows, cols // v if int8_row else cols), f32)
+            init = jnp.zeros((bp, rows) if dot else (rows, cols), f32)
         acc = jax.lax.fori_loop(0, pl.cdiv(n_hidden, cols), step, init)
         if digits:
             acc = from_int8_digits(acc, amax)[None, :]
@@ -208,6 +193,8 @@ def gate_up(x, w_gu, threshold, factor=None, scale=None, *, blocks: GateUpBlocks
     batch, n_hidden = x.shape
     n_neurons = w_gu.shape[0] // 2
     blk = blocks or blocks_for(batch, n_hidden, n_neurons, int8=scale is not None)
+    if scale is not None and batch == 1 and not blk.int8_dots_fit():
+        raise ValueError(f"gate_up: int8 at batch 1 runs int8 dots: {blk} needs rows >= 8 * num_warps and cols >= 32")
     bp = padded_batch(batch, batch > 1)
     if factor is not None and jnp.shape(factor) != (n_neurons,):
         raise ValueError(f"gate_up: factor {jnp.shape(factor)}; expected one per neuron ({n_neurons},)")

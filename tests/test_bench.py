@@ -158,7 +158,7 @@ def test_the_cats_tune_leaves_its_winners_where_the_kernels_look(monkeypatch):
 
 
 def test_the_int8_tune_times_the_int8_dots_at_batch_1(monkeypatch):
-    """An int8 tune at batch 1 times gate_up's int8 dots candidates too; its winner goes to
+    """An int8 tune at batch 1 times gate_up's int8 dots candidates; its winner goes to
     cats_mlp.INT8_TABLE (int8's own), not to the table float weights read."""
     from bench import kernels as B
     from pallas_kernels import cats_mlp as K
@@ -173,8 +173,8 @@ def test_the_int8_tune_times_the_int8_dots_at_batch_1(monkeypatch):
     monkeypatch.setattr(B, "_time", lambda label, f, *args, n=None: timed.append(label) or float(next(times)))
     B.tune(models=("smollm2-135m",), batch=(1,), sparsity=0.5, int8=True)
     gate_up = [label for label in timed if " gate_up " in label]
-    assert len(gate_up) == len(B.GATE_UP_CANDIDATES[1]) + len(B.GATE_UP_INT8_DOTS)
-    assert K.TABLE == table and K.INT8_TABLE == {1: B.GATE_UP_INT8_DOTS[-1]}
+    assert len(gate_up) == len(B.GATE_UP_INT8)
+    assert K.TABLE == table and K.INT8_TABLE == {1: B.GATE_UP_INT8[-1]}
 
 
 def test_the_dense_tune_times_no_gather(monkeypatch):

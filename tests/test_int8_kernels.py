@@ -205,14 +205,14 @@ def test_cats_mlp_int8_matches_the_dequantized_reference(b, h, i, sparsity):
     assert _rel(y, gated_mlp(x, wg, wu, wd, t)) < 1e-2
 
 
-DOTS = K.GateUpBlocks(32, 64, 4, 3, int8_dots=True)
+DOTS = K.GateUpBlocks(32, 64, 4, 3)
 
 
 @pytest.mark.parametrize("h,i,sparsity,blocks", [(72, 200, 0.95, DOTS), (64, 128, 0.5, DOTS), (200, 96, 0.0, DOTS),
-                                                  (96, 80, 0.7, K.GateUpBlocks(16, 32, 2, 3, int8_dots=True))])
+                                                  (96, 80, 0.7, K.GateUpBlocks(16, 32, 2, 3))])
 def test_gate_up_int8_dots_match_the_dequantized_reference(h, i, sparsity, blocks):
     """Batch 1's int8 dots of x's digits (tails on both axes, 0..95% sparsity): the same neurons
-    kept as the fp32 reference, and h to its precision; the multiply-adds' h to fp32 rounding."""
+    kept as the fp32 reference, and h to its precision."""
     (w_gu, s_gu, _, _), (wg, wu, _) = _int8_mlp(h, i, seed=h + i)
     x = jax.random.normal(jax.random.key(i), (1, h), f32).astype(bf16)
     g = jnp.dot(x.astype(f32), wg)
@@ -221,21 +221,21 @@ def test_gate_up_int8_dots_match_the_dequantized_reference(h, i, sparsity, block
     hidden = _poisoned(lambda x, w, t, s: gate_up(x, w, t, scale=s, blocks=blocks), x, w_gu, t, s_gu)
     np.testing.assert_array_equal(np.asarray(hidden) == 0, np.asarray(a) == 0)
     assert _rel(hidden, a * jnp.dot(x.astype(f32), wu)) < 1e-2
-    adds = gate_up(x, w_gu, t, scale=s_gu, blocks=K.GateUpBlocks(8, 64))
-    np.testing.assert_allclose(np.asarray(hidden, f32), np.asarray(adds, f32), rtol=1e-2, atol=1e-6)
 
 
-def test_int8_dots_blocks_refuse_what_a_dot_cannot_take(monkeypatch):
-    with pytest.raises(ValueError, match="int8_dots needs rows >= 8 \\* num_warps"):
-        K.GateUpBlocks(16, 128, 4, int8_dots=True)
+def test_int8_at_batch_1_refuses_blocks_a_dot_cannot_take(monkeypatch):
+    (w_gu, s_gu, _, _), _ = _int8_mlp(64, 128, seed=0)
+    x = jnp.ones((1, 64), bf16)
+    with pytest.raises(ValueError, match="needs rows >= 8 \\* num_warps and cols >= 32"):
+        gate_up(x, w_gu, 0.1, scale=s_gu, blocks=K.GateUpBlocks(16, 128, 4))
     assert K.blocks_for(1, 48, 20, int8=False).rows < 32  # fitted to the shape
-    monkeypatch.setattr(K, "INT8_TABLE", {1: K.GateUpBlocks(64, 128, 4, int8_dots=True)})
-    fitted = K.blocks_for(1, 48, 20, int8=True)
-    assert (fitted.int8_dots, fitted.rows, fitted.cols) == (True, 32, 32)
-    assert not K.blocks_for(2, 48, 20, int8=True).int8_dots
+    for table in ({1: K.GateUpBlocks(64, 128, 4)}, {}):  # int8's own blocks, or the float table's fitted
+        monkeypatch.setattr(K, "INT8_TABLE", table)
+        fitted = K.blocks_for(1, 48, 20, int8=True)
+        assert fitted.int8_dots_fit() and (fitted.rows, fitted.cols) == (32, 32)
 
 
-@pytest.mark.parametrize("b", [1, 3])  # batch 1: the int8 rows in 4-byte vectors, as long as fp32 x's
+@pytest.mark.parametrize("b", [1, 3])  # batch 1: int8 dots of fp32 x's digits
 def test_gate_up_int8_weighted_criterion_and_fp32_activations(b):
     """fp32 activations keep their precision against int8 weights (no rounding to the weights'
     dtype), and the weighted criterion reads the scaled gate as the magnitude one does."""

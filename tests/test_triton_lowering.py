@@ -67,8 +67,7 @@ def test_cats_mlp_int8_lowers(lowered_for_gpu, batch, dtype):
     assert len(lowered_for_gpu) == 2 and _int8_loads(lowered_for_gpu) == 2 and _int8_to_float(lowered_for_gpu) == 0
 
 
-@pytest.mark.parametrize("blocks", [K.GateUpBlocks(64, 128, 4, 3, int8_dots=True),
-                                    K.GateUpBlocks(16, 64, 2, 4, int8_dots=True)])
+@pytest.mark.parametrize("blocks", [K.GateUpBlocks(64, 128, 4, 3), K.GateUpBlocks(16, 64, 2, 4)])
 def test_gate_up_int8_dots_lower(lowered_for_gpu, blocks):
     """Batch 1's int8 dots of x's digits: int8 tiles as stored into int8 tensor-core dots (int32)."""
     _lower(lambda x, w_gu, t, s: K.gate_up(x, w_gu, t, scale=s, blocks=blocks), S((1, H), bf16), INT8_MLP[0],
