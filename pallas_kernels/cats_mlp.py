@@ -22,8 +22,8 @@ gate and up rows have their own, and per column of w_down): the kernels read int
 bytes) and apply the scales to the fp32 sums after the accumulation, never dequantizing a matrix.
 gate_up scales the gate before the CATS rule, which must read the real activation. At batch 1 it
 sums int8 rows on int8 tensor-core dots, x taken as three int8 digits against its largest |x|
-(23 bits; common.int8_digits): sm_90 code of about 1.2 instructions a weight, where the
-multiply-adds of float weights took 5 for int8 ones (bench.sass; decisions.md).
+(23 bits; common.int8_digits): sm_90 code of about 1.2 instructions a weight against 5 on the
+multiply-adds int8 ran before (bench.sass; decisions.md).
 
 For B > 1 the union of the rows kept by any batch row is read; each batch row uses its own
 activations. Beyond a few rows the union is nearly dense (docs/batching.md), but the kernels'
