@@ -79,8 +79,8 @@ MAX_KERNEL_BATCH = 16
 @dataclasses.dataclass(frozen=True)
 class GateUpBlocks:
     """Batch 1 multiplies and adds elementwise (int8 weights: int8 dots of x's digits with the tiles
-    as stored, which take >= 8 neurons a warp and 32 columns: int8_dots_fit); batches 2..16 use
-    tensor-core dots on rows padded to 16."""
+    as stored, which take at least int8_dots_least()); batches 2..16 use tensor-core dots on rows
+    padded to 16."""
     rows: int  # neurons per program
     cols: int  # hidden columns per loop step
     num_warps: int = 4
@@ -89,8 +89,13 @@ class GateUpBlocks:
     def __post_init__(self):
         check_blocks(self, "rows", "cols")
 
+    def int8_dots_least(self) -> tuple[int, int]:
+        """The fewest (rows, cols) an int8 dot takes: 8 neurons a warp, 32 columns."""
+        return 8 * self.num_warps, 32
+
     def int8_dots_fit(self) -> bool:
-        return self.rows >= 8 * self.num_warps and self.cols >= 32
+        rows, cols = self.int8_dots_least()
+        return self.rows >= rows and self.cols >= cols
 
 
 # Per padded batch size: the winners of `python -m bench.kernels --tune` on an H100 at
@@ -115,7 +120,7 @@ def blocks_for(batch: int, n_hidden: int, n_neurons: int, int8: bool = False) ->
     """The table's blocks for this batch (int8: INT8_TABLE's where it has them), fitted to the
     shape (no block longer than its axis, nor shorter than its dots take)."""
     b = INT8_TABLE[batch] if int8 and batch in INT8_TABLE else TABLE[min(next_pow2(batch), max(TABLE))]
-    rows, cols = (16, 16) if batch > 1 else (8 * b.num_warps, 32) if int8 else (1, 1)
+    rows, cols = (16, 16) if batch > 1 else b.int8_dots_least() if int8 else (1, 1)
     return dataclasses.replace(
         b, rows=max(min(b.rows, next_pow2(n_neurons)), rows), cols=max(block_along(n_hidden, b.cols), cols)
     )
@@ -194,7 +199,8 @@ def gate_up(x, w_gu, threshold, factor=None, scale=None, *, blocks: GateUpBlocks
     n_neurons = w_gu.shape[0] // 2
     blk = blocks or blocks_for(batch, n_hidden, n_neurons, int8=scale is not None)
     if scale is not None and batch == 1 and not blk.int8_dots_fit():
-        raise ValueError(f"gate_up: int8 at batch 1 runs int8 dots: {blk} needs rows >= 8 * num_warps and cols >= 32")
+        raise ValueError(f"gate_up: int8 at batch 1 runs int8 dots: {blk} needs rows >= 8 * num_warps and cols >= 32 "
+                         f"({blk.int8_dots_least()})")
     bp = padded_batch(batch, batch > 1)
     if factor is not None and jnp.shape(factor) != (n_neurons,):
         raise ValueError(f"gate_up: factor {jnp.shape(factor)}; expected one per neuron ({n_neurons},)")
