@@ -278,8 +278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", choices=sorted(PRESETS), default="mistral-7b", help="model shapes (config.PRESETS)")
     ap.add_argument("--random-weights", action="store_true", default=True,
                     help="random bf16 weights made on the device (the only mode; accepted for clarity)")
-    ap.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1], help="e.g. 1,4,8")
-    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--batch", type=cli.counts, default=[1], help="decode rows, comma-separated, e.g. 1,4,8")
+    ap.add_argument("--prompt-len", type=cli.count, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--mode", type=lambda s: s.split(","), default=["dense"],
                     help=f"sparsity modes, comma-separated ({', '.join(MODES)}); e.g. dense,cats,teal")
@@ -291,10 +291,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "e.g. none,int8")
     ap.add_argument("--quantize-head", action="store_true",
                     help="the int8 copy's LM head int8 too (its own matrix, also when tied); rows 'int8+head ...'")
-    ap.add_argument("--calib-tokens", type=int, default=256, help="random tokens for the calibration")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
-    ap.add_argument("--copy-mib", type=int, default=None, help="copy-ceiling array size (default 1024 on GPU, 64 on CPU)")
-    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=cli.count, default=256, help="random tokens for the calibration")
+    ap.add_argument("--repeats", type=cli.count, default=3, help="timed runs per batch size (median)")
+    ap.add_argument("--copy-mib", type=cli.count, default=None, help="copy-ceiling array size (default 1024 on GPU, 64 on CPU)")
+    ap.add_argument("--prefill-chunk", type=cli.count, default=512)
     ap.add_argument("--blocks-from", type=lambda s: s.split(","), default=None,
                     help="rows with another device kind's tuned GEMV blocks (pallas_kernels.sparse_gemv.TUNED) over "
                          "this device's, comma-separated; 'own' for this device's alone, e.g. "

@@ -45,7 +45,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cats_jax import sharding
+from cats_jax import cli, sharding
 from cats_jax.config import PRESETS
 from cats_jax.quantize import quantize_int8
 from pallas_kernels import attention as A
@@ -661,7 +661,7 @@ def main(argv=None):
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="presets whose MLP shapes to time (comma-separated)")
     p.add_argument("--sparsity", default=",".join(map(str, SPARSITY)), help="target per-row sparsities")
-    p.add_argument("--batch", default=",".join(map(str, BATCH)), help="decode batch sizes")
+    p.add_argument("--batch", type=cli.counts, default=list(BATCH), help="decode batch sizes, comma-separated")
     p.add_argument("--json", type=Path, help="write all numbers here")
     p.add_argument("--markdown", type=Path, help="write the table (with device, date, versions) here")
     p.add_argument("--tune", action="store_true",
@@ -688,7 +688,7 @@ def main(argv=None):
     for m in models:
         if m not in PRESETS:
             p.error(f"unknown model {m!r} (choose from {', '.join(PRESETS)})")
-    batch = [int(b) for b in a.batch.split(",")]
+    batch = a.batch
     try:
         [config(m, a.tp) for m in models]
     except sharding.TPError as e:

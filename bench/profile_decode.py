@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from bench.decode import kernel_launches, latest_decode_hlo, random_model, random_thresholds
-from cats_jax import decode
+from cats_jax import cli, decode
 from cats_jax.config import PRESETS, QUANTIZATIONS
 from cats_jax.generate import generate
 from cats_jax.model import quantize_model
@@ -114,15 +114,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.profile_decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(PRESETS), default="mistral-7b")
-    ap.add_argument("--layers", type=int, help="override the number of layers (faster start; per-layer costs the same)")
-    ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--layers", type=cli.count, help="override the number of layers (faster start; per-layer costs the same)")
+    ap.add_argument("--batch", type=cli.counts, default=[1, 8], help="decode rows, comma-separated")
+    ap.add_argument("--prompt-len", type=cli.count, default=128)
+    ap.add_argument("--new-tokens", type=cli.count, default=64)
     ap.add_argument("--mode", choices=sorted(MODES), default="dense")
     ap.add_argument("--impl", choices=("pallas", "jnp"), default="pallas")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--quantize", choices=QUANTIZATIONS, help="profile the model's quantized copy (as bench.decode)")
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--top", type=cli.count, default=25)
     ap.add_argument("--save", help="write one sample event per kernel name (with its HLO op) to SAVE_b<batch>.json")
     args = ap.parse_args(argv)
     cfg = PRESETS[args.config]
@@ -136,7 +136,7 @@ def main(argv=None):
             model.set_thresholds(site, t)
     model.set_mode(args.mode)
     decoder = decode.prepare(model, args.impl)
-    for b in (int(b) for b in args.batch.split(",")):
+    for b in args.batch:
         profile(decoder, cfg, b, args)
 
 

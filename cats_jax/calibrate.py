@@ -255,14 +255,14 @@ def main(argv=None):
     src.add_argument("--split", default="train", help="dataset split (default train)")
     src.add_argument("--config", default=None, help="dataset configuration name")
     src.add_argument("--field", default=None, help="text field of .jsonl / dataset records (default: content for RefinedWeb, else text)")
-    ap.add_argument("--tokens", type=int, help="calibration tokens (default: 102400 = 100 x 1024 for CATS, as CATS; "
+    ap.add_argument("--tokens", type=cli.count, help="calibration tokens (default: 102400 = 100 x 1024 for CATS, as CATS; "
                                                "20480 for TEAL, as TEAL)")
     ap.add_argument("--holdout-tokens", type=int, default=16_384,
                     help="held-apart tokens to measure realised sparsity on: the documents after the calibration "
                          "text, or the tail of a one-document .txt; 0: no measurement (default 16384)")
-    ap.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default 1024)")
-    ap.add_argument("--batch-size", type=int, default=2, help="rows per forward pass (default 2)")
-    ap.add_argument("--reservoir", type=int, default=1_000_000, help="sampled |a| values kept per layer (default 10^6)")
+    ap.add_argument("--seq-len", type=cli.count, default=1024, help="tokens per row (default 1024)")
+    ap.add_argument("--batch-size", type=cli.count, default=2, help="rows per forward pass (default 2)")
+    ap.add_argument("--reservoir", type=cli.count, default=1_000_000, help="sampled |a| values kept per layer (default 10^6)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the reservoir sample (default 0)")
     ap.add_argument("--force", action="store_true",
                     help="replace levels thresholds.json already holds for this method (or a file of another "
@@ -277,7 +277,7 @@ def main(argv=None):
                     help="uniform: every layer and site at the target (CATS's default). greedy (TEAL, its default): "
                          "each layer at the target, its sites by TEAL's block-wise search. layers (CATS): the layers' "
                          "sparsities by their next-token KL, their mean at the target")
-    tg.add_argument("--greedy-tokens", type=int, default=2048,
+    tg.add_argument("--greedy-tokens", type=cli.count, default=2048,
                     help="calibration tokens (the first rows) the greedy and layers searches run on (default 2048)")
     tg.add_argument("--greedy-step", type=float, default=0.05,
                     help="base step of the searches: a site of weight w rises by step / w; a CATS layer by step "

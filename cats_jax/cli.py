@@ -32,6 +32,25 @@ def fraction(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """argparse type of a count that must be at least 1 (tokens, rows, repeats)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+def counts(text: str) -> list[int]:
+    """argparse type of several counts: comma-separated whole numbers >= 1 (e.g. batch sizes 1,4,8)."""
+    values = [count(s.strip()) for s in text.split(",") if s.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers >= 1, e.g. 1,4,8")
+    return values
+
+
 def fractions(text: str) -> list[float]:
     """argparse type of several sparsities: comma-separated fractions in (0, 1), sorted, each once."""
     values = sorted({fraction(s.strip()) for s in text.split(",") if s.strip()})

@@ -212,6 +212,8 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if prefill_chunk < 1 or (stream_every is not None and stream_every < 1):
+        raise ValueError(f"prefill_chunk={prefill_chunk} and stream_every={stream_every} must be >= 1")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(
@@ -339,11 +341,13 @@ def load(ckpt, sparsity: float | None = None, *, mode: str | None = None, impl: 
     thresholds of the same weights at another quantization are applied (cats_jax.thresholds).
     tp > 1: tensor parallel over the first tp devices, the decoder built layer by layer (load_sharded)."""
     from cats_jax import checkpoint, data, thresholds  # orbax and transformers: not needed above
+    from cats_jax.config import ModelConfig
 
     if dtype not in checkpoint.DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose from {', '.join(checkpoint.DTYPES)}")
     if mode is not None and sparsity is None:
         raise ValueError(f"mode={mode!r} needs a sparsity (the calibrated level to run at)")
+    ModelConfig.load(ckpt)  # a path that is no checkpoint: said before the tokenizer's own error
     tokenizer = data.load_tokenizer(ckpt)
 
     def configure(model):
@@ -442,8 +446,8 @@ def main(argv=None) -> None:
                     help="jnp (any device) or pallas (GPU kernels for decode steps)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="weights (an int8 checkpoint's embedding and norms) and KV cache dtype")
-    ap.add_argument("--stream-every", type=int, default=16, help="decode steps per jitted call between prints")
-    ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    ap.add_argument("--stream-every", type=cli.count, default=16, help="decode steps per jitted call between prints")
+    ap.add_argument("--prefill-chunk", type=cli.count, default=512, help="prompt tokens per prefill step")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel over this many devices (default 1)")
     args = ap.parse_args(argv)
     if args.mode and args.sparsity is None:  # else it would silently run dense

@@ -64,16 +64,16 @@ def main(argv=None):
     ap.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
                     help="a task's local data: its original release file (e.g. piqa=valid.jsonl) or a "
                          "datasets.save_to_disk directory; repeat per task. Without it, the task loads from the hub")
-    ap.add_argument("--limit", type=int, help="only the first N examples of each task")
+    ap.add_argument("--limit", type=cli.count, help="only the first N examples of each task")
     ppl = ap.add_argument_group("perplexity text (default: lm-eval's WikiText-2 raw test, from the hub)")
     ppl.add_argument("--ppl", default=WIKITEXT[0], help="local .txt (one document) / .jsonl file, a `datasets` name, or 'none'")
     ppl.add_argument("--ppl-config", help=f"dataset configuration (default for WikiText: {WIKITEXT[1]})")
     ppl.add_argument("--ppl-split", help="dataset split (default: test for WikiText, else train)")
     ppl.add_argument("--ppl-field", help="text field of .jsonl / dataset records (default: page for WikiText, else text)")
-    ppl.add_argument("--ppl-tokens", type=int, help="only the first N tokens of the text")
-    ap.add_argument("--context-length", type=int, default=1024, help="tokens the model reads per sequence (default 1024)")
-    ap.add_argument("--stride", type=int, help="perplexity: new tokens scored per window (default: context length)")
-    ap.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward pass (default 2048)")
+    ppl.add_argument("--ppl-tokens", type=cli.count, help="only the first N tokens of the text")
+    ap.add_argument("--context-length", type=cli.count, default=1024, help="tokens the model reads per sequence (default 1024)")
+    ap.add_argument("--stride", type=cli.count, help="perplexity: new tokens scored per window (default: context length)")
+    ap.add_argument("--batch-tokens", type=cli.count, default=2048, help="tokens per forward pass (default 2048)")
     ap.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="float32", help="compute dtype (default float32)")
     ap.add_argument("--tp", type=int, default=1, help="split the model over this many devices (tensor parallel; default 1)")
     ap.add_argument("--out", default="runs/eval.json",

@@ -64,6 +64,37 @@ def test_generate_sparsity_out_of_range_is_refused_up_front(word_ckpt, capsys):
     assert code == 2 and "'1.5': expected a fraction in (0, 1)" in err and "calibrate" not in err
 
 
+@pytest.mark.parametrize("main, flag", [
+    ("cats_jax.generate", "--prefill-chunk"), ("cats_jax.generate", "--stream-every"), ("eval", "--limit"),
+    ("eval", "--context-length"), ("cats_jax.calibrate", "--tokens"), ("bench.decode", "--batch"),
+    ("bench.decode", "--repeats"), ("bench.profile_decode", "--batch"), ("bench.kernels", "--batch"),
+])
+def test_counts_below_one_are_refused_up_front(main, flag, word_ckpt, capsys):
+    """A count of 0 was a ZeroDivisionError after loading (--prefill-chunk), the default in disguise
+    (calibrate --tokens 0), an empty result written (eval --limit 0) or a traceback after a long
+    setup (bench.decode --batch 0): now one line from the parser, before any work."""
+    import importlib
+
+    module = importlib.import_module(main if main != "eval" else "eval.__main__")
+    argv = (["--ckpt", str(word_ckpt)] if not main.startswith("bench") else []) + (
+        ["--prompt", "w1"] if main == "cats_jax.generate" else [])
+    value = "1,0" if flag == "--batch" else "0"
+    code, _, err = run(module.main, [*argv, flag, value], capsys)
+    assert code == 2 and f"argument {flag}: '0': expected a whole number >= 1" in err, err
+
+
+def test_counts_parse_lists():
+    assert cli.counts("1, 4,8") == [1, 4, 8]
+    for bad in ("", "0", "2,x", "-1", "1.5"):
+        with pytest.raises(Exception, match="expected"):
+            cli.counts(bad)
+
+
+def test_generate_of_a_path_that_is_no_checkpoint_says_so(tmp_path, capsys):
+    code, _, err = run(generate_main, ["--ckpt", str(tmp_path / "nope"), "--prompt", "w1"], capsys)
+    assert code == 2 and "no config.json" in err and "tokenizer" not in err, err
+
+
 def test_generate_mode_without_sparsity_is_an_error(word_ckpt, capsys):
     code, _, err = run(generate_main, ["--ckpt", str(word_ckpt), "--prompt", "w1", "--mode", "teal"], capsys)
     assert code == 2 and "--mode teal needs --sparsity" in err

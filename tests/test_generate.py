@@ -87,6 +87,15 @@ def test_padded_length_buckets():
     assert [padded_length(n, 24) for n in (3, 16, 17, 30)] == [16, 16, 24, 48]  # chunk multiples
 
 
+def test_bad_lengths_are_refused_before_compiling(llama):
+    prompts = prompts_of((4,), seed=0)
+    for kw, match in ((dict(prefill_chunk=0), "prefill_chunk=0"), (dict(stream_every=0), "stream_every=0")):
+        with pytest.raises(ValueError, match=match):
+            generate(llama, prompts, NEW, **kw)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generate(llama, prompts, 0)
+
+
 def test_eos_stops_each_row(llama):
     prompts = prompts_of((4, 9, 6), seed=3)
     free = generate(llama, prompts, NEW).tokens

@@ -199,8 +199,13 @@ class Trainer:
         if cfg.eval_data:
             _, records, encode = train_data.tokenizer_and_records(cfg.ckpt, src(cfg.eval_data), cfg.chat)
         if cfg.eval_data or holdout:
-            self.eval_batch = train_data.eval_rows(records, encode, cfg.seq_len, sep, holdout or None,
-                                                   cfg.eval_rows, sep_weight)
+            try:
+                self.eval_batch = train_data.eval_rows(records, encode, cfg.seq_len, sep, holdout or None,
+                                                       cfg.eval_rows, sep_weight)
+            except data.DataError as e:  # name the file and the way out
+                where = cfg.eval_data or f"{cfg.data} (its first {holdout} documents, held out)"
+                raise data.DataError(f"{where}: {e}; give more text, a shorter --seq-len, or --eval-docs 0 "
+                                     "(no eval)") from e
 
         self.manager = ocp.CheckpointManager(
             self.run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep)
