@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -276,6 +277,16 @@ def test_steps_within_the_warmup_clamp_it_and_say_so(tmp_path, capsys):
     with pytest.raises(InputError, match="missing"):  # stops at the checkpoint, after the note
         train_main(["--ckpt", str(tmp_path / "missing"), "--run", str(tmp_path / "run"), "--steps", "20"])
     assert capsys.readouterr().err == "--warmup-steps 50 is not below --steps 20: warming up over 19 steps\n"
+
+
+def test_too_little_eval_text_names_its_file_and_the_way_out(ckpt, data_file, tmp_path):
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "ab"}) + "\n")
+    name = re.escape(str(short))
+    with pytest.raises(InputError, match=rf"{name}: .*fewer than one row of 33; give more text or a shorter --seq-len$"):
+        Trainer(_cfg(ckpt, tmp_path / "a", data_file, eval_data=str(short)), quiet=True)
+    with pytest.raises(InputError, match=rf"{name} \(its first 2 documents, held out\): .*or --eval-docs 0"):
+        Trainer(_cfg(ckpt, tmp_path / "b", short), quiet=True)
 
 
 def test_help_gives_every_option_a_text_and_its_default():

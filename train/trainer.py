@@ -203,9 +203,9 @@ class Trainer:
                 self.eval_batch = train_data.eval_rows(records, encode, cfg.seq_len, sep, holdout or None,
                                                        cfg.eval_rows, sep_weight)
             except data.DataError as e:  # name the file and the way out
-                where = cfg.eval_data or f"{cfg.data} (its first {holdout} documents, held out)"
-                raise data.DataError(f"{where}: {e}; give more text, a shorter --seq-len, or --eval-docs 0 "
-                                     "(no eval)") from e
+                where, off = ((cfg.eval_data, "") if cfg.eval_data else
+                              (f"{cfg.data} (its first {holdout} documents, held out)", ", or --eval-docs 0 (no eval)"))
+                raise data.DataError(f"{where}: {e}; give more text or a shorter --seq-len{off}") from e
 
         self.manager = ocp.CheckpointManager(
             self.run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep)
