@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import export
 
 from bench.kernels import config
+from cats_jax.config import PRESETS
 from pallas_kernels import attention as A
 from pallas_kernels import cats_mlp as K
 from pallas_kernels import common
@@ -249,7 +250,7 @@ def cases(model: str, int8: bool, device: str):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mistral-7b", help="preset whose shapes to compile (cats_jax.config.PRESETS)")
+    p.add_argument("--model", choices=sorted(PRESETS), default="mistral-7b", help="preset whose shapes to compile (cats_jax.config.PRESETS)")
     p.add_argument("--int8", action="store_true", help="int8 weights (and the dense int8 GEMVs)")
     p.add_argument("--device", default="NVIDIA H200", help="whose TUNED blocks to use (device kind)")
     p.add_argument("--only", default="", help="comma-separated substrings: compile only the kernels whose label has one")

@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 class InputError(ValueError):
@@ -57,6 +58,21 @@ def fractions(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions, e.g. 0.3,0.5")
     return values
+
+
+def output_file(ap: argparse.ArgumentParser, flag: str, path) -> Path | None:
+    """The file an output flag names, checked before the work that fills it (so none is lost at the
+    end): not a directory, its folder made. None stays None."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        ap.error(f"{flag} {path}: is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"{flag} {path}: cannot make its folder ({e.strerror})")
+    return path
 
 
 def add_allow_quantization_mismatch(ap: argparse.ArgumentParser) -> None:

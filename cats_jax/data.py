@@ -100,7 +100,10 @@ def _json_line(line: str, where: str):
 def _text(record: dict, field: str, where: str) -> str:
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{where}: no text field {field!r} (has: {keys}); choose the field with --field")
+        raise DataError(f"{where}: no text field {field!r} (has: {keys}); choose the field with --field "
+                        "(eval: --ppl-field)")
+    if not isinstance(record[field], str):
+        raise DataError(f"{where}: field {field!r} holds {type(record[field]).__name__}, not text")
     return record[field]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from cats_jax import checkpoint, cli, data, fileio, sharding, thresholds
 from cats_jax.sparsity import CRITERIA, MODES
@@ -89,8 +88,10 @@ def main(argv=None):
         ppl_source = data.TextSource(args.ppl, args.ppl_split or ("test" if wiki else "train"),
                                      args.ppl_field or (WIKITEXT[3] if wiki else None),
                                      args.ppl_config or (WIKITEXT[1] if wiki else None))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = cli.output_file(ap, "--out", args.out)
+    cli.output_file(ap, "--plot", args.plot)
+    if args.stride is not None and args.stride > args.context_length:
+        ap.error(f"--stride {args.stride}: at most --context-length ({args.context_length}) new tokens a window")
 
     saved = []
 

@@ -87,6 +87,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if len(args.runs) < 2:
         ap.error("give at least two runs: the rows to compare, then the baseline")
+    cli.output_file(ap, "--plot", args.plot)
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.runs):
         ap.error(f"--labels names {len(labels)} runs; {len(args.runs)} were given")

@@ -83,6 +83,33 @@ def test_counts_below_one_are_refused_up_front(main, flag, word_ckpt, capsys):
     assert code == 2 and f"argument {flag}: '0': expected a whole number >= 1" in err, err
 
 
+@pytest.mark.parametrize("main, argv, says", [
+    ("eval", ["--out", "{tmp}"], "--out {tmp}: is a directory"),
+    ("eval", ["--context-length", "128", "--stride", "500"], "--stride 500: at most --context-length (128)"),
+    ("eval.compare", ["a.json", "b.json", "--plot", "{tmp}"], "--plot {tmp}: is a directory"),
+    ("bench.decode", ["--out", "{tmp}"], "--out {tmp}: is a directory"),
+    ("bench.decode", ["--prompt-len", "100000"], "exceed mistral-7b's context of 32768 positions"),
+    ("cats_jax.calibrate", ["--greedy-step", "0"], "--greedy-step 0.0: expected a value in (0, 1]"),
+    ("cats_jax.calibrate", ["--last-fraction", "1.5"], "--last-fraction 1.5: expected a value in (0, 1]"),
+])
+def test_bad_outputs_and_settings_are_refused_before_the_run(main, argv, says, word_ckpt, tmp_path, capsys):
+    """Each of these failed after the whole run (an output that is a directory: the results lost) or
+    as a traceback."""
+    import importlib
+
+    module = importlib.import_module(main if main != "eval" else "eval.__main__")
+    ckpt = ["--ckpt", str(word_ckpt)] if main in ("eval", "cats_jax.calibrate") else []
+    code, _, err = run(module.main, ckpt + [a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code == 2 and says.format(tmp=tmp_path) in err, err
+
+
+def test_jsonl_text_that_is_no_string_names_the_line(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": 123}\n')
+    with pytest.raises(data.DataError, match=r"n.jsonl:2: field 'text' holds int, not text"):
+        list(data.iter_documents(data.TextSource(str(path))))
+
+
 def test_counts_parse_lists():
     assert cli.counts("1, 4,8") == [1, 4, 8]
     for bad in ("", "0", "2,x", "-1", "1.5"):

@@ -145,6 +145,10 @@ class Packer:
                 np.stack([r[1] for r in rows]).reshape(*shape, -1))
 
 
+class TooShort(DataError):
+    """The eval text holds less than one row."""
+
+
 def eval_rows(records: Callable[[], Iterator], encode, seq_len: int, sep_id: int, docs: int | None, max_rows: int,
               sep_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The first max_rows rows (packed as Packer packs them) of the first `docs` documents (None:
@@ -159,7 +163,7 @@ def eval_rows(records: Callable[[], Iterator], encode, seq_len: int, sep_id: int
             break
     rows = min(max_rows, (len(ids) - 1) // seq_len)
     if rows < 1:
-        raise DataError(f"the eval documents hold {len(ids)} tokens, fewer than one row of {seq_len + 1}")
+        raise TooShort(f"the eval documents hold {len(ids)} tokens, fewer than one row of {seq_len + 1}")
     idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)
     return np.asarray(ids, np.int32)[idx], np.asarray(weights, np.float32)[idx]
 

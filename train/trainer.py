@@ -202,7 +202,7 @@ class Trainer:
             try:
                 self.eval_batch = train_data.eval_rows(records, encode, cfg.seq_len, sep, holdout or None,
                                                        cfg.eval_rows, sep_weight)
-            except data.DataError as e:  # name the file and the way out
+            except train_data.TooShort as e:  # name the file and the way out
                 where, off = ((cfg.eval_data, "") if cfg.eval_data else
                               (f"{cfg.data} (its first {holdout} documents, held out)", ", or --eval-docs 0 (no eval)"))
                 raise data.DataError(f"{where}: {e}; give more text or a shorter --seq-len{off}") from e
