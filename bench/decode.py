@@ -322,10 +322,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         ap.error(f"--tp {args.tp}: {e}")
     cli.output_file(ap, "--out", args.out)
-    context = PRESETS[args.config].max_position_embeddings
-    if args.prompt_len + args.new_tokens > context:
-        ap.error(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceed {args.config}'s context "
-                 f"of {context} positions")
+    try:  # generate's own check, before the model is built
+        generation.check_context(PRESETS[args.config], args.prompt_len, args.new_tokens)
+    except ValueError as e:
+        ap.error(f"--prompt-len / --new-tokens: {e}")
     if args.copy_mib is None:
         args.copy_mib = 64 if jax.default_backend() == "cpu" else 1024
     return args

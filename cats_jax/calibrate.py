@@ -294,9 +294,10 @@ def main(argv=None):
     if args.method == "teal" and args.criterion in CATS_ONLY_CRITERIA:
         ap.error(f"--criterion {args.criterion} is CATS's only (it weighs the MLP's neurons): for TEAL choose "
                  "magnitude or weighted")
-    for flag, value in (("--greedy-step", args.greedy_step), ("--last-fraction", args.last_fraction)):
-        if not 0 < value <= 1:
-            ap.error(f"{flag} {value}: expected a value in (0, 1]")
+    try:  # the searches' own check, before any work
+        teal.check_greedy(args.greedy_step, args.last_fraction)
+    except ValueError:
+        ap.error(f"--greedy-step {args.greedy_step} and --last-fraction {args.last_fraction} must be in (0, 1]")
     source = data.TextSource(args.data_file or args.data, args.split, args.field, args.config)
     common = dict(holdout_tokens=args.holdout_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                   reservoir=args.reservoir, seed=args.seed, dtype=args.dtype, force=args.force, criterion=args.criterion,

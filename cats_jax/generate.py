@@ -184,6 +184,13 @@ class Generation:
         return produced / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def check_context(cfg, prompt_len: int, max_new_tokens: int) -> None:
+    """A ValueError where a prompt and its new tokens exceed the model's positions."""
+    if prompt_len + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {cfg.max_position_embeddings} positions")
+
+
 def generate(
     model: Transformer | Decoder,
     prompts: Sequence[Sequence[int]],
@@ -215,11 +222,7 @@ def generate(
     if prefill_chunk < 1 or (stream_every is not None and stream_every < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk} and stream_every={stream_every} must be >= 1")
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context of {cfg.max_position_embeddings} positions"
-        )
+    check_context(cfg, longest, max_new_tokens)
     eos_ids = tuple(sorted(set(cfg.eos_token_ids if eos_ids is None else eos_ids)))
     p = padded_length(longest, prefill_chunk)
     tokens = np.full((len(prompts), p), PAD_ID, np.int32)

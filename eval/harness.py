@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cats_jax import checkpoint, data, sharding, thresholds
+from cats_jax import checkpoint, cli, data, sharding, thresholds
 from cats_jax.config import ModelConfig
 from eval import scoring
 from eval import tasks as task_lib
@@ -105,6 +105,9 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
     model's weights split over the first tp devices, each reading its own slice, and every forward
     pass split by them (cats_jax.sharding.model_shardings); a tp the shapes do not divide raises
     sharding.TPError before any weight is read."""
+    stride = stride or context_length
+    if not 1 <= stride <= context_length:  # scoring.rolling_windows' bound, said before any work
+        raise cli.InputError(f"stride {stride}: at most the context length ({context_length}) new tokens a window")
     placement = None
     if tp != 1:
         mesh = sharding.make_mesh(tp)
@@ -122,8 +125,6 @@ def evaluate(ckpt_dir, *, settings: list, task_files: dict[str, str | None], lim
         for s in settings:
             if s != DENSE:  # fail now, not after the dense run
                 thresholds.apply(model, th, s, mode=mode, allow_quantization_mismatch=allow_quantization_mismatch)
-    stride = stride or context_length
-
     # Data once, for every setting.
     task_data = {}
     for name, path in task_files.items():

@@ -85,12 +85,12 @@ def test_counts_below_one_are_refused_up_front(main, flag, word_ckpt, capsys):
 
 @pytest.mark.parametrize("main, argv, says", [
     ("eval", ["--out", "{tmp}"], "--out {tmp}: is a directory"),
-    ("eval", ["--context-length", "128", "--stride", "500"], "--stride 500: at most --context-length (128)"),
+    ("eval", ["--context-length", "128", "--stride", "500"], "stride 500: at most the context length (128) new tokens a window"),
     ("eval.compare", ["a.json", "b.json", "--plot", "{tmp}"], "--plot {tmp}: is a directory"),
     ("bench.decode", ["--out", "{tmp}"], "--out {tmp}: is a directory"),
-    ("bench.decode", ["--prompt-len", "100000"], "exceed mistral-7b's context of 32768 positions"),
-    ("cats_jax.calibrate", ["--greedy-step", "0"], "--greedy-step 0.0: expected a value in (0, 1]"),
-    ("cats_jax.calibrate", ["--last-fraction", "1.5"], "--last-fraction 1.5: expected a value in (0, 1]"),
+    ("bench.decode", ["--prompt-len", "100000"], "--prompt-len / --new-tokens: prompt (100000 tokens) + max_new_tokens (256) exceeds the model's context of 32768 positions"),
+    ("cats_jax.calibrate", ["--greedy-step", "0"], "--greedy-step 0.0 and --last-fraction 0.25 must be in (0, 1]"),
+    ("cats_jax.calibrate", ["--last-fraction", "1.5"], "--greedy-step 0.05 and --last-fraction 1.5 must be in (0, 1]"),
 ])
 def test_bad_outputs_and_settings_are_refused_before_the_run(main, argv, says, word_ckpt, tmp_path, capsys):
     """Each of these failed after the whole run (an output that is a directory: the results lost) or

@@ -145,14 +145,12 @@ class Packer:
                 np.stack([r[1] for r in rows]).reshape(*shape, -1))
 
 
-class TooShort(DataError):
-    """The eval text holds less than one row."""
-
-
 def eval_rows(records: Callable[[], Iterator], encode, seq_len: int, sep_id: int, docs: int | None, max_rows: int,
-              sep_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+              sep_weight: float = 1.0, where: str = "the eval text",
+              way_out: str = "") -> tuple[np.ndarray, np.ndarray]:
     """The first max_rows rows (packed as Packer packs them) of the first `docs` documents (None:
-    as many as needed); the partial row at the end is dropped."""
+    as many as needed); the partial row at the end is dropped. where, way_out: the text's name and
+    a last remedy, for the error where it holds less than one row."""
     ids: list[int] = []
     weights: list[float] = []
     for rec in itertools.islice(records(), docs):
@@ -163,7 +161,8 @@ def eval_rows(records: Callable[[], Iterator], encode, seq_len: int, sep_id: int
             break
     rows = min(max_rows, (len(ids) - 1) // seq_len)
     if rows < 1:
-        raise TooShort(f"the eval documents hold {len(ids)} tokens, fewer than one row of {seq_len + 1}")
+        raise DataError(f"{where}: {len(ids)} eval tokens, fewer than one row of {seq_len + 1}; "
+                        f"give more text or a shorter --seq-len{way_out}")
     idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)
     return np.asarray(ids, np.int32)[idx], np.asarray(weights, np.float32)[idx]
 

@@ -199,13 +199,10 @@ class Trainer:
         if cfg.eval_data:
             _, records, encode = train_data.tokenizer_and_records(cfg.ckpt, src(cfg.eval_data), cfg.chat)
         if cfg.eval_data or holdout:
-            try:
-                self.eval_batch = train_data.eval_rows(records, encode, cfg.seq_len, sep, holdout or None,
-                                                       cfg.eval_rows, sep_weight)
-            except train_data.TooShort as e:  # name the file and the way out
-                where, off = ((cfg.eval_data, "") if cfg.eval_data else
+            where, way_out = ((cfg.eval_data, "") if cfg.eval_data else
                               (f"{cfg.data} (its first {holdout} documents, held out)", ", or --eval-docs 0 (no eval)"))
-                raise data.DataError(f"{where}: {e}; give more text or a shorter --seq-len{off}") from e
+            self.eval_batch = train_data.eval_rows(records, encode, cfg.seq_len, sep, holdout or None, cfg.eval_rows,
+                                                   sep_weight, where, way_out)
 
         self.manager = ocp.CheckpointManager(
             self.run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep)
